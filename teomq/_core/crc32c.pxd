@@ -1,0 +1,6 @@
+from libc.stdint cimport uint32_t
+
+cdef extern from "crc32c_impl.h":
+    uint32_t teomq_crc32c_update(uint32_t crc, const char *p, size_t n) nogil
+    uint32_t teomq_crc32c_update_sw(uint32_t crc, const char *p, size_t n) nogil
+    int teomq_crc32c_mode

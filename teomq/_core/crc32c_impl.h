@@ -1,0 +1,106 @@
+/* CRC32C (Castagnoli, reflected polynomial 0x82F63B78).
+ *
+ * teomq_crc32c_update(crc, p, n) continues a CRC: start with crc = 0 and feed the
+ * pieces in order. x86-64 with SSE4.2 uses the crc32 instruction (picked once at
+ * first call through __builtin_cpu_supports); everything else uses slicing-by-8 tables.
+ */
+#ifndef TEOMQ_CRC32C_IMPL_H
+#define TEOMQ_CRC32C_IMPL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+
+static uint32_t teomq_crc32c_table[8][256];
+static int teomq_crc32c_mode = 0; /* 0 unset, 1 table, 2 hardware */
+
+static void teomq_crc32c_init_table(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : (c >> 1);
+        teomq_crc32c_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = teomq_crc32c_table[0][i];
+        for (int t = 1; t < 8; t++) {
+            c = teomq_crc32c_table[0][c & 0xff] ^ (c >> 8);
+            teomq_crc32c_table[t][i] = c;
+        }
+    }
+}
+
+static uint32_t teomq_crc32c_sw(uint32_t crc, const unsigned char *p, size_t n) {
+    crc = ~crc;
+    while (n && ((uintptr_t)p & 7)) {
+        crc = teomq_crc32c_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+        n--;
+    }
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        w = __builtin_bswap64(w);
+#endif
+        w ^= crc;
+        crc = teomq_crc32c_table[7][w & 0xff] ^ teomq_crc32c_table[6][(w >> 8) & 0xff] ^
+              teomq_crc32c_table[5][(w >> 16) & 0xff] ^ teomq_crc32c_table[4][(w >> 24) & 0xff] ^
+              teomq_crc32c_table[3][(w >> 32) & 0xff] ^ teomq_crc32c_table[2][(w >> 40) & 0xff] ^
+              teomq_crc32c_table[1][(w >> 48) & 0xff] ^ teomq_crc32c_table[0][w >> 56];
+        p += 8;
+        n -= 8;
+    }
+    while (n--) crc = teomq_crc32c_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TEOMQ_CRC32C_HAVE_HW 1
+__attribute__((target("sse4.2")))
+static uint32_t teomq_crc32c_hw(uint32_t crc, const unsigned char *p, size_t n) {
+    uint64_t c = (uint32_t)~crc;
+    while (n && ((uintptr_t)p & 7)) {
+        c = __builtin_ia32_crc32qi((uint32_t)c, *p++);
+        n--;
+    }
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        c = __builtin_ia32_crc32di(c, w);
+        p += 8;
+        n -= 8;
+    }
+    while (n--) c = __builtin_ia32_crc32qi((uint32_t)c, *p++);
+    return ~(uint32_t)c;
+}
+#else
+#define TEOMQ_CRC32C_HAVE_HW 0
+#endif
+
+static void teomq_crc32c_select(void) {
+    teomq_crc32c_init_table();
+#if TEOMQ_CRC32C_HAVE_HW
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("sse4.2") && !getenv("TEOMQ_CRC32C_SOFTWARE")) {
+        teomq_crc32c_mode = 2;
+        return;
+    }
+#endif
+    teomq_crc32c_mode = 1;
+}
+
+static inline uint32_t teomq_crc32c_update(uint32_t crc, const char *p, size_t n) {
+    if (teomq_crc32c_mode == 0) teomq_crc32c_select();
+#if TEOMQ_CRC32C_HAVE_HW
+    if (teomq_crc32c_mode == 2) return teomq_crc32c_hw(crc, (const unsigned char *)p, n);
+#endif
+    return teomq_crc32c_sw(crc, (const unsigned char *)p, n);
+}
+
+/* Always the table path; for tests and benchmarks that compare both. */
+static inline uint32_t teomq_crc32c_update_sw(uint32_t crc, const char *p, size_t n) {
+    if (teomq_crc32c_mode == 0) teomq_crc32c_select();
+    return teomq_crc32c_sw(crc, (const unsigned char *)p, n);
+}
+
+#endif

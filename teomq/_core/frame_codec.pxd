@@ -1,0 +1,67 @@
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef extern from "wire.h":
+    uint16_t teomq_ld16(const char *p) nogil
+    uint32_t teomq_ld32(const char *p) nogil
+    uint64_t teomq_ld64(const char *p) nogil
+    void teomq_st16(char *p, uint16_t v) nogil
+    void teomq_st32(char *p, uint32_t v) nogil
+    void teomq_st64(char *p, uint64_t v) nogil
+
+# Mirrors teomq/protocol.py; docs/protocol.md is the spec.
+cdef enum:
+    HEADER_SIZE = 24
+    PROTO_VERSION = 1
+
+cdef enum FrameType:
+    T_HELLO = 1
+    T_WELCOME = 2
+    T_SEND = 3
+    T_DELIVER = 4
+    T_ANSWER = 5
+    T_REPLY = 6
+    T_ERROR = 7
+    T_PING = 8
+    T_PONG = 9
+    T_MAX = 9
+
+cdef enum FrameFlag:
+    F_NO_REPLY = 0x1
+    F_NO_ANSWER = 0x2
+    F_REDELIVERED = 0x4
+
+cdef enum ErrCode:
+    E_BAD_FRAME = 1
+    E_BAD_CHECKSUM = 2
+    E_TOO_LARGE = 3
+    E_UNKNOWN_TYPE = 4
+    E_HANDSHAKE = 5
+    E_UNKNOWN_ID = 6
+    E_QUEUE_FULL = 7
+    E_SHUTDOWN = 8
+    E_NOT_ALLOWED = 9
+
+cdef struct FrameHeader:
+    uint8_t ftype
+    uint16_t flags
+    uint64_t fid
+    uint32_t length
+
+
+cdef int parse_header(const char *p, FrameHeader *h, uint32_t max_payload) except -1
+cdef int verify_crc(const char *frame, uint32_t length) except -1
+cdef void write_header(char *p, uint8_t ftype, uint16_t flags, uint64_t fid,
+                       const char *payload, uint32_t length) noexcept nogil
+cdef object protocol_error(int code, str reason)
+
+
+cdef class WriteBuffer:
+    """Growable output buffer of encoded frames. Caller must not keep pointers across ensure()."""
+    cdef char *buf
+    cdef size_t length
+    cdef size_t cap
+    cdef int ensure(self, size_t extra) except -1
+    cdef int add_frame(self, uint8_t ftype, uint16_t flags, uint64_t fid,
+                       const char *payload, size_t n) except -1
+    cdef bytes take_bytes(self)
+    cdef void clear(self) noexcept

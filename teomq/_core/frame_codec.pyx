@@ -1,0 +1,233 @@
+# cython: language_level=3
+"""Frame codec of the teomq wire protocol.
+
+Wire schema (little-endian; docs/protocol.md is the full spec)::
+
+    0   2  magic     b"TQ"
+    2   1  version   1
+    3   1  type      1..9 (HELLO WELCOME SEND DELIVER ANSWER REPLY ERROR PING PONG)
+    4   2  flags     NO_REPLY=1 (SEND), NO_ANSWER=2 (ANSWER), REDELIVERED=4 (DELIVER)
+    6   2  reserved  must be 0
+    8   8  id        message id / delivery id
+    16  4  length    payload bytes; over the receiver's limit -> TOO_LARGE, refused from the header
+    20  4  crc       CRC32C of bytes 0..19 then the payload
+    24  *  payload
+
+Checks run in this order, the first failure wins: magic, version, reserved, type,
+length (all from the header alone, before any payload is buffered), then crc.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memmove
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+from teomq._core.crc32c cimport teomq_crc32c_update
+
+from teomq.errors import ProtocolError
+
+
+cdef object protocol_error(int code, str reason):
+    return ProtocolError(code, reason)
+
+
+cdef int parse_header(const char *p, FrameHeader *h, uint32_t max_payload) except -1:
+    """Validate and decode the 24 header bytes at p. Raises ProtocolError."""
+    if p[0] != b'T' or p[1] != b'Q':
+        raise protocol_error(E_BAD_FRAME, "bad magic: not a teomq frame")
+    if <uint8_t>p[2] != PROTO_VERSION:
+        raise protocol_error(E_BAD_FRAME, f"unsupported protocol version {<uint8_t>p[2]}")
+    if teomq_ld16(p + 6) != 0:
+        raise protocol_error(E_BAD_FRAME, "reserved header field is not zero")
+    h.ftype = <uint8_t>p[3]
+    if h.ftype == 0 or h.ftype > T_MAX:
+        raise protocol_error(E_UNKNOWN_TYPE, f"unknown frame type {h.ftype}")
+    h.flags = teomq_ld16(p + 4)
+    h.fid = teomq_ld64(p + 8)
+    h.length = teomq_ld32(p + 16)
+    if h.length > max_payload:
+        raise protocol_error(
+            E_TOO_LARGE, f"frame payload of {h.length} bytes is over the limit of {max_payload}")
+    return 0
+
+
+cdef int verify_crc(const char *frame, uint32_t length) except -1:
+    """frame points at a whole frame (header + length payload bytes)."""
+    cdef uint32_t crc = teomq_crc32c_update(0, frame, 20)
+    crc = teomq_crc32c_update(crc, frame + HEADER_SIZE, length)
+    if crc != teomq_ld32(frame + 20):
+        raise protocol_error(E_BAD_CHECKSUM, "frame checksum mismatch")
+    return 0
+
+
+cdef void write_header(char *p, uint8_t ftype, uint16_t flags, uint64_t fid,
+                       const char *payload, uint32_t length) noexcept nogil:
+    p[0] = b'T'
+    p[1] = b'Q'
+    p[2] = PROTO_VERSION
+    p[3] = <char>ftype
+    teomq_st16(p + 4, flags)
+    teomq_st16(p + 6, 0)
+    teomq_st64(p + 8, fid)
+    teomq_st32(p + 16, length)
+    cdef uint32_t crc = teomq_crc32c_update(0, p, 20)
+    if length:
+        crc = teomq_crc32c_update(crc, payload, length)
+    teomq_st32(p + 20, crc)
+
+
+@cython.final
+cdef class WriteBuffer:
+    """Reusable output buffer: frames are encoded straight into it; take() hands the bytes out."""
+
+    def __cinit__(self, size_t initial=4096):
+        self.cap = initial if initial >= 64 else 64
+        self.buf = <char *>malloc(self.cap)
+        if self.buf == NULL:
+            raise MemoryError()
+        self.length = 0
+
+    def __dealloc__(self):
+        free(self.buf)
+
+    cdef int ensure(self, size_t extra) except -1:
+        cdef size_t need = self.length + extra
+        cdef size_t cap = self.cap
+        cdef char *nb
+        if need <= cap:
+            return 0
+        while cap < need:
+            cap <<= 1
+        nb = <char *>realloc(self.buf, cap)
+        if nb == NULL:
+            raise MemoryError()
+        self.buf = nb
+        self.cap = cap
+        return 0
+
+    cdef int add_frame(self, uint8_t ftype, uint16_t flags, uint64_t fid,
+                       const char *payload, size_t n) except -1:
+        self.ensure(HEADER_SIZE + n)
+        cdef char *p = self.buf + self.length
+        if n:
+            memcpy(p + HEADER_SIZE, payload, n)
+        write_header(p, ftype, flags, fid, p + HEADER_SIZE, <uint32_t>n)
+        self.length += HEADER_SIZE + n
+        return 0
+
+    cdef bytes take_bytes(self):
+        cdef bytes out = PyBytes_FromStringAndSize(self.buf, self.length)
+        self.length = 0
+        return out
+
+    cdef void clear(self) noexcept:
+        self.length = 0
+
+    def add(self, int ftype, int flags, unsigned long long fid, payload=b""):
+        """Encode one frame onto the buffer."""
+        cdef const unsigned char[::1] view
+        if not 0 < ftype <= T_MAX:
+            raise ValueError(f"unknown frame type {ftype}")
+        if not 0 <= flags <= 0xFFFF:
+            raise ValueError("flags out of range")
+        view = payload
+        if view.shape[0] > 0xFFFFFFFF:
+            raise ValueError("payload too long")
+        if view.shape[0]:
+            self.add_frame(ftype, flags, fid, <const char *>&view[0], view.shape[0])
+        else:
+            self.add_frame(ftype, flags, fid, NULL, 0)
+
+    def take(self) -> bytes:
+        """Return everything encoded so far and empty the buffer."""
+        return self.take_bytes()
+
+    def __len__(self):
+        return self.length
+
+
+def encode_frame(int ftype, int flags, unsigned long long fid, payload=b"") -> bytes:
+    """Encode one frame to bytes."""
+    cdef WriteBuffer wb = WriteBuffer(HEADER_SIZE + len(payload))
+    wb.add(ftype, flags, fid, payload)
+    return wb.take_bytes()
+
+
+@cython.final
+cdef class FrameDecoder:
+    """Incremental decoder: feed() any chunking of a byte stream, get back every complete frame.
+
+    Frames come back as tuples ``(type, flags, id, payload: bytes)``. After a ProtocolError
+    the decoder is poisoned: every later feed() raises the same error.
+    """
+
+    cdef char *buf
+    cdef size_t length
+    cdef size_t cap
+    cdef readonly uint32_t max_payload
+    cdef object _error
+
+    def __cinit__(self, uint32_t max_payload=1 << 20):
+        self.cap = 65536
+        self.buf = <char *>malloc(self.cap)
+        if self.buf == NULL:
+            raise MemoryError()
+        self.length = 0
+        self.max_payload = max_payload
+        self._error = None
+
+    def __dealloc__(self):
+        free(self.buf)
+
+    cdef int _append(self, const char *p, size_t n) except -1:
+        cdef size_t need = self.length + n
+        cdef size_t cap = self.cap
+        cdef char *nb
+        if need > cap:
+            while cap < need:
+                cap <<= 1
+            nb = <char *>realloc(self.buf, cap)
+            if nb == NULL:
+                raise MemoryError()
+            self.buf = nb
+            self.cap = cap
+        memcpy(self.buf + self.length, p, n)
+        self.length = need
+        return 0
+
+    def feed(self, data) -> list:
+        """Add bytes; return the list of frames completed by them (may be empty)."""
+        cdef const unsigned char[::1] view = data
+        cdef FrameHeader h
+        cdef size_t pos = 0
+        cdef size_t total
+        cdef list out = []
+        if self._error is not None:
+            raise self._error
+        if view.shape[0]:
+            self._append(<const char *>&view[0], view.shape[0])
+        try:
+            while self.length - pos >= HEADER_SIZE:
+                parse_header(self.buf + pos, &h, self.max_payload)
+                total = HEADER_SIZE + <size_t>h.length
+                if self.length - pos < total:
+                    break
+                verify_crc(self.buf + pos, h.length)
+                out.append((h.ftype, h.flags, h.fid,
+                            PyBytes_FromStringAndSize(self.buf + pos + HEADER_SIZE, h.length)))
+                pos += total
+        except ProtocolError as exc:
+            self._error = exc
+            self.length = 0
+            raise
+        if pos:
+            self.length -= pos
+            if self.length:
+                memmove(self.buf, self.buf + pos, self.length)
+        return out
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet make a complete frame."""
+        return self.length

@@ -1,0 +1,126 @@
+# cython: language_level=3
+"""Ring-buffer queue of pending messages (C structs, no Python object per message)."""
+
+cimport cython
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy
+
+from teomq.errors import QueueFull
+
+
+@cython.final
+cdef class MsgRing:
+
+    def __cinit__(self, size_t capacity=1024, size_t max_items=1 << 20):
+        cdef size_t cap = 16
+        if max_items == 0:
+            raise ValueError("max_items must be at least 1")
+        while cap < capacity:
+            cap <<= 1
+        self.items = <Msg *>malloc(cap * sizeof(Msg))
+        if self.items == NULL:
+            raise MemoryError()
+        self.cap = cap
+        self.head = 0
+        self.count = 0
+        self.max_items = max_items
+
+    def __dealloc__(self):
+        cdef size_t i
+        if self.items != NULL:
+            for i in range(self.count):
+                free(self.items[(self.head + i) & (self.cap - 1)].data)
+            free(self.items)
+
+    cdef int _grow(self) except -1:
+        # Double the ring and unwrap it so head is 0 again.
+        cdef size_t newcap = self.cap << 1
+        cdef Msg *n = <Msg *>malloc(newcap * sizeof(Msg))
+        cdef size_t first
+        if n == NULL:
+            raise MemoryError()
+        first = self.cap - self.head
+        if first > self.count:
+            first = self.count
+        memcpy(n, self.items + self.head, first * sizeof(Msg))
+        memcpy(n + first, self.items, (self.count - first) * sizeof(Msg))
+        free(self.items)
+        self.items = n
+        self.cap = newcap
+        self.head = 0
+        return 0
+
+    cdef int push_back(self, const Msg *m) except -1:
+        if self.count >= self.max_items:
+            return 1
+        if self.count == self.cap:
+            self._grow()
+        self.items[(self.head + self.count) & (self.cap - 1)] = m[0]
+        self.count += 1
+        return 0
+
+    cdef int push_front(self, const Msg *m) except -1:
+        if self.count == self.cap:
+            self._grow()
+        self.head = (self.head - 1) & (self.cap - 1)
+        self.items[self.head] = m[0]
+        self.count += 1
+        return 0
+
+    cdef bint pop_front(self, Msg *out) noexcept:
+        if self.count == 0:
+            return False
+        out[0] = self.items[self.head]
+        self.head = (self.head + 1) & (self.cap - 1)
+        self.count -= 1
+        return True
+
+    # -- Python view, for tests and benchmarks --------------------------------------------
+
+    cdef int _make(self, Msg *m, payload, unsigned long long msg_id) except -1:
+        cdef const unsigned char[::1] view = payload
+        cdef size_t n = view.shape[0]
+        m.data = <char *>malloc(n if n else 1)
+        if m.data == NULL:
+            raise MemoryError()
+        if n:
+            memcpy(m.data, &view[0], n)
+        m.length = <uint32_t>n
+        m.flags = 0
+        m.producer = 0
+        m.producer_gen = 0
+        m.msg_id = msg_id
+        return 0
+
+    def push(self, payload, unsigned long long msg_id=0):
+        """Append a message; raise QueueFull at the bound."""
+        cdef Msg m
+        if self.count >= self.max_items:
+            raise QueueFull(f"queue is full ({self.max_items} messages)")
+        self._make(&m, payload, msg_id)
+        self.push_back(&m)
+
+    def push_head(self, payload, unsigned long long msg_id=0):
+        """Put a message at the head (as redelivery does); never refused."""
+        cdef Msg m
+        self._make(&m, payload, msg_id)
+        self.push_front(&m)
+
+    def pop(self):
+        """Remove the head message and return ``(msg_id, payload)``; IndexError when empty."""
+        cdef Msg m
+        if not self.pop_front(&m):
+            raise IndexError("pop from an empty queue")
+        try:
+            return m.msg_id, PyBytes_FromStringAndSize(m.data, m.length)
+        finally:
+            free(m.data)
+
+    def __len__(self):
+        return self.count
+
+    @property
+    def capacity(self) -> int:
+        """Slots allocated now (a power of two)."""
+        return self.cap

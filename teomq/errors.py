@@ -1,0 +1,47 @@
+"""Exceptions shared by the Cython core, its pure-Python twin and the control plane."""
+
+from __future__ import annotations
+
+
+class TeomqError(Exception):
+    """Base class of every teomq error."""
+
+
+class ProtocolError(TeomqError):
+    """Bad input on the wire. ``code`` is an :class:`teomq.protocol.ErrorCode` value.
+
+    The core raises only this for bad bytes; anything else escaping it is a bug.
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = int(code)
+        self.reason = reason
+
+    def __reduce__(self):  # keep picklable with two arguments
+        return (type(self), (self.code, self.reason))
+
+
+class QueueFull(TeomqError):
+    """A bounded queue or buffer reached its configured limit."""
+
+
+class BrokerError(TeomqError):
+    """The broker answered a request with an ERROR frame."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{reason} (code {code})")
+        self.code = int(code)
+        self.reason = reason
+
+
+class RequestTimeout(TeomqError, TimeoutError):
+    """No answer arrived within the request's timeout."""
+
+
+class ConnectionLost(TeomqError, ConnectionError):
+    """The connection to the broker closed while requests were pending."""
+
+
+class AddressError(TeomqError, ValueError):
+    """A broker address could not be resolved or did not verify."""

@@ -1,0 +1,68 @@
+"""Wire constants of the teomq frame protocol (docs/protocol.md is the full spec).
+
+Frame layout, all integers little-endian::
+
+    offset size field
+    0      2    magic      b"TQ"
+    2      1    version    1
+    3      1    type       FrameType
+    4      2    flags      Flag bits, meaning per type
+    6      2    reserved   0 on send; a receiver refuses anything else
+    8      8    id         message id (SEND, REPLY), delivery id (DELIVER, ANSWER), 0 or related id (ERROR)
+    16     4    length     payload bytes that follow the header
+    20     4    crc        CRC32C (Castagnoli) of header bytes 0..19, then the payload
+    24     len  payload
+
+The same 24-byte header and payload are what a broker appends to its log.
+"""
+
+from __future__ import annotations
+
+import enum
+
+MAGIC = b"TQ"
+VERSION = 1
+HEADER_SIZE = 24
+DEFAULT_MAX_PAYLOAD = 1 << 20
+#: Highest payload limit a broker or client accepts as configuration.
+MAX_PAYLOAD_LIMIT = (1 << 31) - 1
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1  # client -> broker, msgpack map, first frame of a connection
+    WELCOME = 2  # broker -> client, msgpack map, answer to HELLO
+    SEND = 3  # client -> broker, id = the client's message id, payload = message
+    DELIVER = 4  # broker -> consumer, id = delivery id, payload = message
+    ANSWER = 5  # consumer -> broker, id = delivery id, payload = answer
+    REPLY = 6  # broker -> client, id = the client's message id, payload = answer
+    ERROR = 7  # either way, id = the related id or 0, payload msgpack {code, reason}
+    PING = 8  # either way, id echoed in PONG
+    PONG = 9
+
+
+MAX_FRAME_TYPE = 9
+
+
+class Flag(enum.IntFlag):
+    NONE = 0
+    NO_REPLY = 0x1  # SEND: fire and forget, the broker relays no answer
+    NO_ANSWER = 0x2  # ANSWER: the consumer acknowledges without an answer
+    REDELIVERED = 0x4  # DELIVER: an earlier delivery of this message was not answered
+
+
+class ErrorCode(enum.IntEnum):
+    BAD_FRAME = 1  # bad magic, version or reserved field
+    BAD_CHECKSUM = 2
+    TOO_LARGE = 3  # payload length over the receiver's limit
+    UNKNOWN_TYPE = 4
+    HANDSHAKE = 5  # no HELLO, a bad HELLO or a second HELLO
+    UNKNOWN_ID = 6  # ANSWER for a delivery this connection does not hold
+    QUEUE_FULL = 7  # SEND refused: the broker's queue is at its bound (message not accepted)
+    SHUTDOWN = 8  # the broker is stopping
+    NOT_ALLOWED = 9  # frame type not valid in this direction or state
+
+
+#: Error codes after which the sender of the bad frame is disconnected.
+FATAL_CODES = frozenset(
+    {ErrorCode.BAD_FRAME, ErrorCode.BAD_CHECKSUM, ErrorCode.TOO_LARGE, ErrorCode.UNKNOWN_TYPE, ErrorCode.HANDSHAKE}
+)
