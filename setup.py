@@ -20,7 +20,7 @@ directives = {
     "embedsignature": True,
 }
 
-MODULES = [m for m in ("crc32c", "frame_codec", "ring_queue", "dispatch") if os.path.exists(f"teomq/_core/{m}.pyx")]
+MODULES = ["crc32c", "frame_codec", "ring_queue", "dispatch"]
 
 extensions = [
     Extension(

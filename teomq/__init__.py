@@ -1,1 +1,47 @@
-"""teomq."""
+"""teomq: a high-throughput message broker for Python services.
+
+The hot path (framing, CRC32C, queue, dispatch) is Cython in :mod:`teomq._core`; the
+control plane (sessions, timers, CLI) is asyncio.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from teomq.errors import (  # noqa: E402
+    AddressError,
+    BrokerError,
+    ConnectionLost,
+    ProtocolError,
+    QueueFull,
+    RequestTimeout,
+    TeomqError,
+)
+
+__all__ = [
+    "__version__",
+    "Broker",
+    "Producer",
+    "Consumer",
+    "Client",
+    "AddressError",
+    "BrokerError",
+    "ConnectionLost",
+    "ProtocolError",
+    "QueueFull",
+    "RequestTimeout",
+    "TeomqError",
+]
+
+
+def __getattr__(name: str):
+    # Broker and clients import the compiled core; load them on first use.
+    if name == "Broker":
+        from teomq.broker import Broker
+
+        return Broker
+    if name in ("Producer", "Consumer", "Client"):
+        from teomq import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'teomq' has no attribute {name!r}")

@@ -1,0 +1,83 @@
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
+
+from teomq._core.frame_codec cimport FrameHeader, WriteBuffer
+from teomq._core.ring_queue cimport Msg, MsgRing
+
+
+cdef struct Flight:
+    # A message delivered to a consumer and not yet answered.
+    Msg msg
+    uint32_t consumer      # slot of the consumer holding it
+    uint32_t gen           # bumped on every release: stale delivery ids never match
+    int32_t prev           # per-consumer list, in delivery order; -1 ends it
+    int32_t next           # also the free-list link
+    bint used
+
+
+cdef class CoreConnection:
+    cdef Dispatcher disp
+    cdef readonly uint32_t slot
+    cdef readonly uint32_t gen
+    # read buffer: bytes [rpos, rlen) are received and not yet handled
+    cdef char *rbuf
+    cdef size_t rlen
+    cdef size_t rcap
+    cdef WriteBuffer out
+    cdef bint dirty
+    cdef readonly bint handshaken
+    cdef readonly bint consumer
+    cdef readonly bint detached
+    cdef readonly int32_t credit
+    cdef readonly int32_t prefetch
+    cdef int32_t fl_head
+    cdef int32_t fl_tail
+    cdef readonly uint32_t inflight
+    cdef bint in_ready
+    cdef public object transport
+
+    cdef int _process(self) except -1
+    cdef int _mark_dirty(self) except -1
+    cdef int _add_error(self, int code, uint64_t fid, bytes payload) except -1
+    cdef int _reserve(self, size_t pos, size_t total) except -1
+    cdef void _shrink(self) noexcept
+
+
+cdef class Dispatcher:
+    cdef list conns            # slot -> CoreConnection or None
+    cdef list free_slots
+    cdef uint32_t next_gen
+    cdef readonly MsgRing queue
+    cdef Flight *flights
+    cdef int32_t flights_cap
+    cdef int32_t free_flight
+    cdef uint64_t *ready       # ring of (gen << 32 | slot) of consumers with credit
+    cdef size_t ready_head
+    cdef size_t ready_count
+    cdef size_t ready_cap      # power of two
+    cdef list dirty
+    cdef bint flush_scheduled
+    cdef object scheduler      # callable(callback): run callback once, later in this loop pass
+    cdef object flush_cb
+    cdef public object on_message   # None, or callable(conn, msg_id, payload) per accepted message
+    cdef readonly uint32_t max_payload
+    cdef readonly int32_t consumers
+    cdef readonly uint64_t n_in
+    cdef readonly uint64_t n_out
+    cdef readonly uint64_t n_answered
+    cdef readonly uint64_t n_orphaned
+    cdef readonly uint64_t n_redelivered
+    cdef readonly uint64_t n_refused
+    cdef readonly uint64_t n_unknown_answers
+    cdef readonly uint64_t n_inflight
+
+    cdef int accept(self, CoreConnection conn, FrameHeader *h, const char *payload) except -1
+    cdef int answer(self, CoreConnection conn, FrameHeader *h, const char *payload) except -1
+    cdef int deliver(self, CoreConnection conn, Msg *m) except -1
+    cdef int pump(self) except -1
+    cdef int ready_push(self, CoreConnection conn) except -1
+    cdef int32_t flight_alloc(self) except -2
+    cdef void flight_release(self, int32_t idx) noexcept
+    cdef int requeue_all(self, CoreConnection conn) except -1
+    cdef CoreConnection live(self, uint32_t slot, uint32_t gen)
+    cdef int schedule_flush(self) except -1
+    cdef void _link_free(self, int32_t start) noexcept

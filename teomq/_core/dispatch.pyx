@@ -1,0 +1,506 @@
+# cython: language_level=3
+"""Dispatch loop of the broker: every complete frame of a read is handled here, in C.
+
+Python sees only what it must decide: a connection's HELLO or ERROR frame (on_control),
+a bad frame (on_protocol_error via ProtocolError), and one flush per loop pass.
+
+Per message nothing is allocated on the Python heap: a SEND's payload is copied once from
+the read buffer into a malloc'd block held by a Msg (queue) and then a Flight (in flight);
+DELIVER and REPLY frames are encoded into the target connection's WriteBuffer, which is
+written once per loop pass by flush().
+
+Delivery ids are ``flight generation << 32 | flight index``: O(1) lookup, and a stale or
+forged id never matches because the generation changes whenever a flight is released.
+"""
+
+cimport cython
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.buffer cimport PyBUF_WRITE
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memmove
+
+from teomq._core.frame_codec cimport (
+    E_HANDSHAKE, E_NOT_ALLOWED, E_QUEUE_FULL, E_UNKNOWN_ID, F_NO_ANSWER, F_NO_REPLY,
+    F_REDELIVERED, FrameHeader, HEADER_SIZE, T_ANSWER, T_DELIVER, T_ERROR, T_HELLO, T_MAX, T_PING,
+    T_PONG, T_REPLY, T_SEND, WriteBuffer, parse_header, protocol_error, verify_crc,
+)
+from teomq._core.ring_queue cimport Msg, MsgRing
+
+import msgpack
+
+from teomq.errors import ProtocolError
+
+cdef size_t READ_CHUNK = 65536        # free space offered to each read
+cdef size_t READ_KEEP = 1 << 20       # a read buffer above this shrinks back once empty
+
+cdef bytes ERR_QUEUE_FULL = msgpack.packb(
+    {"code": E_QUEUE_FULL, "reason": "queue is full: message not accepted"})
+cdef bytes ERR_UNKNOWN_ID = msgpack.packb(
+    {"code": E_UNKNOWN_ID, "reason": "answer for a delivery this connection does not hold"})
+
+
+cdef class CoreConnection:
+    """One client connection as the core sees it.
+
+    The Python subclass mixes in asyncio.BufferedProtocol; get_buffer/buffer_updated below
+    are its read path, so a socket read crosses into C exactly once.
+    Subclass hooks: on_control(ftype, flags, fid, payload) for HELLO/ERROR frames and every
+    frame before the handshake, on_protocol_error(exc) for bad input.
+    """
+
+    def __cinit__(self, Dispatcher disp, *args, **kwargs):
+        self.disp = disp
+        self.rcap = READ_CHUNK
+        self.rbuf = <char *>malloc(self.rcap)
+        if self.rbuf == NULL:
+            raise MemoryError()
+        self.rlen = 0
+        self.out = WriteBuffer(16384)
+        self.fl_head = -1
+        self.fl_tail = -1
+        self.transport = None
+        disp.next_gen += 1
+        self.gen = disp.next_gen
+        if disp.free_slots:
+            self.slot = disp.free_slots.pop()
+            disp.conns[self.slot] = self
+        else:
+            self.slot = len(disp.conns)
+            disp.conns.append(self)
+
+    def __dealloc__(self):
+        free(self.rbuf)
+
+    # -- read path ------------------------------------------------------------------------
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        cdef size_t want = READ_CHUNK
+        cdef size_t cap
+        cdef char *nb
+        if sizehint > 0 and <size_t>sizehint > want:
+            want = <size_t>sizehint
+        if self.rcap - self.rlen < want:
+            cap = self.rcap
+            while cap - self.rlen < want:
+                cap <<= 1
+            nb = <char *>realloc(self.rbuf, cap)
+            if nb == NULL:
+                raise MemoryError()
+            self.rbuf = nb
+            self.rcap = cap
+        return PyMemoryView_FromMemory(self.rbuf + self.rlen, self.rcap - self.rlen, PyBUF_WRITE)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self.rlen += nbytes
+        try:
+            self._process()
+        except ProtocolError as exc:
+            self.on_protocol_error(exc)
+        finally:
+            self.disp.pump()
+            self.disp.schedule_flush()
+
+    cdef int _process(self) except -1:
+        cdef Dispatcher disp = self.disp
+        cdef FrameHeader h
+        cdef size_t pos = 0
+        cdef size_t total
+        cdef const char *payload
+        try:
+            while not self.detached and self.rlen - pos >= HEADER_SIZE:
+                parse_header(self.rbuf + pos, &h, disp.max_payload)
+                total = HEADER_SIZE + <size_t>h.length
+                if self.rlen - pos < total:
+                    # make room for the whole frame in one piece for the next read
+                    if total > self.rcap:
+                        self._reserve(pos, total)
+                        pos = 0
+                    break
+                verify_crc(self.rbuf + pos, h.length)
+                payload = self.rbuf + pos + HEADER_SIZE
+                if not self.handshaken or h.ftype == T_HELLO or h.ftype == T_ERROR:
+                    # rare: let Python decide; it may close us (detached) or accept the hello
+                    self.on_control(h.ftype, h.flags, h.fid,
+                                    PyBytes_FromStringAndSize(payload, h.length))
+                elif h.ftype == T_SEND:
+                    disp.accept(self, &h, payload)
+                elif h.ftype == T_ANSWER:
+                    disp.answer(self, &h, payload)
+                elif h.ftype == T_PING:
+                    self.out.add_frame(T_PONG, 0, h.fid, payload, h.length)
+                    self._mark_dirty()
+                elif h.ftype == T_PONG:
+                    pass
+                else:
+                    raise protocol_error(E_NOT_ALLOWED, f"frame type {h.ftype} is not sent by clients")
+                pos += total
+        finally:
+            # drop what was handled, even when a bad frame stopped us
+            if pos:
+                self.rlen -= pos
+                if self.rlen:
+                    memmove(self.rbuf, self.rbuf + pos, self.rlen)
+            if self.rlen == 0 and self.rcap > READ_KEEP:
+                self._shrink()
+        return 0
+
+    cdef int _reserve(self, size_t pos, size_t total) except -1:
+        # move the partial frame to the front and grow to hold all of it
+        cdef char *nb
+        self.rlen -= pos
+        if pos and self.rlen:
+            memmove(self.rbuf, self.rbuf + pos, self.rlen)
+        nb = <char *>realloc(self.rbuf, total)
+        if nb == NULL:
+            raise MemoryError()
+        self.rbuf = nb
+        self.rcap = total
+        return 0
+
+    cdef void _shrink(self) noexcept:
+        cdef char *nb = <char *>realloc(self.rbuf, READ_CHUNK)
+        if nb != NULL:
+            self.rbuf = nb
+            self.rcap = READ_CHUNK
+
+    # -- output ---------------------------------------------------------------------------
+
+    cdef int _mark_dirty(self) except -1:
+        if not self.dirty:
+            self.dirty = True
+            self.disp.dirty.append(self)
+        return 0
+
+    cdef int _add_error(self, int code, uint64_t fid, bytes payload) except -1:
+        self.out.add_frame(T_ERROR, 0, fid, payload, len(payload))
+        return self._mark_dirty()
+
+    def send_frame(self, int ftype, int flags, unsigned long long fid, payload=b""):
+        """Queue a frame to this connection (written with the next flush)."""
+        self.out.add(ftype, flags, fid, payload)
+        self._mark_dirty()
+        self.disp.schedule_flush()
+
+    def flush_now(self):
+        """Write this connection's pending output at once (before closing it)."""
+        if self.out.length and self.transport is not None:
+            self.transport.write(self.out.take_bytes())
+        self.out.clear()
+
+    # -- control plane --------------------------------------------------------------------
+
+    def accept_hello(self, bint consumer, int prefetch):
+        """Mark the handshake done; a consumer starts with ``prefetch`` credits."""
+        if self.handshaken:
+            raise protocol_error(E_HANDSHAKE, "second HELLO on one connection")
+        self.handshaken = True
+        if consumer:
+            if prefetch < 1:
+                raise ValueError("a consumer needs a prefetch of at least 1")
+            self.consumer = True
+            self.prefetch = prefetch
+            self.credit = prefetch
+            self.disp.consumers += 1
+            self.disp.ready_push(self)
+
+    def detach(self):
+        """The connection is gone or being closed: requeue its in-flight messages, free its slot.
+
+        Idempotent. Messages it held go back to the head of the queue in delivery order.
+        """
+        cdef Dispatcher disp = self.disp
+        if self.detached:
+            return
+        self.detached = True
+        if self.consumer:
+            self.consumer = False
+            disp.consumers -= 1
+        disp.requeue_all(self)
+        disp.conns[self.slot] = None
+        disp.free_slots.append(self.slot)
+        self.out.clear()
+        disp.pump()
+        disp.schedule_flush()
+
+    def on_control(self, int ftype, int flags, unsigned long long fid, bytes payload):
+        raise protocol_error(E_HANDSHAKE, "no control plane attached")
+
+    def on_protocol_error(self, exc):
+        self.detach()
+
+    @property
+    def pending_output(self) -> int:
+        return self.out.length
+
+
+@cython.final
+cdef class Dispatcher:
+    """The broker's shared state: connections, the queue, in-flight messages, output to flush."""
+
+    def __cinit__(self, *, uint32_t max_payload=1 << 20, size_t queue_max=1000000,
+                  scheduler=None):
+        self.conns = []
+        self.free_slots = []
+        self.queue = MsgRing(1024, queue_max)
+        self.flights_cap = 256
+        self.flights = <Flight *>malloc(self.flights_cap * sizeof(Flight))
+        self.ready_cap = 64
+        self.ready = <uint64_t *>malloc(self.ready_cap * sizeof(uint64_t))
+        if self.flights == NULL or self.ready == NULL:
+            raise MemoryError()
+        self._link_free(0)
+        self.dirty = []
+        self.scheduler = scheduler
+        self.flush_cb = self.flush
+        self.max_payload = max_payload
+        self.on_message = None
+
+    def __dealloc__(self):
+        cdef int32_t i
+        if self.flights != NULL:
+            for i in range(self.flights_cap):
+                if self.flights[i].used:
+                    free(self.flights[i].msg.data)
+            free(self.flights)
+        free(self.ready)
+
+    cdef void _link_free(self, int32_t start) noexcept:
+        cdef int32_t i
+        for i in range(start, self.flights_cap):
+            self.flights[i].used = False
+            self.flights[i].gen = 1
+            self.flights[i].next = i + 1 if i + 1 < self.flights_cap else -1
+        self.free_flight = start
+
+    # -- connections ----------------------------------------------------------------------
+
+    cdef CoreConnection live(self, uint32_t slot, uint32_t gen):
+        cdef object c
+        if slot >= <uint32_t>len(self.conns):
+            return None
+        c = self.conns[slot]
+        if c is None or (<CoreConnection>c).gen != gen:
+            return None
+        return <CoreConnection>c
+
+    # -- messages -------------------------------------------------------------------------
+
+    cdef int accept(self, CoreConnection conn, FrameHeader *h, const char *payload) except -1:
+        cdef Msg m
+        m.data = <char *>malloc(h.length if h.length else 1)
+        if m.data == NULL:
+            raise MemoryError()
+        if h.length:
+            memcpy(m.data, payload, h.length)
+        m.length = h.length
+        m.flags = h.flags & F_NO_REPLY
+        m.producer = conn.slot
+        m.producer_gen = conn.gen
+        m.msg_id = h.fid
+        if self.queue.push_back(&m):
+            free(m.data)
+            self.n_refused += 1
+            conn._add_error(E_QUEUE_FULL, h.fid, ERR_QUEUE_FULL)
+            return 0
+        self.n_in += 1
+        if self.on_message is not None:
+            self.on_message(conn, h.fid, PyBytes_FromStringAndSize(payload, h.length))
+        return 0
+
+    cdef int answer(self, CoreConnection conn, FrameHeader *h, const char *payload) except -1:
+        cdef uint32_t idx = <uint32_t>(h.fid & 0xFFFFFFFFu)
+        cdef Flight *f
+        cdef CoreConnection prod
+        if idx >= <uint32_t>self.flights_cap:
+            f = NULL
+        else:
+            f = &self.flights[idx]
+        if (f == NULL or not f.used or f.gen != <uint32_t>(h.fid >> 32)
+                or f.consumer != conn.slot):
+            self.n_unknown_answers += 1
+            conn._add_error(E_UNKNOWN_ID, h.fid, ERR_UNKNOWN_ID)
+            return 0
+        # unlink from the consumer's in-flight list
+        if f.prev >= 0:
+            self.flights[f.prev].next = f.next
+        else:
+            conn.fl_head = f.next
+        if f.next >= 0:
+            self.flights[f.next].prev = f.prev
+        else:
+            conn.fl_tail = f.prev
+        conn.inflight -= 1
+        if not (f.msg.flags & F_NO_REPLY) and not (h.flags & F_NO_ANSWER):
+            prod = self.live(f.msg.producer, f.msg.producer_gen)
+            if prod is not None:
+                prod.out.add_frame(T_REPLY, 0, f.msg.msg_id, payload, h.length)
+                prod._mark_dirty()
+                self.n_answered += 1
+            else:
+                self.n_orphaned += 1   # its producer is gone: answered into nothing
+        free(f.msg.data)
+        self.flight_release(<int32_t>idx)
+        if conn.consumer:
+            conn.credit += 1
+            if not conn.in_ready:
+                self.ready_push(conn)
+        return 0
+
+    cdef int32_t flight_alloc(self) except -2:
+        cdef int32_t idx
+        cdef int32_t old = self.flights_cap
+        cdef Flight *nf
+        if self.free_flight < 0:
+            if old >= 0x40000000:
+                raise MemoryError("in-flight table is full")
+            nf = <Flight *>realloc(self.flights, 2 * old * sizeof(Flight))
+            if nf == NULL:
+                raise MemoryError()
+            self.flights = nf
+            self.flights_cap = 2 * old
+            self._link_free(old)
+        idx = self.free_flight
+        self.free_flight = self.flights[idx].next
+        self.flights[idx].used = True
+        self.n_inflight += 1
+        return idx
+
+    cdef void flight_release(self, int32_t idx) noexcept:
+        cdef Flight *f = &self.flights[idx]
+        f.used = False
+        f.gen += 1
+        if f.gen == 0:
+            f.gen = 1
+        f.next = self.free_flight
+        self.free_flight = idx
+        self.n_inflight -= 1
+
+    cdef int deliver(self, CoreConnection conn, Msg *m) except -1:
+        cdef int32_t idx = self.flight_alloc()
+        cdef Flight *f = &self.flights[idx]
+        f.msg = m[0]
+        f.consumer = conn.slot
+        f.prev = conn.fl_tail
+        f.next = -1
+        if conn.fl_tail >= 0:
+            self.flights[conn.fl_tail].next = idx
+        else:
+            conn.fl_head = idx
+        conn.fl_tail = idx
+        conn.inflight += 1
+        conn.credit -= 1
+        conn.out.add_frame(T_DELIVER, m.flags & F_REDELIVERED,
+                           (<uint64_t>f.gen << 32) | <uint32_t>idx, m.data, m.length)
+        conn._mark_dirty()
+        self.n_out += 1
+        return 0
+
+    cdef int requeue_all(self, CoreConnection conn) except -1:
+        # newest first onto the head, so the queue head ends in delivery order
+        cdef int32_t idx = conn.fl_tail
+        cdef int32_t prev
+        cdef Flight *f
+        while idx >= 0:
+            f = &self.flights[idx]
+            prev = f.prev
+            f.msg.flags |= F_REDELIVERED
+            self.queue.push_front(&f.msg)
+            self.flight_release(idx)
+            self.n_redelivered += 1
+            idx = prev
+        conn.fl_head = -1
+        conn.fl_tail = -1
+        conn.inflight = 0
+        return 0
+
+    cdef int ready_push(self, CoreConnection conn) except -1:
+        cdef uint64_t *nr
+        cdef size_t i, newcap
+        if self.ready_count == self.ready_cap:
+            newcap = self.ready_cap * 2
+            nr = <uint64_t *>malloc(newcap * sizeof(uint64_t))
+            if nr == NULL:
+                raise MemoryError()
+            for i in range(self.ready_count):
+                nr[i] = self.ready[(self.ready_head + i) & (self.ready_cap - 1)]
+            free(self.ready)
+            self.ready = nr
+            self.ready_cap = newcap
+            self.ready_head = 0
+        self.ready[(self.ready_head + self.ready_count) & (self.ready_cap - 1)] = (
+            (<uint64_t>conn.gen << 32) | conn.slot)
+        self.ready_count += 1
+        conn.in_ready = True
+        return 0
+
+    cdef int pump(self) except -1:
+        """Hand queued messages to consumers with credit, round robin."""
+        cdef uint64_t entry
+        cdef CoreConnection c
+        cdef Msg m
+        while self.queue.count and self.ready_count:
+            entry = self.ready[self.ready_head]
+            self.ready_head = (self.ready_head + 1) & (self.ready_cap - 1)
+            self.ready_count -= 1
+            c = self.live(<uint32_t>(entry & 0xFFFFFFFFu), <uint32_t>(entry >> 32))
+            if c is None:
+                continue            # stale entry of a closed connection
+            c.in_ready = False
+            if not c.consumer or c.credit <= 0:
+                continue
+            self.queue.pop_front(&m)
+            self.deliver(c, &m)
+            if c.credit > 0:
+                self.ready_push(c)
+        return 0
+
+    # -- output ---------------------------------------------------------------------------
+
+    cdef int schedule_flush(self) except -1:
+        if self.dirty and not self.flush_scheduled:
+            self.flush_scheduled = True
+            if self.scheduler is None:
+                self.flush()
+            else:
+                self.scheduler(self.flush_cb)
+        return 0
+
+    def flush(self):
+        """Write every connection's pending output: one write per connection per loop pass."""
+        cdef list dirty = self.dirty
+        cdef CoreConnection c
+        self.dirty = []
+        self.flush_scheduled = False
+        for c in dirty:
+            c.dirty = False
+            if c.out.length == 0:
+                continue
+            if c.detached or c.transport is None:
+                c.out.clear()
+                continue
+            c.transport.write(c.out.take_bytes())
+
+    def set_scheduler(self, scheduler):
+        self.scheduler = scheduler
+
+    def pump_now(self):
+        """Deliver what can be delivered and schedule the flush (after control-plane changes)."""
+        self.pump()
+        self.schedule_flush()
+
+    def stats(self) -> dict:
+        return {
+            "in": self.n_in,
+            "out": self.n_out,
+            "answered": self.n_answered,
+            "orphaned": self.n_orphaned,
+            "redelivered": self.n_redelivered,
+            "refused": self.n_refused,
+            "unknown_answers": self.n_unknown_answers,
+            "queue": self.queue.count,
+            "inflight": self.n_inflight,
+            "consumers": self.consumers,
+            "connections": len(self.conns) - len(self.free_slots),
+        }

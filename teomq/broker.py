@@ -1,0 +1,287 @@
+"""The broker's control plane: listening socket, handshakes, timers, logging, shutdown.
+
+Message traffic never passes through this module: each connection is a
+:class:`teomq._core.dispatch.CoreConnection` whose read path (``get_buffer`` /
+``buffer_updated``) runs in the Cython core. Python is called for a connection's HELLO,
+an ERROR frame a client sends, bad input, the handshake timer and flow control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from teomq import __version__
+from teomq._core.dispatch import CoreConnection, Dispatcher
+from teomq._core.frame_codec import encode_frame
+from teomq.addressbook import DEFAULT_PORT, AddressBook, default_data_dir
+from teomq.errors import ProtocolError
+from teomq.identity import BrokerIdentity, welcome_signature_payload
+from teomq.protocol import DEFAULT_MAX_PAYLOAD, ErrorCode, FrameType
+
+log = logging.getLogger("teomq.broker")
+msg_log = logging.getLogger("teomq.broker.messages")
+
+DEFAULT_PREFETCH = 64
+MAX_PREFETCH = 65535
+_ROLES = ("producer", "consumer", "both")
+
+
+def error_payload(code: int, reason: str) -> bytes:
+    """Payload of an ERROR frame."""
+    return msgpack.packb({"code": int(code), "reason": reason})
+
+
+class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
+    """A client connection: the core's read path plus the asyncio protocol callbacks."""
+
+    def __init__(self, disp: Dispatcher, broker: Broker) -> None:
+        self.broker = broker
+        self.name = "?"
+        self.role = "?"
+        self.peer = "?"
+        self._hs_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.BaseProtocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.broker._conns.add(self)
+        loop = asyncio.get_running_loop()
+        self._hs_timer = loop.call_later(self.broker.handshake_timeout, self._handshake_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self.broker._conns.discard(self)
+        if self.handshaken:
+            log.info("%s %s (%s) disconnected%s", self.role, self.name, self.peer,
+                     f": {exc}" if exc else "")
+        self.detach()
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        # The peer does not read what we send: stop reading what it sends.
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
+
+    # -- hooks called by the core ----------------------------------------------------------
+
+    def on_control(self, ftype: int, flags: int, fid: int, payload: bytes) -> None:
+        if ftype == FrameType.HELLO:
+            self._hello(fid, payload)
+        elif ftype == FrameType.ERROR:
+            log.warning("%s %s (%s) reported an error: %s", self.role, self.name, self.peer,
+                        _error_text(payload))
+        else:
+            raise ProtocolError(ErrorCode.HANDSHAKE,
+                                f"expected HELLO as the first frame, got frame type {ftype}")
+
+    def on_protocol_error(self, exc: ProtocolError) -> None:
+        self.broker._errors += 1
+        log.warning("closing connection %s (%s %s): %s (error %d)", self.peer, self.role, self.name,
+                    exc.reason, exc.code)
+        self._close_with_error(exc.code, exc.reason)
+
+    # -- control plane ---------------------------------------------------------------------
+
+    def _hello(self, fid: int, payload: bytes) -> None:
+        if self.handshaken:
+            raise ProtocolError(ErrorCode.HANDSHAKE, "second HELLO on one connection")
+        try:
+            hello = msgpack.unpackb(payload, raw=False)
+        except Exception:
+            hello = None
+        if not isinstance(hello, dict):
+            raise ProtocolError(ErrorCode.HANDSHAKE, "HELLO payload is not a msgpack map")
+        if hello.get("v") != 1:
+            raise ProtocolError(ErrorCode.HANDSHAKE, f"unsupported HELLO version {hello.get('v')!r}")
+        role = hello.get("role", "producer")
+        if role not in _ROLES:
+            raise ProtocolError(ErrorCode.HANDSHAKE, f"unknown role {role!r}")
+        name = hello.get("name") or f"client@{self.peer}"
+        nonce = hello.get("nonce", b"")
+        prefetch = hello.get("prefetch") or DEFAULT_PREFETCH
+        if not isinstance(name, str) or not isinstance(nonce, bytes) or len(nonce) > 64:
+            raise ProtocolError(ErrorCode.HANDSHAKE, "HELLO name must be text and nonce at most 64 bytes")
+        if not isinstance(prefetch, int) or prefetch < 1:
+            raise ProtocolError(ErrorCode.HANDSHAKE, f"bad prefetch {prefetch!r}")
+        self._cancel_timer()
+        self.name = name[:200]
+        self.role = role
+        b = self.broker
+        welcome = {
+            "v": 1,
+            "address": b.address,
+            "pubkey": b.identity.public_key,
+            "sig": b.identity.sign(welcome_signature_payload(nonce)),
+            "max_payload": b.max_payload,
+            "server": f"teomq/{__version__}",
+        }
+        # WELCOME goes out before any DELIVER that accept_hello makes possible.
+        self.send_frame(FrameType.WELCOME, 0, fid, msgpack.packb(welcome))
+        self.accept_hello(role != "producer", min(prefetch, MAX_PREFETCH))
+        log.info("%s %s connected from %s", role, self.name, self.peer)
+
+    def _handshake_timeout(self) -> None:
+        self._hs_timer = None
+        if not self.handshaken and not self.detached:
+            self.on_protocol_error(ProtocolError(
+                ErrorCode.HANDSHAKE, f"no HELLO within {self.broker.handshake_timeout:g} s"))
+
+    def _cancel_timer(self) -> None:
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+            self._hs_timer = None
+
+    def _close_with_error(self, code: int, reason: str) -> None:
+        """Send what is pending, then the ERROR frame; requeue what we held; close."""
+        transport = self.transport
+        if transport is None or self.detached:
+            return
+        self._cancel_timer()
+        self.flush_now()
+        transport.write(encode_frame(FrameType.ERROR, 0, 0, error_payload(code, reason)))
+        self.detach()
+        transport.close()
+
+
+def _error_text(payload: bytes) -> str:
+    try:
+        err = msgpack.unpackb(payload, raw=False)
+        return f"{err['reason']} (code {err['code']})"
+    except Exception:
+        return repr(payload[:200])
+
+
+class Broker:
+    """A teomq broker, embeddable in any asyncio program.
+
+    Example::
+
+        async with Broker(port=0) as broker:
+            print(broker.address, broker.port)
+            await broker.serve_forever()
+
+    Args:
+        host: address to listen on.
+        port: TCP port; 0 picks a free one (read it back from ``port`` after start).
+        data_dir: where the broker keeps its key (its address survives restarts).
+        max_payload: largest message accepted, in bytes; larger frames are refused from their header.
+        queue_max: messages that may wait in the queue; a SEND beyond it gets a QUEUE_FULL error.
+        handshake_timeout: seconds a new connection has to send its HELLO.
+        log_messages: log every accepted message (logger ``teomq.broker.messages``).
+        record_address: write ``address -> host:port`` to the local address book.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        *,
+        data_dir: str | os.PathLike[str] | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        queue_max: int = 1_000_000,
+        handshake_timeout: float = 10.0,
+        log_messages: bool = True,
+        record_address: bool = True,
+    ) -> None:
+        if not 0 < max_payload < 1 << 31:
+            raise ValueError("max_payload must be between 1 and 2**31 - 1 bytes")
+        if queue_max < 1:
+            raise ValueError("queue_max must be at least 1")
+        self.host = host
+        self.port = port
+        self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        self.max_payload = max_payload
+        self.queue_max = queue_max
+        self.handshake_timeout = handshake_timeout
+        self.log_messages = log_messages
+        self.record_address = record_address
+        self.identity: BrokerIdentity | None = None
+        self.address = ""
+        self._server: asyncio.base_events.Server | None = None
+        self._disp: Dispatcher | None = None
+        self._conns: set[BrokerConnection] = set()
+        self._errors = 0
+        self._book: AddressBook | None = None
+
+    async def start(self) -> None:
+        """Load (or create) the key, listen, and record the address."""
+        loop = asyncio.get_running_loop()
+        self.identity = BrokerIdentity.load_or_create(self.data_dir)
+        self.address = self.identity.address
+        self._disp = Dispatcher(max_payload=self.max_payload, queue_max=self.queue_max,
+                                scheduler=loop.call_soon)
+        if self.log_messages:
+            self._disp.on_message = self._log_message
+        disp = self._disp
+        self._server = await loop.create_server(
+            lambda: BrokerConnection(disp, self), self.host, self.port, reuse_address=True)
+        bound = self._server.sockets[0].getsockname()
+        self.host, self.port = bound[0], bound[1]
+        if self.record_address:
+            self._book = AddressBook()
+            self._book.record(self.address, _reachable_host(self.host), self.port)
+        log.info("broker %s listening on %s:%d", self.address, self.host, self.port)
+
+    async def serve_forever(self) -> None:
+        """Serve until close() is called or the task is cancelled."""
+        if self._server is None:
+            await self.start()
+        assert self._server is not None
+        try:
+            await self._server.serve_forever()
+        except asyncio.CancelledError:
+            if self._server.is_serving():
+                raise
+
+    async def close(self) -> None:
+        """Stop listening, tell every client, close every connection."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.close()
+        for conn in list(self._conns):
+            conn._close_with_error(ErrorCode.SHUTDOWN, "broker is shutting down")
+        await server.wait_closed()
+        if self._book is not None:
+            self._book.forget(self.address, pid=os.getpid())
+        log.info("broker %s stopped", self.address)
+
+    async def __aenter__(self) -> Broker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    def stats(self) -> dict[str, int]:
+        """Counters: in, out, answered, redelivered, queue, inflight, consumers, connections, errors..."""
+        s = self._disp.stats() if self._disp is not None else {}
+        s["errors"] = self._errors
+        return s
+
+    def _log_message(self, conn: BrokerConnection, msg_id: int, payload: bytes) -> None:
+        msg_log.info("message #%d from %s: %s", msg_id, conn.name,
+                     payload[:256].decode("utf-8", "replace"))
+
+
+def _reachable_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host

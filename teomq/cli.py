@@ -1,0 +1,548 @@
+"""Command-line programs: ``teomq broker|consumer|producer`` and ``teomq-broker``.
+
+Every long option works in the Go original's single-dash form and in the double-dash
+form: ``-broker=X``, ``-broker X``, ``--broker X``, ``--broker=X``. Boolean flags also
+take Go's explicit form, ``-nomsg=true`` / ``-nomsg=false``.
+
+Lines on stdout (one flushed line each; scripts and tests parse them)::
+
+    broker:    Connected to Teonet, this app address: <address>
+               teomq broker listening on <host>:<port>
+    consumer:  <name> got message: <message text>
+    producer:  <name> got answer: <answer text>
+               <name> error for message #<n>: <error>
+               <name> done: sent <N>, answered <A>, errors <E>
+    -stat:     stat: in=.. out=.. answered=.. queue=.. inflight=.. consumers=.. rate=../s  (broker)
+               stat: received=.. answered=.. rate=../s                                     (consumer)
+               stat: sent=.. answered=.. errors=.. inflight=.. rate=../s                   (producer)
+
+Message texts are decoded as UTF-8 with replacement; CR and LF are written as ``\\r`` and
+``\\n`` so that a record is always one line. Diagnostics go to stderr through logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import math
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from teomq.addressbook import DEFAULT_PORT, default_data_dir
+from teomq.errors import ConnectionLost, TeomqError
+from teomq.protocol import DEFAULT_MAX_PAYLOAD, MAX_PAYLOAD_LIMIT
+from teomq.stats_printer import print_stats
+
+__all__ = ["build_broker_parser", "build_parser", "broker_main", "main", "parse_listen"]
+
+log = logging.getLogger("teomq.cli")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_MESSAGE = "Hello wold #{n}!"  # the Go example's typo, kept on purpose
+BROKER_STAT_FIELDS = ("in", "out", "answered", "queue", "inflight", "consumers")
+CONSUMER_STAT_FIELDS = ("received", "answered")
+PRODUCER_STAT_FIELDS = ("sent", "answered", "errors", "inflight")
+RECONNECT_DELAY = 1.0
+
+_GO_TRUE = frozenset({"1", "t", "true"})
+_GO_FALSE = frozenset({"0", "f", "false"})
+
+
+# -- value parsers -------------------------------------------------------------------
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[v6]:PORT`` or ``:PORT`` (127.0.0.1) -> (host, port); port 0 = any free."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not host or not rest.startswith(":"):
+            raise argparse.ArgumentTypeError(f"bad listen address {text!r}: expected [IPV6]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"bad listen address {text!r}: expected HOST:PORT")
+        if ":" in host:
+            raise argparse.ArgumentTypeError(f"bad listen address {text!r}: write IPv6 hosts as [::1]:PORT")
+        host = host or "127.0.0.1"
+    if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
+        raise argparse.ArgumentTypeError(f"bad port {port_text!r} in {text!r}: expected 0-65535")
+    if any(c.isspace() for c in host):
+        raise argparse.ArgumentTypeError(f"bad host {host!r} in {text!r}")
+    return host, int(port_text)
+
+
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            limit = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be {limit}")
+        return value
+
+    return parse
+
+
+def _float_value(*, positive: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a {'positive' if positive else 'non-negative'} number")
+        return value
+
+    return parse
+
+
+def _message_format(text: str) -> str:
+    try:
+        text.format(n=1)
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        raise argparse.ArgumentTypeError(f"bad message format {text!r} (use {{n}} for the number): {e}") from None
+    return text
+
+
+def _go_bool(text: str) -> bool:
+    low = text.lower()
+    if low in _GO_TRUE:
+        return True
+    if low in _GO_FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
+
+
+# -- parsers -------------------------------------------------------------------------
+
+
+def _uvloop_available() -> bool:
+    return importlib.util.find_spec("uvloop") is not None
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser that never takes a prefix for a whole option, as Go's flag package.
+
+    Python 3.11's argparse still matches single-dash prefixes (``-list`` for ``-listen``)
+    when allow_abbrev is False; no option here is a short one that takes a glued value.
+    """
+
+    def _get_option_tuples(self, option_string: str) -> list[Any]:
+        return []
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    """Register ``-name`` and ``--name`` for one option."""
+    parser.add_argument(f"-{name}", f"--{name}", **kwargs)
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    """A switch: ``-name`` turns it on; Go's ``-name=true|false`` also parses."""
+    _flag(parser, name, nargs="?", const=True, default=False, type=_go_bool, metavar="true|false", help=help)
+
+
+def _add_common(parser: argparse.ArgumentParser, what: str) -> None:
+    _bool_flag(parser, "nomsg", f"don't log each {what} (default: off)")
+    _bool_flag(parser, "stat", "print a 'stat:' line of counters on stdout every -stat-interval seconds (default: off)")
+    _flag(parser, "stat-interval", type=_float_value(positive=True), default=1.0, metavar="SECONDS",
+          help="seconds between 'stat:' lines (default: %(default)s)")
+    _flag(parser, "loop", choices=("uvloop", "asyncio"), default="uvloop" if _uvloop_available() else "asyncio",
+          help="event loop implementation (default: %(default)s)")
+    _flag(parser, "log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", metavar="LEVEL",
+          help=f"stderr log level, one of {', '.join(LOG_LEVELS)} (default: %(default)s)")
+
+
+def _add_broker_args(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "listen", type=parse_listen, default=DEFAULT_LISTEN, metavar="HOST:PORT",
+          help="address to listen on; ':PORT' means 127.0.0.1, port 0 any free port (default: %(default)s)")
+    _flag(parser, "data-dir", default=str(default_data_dir()), metavar="DIR",
+          help="directory for the broker's key and data (default: %(default)s, from $TEOMQ_HOME)")
+    _flag(parser, "max-payload", type=_int_at_least(1, MAX_PAYLOAD_LIMIT), default=DEFAULT_MAX_PAYLOAD,
+          metavar="BYTES", help="largest message or answer accepted, in bytes (default: %(default)s)")
+    _flag(parser, "queue-max", type=_int_at_least(1), default=1_000_000, metavar="N",
+          help="most messages held in the queue; more are refused with QUEUE_FULL (default: %(default)s)")
+    _add_common(parser, "message received (logged on stderr)")
+    parser.set_defaults(func=_broker)
+
+
+def _add_client_args(parser: argparse.ArgumentParser, role: str) -> None:
+    _flag(parser, "broker", required=True, metavar="BROKER",
+          help="broker to use: <address> (looked up in the local address book), <address>@host:port, "
+          "host:port or :port (required)")
+    _flag(parser, "name", default=None, help=f"name of this {role} in output lines (default: {role}-<pid>)")
+
+
+def _add_consumer_args(parser: argparse.ArgumentParser) -> None:
+    _add_client_args(parser, "consumer")
+    _flag(parser, "prefetch", type=_int_at_least(1), default=64, metavar="N",
+          help="most unanswered messages the broker hands this consumer at once (default: %(default)s)")
+    _flag(parser, "work-ms", type=_float_value(positive=False), default=0.0, metavar="MS",
+          help="simulated processing time per message in milliseconds, an async sleep (default: %(default)s)")
+    _bool_flag(parser, "reconnect",
+               "if the broker connection fails or is lost, retry every second instead of exiting 1 (default: off)")
+    _add_common(parser, "message received (on stdout)")
+    parser.set_defaults(func=_consumer)
+
+
+def _add_producer_args(parser: argparse.ArgumentParser) -> None:
+    _add_client_args(parser, "producer")
+    _flag(parser, "delay", type=_int_at_least(0), default=1_000_000, metavar="MICROSECONDS",
+          help="pause between sends in microseconds; 0 = as fast as -window allows (default: %(default)s)")
+    _flag(parser, "count", type=_int_at_least(0), default=0, metavar="N",
+          help="messages to send, then wait for their answers and exit; 0 = until stopped (default: %(default)s)")
+    _flag(parser, "window", type=_int_at_least(1), default=64, metavar="N",
+          help="most requests waiting for an answer at once (default: %(default)s)")
+    _flag(parser, "timeout", type=_float_value(positive=True), default=5.0, metavar="SECONDS",
+          help="how long to wait for each answer (default: %(default)s)")
+    _flag(parser, "message", type=_message_format, default=DEFAULT_MESSAGE, metavar="FORMAT",
+          help="message text; {n} becomes the message number 1, 2, ... (default: %(default)s)")
+    _add_common(parser, "answer received (on stdout)")
+    parser.set_defaults(func=_producer)
+
+
+def build_broker_parser(prog: str = "teomq-broker") -> argparse.ArgumentParser:
+    """The parser of ``teomq-broker`` (the same options as ``teomq broker``)."""
+    parser = _Parser(prog=prog, description="Run a teomq message broker.", allow_abbrev=False)
+    _add_broker_args(parser)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``teomq`` with its ``broker``, ``consumer`` and ``producer`` subcommands."""
+    parser = _Parser(
+        prog="teomq",
+        description="teomq message queue: a broker and example consumer and producer.",
+        allow_abbrev=False,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_broker_args(
+        sub.add_parser("broker", help="run a broker", description="Run a teomq message broker.", allow_abbrev=False)
+    )
+    _add_consumer_args(
+        sub.add_parser(
+            "consumer",
+            help="run the example consumer (answers 'Answer to <message>')",
+            description="Run the example consumer: it answers each message with 'Answer to <message>'.",
+            allow_abbrev=False,
+        )
+    )
+    _add_producer_args(
+        sub.add_parser(
+            "producer",
+            help="run the example producer (sends 'Hello wold #<n>!')",
+            description="Run the example producer: it sends numbered messages and logs the answers.",
+            allow_abbrev=False,
+        )
+    )
+    return parser
+
+
+# -- running -------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``teomq``."""
+    return _execute(build_parser().parse_args(argv))
+
+
+def broker_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``teomq-broker``."""
+    return _execute(build_broker_parser().parse_args(argv))
+
+
+def _execute(args: argparse.Namespace) -> int:
+    level = getattr(logging, args.log_level)
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger().setLevel(level)
+    if args.loop == "uvloop" and not _uvloop_available():
+        print("teomq: -loop=uvloop given but uvloop is not installed", file=sys.stderr)
+        return 2
+    try:
+        return _run(args.func(args), args.loop)
+    except KeyboardInterrupt:  # a signal before our handlers were installed
+        return 130
+
+
+def _run(coro: Coroutine[Any, Any, int], loop: str) -> int:
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(coro)
+    if factory is not None:  # Python 3.10
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run(coro)
+
+
+def _emit(line: str) -> None:
+    """Write one line to stdout and flush it; a closed stdout stops output, not the program."""
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+
+
+def _fail(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace").replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Stopper:
+    """SIGINT/SIGTERM handling: the first signal sets ``stop``, any further one sets ``force``."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.force = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __enter__(self) -> _Stopper:
+        self._loop = asyncio.get_running_loop()
+        for sig in self.SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not main thread / Windows
+                self._loop.add_signal_handler(sig, self._on_signal, sig)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None
+        for sig in self.SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                self._loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        again = self.stop.is_set()
+        log.info("got %s%s, stopping", signal.Signals(sig).name, " again" if again else "")
+        (self.force if again else self.stop).set()
+
+    async def sleep(self, seconds: float) -> bool:
+        """Sleep unless stopped first; True if stopped."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        return self.stop.is_set()
+
+
+async def _first(*aws: Any) -> set[asyncio.Future[Any]]:
+    """Wait until one of ``aws`` finishes; cancel the rest; return the finished ones."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return done
+
+
+def _start_stats(args: argparse.Namespace, sample: Callable[[], dict[str, int]], fields: Sequence[str],
+                 rate_key: str) -> asyncio.Task[None] | None:
+    """With -stat, a task printing a 'stat:' line every -stat-interval seconds."""
+    if not args.stat:
+        return None
+    return asyncio.ensure_future(print_stats(args.stat_interval, sample, fields, rate_key, _emit))
+
+
+async def _stop_task(task: asyncio.Task[Any] | None) -> None:
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _broker(args: argparse.Namespace) -> int:
+    from teomq.broker import Broker
+
+    host, port = args.listen
+    broker = Broker(host, port, data_dir=args.data_dir, max_payload=args.max_payload, queue_max=args.queue_max,
+                    log_messages=not args.nomsg)
+    try:
+        await broker.start()
+    except (OSError, TeomqError, ValueError) as e:
+        if isinstance(e, OSError):
+            where = f"use data dir {e.filename}" if e.filename else f"listen on {_endpoint(host, port)}"
+            _fail(f"teomq broker: cannot {where}: {e.strerror or e}")
+        else:
+            _fail(f"teomq broker: cannot start: {e}")
+        await asyncio.gather(broker.close(), return_exceptions=True)
+        return 1
+    with _Stopper() as stopper:
+        _emit(f"Connected to Teonet, this app address: {broker.address}")
+        _emit(f"teomq broker listening on {_endpoint(broker.host, broker.port)}")
+        stats = _start_stats(args, broker.stats, BROKER_STAT_FIELDS, "in")
+        serve = asyncio.ensure_future(broker.serve_forever())
+        try:
+            await _first(serve, stopper.stop.wait())
+        finally:
+            await _stop_task(stats)
+            await broker.close()
+            await _stop_task(serve)
+    if not stopper.stop.is_set() and serve.done() and not serve.cancelled() and serve.exception():
+        _fail(f"teomq broker: stopped on error: {serve.exception()!r}")
+        return 1
+    return 0
+
+
+async def _consumer(args: argparse.Namespace) -> int:
+    from teomq.client import Consumer
+
+    name = args.name or f"consumer-{os.getpid()}"
+    counters = {"received": 0, "answered": 0}
+    work = args.work_ms / 1000.0
+
+    def received(data: bytes) -> None:
+        counters["received"] += 1
+        if not args.nomsg:
+            _emit(f"{name} got message: {_text(data)}")
+
+    def handle(data: bytes) -> bytes:
+        received(data)
+        counters["answered"] += 1
+        return b"Answer to " + data
+
+    async def handle_slowly(data: bytes) -> bytes:
+        received(data)
+        await asyncio.sleep(work)
+        counters["answered"] += 1
+        return b"Answer to " + data
+
+    handler = handle_slowly if work > 0 else handle
+    with _Stopper() as stopper:
+        stats = _start_stats(args, lambda: counters, CONSUMER_STAT_FIELDS, "received")
+        last_error = ""  # with -reconnect, a failure that repeats is reported once
+        try:
+            while not stopper.stop.is_set():
+                consumer = Consumer(args.broker, handler, name=name, prefetch=args.prefetch)
+                try:
+                    await consumer.start()
+                except (OSError, TeomqError) as e:
+                    await asyncio.gather(consumer.close(), return_exceptions=True)
+                    error = f"teomq consumer {name}: cannot connect to broker {args.broker}: {e}"
+                    if error != last_error:
+                        _fail(error)
+                    last_error = error
+                    if not args.reconnect:
+                        return 1
+                    await stopper.sleep(RECONNECT_DELAY)
+                    continue
+                last_error = ""
+                log.info("%s connected to broker %s", name, consumer.address)
+                done = await _first(consumer.wait_closed(), stopper.stop.wait())
+                await consumer.close()
+                if stopper.stop.is_set():
+                    break
+                why = next((t.exception() for t in done if t.exception() is not None), None)
+                _fail(f"teomq consumer {name}: {why or 'connection to broker lost'}")
+                if not args.reconnect:
+                    return 1
+                await stopper.sleep(RECONNECT_DELAY)
+        finally:
+            await _stop_task(stats)
+    return 0
+
+
+async def _producer(args: argparse.Namespace) -> int:
+    from teomq.client import Producer
+
+    name = args.name or f"producer-{os.getpid()}"
+    counters = {"sent": 0, "answered": 0, "errors": 0, "inflight": 0}
+    pending: set[int] = set()  # numbers of messages sent and not yet answered or failed
+    window = asyncio.Semaphore(args.window)
+    idle = asyncio.Event()
+    idle.set()
+    lost = asyncio.Event()
+    closing = False  # set once we close the producer ourselves
+
+    def finish(n: int, answer: bytes | None, err: BaseException | None) -> None:
+        if n not in pending:
+            return  # already counted (gave up waiting for it)
+        pending.discard(n)
+        counters["inflight"] -= 1
+        window.release()
+        if err is None:
+            counters["answered"] += 1
+            if not args.nomsg:
+                _emit(f"{name} got answer: {_text(answer or b'')}")
+        else:
+            counters["errors"] += 1
+            _emit(f"{name} error for message #{n}: {err}")
+            if isinstance(err, ConnectionError) and not closing:
+                lost.set()
+        if not pending:
+            idle.set()
+
+    def callback_for(n: int) -> Callable[[int, bytes | None, BaseException | None], None]:
+        return lambda _id, answer, err: finish(n, answer, err)
+
+    async def send_all() -> None:
+        delay = args.delay / 1e6
+        n = 0
+        while (args.count == 0 or n < args.count) and not lost.is_set():
+            if n and delay:
+                await asyncio.sleep(delay)
+            await window.acquire()
+            with contextlib.suppress(ConnectionLost):
+                await producer.drain()  # returns at once unless the broker reads slower than we write
+            if lost.is_set():
+                window.release()
+                break
+            n += 1
+            counters["sent"] += 1
+            counters["inflight"] += 1
+            pending.add(n)
+            idle.clear()
+            try:
+                producer.send(args.message.format(n=n).encode(), callback_for(n), timeout=args.timeout)
+            except (OSError, TeomqError, ValueError) as e:
+                finish(n, None, e)
+                if not lost.is_set():
+                    _fail(f"teomq producer {name}: send failed: {e}")
+                break
+
+    producer = Producer(args.broker, name=name, timeout=args.timeout)
+    try:
+        await producer.connect()
+    except (OSError, TeomqError) as e:
+        await asyncio.gather(producer.close(), return_exceptions=True)
+        _fail(f"teomq producer {name}: cannot connect to broker {args.broker}: {e}")
+        return 1
+    with _Stopper() as stopper:
+        stats = _start_stats(args, lambda: counters, PRODUCER_STAT_FIELDS, "answered")
+        try:
+            for task in await _first(send_all(), stopper.stop.wait()):
+                task.result()  # a bug in send_all must not pass silently
+            if pending:  # each is bounded by -timeout; a second signal stops waiting
+                await _first(idle.wait(), stopper.force.wait(), asyncio.sleep(args.timeout + 5.0))
+            closing = True
+            await producer.close()
+            for n in sorted(pending):
+                finish(n, None, ConnectionLost("producer stopped before the answer arrived"))
+        finally:
+            await _stop_task(stats)
+            await asyncio.gather(producer.close(), return_exceptions=True)
+    if lost.is_set():
+        _fail(f"teomq producer {name}: connection to broker {args.broker} lost")
+    _emit(f"{name} done: sent {counters['sent']}, answered {counters['answered']}, errors {counters['errors']}")
+    return 0 if counters["errors"] == 0 else 1

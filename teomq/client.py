@@ -1,0 +1,827 @@
+"""Producer and consumer clients of a teomq broker.
+
+One TCP connection per client. The read path feeds each socket read to the C
+``FrameDecoder`` once and handles every frame it returns; the write path encodes frames
+into one ``WriteBuffer`` and writes it with one ``transport.write`` per event-loop pass.
+
+Wire exchange (docs/protocol.md is the full spec)::
+
+    client -> HELLO   {"v": 1, "role", "name", "prefetch", "nonce": 16 bytes, "auth": None}
+    broker -> WELCOME {"v": 1, "address", "pubkey", "sig", "max_payload", "server"}
+    client -> SEND    id = client's message id (1, 2, ...), flags NO_REPLY for publish()
+    broker -> REPLY   id = that message id, payload = the consumer's answer
+    broker -> DELIVER id = delivery id, flags REDELIVERED          (consumers)
+    client -> ANSWER  id = that delivery id, flags NO_ANSWER if no answer (consumers)
+    broker -> ERROR   id = related message id, or 0: fatal, the broker closes the connection
+    broker -> PING    client -> PONG with the same id
+
+Design notes:
+
+- Writes: ``_write`` encodes a frame into the connection's WriteBuffer and, once per loop
+  pass, schedules ``_flush`` with ``call_soon``; every request, publish, ANSWER and PONG
+  made in that pass leaves in one ``transport.write``. Sync handlers run inline in
+  ``data_received``, so all answers to one socket read go out together.
+- Timeouts: no TimerHandle per request. Requests with the client's default timeout are
+  kept in an insertion-ordered dict (ids increase, so it is also deadline order) and
+  grouped into deadline buckets ``[deadline, last id]`` ``_BUCKET`` wide; other timeouts go
+  into a small heap. One timer, re-armed only while something is pending and never
+  closer than ``_SWEEP_GAP``, fails what is due: a request times out at most
+  ~``_BUCKET + _SWEEP_GAP`` late, never early. Answers arriving after that are dropped.
+- Flow control: ``pause_writing`` makes :meth:`Client.request` wait before sending and
+  :meth:`Client.drain` available to ``send``/``publish`` loops. Consumers keep answering
+  while paused: their unsent answers are bounded by the prefetch credit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import inspect
+import logging
+import math
+import os
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Union
+
+import msgpack
+
+from teomq._core.frame_codec import FrameDecoder, WriteBuffer, encode_frame
+from teomq.addressbook import resolve_broker
+from teomq.errors import AddressError, BrokerError, ConnectionLost, ProtocolError, RequestTimeout
+from teomq.identity import verify_welcome
+from teomq.protocol import MAX_PAYLOAD_LIMIT, ErrorCode, Flag, FrameType
+
+__all__ = ["Client", "Consumer", "Producer"]
+
+log = logging.getLogger("teomq.client")
+consumer_log = logging.getLogger("teomq.consumer")
+
+#: What request(), send() and publish() take; str is sent UTF-8 encoded.
+Payload = Union[bytes, bytearray, memoryview, str]
+#: A broker: "<address>@host:port", "host:port", "<address>" (local address book), ":port", or (host, port).
+BrokerSpec = Union[str, tuple[str, int]]
+#: send() callback: (message id, answer or None, error or None); called exactly once.
+SendCallback = Callable[[int, Union[bytes, None], Union[BaseException, None]], object]
+#: Consumer handler: data -> bytes | bytearray | memoryview | str | None, or an awaitable of that.
+Handler = Callable[[bytes], Any]
+
+_ROLES = ("producer", "consumer", "both")
+
+_WELCOME = int(FrameType.WELCOME)
+_DELIVER = int(FrameType.DELIVER)
+_REPLY = int(FrameType.REPLY)
+_ERROR = int(FrameType.ERROR)
+_PING = int(FrameType.PING)
+_PONG = int(FrameType.PONG)
+_SEND = int(FrameType.SEND)
+_ANSWER = int(FrameType.ANSWER)
+_NO_REPLY = int(Flag.NO_REPLY)
+_NO_ANSWER = int(Flag.NO_ANSWER)
+_REDELIVERED = int(Flag.REDELIVERED)
+
+#: Timeouts are checked by one timer, never closer together than this (seconds).
+_SWEEP_GAP = 0.1
+#: Requests with the default timeout share a deadline bucket this wide (seconds): a request
+#: may time out this much late, never early. Saves a (deadline, id) tuple per request.
+_BUCKET = 0.05
+#: A broker's WELCOME is small; more unframed bytes than this before it is a bad broker.
+_HANDSHAKE_LIMIT = 1 << 16
+
+
+def _to_payload(data: object) -> bytes | bytearray | memoryview:
+    """Normalise a payload for the codec (contiguous unsigned bytes); TypeError otherwise."""
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, memoryview):
+        return data.cast("B") if data.c_contiguous else data.tobytes()
+    raise TypeError(f"payload must be bytes, bytearray, memoryview or str, not {type(data).__name__}")
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to a broker: handshake, framing, pending requests, consumer dispatch."""
+
+    def __init__(self, client: Client, expected: str | None, endpoint: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._client = client
+        self._endpoint = endpoint
+        self._expected = expected
+        self._nonce = os.urandom(16)
+        self._transport: asyncio.Transport | None = None
+        self._closing = False  # transport.close() called, or connection lost
+        self._by_user = False
+        self._reason = "connection to broker lost"
+        self._cause: BaseException | None = None
+        # Permissive until WELCOME says the broker's limit (see _on_welcome).
+        self._decoder = FrameDecoder(MAX_PAYLOAD_LIMIT)
+        self._new_limit = 0
+        self._wbuf = WriteBuffer(16384)
+        self._flush_scheduled = False
+        self.welcome: asyncio.Future[None] = self._loop.create_future()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self.address: str | None = None
+        self.server: str | None = None
+        self.max_send = 0
+        self.stats = client.stats
+        # producer side
+        self._next_id = 1
+        self._timeout = client._timeout
+        self._pending: dict[int, Any] = {}  # default timeout; insertion order == id order
+        self._buckets: deque[list[Any]] = deque()  # [deadline, last id], deadline-ordered
+        self._custom: dict[int, Any] = {}  # any other timeout
+        self._heap: list[tuple[float, int, float]] = []  # (deadline, id, timeout)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self.paused = False
+        self._resume: asyncio.Future[None] | None = None
+        # consumer side
+        self._handler = client._handler
+        self._handler_async = client._handler_async
+        self._prefetch = client._prefetch
+        self._tasks: dict[asyncio.Future[Any], int] = {}
+        self._backlog: deque[tuple[int, bytes]] = deque()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):
+                pass
+        c = self._client
+        hello = {"v": 1, "role": c._role, "name": c.name, "prefetch": c._prefetch,
+                 "nonce": self._nonce, "auth": None}
+        transport.write(encode_frame(int(FrameType.HELLO), 0, 0, msgpack.packb(hello)))  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self._fail(f"bad frame from broker: {exc.reason}", exc, error_code=exc.code)
+            return
+        for ftype, flags, fid, payload in frames:
+            if ftype == _REPLY:
+                entry = self._pending.pop(fid, None)
+                if entry is None and self._custom:
+                    entry = self._custom.pop(fid, None)
+                if entry is not None:  # else: late answer after a timeout, or publish(): dropped
+                    self.stats["replies"] += 1
+                    self._complete(fid, entry, payload, None)
+            elif ftype == _DELIVER and self.address is not None:
+                self._on_deliver(flags, fid, payload)
+            elif ftype == _ERROR:
+                self._on_error(fid, payload)
+            elif ftype == _PING:
+                self._write(_PONG, 0, fid, b"")
+            elif ftype == _WELCOME and self.address is None:
+                self._on_welcome(payload)
+            elif ftype != _PONG or self.address is None:
+                name = FrameType(ftype).name
+                self._fail(f"broker sent an unexpected {name} frame", None,
+                           error_code=ErrorCode.NOT_ALLOWED)
+            if self._closing:
+                return
+        if self._new_limit and self._decoder.buffered == 0:
+            # at a frame boundary: from now on hold the broker to its own limit
+            self._decoder = FrameDecoder(self._new_limit)
+            self._new_limit = 0
+        elif self.address is None and self._decoder.buffered > _HANDSHAKE_LIMIT:
+            self._fail("broker sent an oversized frame before WELCOME", None,
+                       error_code=ErrorCode.TOO_LARGE)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._resume is not None:
+            if not self._resume.done():
+                self._resume.set_result(None)
+            self._resume = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._transport = None
+        if exc is not None and self._cause is None:
+            self._reason = f"connection to broker lost: {exc}"
+            self._cause = exc
+        if self.address is not None and not self._by_user:
+            log.warning("%s (%s)", self._reason, self._endpoint)
+        if not self.welcome.done():  # connect() raises it
+            if isinstance(self._cause, (AddressError, BrokerError)):
+                self.welcome.set_exception(self._cause)
+            else:
+                self.welcome.set_exception(self._lost())
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_exception(self._lost())
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending = list(self._pending.items()) + list(self._custom.items())
+        self._pending.clear()
+        self._custom.clear()
+        self._buckets.clear()
+        self._heap.clear()
+        self._backlog.clear()
+        for task in list(self._tasks):
+            task.cancel()  # its answer could not be sent; the broker redelivers the message
+        for mid, entry in pending:
+            self._complete(mid, entry, None, self._lost())
+        self.closed.set_result(None)
+
+    # -- output --------------------------------------------------------------------------
+
+    def _write(self, ftype: int, flags: int, fid: int, payload: Any) -> None:
+        """Encode one frame; it goes out with this loop pass's single write."""
+        self._wbuf.add(ftype, flags, fid, payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        data = self._wbuf.take()
+        if data and not self._closing:
+            self._transport.write(data)  # type: ignore[union-attr]
+
+    def _fail(self, reason: str, cause: BaseException | None, error_code: int = 0) -> None:
+        """Close the connection for a fatal reason; pending requests get ConnectionLost."""
+        if self._closing:
+            return
+        self._reason = reason
+        self._cause = cause
+        if error_code:
+            self._write(_ERROR, 0, 0, msgpack.packb({"code": int(error_code), "reason": reason}))
+        self._flush()
+        self._closing = True
+        self._transport.close()  # type: ignore[union-attr]
+
+    def _lost(self) -> ConnectionLost:
+        err = ConnectionLost(self._reason)
+        err.__cause__ = self._cause
+        return err
+
+    # -- handshake and errors ------------------------------------------------------------
+
+    def _on_welcome(self, payload: bytes) -> None:
+        try:
+            doc = msgpack.unpackb(payload)
+            if not isinstance(doc, dict) or doc.get("v") != 1:
+                raise ValueError(f"unsupported WELCOME {doc!r:.80}")
+            limit = doc["max_payload"]
+            if not isinstance(limit, int) or not 0 < limit <= MAX_PAYLOAD_LIMIT:
+                raise ValueError(f"bad max_payload {limit!r}")
+            address = verify_welcome(self._expected, doc["pubkey"], doc["sig"], self._nonce)
+        except AddressError as exc:
+            self._fail(f"broker at {self._endpoint} failed verification: {exc}", exc)
+            return
+        except Exception as exc:
+            self._fail(f"broker at {self._endpoint} sent a bad WELCOME: {exc!r}", exc,
+                       error_code=ErrorCode.HANDSHAKE)
+            return
+        self.address = address
+        self.server = str(doc.get("server", ""))
+        user_limit = self._client._max_payload
+        self.max_send = min(limit, user_limit) if user_limit else limit
+        self._new_limit = limit
+        self.welcome.set_result(None)
+
+    def _on_error(self, fid: int, payload: bytes) -> None:
+        try:
+            doc = msgpack.unpackb(payload)
+            err = BrokerError(int(doc["code"]), str(doc["reason"]))
+        except Exception:
+            err = BrokerError(0, f"malformed ERROR frame {payload[:80]!r}")
+        if fid == 0 or self.address is None:
+            self._fail(f"broker closed the connection: {err}", err)
+        elif err.code == ErrorCode.UNKNOWN_ID:  # about one of our ANSWERs (a delivery id)
+            log.warning("broker refused the answer to delivery %d: %s", fid, err)
+        else:
+            entry = self._pending.pop(fid, None)
+            if entry is None:
+                entry = self._custom.pop(fid, None)
+            self.stats["refused"] += 1
+            if entry is not None:
+                self._complete(fid, entry, None, err)
+            else:  # a publish(), or a request already timed out
+                log.debug("broker refused message %d: %s", fid, err)
+
+    # -- producer side -------------------------------------------------------------------
+
+    def register(self, entry: Any, timeout: float) -> int:
+        """Give ``entry`` (a future or a send() callback) a message id and a deadline."""
+        mid = self._next_id
+        self._next_id = mid + 1
+        deadline = self._loop.time() + timeout
+        if timeout == self._timeout:
+            self._pending[mid] = entry
+            buckets = self._buckets
+            if buckets and buckets[-1][0] >= deadline:
+                buckets[-1][1] = mid
+                deadline = buckets[-1][0]
+            else:
+                deadline += _BUCKET
+                buckets.append([deadline, mid])
+        else:
+            self._custom[mid] = entry
+            heapq.heappush(self._heap, (deadline, mid, timeout))
+        if self._timer is None or deadline < self._timer_when:
+            self._arm(deadline)
+        return mid
+
+    def forget(self, mid: int) -> None:
+        """Drop a pending request (its awaiting task was cancelled)."""
+        if self._pending.pop(mid, None) is None:
+            self._custom.pop(mid, None)
+
+    def next_id(self) -> int:
+        mid = self._next_id
+        self._next_id = mid + 1
+        return mid
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending) + len(self._custom)
+
+    def _arm(self, deadline: float) -> None:
+        when = max(deadline, self._loop.time() + _SWEEP_GAP)
+        if self._timer is not None:
+            if when >= self._timer_when:
+                return
+            self._timer.cancel()
+        self._timer_when = when
+        self._timer = self._loop.call_at(when, self._sweep)
+
+    def _sweep(self) -> None:
+        """Fail every request past its deadline; re-arm while anything is pending."""
+        self._timer = None
+        if self._closing:
+            return
+        now = self._loop.time()
+        expired: list[tuple[int, Any, float]] = []
+        buckets, pending = self._buckets, self._pending
+        last = 0
+        while buckets and buckets[0][0] <= now:
+            last = buckets.popleft()[1]
+        if last and pending:
+            # default-timeout ids expire in id order: every pending id <= last is due
+            due = []
+            for mid in pending:
+                if mid > last:
+                    break
+                due.append(mid)
+            expired.extend((mid, pending.pop(mid), self._timeout) for mid in due)
+        heap, custom = self._heap, self._custom
+        while heap and heap[0][0] <= now:
+            _, mid, timeout = heapq.heappop(heap)
+            entry = custom.pop(mid, None)
+            if entry is not None:
+                expired.append((mid, entry, timeout))
+        for mid, entry, timeout in expired:
+            self.stats["timeouts"] += 1
+            self._complete(mid, entry, None, RequestTimeout(
+                f"no answer to message {mid} within {timeout:g} s"))
+        if self._closing:
+            return
+        if pending or custom:
+            nxt = min(buckets[0][0] if buckets else math.inf, heap[0][0] if heap else math.inf)
+            self._arm(nxt)
+        else:
+            buckets.clear()
+            heap.clear()
+
+    @staticmethod
+    def _complete(mid: int, entry: Any, data: bytes | None, err: BaseException | None) -> None:
+        if isinstance(entry, asyncio.Future):
+            if not entry.done():
+                if err is None:
+                    entry.set_result(data)
+                else:
+                    entry.set_exception(err)
+        else:
+            try:
+                entry(mid, data, err)
+            except Exception:
+                log.exception("send() callback for message %d raised", mid)
+
+    async def drain(self) -> None:
+        """Wait until the transport accepts writes again (flow control)."""
+        if self._closing:
+            raise self._lost()
+        if self.paused:
+            if self._resume is None:
+                self._resume = self._loop.create_future()
+            await asyncio.shield(self._resume)
+
+    # -- consumer side -------------------------------------------------------------------
+
+    def _on_deliver(self, flags: int, did: int, payload: bytes) -> None:
+        stats = self.stats
+        stats["received"] += 1
+        if flags & _REDELIVERED:
+            stats["redelivered"] += 1
+        handler = self._handler
+        if handler is None:
+            log.warning("broker delivered message %d to a client without a handler", did)
+            self._write(_ERROR, 0, did, msgpack.packb(
+                {"code": int(ErrorCode.NOT_ALLOWED), "reason": "this client does not consume"}))
+            return
+        if self._by_user:
+            return  # closing: left unanswered, the broker redelivers it
+        if self._handler_async:
+            if len(self._tasks) >= self._prefetch:
+                self._backlog.append((did, payload))
+            else:
+                self._start(did, payload, None)
+            return
+        try:
+            result = handler(payload)
+        except Exception as exc:
+            self._reject(did, "handler raised", exc)
+            return
+        if type(result) is bytes and len(result) <= self.max_send:  # the common case, inline
+            stats["answered"] += 1
+            self._write(_ANSWER, 0, did, result)
+            return
+        if inspect.isawaitable(result):
+            self._start(did, payload, result)
+            return
+        self._answer(did, result)
+
+    def _start(self, did: int, payload: bytes, awaitable: Awaitable[Any] | None) -> None:
+        try:
+            if awaitable is None:
+                awaitable = self._handler(payload)  # type: ignore[misc]
+            task = asyncio.ensure_future(awaitable)  # type: ignore[arg-type]
+        except Exception as exc:
+            self._reject(did, "handler raised", exc)
+            return
+        self._tasks[task] = did
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
+        did = self._tasks.pop(task)
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is not None:
+                self._reject(did, "handler raised", exc)
+            else:
+                self._answer(did, task.result())
+        backlog = self._backlog
+        while backlog and len(self._tasks) < self._prefetch and not self._by_user:
+            did, payload = backlog.popleft()
+            self._start(did, payload, None)
+
+    def _answer(self, did: int, result: Any) -> None:
+        """ANSWER a delivery with the handler's result (None -> NO_ANSWER)."""
+        if result is None:
+            self.stats["answered"] += 1
+            self._write(_ANSWER, _NO_ANSWER, did, b"")
+            return
+        try:
+            data = _to_payload(result)
+        except TypeError:
+            self._reject(did, f"handler returned {type(result).__name__}, "
+                              "expected bytes, bytearray, memoryview, str or None")
+            return
+        if len(data) > self.max_send:
+            self._reject(did, f"answer of {len(data)} bytes is over the limit of {self.max_send}")
+            return
+        self.stats["answered"] += 1
+        self._write(_ANSWER, 0, did, data)
+
+    def _reject(self, did: int, why: str, exc: BaseException | None = None) -> None:
+        """Count and log a failed delivery; ANSWER it with NO_ANSWER so it is not redelivered."""
+        self.stats["errors"] += 1
+        consumer_log.error("delivery %d: %s; acknowledged without an answer", did, why, exc_info=exc)
+        self._write(_ANSWER, _NO_ANSWER, did, b"")
+
+    async def shutdown(self, grace: float) -> None:
+        """Finish running handlers (up to ``grace`` s), flush, close, wait for the close."""
+        if self.closed.done():
+            return
+        self._by_user = True
+        self._backlog.clear()
+        if self._tasks:
+            _, late = await asyncio.wait(list(self._tasks), timeout=grace)
+            for task in late:
+                task.cancel()
+        if not self._closing:
+            self._reason = "connection closed by the client"
+            self._flush()
+            self._closing = True
+            self._transport.close()  # type: ignore[union-attr]
+        try:
+            await asyncio.wait_for(asyncio.shield(self.closed), grace)
+        except asyncio.TimeoutError:
+            if self._transport is not None:
+                self._transport.abort()
+            await self.closed
+
+
+class Client:
+    """A connection to a teomq broker that can produce, consume, or both.
+
+    :class:`Producer` and :class:`Consumer` are this class with the role fixed. All
+    methods must be called from the event loop the client was connected on.
+
+    Args:
+        broker: ``"<address>@host:port"``, ``"host:port"``, ``":port"``, a 35-character
+            address from the local address book, or a ``(host, port)`` tuple. When the
+            spec names an address the broker must prove it holds that address's key;
+            otherwise its signature is still checked and :attr:`address` says who it is.
+        name: client name sent to the broker (default ``"<hostname>-<pid>"``).
+        role: ``"producer"``, ``"consumer"`` or ``"both"``.
+        prefetch: consumer credit: how many deliveries may be unanswered at once (>= 1).
+        handler: consumer handler, required for the consumer roles (see :class:`Consumer`).
+        timeout: default answer timeout of requests in seconds; also bounds connecting
+            and the wait for running handlers on close.
+        max_payload: largest payload this client sends; the effective limit is the smaller
+            of this and the broker's limit from WELCOME.
+    """
+
+    def __init__(self, broker: BrokerSpec, *, name: str | None = None, role: str = "both",
+                 prefetch: int = 64, handler: Handler | None = None, timeout: float = 5.0,
+                 max_payload: int | None = None) -> None:
+        if role not in _ROLES:
+            raise ValueError(f"role must be one of {', '.join(_ROLES)}, not {role!r}")
+        consumes = role != "producer"
+        if consumes and not callable(handler):
+            raise ValueError(f"a {role!r} client needs a handler")
+        if not consumes and handler is not None:
+            raise ValueError("a producer takes no handler")
+        if consumes and (not isinstance(prefetch, int) or prefetch < 1):
+            raise ValueError(f"prefetch must be an int >= 1, not {prefetch!r}")
+        if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if max_payload is not None and not 0 < max_payload <= MAX_PAYLOAD_LIMIT:
+            raise ValueError(f"max_payload must be in 1..{MAX_PAYLOAD_LIMIT}, not {max_payload!r}")
+        if isinstance(broker, tuple):
+            host, port = broker
+            if not isinstance(host, str) or not isinstance(port, int) or not 0 < port < 65536:
+                raise ValueError(f"broker must be (host: str, port: int), not {broker!r}")
+        elif not isinstance(broker, str):
+            raise TypeError(f"broker must be a str or a (host, port) tuple, not {type(broker).__name__}")
+        self._broker = broker
+        self.name: str = name if name is not None else f"{socket.gethostname()}-{os.getpid()}"
+        self._role = role
+        self._produces = role != "consumer"
+        self._prefetch = prefetch if consumes else 0
+        self._handler = handler if consumes else None
+        self._handler_async = inspect.iscoroutinefunction(handler)
+        self._timeout = float(timeout)
+        self._max_payload = max_payload
+        self._conn: _Connection | None = None
+        self._address: str | None = None
+        #: Counters. Producing: sent, replies, timeouts, refused (ERROR for a message).
+        #: Consuming: received, answered (incl. None -> NO_ANSWER), errors (handler raised
+        #: or returned a bad answer; acknowledged with NO_ANSWER), redelivered.
+        self.stats: dict[str, int] = dict.fromkeys(("sent", "replies", "timeouts", "refused",
+                                                    "received", "answered", "errors", "redelivered"), 0)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect, say HELLO and verify the broker's WELCOME.
+
+        Raises:
+            ConnectionLost: the broker cannot be reached or closed the connection.
+            AddressError: bad broker spec, or the broker failed identity verification.
+            BrokerError: the broker refused the HELLO.
+            RuntimeError: already connected.
+        """
+        if self._conn is not None and not self._conn.closed.done():
+            raise RuntimeError("already connected")
+        if isinstance(self._broker, tuple):
+            host, port, expected = self._broker[0], self._broker[1], None
+        else:
+            host, port, expected = resolve_broker(self._broker)
+        endpoint = f"{host}:{port}"
+        conn = _Connection(self, expected, endpoint)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: conn, host, port), self._timeout)
+        except OSError as exc:
+            raise ConnectionLost(f"cannot connect to broker at {endpoint}: {exc}") from exc
+        except asyncio.TimeoutError:
+            raise ConnectionLost(f"cannot connect to broker at {endpoint}: "
+                                 f"no connection within {self._timeout:g} s") from None
+        try:
+            await asyncio.wait_for(asyncio.shield(conn.welcome), self._timeout)
+        except asyncio.TimeoutError:
+            conn.welcome.cancel()
+            conn._fail(f"broker at {endpoint} sent no WELCOME within {self._timeout:g} s", None)
+            raise ConnectionLost(conn._reason) from None
+        except BaseException:
+            conn.welcome.cancel()
+            conn._fail("connect() was cancelled or failed", None)
+            raise
+        self._conn = conn
+        self._address = conn.address
+        log.debug("connected to broker %s at %s as %r (%s)", conn.address, endpoint, self.name, self._role)
+
+    async def close(self) -> None:
+        """Close the connection; idempotent.
+
+        Running async handlers get up to ``timeout`` seconds to finish and answer;
+        deliveries not answered by then are redelivered by the broker. Requests still
+        awaiting an answer fail with :class:`ConnectionLost` (await them first).
+        """
+        if self._conn is not None:
+            await self._conn.shutdown(self._timeout)
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed.
+
+        Raises:
+            ConnectionLost: the connection ended other than by :meth:`close`.
+        """
+        conn = self._require()
+        await asyncio.shield(conn.closed)
+        if not conn._by_user:
+            raise conn._lost()
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- properties ----------------------------------------------------------------------
+
+    @property
+    def address(self) -> str | None:
+        """The broker's verified address (None before the first connect)."""
+        return self._address
+
+    @property
+    def server(self) -> str | None:
+        """The broker's self-description from WELCOME."""
+        return self._conn.server if self._conn is not None else None
+
+    @property
+    def max_payload(self) -> int | None:
+        """Largest payload this client may send (known once connected)."""
+        return self._conn.max_send if self._conn is not None else None
+
+    @property
+    def connected(self) -> bool:
+        """True between a successful connect() and the connection's end."""
+        return self._conn is not None and not self._conn._closing
+
+    @property
+    def pending(self) -> int:
+        """Number of requests awaiting an answer."""
+        return self._conn.pending_count if self._conn is not None else 0
+
+    # -- producing -----------------------------------------------------------------------
+
+    def _require(self) -> _Connection:
+        if self._conn is None:
+            raise RuntimeError("not connected: call connect() or use 'async with'")
+        return self._conn
+
+    def _prepare(self, data: Payload, timeout: float | None) -> tuple[_Connection, Any, float]:
+        conn = self._require()
+        if not self._produces:
+            raise RuntimeError("this client cannot produce (a consumer created with producer=False)")
+        if conn._closing:
+            raise conn._lost()
+        payload = _to_payload(data)
+        if len(payload) > conn.max_send:
+            raise ValueError(f"payload of {len(payload)} bytes is over the limit of {conn.max_send}")
+        if timeout is None:
+            timeout = self._timeout
+        elif not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        return conn, payload, timeout
+
+    async def request(self, data: Payload, timeout: float | None = None) -> bytes:
+        """Send a message and wait for its answer.
+
+        If the transport is paused (the broker reads slower than we write), waits for
+        it to resume before sending.
+
+        Args:
+            data: the message (str is sent UTF-8 encoded).
+            timeout: seconds to wait for the answer; default the client's ``timeout``.
+
+        Returns:
+            The consumer's answer.
+
+        Raises:
+            RequestTimeout: no answer within ``timeout``.
+            BrokerError: the broker refused the message (e.g. QUEUE_FULL).
+            ConnectionLost: the connection closed before the answer came.
+            ValueError: payload over :attr:`max_payload`.
+        """
+        conn, payload, timeout = self._prepare(data, timeout)
+        if conn.paused:
+            try:
+                await asyncio.wait_for(conn.drain(), timeout)
+            except asyncio.TimeoutError:
+                raise RequestTimeout(f"broker did not read for {timeout:g} s; message not sent") from None
+            if conn._closing:
+                raise conn._lost()
+        fut = conn._loop.create_future()
+        mid = conn.register(fut, timeout)
+        conn._write(_SEND, 0, mid, payload)
+        self.stats["sent"] += 1
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            conn.forget(mid)
+            raise
+
+    def send(self, data: Payload, callback: SendCallback, timeout: float | None = None) -> int:
+        """Send a message; ``callback(id, answer, error)`` gets the outcome.
+
+        The callback is called exactly once, later on the event loop, with either the
+        answer (``error`` None) or an error (:class:`RequestTimeout`,
+        :class:`BrokerError`, :class:`ConnectionLost`) and ``answer`` None. If send()
+        raises, the callback is never called. Does not wait for flow control; call
+        :meth:`drain` between bursts.
+
+        Returns:
+            The message id.
+        """
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        conn, payload, timeout = self._prepare(data, timeout)
+        mid = conn.register(callback, timeout)
+        conn._write(_SEND, 0, mid, payload)
+        self.stats["sent"] += 1
+        return mid
+
+    def publish(self, data: Payload) -> None:
+        """Send a message fire-and-forget (NO_REPLY): no answer, no error report.
+
+        Does not wait for flow control; call :meth:`drain` between bursts.
+        """
+        conn, payload, _ = self._prepare(data, None)
+        conn._write(_SEND, _NO_REPLY, conn.next_id(), payload)
+        self.stats["sent"] += 1
+
+    async def drain(self) -> None:
+        """Wait until the connection accepts more writes (returns at once if not paused).
+
+        Raises:
+            ConnectionLost: the connection is closed.
+        """
+        await self._require().drain()
+
+
+class Producer(Client):
+    """A client that sends messages and receives their answers.
+
+    Example::
+
+        async with Producer("<address>@127.0.0.1:7050") as p:
+            answer = await p.request(b"Hello world #1!")
+    """
+
+    def __init__(self, broker: BrokerSpec, *, name: str | None = None, timeout: float = 5.0,
+                 max_payload: int | None = None) -> None:
+        super().__init__(broker, name=name, role="producer", timeout=timeout, max_payload=max_payload)
+
+
+class Consumer(Client):
+    """A client that processes messages delivered by the broker and answers them.
+
+    ``handler(data)`` may be a plain function or a coroutine function (or return an
+    awaitable). It returns the answer: bytes, bytearray, memoryview or str (sent
+    UTF-8), or None to acknowledge without an answer (ANSWER with NO_ANSWER; the
+    producer then gets no reply and times out). A plain handler runs inline in the
+    read path; an async one runs as a task, at most ``prefetch`` at once.
+
+    If the handler raises (or returns another type, or an answer over the payload
+    limit), the error is logged on the ``teomq.consumer`` logger, counted in
+    ``stats["errors"]``, and the delivery is acknowledged with NO_ANSWER so that a
+    poison message is not redelivered forever.
+
+    With ``producer=True`` the consumer may also call :meth:`request`,
+    :meth:`send` and :meth:`publish` on the same connection.
+
+    Example::
+
+        async with Consumer(":7050", lambda data: b"Answer to " + data) as c:
+            await c.wait_closed()
+    """
+
+    def __init__(self, broker: BrokerSpec, handler: Handler, *, name: str | None = None,
+                 prefetch: int = 64, producer: bool = False, timeout: float = 5.0,
+                 max_payload: int | None = None) -> None:
+        super().__init__(broker, name=name, role="both" if producer else "consumer",
+                         prefetch=prefetch, handler=handler, timeout=timeout,
+                         max_payload=max_payload)
+
+    async def start(self) -> None:
+        """Connect and start consuming (same as :meth:`connect`)."""
+        await self.connect()
