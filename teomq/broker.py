@@ -241,11 +241,12 @@ class Broker:
         """Serve until close() is called or the task is cancelled."""
         if self._server is None:
             await self.start()
-        assert self._server is not None
+        server = self._server
+        assert server is not None
         try:
-            await self._server.serve_forever()
+            await server.serve_forever()
         except asyncio.CancelledError:
-            if self._server.is_serving():
+            if self._server is not None:  # cancelled from outside, not by close()
                 raise
 
     async def close(self) -> None:

@@ -1,27 +1,39 @@
 # cython: language_level=3
 """CRC32C (Castagnoli) over any contiguous buffer: SSE4.2 instruction where the CPU has it, tables elsewhere."""
 
-from libc.stdint cimport uint32_t
+from libc.stdint cimport uint32_t, uint64_t
+
+from teomq._core.frame_codec cimport as_bytes_view, as_u64
 
 
-def crc32c(data, unsigned int crc=0):
+def crc32c(data, crc=0):
     """Return the CRC32C of ``data`` continuing from ``crc`` (0 to start)."""
-    cdef const unsigned char[::1] view = data
+    cdef const unsigned char[::1] view = as_bytes_view(data)
+    cdef uint64_t c0 = as_u64(crc)
+    cdef uint32_t c
+    if c0 > 0xFFFFFFFF:
+        raise OverflowError("crc is over 2**32 - 1")
+    c = <uint32_t>c0
     if view.shape[0] == 0:
-        return crc
+        return c
     with nogil:
-        crc = teomq_crc32c_update(crc, <const char *>&view[0], view.shape[0])
-    return crc
+        c = teomq_crc32c_update(c, <const char *>&view[0], view.shape[0])
+    return c
 
 
-def crc32c_software(data, unsigned int crc=0):
+def crc32c_software(data, crc=0):
     """The table implementation, whatever the CPU; for tests and benchmarks."""
-    cdef const unsigned char[::1] view = data
+    cdef const unsigned char[::1] view = as_bytes_view(data)
+    cdef uint64_t c0 = as_u64(crc)
+    cdef uint32_t c
+    if c0 > 0xFFFFFFFF:
+        raise OverflowError("crc is over 2**32 - 1")
+    c = <uint32_t>c0
     if view.shape[0] == 0:
-        return crc
+        return c
     with nogil:
-        crc = teomq_crc32c_update_sw(crc, <const char *>&view[0], view.shape[0])
-    return crc
+        c = teomq_crc32c_update_sw(c, <const char *>&view[0], view.shape[0])
+    return c
 
 
 def hardware() -> bool:

@@ -37,6 +37,8 @@ cdef size_t READ_KEEP = 1 << 20       # a read buffer above this shrinks back on
 
 cdef bytes ERR_QUEUE_FULL = msgpack.packb(
     {"code": E_QUEUE_FULL, "reason": "queue is full: message not accepted"})
+cdef bytes ERR_NOT_ALLOWED = msgpack.packb(
+    {"code": E_NOT_ALLOWED, "reason": "this frame type is sent only by a broker"})
 cdef bytes ERR_UNKNOWN_ID = msgpack.packb(
     {"code": E_UNKNOWN_ID, "reason": "answer for a delivery this connection does not hold"})
 
@@ -134,7 +136,8 @@ cdef class CoreConnection:
                 elif h.ftype == T_PONG:
                     pass
                 else:
-                    raise protocol_error(E_NOT_ALLOWED, f"frame type {h.ftype} is not sent by clients")
+                    # WELCOME, DELIVER, REPLY come only from a broker: refuse this frame, keep the connection
+                    self._add_error(E_NOT_ALLOWED, h.fid, ERR_NOT_ALLOWED)
                 pos += total
         finally:
             # drop what was handled, even when a bad frame stopped us
@@ -177,7 +180,7 @@ cdef class CoreConnection:
         self.out.add_frame(T_ERROR, 0, fid, payload, len(payload))
         return self._mark_dirty()
 
-    def send_frame(self, int ftype, int flags, unsigned long long fid, payload=b""):
+    def send_frame(self, ftype, flags, fid, payload=b""):
         """Queue a frame to this connection (written with the next flush)."""
         self.out.add(ftype, flags, fid, payload)
         self._mark_dirty()
@@ -224,7 +227,7 @@ cdef class CoreConnection:
         disp.pump()
         disp.schedule_flush()
 
-    def on_control(self, int ftype, int flags, unsigned long long fid, bytes payload):
+    def on_control(self, ftype, flags, fid, payload):
         raise protocol_error(E_HANDSHAKE, "no control plane attached")
 
     def on_protocol_error(self, exc):

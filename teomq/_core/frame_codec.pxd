@@ -53,6 +53,8 @@ cdef int verify_crc(const char *frame, uint32_t length) except -1
 cdef void write_header(char *p, uint8_t ftype, uint16_t flags, uint64_t fid,
                        const char *payload, uint32_t length) noexcept nogil
 cdef object protocol_error(int code, str reason)
+cdef uint64_t as_u64(object v) except? 0xFFFFFFFFFFFFFFFF
+cdef const unsigned char[::1] as_bytes_view(object data)
 
 
 cdef class WriteBuffer:

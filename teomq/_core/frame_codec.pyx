@@ -25,7 +25,22 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from teomq._core.crc32c cimport teomq_crc32c_update
 
+from operator import index as _index
+
 from teomq.errors import ProtocolError
+
+
+cdef inline uint64_t as_u64(object v) except? 0xFFFFFFFFFFFFFFFF:
+    """An int (or __index__ object) as u64: TypeError for float/None, OverflowError out of range."""
+    if type(v) is not int:
+        v = _index(v)
+    return <uint64_t>v
+
+
+cdef inline const unsigned char[::1] as_bytes_view(object data):
+    if data is None:
+        raise TypeError("a bytes-like object is required, not 'NoneType'")
+    return data
 
 
 cdef object protocol_error(int code, str reason):
@@ -124,20 +139,23 @@ cdef class WriteBuffer:
     cdef void clear(self) noexcept:
         self.length = 0
 
-    def add(self, int ftype, int flags, unsigned long long fid, payload=b""):
+    def add(self, ftype, flags, fid, payload=b""):
         """Encode one frame onto the buffer."""
+        cdef object t = ftype if type(ftype) is int else _index(ftype)
+        cdef object fl = flags if type(flags) is int else _index(flags)
+        cdef uint64_t i = as_u64(fid)
         cdef const unsigned char[::1] view
-        if not 0 < ftype <= T_MAX:
+        if not 0 < t <= T_MAX:
             raise ValueError(f"unknown frame type {ftype}")
-        if not 0 <= flags <= 0xFFFF:
+        if not 0 <= fl <= 0xFFFF:
             raise ValueError("flags out of range")
-        view = payload
+        view = as_bytes_view(payload)
         if view.shape[0] > 0xFFFFFFFF:
             raise ValueError("payload too long")
         if view.shape[0]:
-            self.add_frame(ftype, flags, fid, <const char *>&view[0], view.shape[0])
+            self.add_frame(<uint8_t><int>t, <uint16_t><int>fl, i, <const char *>&view[0], view.shape[0])
         else:
-            self.add_frame(ftype, flags, fid, NULL, 0)
+            self.add_frame(<uint8_t><int>t, <uint16_t><int>fl, i, NULL, 0)
 
     def take(self) -> bytes:
         """Return everything encoded so far and empty the buffer."""
@@ -147,7 +165,7 @@ cdef class WriteBuffer:
         return self.length
 
 
-def encode_frame(int ftype, int flags, unsigned long long fid, payload=b"") -> bytes:
+def encode_frame(ftype, flags, fid, payload=b"") -> bytes:
     """Encode one frame to bytes."""
     cdef WriteBuffer wb = WriteBuffer(HEADER_SIZE + len(payload))
     wb.add(ftype, flags, fid, payload)
@@ -168,13 +186,16 @@ cdef class FrameDecoder:
     cdef readonly uint32_t max_payload
     cdef object _error
 
-    def __cinit__(self, uint32_t max_payload=1 << 20):
+    def __cinit__(self, max_payload=1 << 20):
+        cdef uint64_t mp = as_u64(max_payload)
+        if mp > 0xFFFFFFFF:
+            raise OverflowError("max_payload is over 2**32 - 1")
+        self.max_payload = <uint32_t>mp
         self.cap = 65536
         self.buf = <char *>malloc(self.cap)
         if self.buf == NULL:
             raise MemoryError()
         self.length = 0
-        self.max_payload = max_payload
         self._error = None
 
     def __dealloc__(self):
@@ -198,7 +219,7 @@ cdef class FrameDecoder:
 
     def feed(self, data) -> list:
         """Add bytes; return the list of frames completed by them (may be empty)."""
-        cdef const unsigned char[::1] view = data
+        cdef const unsigned char[::1] view = as_bytes_view(data)
         cdef FrameHeader h
         cdef size_t pos = 0
         cdef size_t total

@@ -26,4 +26,4 @@ cdef class MsgRing:
     cdef int push_back(self, const Msg *m) except -1   # 0 stored, 1 full (m untouched)
     cdef int push_front(self, const Msg *m) except -1
     cdef bint pop_front(self, Msg *out) noexcept       # False when empty
-    cdef int _make(self, Msg *m, payload, unsigned long long msg_id) except -1
+    cdef int _make(self, Msg *m, payload, msg_id) except -1

@@ -5,8 +5,14 @@ cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
+from libc.stdint cimport uint64_t
+
+from teomq._core.frame_codec cimport as_bytes_view, as_u64
 
 from teomq.errors import QueueFull
+
+# Largest ring: 2**32 slots (128 GiB of Msg structs) is far past any sane bound.
+cdef size_t MAX_CAP = (<size_t>1) << 32
 
 
 @cython.final
@@ -16,6 +22,8 @@ cdef class MsgRing:
         cdef size_t cap = 16
         if max_items == 0:
             raise ValueError("max_items must be at least 1")
+        if capacity > MAX_CAP:
+            raise ValueError(f"capacity {capacity} is over the limit of {MAX_CAP} messages")
         while cap < capacity:
             cap <<= 1
         self.items = <Msg *>malloc(cap * sizeof(Msg))
@@ -36,8 +44,11 @@ cdef class MsgRing:
     cdef int _grow(self) except -1:
         # Double the ring and unwrap it so head is 0 again.
         cdef size_t newcap = self.cap << 1
-        cdef Msg *n = <Msg *>malloc(newcap * sizeof(Msg))
+        cdef Msg *n
         cdef size_t first
+        if newcap > MAX_CAP:
+            raise MemoryError(f"queue cannot grow past {MAX_CAP} messages")
+        n = <Msg *>malloc(newcap * sizeof(Msg))
         if n == NULL:
             raise MemoryError()
         first = self.cap - self.head
@@ -78,8 +89,9 @@ cdef class MsgRing:
 
     # -- Python view, for tests and benchmarks --------------------------------------------
 
-    cdef int _make(self, Msg *m, payload, unsigned long long msg_id) except -1:
-        cdef const unsigned char[::1] view = payload
+    cdef int _make(self, Msg *m, payload, msg_id) except -1:
+        cdef uint64_t mid = as_u64(msg_id)
+        cdef const unsigned char[::1] view = as_bytes_view(payload)
         cdef size_t n = view.shape[0]
         m.data = <char *>malloc(n if n else 1)
         if m.data == NULL:
@@ -90,10 +102,10 @@ cdef class MsgRing:
         m.flags = 0
         m.producer = 0
         m.producer_gen = 0
-        m.msg_id = msg_id
+        m.msg_id = mid
         return 0
 
-    def push(self, payload, unsigned long long msg_id=0):
+    def push(self, payload, msg_id=0):
         """Append a message; raise QueueFull at the bound."""
         cdef Msg m
         if self.count >= self.max_items:
@@ -101,7 +113,7 @@ cdef class MsgRing:
         self._make(&m, payload, msg_id)
         self.push_back(&m)
 
-    def push_head(self, payload, unsigned long long msg_id=0):
+    def push_head(self, payload, msg_id=0):
         """Put a message at the head (as redelivery does); never refused."""
         cdef Msg m
         self._make(&m, payload, msg_id)

@@ -57,8 +57,8 @@ def _c_unsigned(value: object, limit: int, ctype: str) -> int:
 
 def _encode(ftype: object, flags: object, fid: object, payload: object) -> bytes:
     """Validate like the core's ``WriteBuffer.add`` and return the encoded frame."""
-    ftype = _c_int(ftype)
-    flags = _c_int(flags)
+    ftype = operator.index(ftype)
+    flags = operator.index(flags)
     fid = _c_unsigned(fid, _U64_MAX, "unsigned PY_LONG_LONG")
     if not 0 < ftype <= MAX_FRAME_TYPE:
         raise ValueError(f"unknown frame type {ftype}")
@@ -97,8 +97,8 @@ class WriteBuffer:
 
 def encode_frame(ftype: int, flags: int, fid: int, payload: object = b"") -> bytes:
     """Encode one frame to bytes."""
-    _c_int(ftype)
-    _c_int(flags)
+    operator.index(ftype)
+    operator.index(flags)
     _c_unsigned(fid, _U64_MAX, "unsigned PY_LONG_LONG")
     len(payload)  # type: ignore[arg-type]  # the core sizes its buffer first: TypeError without len()
     return _encode(ftype, flags, fid, payload)
