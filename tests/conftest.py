@@ -20,10 +20,9 @@ from typing import Any
 
 import pytest
 
-from procs import HANG_GUARD, ProcGroup
+from procs import HANG_GUARD, LOOP_KINDS, ProcGroup
 
 CORE_MODULES = ("dispatch", "frame_codec", "crc32c", "ring_queue")
-LOOP_KINDS = ("asyncio", "uvloop")
 
 
 # -- the compiled core ------------------------------------------------------------------

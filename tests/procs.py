@@ -24,6 +24,9 @@ from typing import IO
 
 import teomq
 
+#: Event loops every test runs on (in-process, and as the CLI's -loop).
+LOOP_KINDS = ("asyncio", "uvloop")
+
 #: Generous default deadline (seconds) for anything a test waits for.
 HANG_GUARD = 60.0
 
@@ -197,12 +200,12 @@ class CliProc:
         return self.wait()
 
 
-class Broker(tuple):
+class BrokerProc(tuple):
     """What :meth:`ProcGroup.broker` returns: ``(proc, address, port)``, also by name."""
 
     __slots__ = ()
 
-    def __new__(cls, proc: CliProc, address: str, port: int) -> Broker:
+    def __new__(cls, proc: CliProc, address: str, port: int) -> BrokerProc:
         return super().__new__(cls, (proc, address, port))
 
     proc = property(lambda self: self[0])
@@ -231,7 +234,7 @@ class ProcGroup:
         return proc
 
     def broker(self, *extra: str, loop: str | None = None, data_dir: Path | None = None,
-               python_args: Sequence[str] | None = None) -> Broker:
+               python_args: Sequence[str] | None = None) -> BrokerProc:
         """Start ``teomq broker -listen :0`` and wait until it listens; (proc, address, port)."""
         if data_dir is None:
             self._brokers += 1
@@ -244,7 +247,7 @@ class ProcGroup:
         proc = self.start(*argv, label="broker", python_args=python_args)
         address = proc.wait_for_line(ADDRESS_RE).group(1)
         port = int(proc.wait_for_line(LISTEN_RE).group(2))
-        return Broker(proc, address, port)
+        return BrokerProc(proc, address, port)
 
     def cleanup(self) -> None:
         """SIGTERM everything still running (SIGKILL after 10 s); close the pipes."""

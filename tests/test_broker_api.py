@@ -1,0 +1,241 @@
+"""The broker as a library: teomq.Broker with teomq.Producer / teomq.Consumer in one process.
+
+Everything talks over real TCP sockets on 127.0.0.1; every test runs on the stdlib loop and
+on uvloop (``arun``). Waits poll with a generous deadline (a hang guard), never a timing
+assertion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+import teomq
+from teomq import BrokerError, ConnectionLost
+from teomq._core.frame_codec import FrameDecoder
+from teomq.protocol import DEFAULT_MAX_PAYLOAD, ErrorCode, FrameType
+
+pytestmark = pytest.mark.usefixtures("teomq_home")
+
+LONG = 30.0  # request timeouts: far beyond anything these tests wait for
+
+
+async def until(pred: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll ``pred`` until true; a hang guard for a loaded machine, not a timing assertion."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"gave up after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def make_broker(tmp_path: Path, **kw: Any) -> teomq.Broker:
+    return teomq.Broker(port=0, data_dir=tmp_path / "broker", record_address=False, log_messages=False, **kw)
+
+
+def spec(broker: teomq.Broker) -> str:
+    return f"{broker.address}@127.0.0.1:{broker.port}"
+
+
+def assert_idle(broker: teomq.Broker) -> None:
+    s = broker.stats()
+    assert (s["queue"], s["inflight"]) == (0, 0), s
+
+
+def test_request_answer(arun: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_broker(tmp_path) as broker:
+            async with teomq.Consumer(spec(broker), lambda d: b"Answer to " + d, name="c") as consumer, \
+                    teomq.Producer(spec(broker), name="p", timeout=LONG) as producer:
+                assert producer.address == broker.address and consumer.address == broker.address
+                assert await producer.request(b"Hello wold #1!") == b"Answer to Hello wold #1!"
+                texts = [f"Hello wold #{n}!" for n in range(2, 102)]
+                answers = await asyncio.gather(*(producer.request(t) for t in texts))
+                assert answers == [f"Answer to {t}".encode() for t in texts]
+                # fire and forget: delivered and answered, but no REPLY comes back
+                producer.publish(b"no reply wanted")
+                await until(lambda: consumer.stats["received"] == 102, "the published message delivered")
+                await until(lambda: broker.stats()["inflight"] == 0, "its answer")
+                s = broker.stats()
+                assert (s["in"], s["out"], s["answered"], s["consumers"], s["connections"]) == (102, 102, 101, 1, 2)
+                assert producer.stats["replies"] == 101 and producer.pending == 0
+                assert_idle(broker)
+            await until(lambda: broker.stats()["connections"] == 0, "both clients gone")
+            assert broker.stats()["consumers"] == 0
+
+    arun(main())
+
+
+def test_queue_bound_refuses_then_delivers(arun: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_broker(tmp_path, queue_max=5) as broker:
+            async with teomq.Producer(spec(broker), timeout=LONG) as producer:
+                tasks = [asyncio.ensure_future(producer.request(f"m{n}")) for n in range(1, 9)]
+                await until(lambda: sum(t.done() for t in tasks) == 3, "three refusals")
+                # one connection, frames handled in order: the last three found the queue full
+                for t in tasks[5:]:
+                    assert t.done() and isinstance(t.exception(), BrokerError)
+                    assert t.exception().code == ErrorCode.QUEUE_FULL
+                assert not any(t.done() for t in tasks[:5])
+                s = broker.stats()
+                assert (s["queue"], s["in"], s["refused"]) == (5, 5, 3)
+                assert producer.stats["refused"] == 3
+                # the 5 accepted ones are answered once a consumer comes
+                async with teomq.Consumer(spec(broker), lambda d: d.upper(), name="late"):
+                    answers = await asyncio.gather(*tasks[:5])
+                assert answers == [f"M{n}".encode() for n in range(1, 6)]
+                # and with room again the queue takes new messages
+                async with teomq.Consumer(spec(broker), lambda d: d.upper(), name="late2"):
+                    assert await producer.request("m9") == b"M9"
+            assert_idle(broker)
+
+    arun(main())
+
+
+def test_consumer_closing_with_inflight_messages_redelivers(arun: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_broker(tmp_path) as broker:
+            never = asyncio.Event()
+
+            async def stuck(data: bytes) -> bytes:
+                await never.wait()
+                return b"too late"
+
+            # timeout=0.5: close() gives its running handlers half a second, then cancels them
+            first = teomq.Consumer(spec(broker), stuck, name="first", prefetch=4, timeout=0.5)
+            await first.start()
+            async with teomq.Producer(spec(broker), timeout=LONG) as producer:
+                tasks = [asyncio.ensure_future(producer.request(f"job {n}")) for n in range(10)]
+                await until(lambda: first.stats["received"] == 4, "first holding its prefetch")
+                await until(lambda: broker.stats()["in"] == 10, "all ten accepted")
+                assert (broker.stats()["inflight"], broker.stats()["queue"]) == (4, 6)
+
+                second = teomq.Consumer(spec(broker), lambda d: b"second: " + d, name="second")
+                await second.start()
+                await until(lambda: second.stats["received"] == 6, "second taking the queue")
+                assert second.stats["redelivered"] == 0
+                await first.close()  # leaves 4 deliveries unanswered
+                answers = await asyncio.gather(*tasks)
+                assert answers == [f"second: job {n}".encode() for n in range(10)]
+                assert second.stats["redelivered"] == 4  # the DELIVERs carried REDELIVERED
+                assert first.stats["answered"] == 0
+                s = broker.stats()
+                assert (s["redelivered"], s["answered"], s["out"]) == (4, 10, 14)
+                await second.close()
+            assert_idle(broker)
+
+    arun(main())
+
+
+def test_answer_for_a_departed_producer_is_orphaned(arun: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_broker(tmp_path) as broker:
+            release = asyncio.Event()
+
+            async def slow(data: bytes) -> bytes:
+                await release.wait()
+                return b"late answer to " + data
+
+            async with teomq.Consumer(spec(broker), slow, name="slow") as consumer:
+                producer = teomq.Producer(spec(broker), timeout=LONG)
+                await producer.connect()
+                tasks = [asyncio.ensure_future(producer.request(f"q{n}")) for n in range(3)]
+                await until(lambda: consumer.stats["received"] == 3, "three deliveries")
+                await producer.close()
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+                assert all(isinstance(r, ConnectionLost) for r in results), results
+                await until(lambda: broker.stats()["connections"] == 1, "the producer's connection gone")
+                assert broker.stats()["inflight"] == 3  # still held by the consumer
+                release.set()
+                await until(lambda: broker.stats()["orphaned"] == 3, "three orphaned answers")
+                s = broker.stats()
+                assert (s["answered"], s["inflight"], s["queue"], s["unknown_answers"]) == (0, 0, 0, 0)
+                assert consumer.stats["answered"] == 3
+            await until(lambda: broker.stats()["connections"] == 0, "the consumer gone")
+
+    arun(main())
+
+
+def test_round_robin_over_three_consumers(arun: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_broker(tmp_path) as broker:
+            # holding consumers: the order of DELIVERs is the broker's choice alone
+            release = asyncio.Event()
+            seen: dict[str, list[bytes]] = {"a": [], "b": [], "c": []}
+
+            def holder(name: str) -> Callable[[bytes], Any]:
+                async def handle(data: bytes) -> bytes:
+                    seen[name].append(data)
+                    await release.wait()
+                    return name.encode()
+                return handle
+
+            consumers = [teomq.Consumer(spec(broker), holder(n), name=n, prefetch=64) for n in seen]
+            for c in consumers:
+                await c.start()
+            async with teomq.Producer(spec(broker), timeout=LONG) as producer:
+                tasks = [asyncio.ensure_future(producer.request(f"{i}")) for i in range(30)]
+                await until(lambda: sum(map(len, seen.values())) == 30, "30 deliveries")
+                assert {n: len(v) for n, v in seen.items()} == {"a": 10, "b": 10, "c": 10}
+                release.set()
+                answers = await asyncio.gather(*tasks)
+                assert sorted(answers) == [b"a"] * 10 + [b"b"] * 10 + [b"c"] * 10
+            for c in consumers:
+                await c.close()
+
+            # prefetch=1, answering at once: each consumer gets a fair share of 300
+            counts = {"x": 0, "y": 0, "z": 0}
+
+            def counter(name: str) -> Callable[[bytes], bytes]:
+                def handle(data: bytes) -> bytes:
+                    counts[name] += 1
+                    return data
+                return handle
+
+            consumers = [teomq.Consumer(spec(broker), counter(n), name=n, prefetch=1) for n in counts]
+            for c in consumers:
+                await c.start()
+            async with teomq.Producer(spec(broker), timeout=LONG) as producer:
+                answers = await asyncio.gather(*(producer.request(f"{i}") for i in range(300)))
+                assert answers == [f"{i}".encode() for i in range(300)]
+            assert sum(counts.values()) == 300
+            assert all(n >= 75 for n in counts.values()), counts  # each at least a quarter
+            for c in consumers:
+                await c.close()
+            assert_idle(broker)
+
+    arun(main())
+
+
+def test_handshake_timeout_closes_only_silent_connections(arun: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_broker(tmp_path, handshake_timeout=0.5) as broker:
+            async with teomq.Consumer(spec(broker), lambda d: d[::-1], name="c") as consumer, \
+                    teomq.Producer(spec(broker), timeout=LONG) as producer:
+                loop = asyncio.get_running_loop()
+                silent = socket.create_connection(("127.0.0.1", broker.port))
+                silent.setblocking(False)
+                data = b""
+                while True:  # read to EOF: the broker closes the connection after its ERROR
+                    chunk = await loop.sock_recv(silent, 4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                silent.close()
+                frames = FrameDecoder(DEFAULT_MAX_PAYLOAD).feed(data)
+                assert [f[0] for f in frames] == [FrameType.ERROR]
+                doc = msgpack.unpackb(frames[0][3])
+                assert doc["code"] == ErrorCode.HANDSHAKE and doc["reason"]
+                assert broker.stats()["errors"] == 1
+                # the clients that said HELLO (before the silent one connected) are untouched
+                assert consumer.connected and producer.connected
+                assert await producer.request(b"olleh") == b"hello"
+
+    arun(main())
