@@ -143,6 +143,9 @@ def assert_logged(env: dict[str, Any], conn: RawConn, code: int) -> None:
 FATAL_CASES = {
     # id: (bytes to send, expected code, WELCOME expected first)
     "garbage": (b"GET / HTTP/1.1\r\nHost: teomq.example\r\n\r\n", ErrorCode.BAD_FRAME, False),
+    # shorter than a header: refused from its first bytes, not left to the handshake timer (HANDSHAKE)
+    "short_garbage": (b"GET / HTTP/1.0\r\n\r\n", ErrorCode.BAD_FRAME, False),
+    "short_bad_version": (b"TQ\x07", ErrorCode.BAD_FRAME, False),
     "bad_checksum": (hello() + corrupted_send(), ErrorCode.BAD_CHECKSUM, True),
     # only the header of a frame announcing 1 MiB + 1: refused before any payload
     "too_large": (hello() + raw_frame(T.SEND, 0, 1, length=DEFAULT_MAX_PAYLOAD + 1, crc=0), ErrorCode.TOO_LARGE, True),

@@ -522,3 +522,20 @@ def test_worked_examples_in_the_spec():
         assert frame.hex(" ") in doc
     assert "0x3CED4332" in doc and "0x58706AFE" in doc
     assert crc32c(HELLO_FRAME[:20]) == 0x58706AFE
+
+
+@pytest.mark.parametrize("codec", [core, twin], ids=CODEC_IDS)
+@pytest.mark.parametrize("data", [b"G", b"TX", b"TQ\x02", b"GET / HTTP/1.0\r\n\r\n"], ids=repr)
+def test_partial_header_refused_from_its_first_bytes(codec, data):
+    with pytest.raises(ProtocolError) as info:
+        codec.FrameDecoder().feed(data)
+    assert info.value.code == ErrorCode.BAD_FRAME
+
+
+@pytest.mark.parametrize("codec", [core, twin], ids=CODEC_IDS)
+def test_partial_header_with_good_prefix_waits(codec):
+    frame = codec.encode_frame(3, 0, 1, b"abc")
+    dec = codec.FrameDecoder()
+    for i in range(len(frame) - 1):
+        assert dec.feed(frame[i:i + 1]) == []
+    assert dec.feed(frame[-1:]) == [(3, 0, 1, b"abc")]

@@ -24,7 +24,8 @@ from libc.string cimport memcpy, memmove
 from teomq._core.frame_codec cimport (
     E_HANDSHAKE, E_NOT_ALLOWED, E_QUEUE_FULL, E_UNKNOWN_ID, F_NO_ANSWER, F_NO_REPLY,
     F_REDELIVERED, FrameHeader, HEADER_SIZE, T_ANSWER, T_DELIVER, T_ERROR, T_HELLO, T_MAX, T_PING,
-    T_PONG, T_REPLY, T_SEND, WriteBuffer, parse_header, protocol_error, verify_crc,
+    T_PONG, T_REPLY, T_SEND, WriteBuffer, check_partial, parse_header, protocol_error,
+    verify_crc,
 )
 from teomq._core.ring_queue cimport Msg, MsgRing
 
@@ -139,6 +140,8 @@ cdef class CoreConnection:
                     # WELCOME, DELIVER, REPLY come only from a broker: refuse this frame, keep the connection
                     self._add_error(E_NOT_ALLOWED, h.fid, ERR_NOT_ALLOWED)
                 pos += total
+            if self.rlen - pos < HEADER_SIZE and not self.detached:
+                check_partial(self.rbuf + pos, self.rlen - pos)
         finally:
             # drop what was handled, even when a bad frame stopped us
             if pos:

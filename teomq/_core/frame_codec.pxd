@@ -49,6 +49,7 @@ cdef struct FrameHeader:
 
 
 cdef int parse_header(const char *p, FrameHeader *h, uint32_t max_payload) except -1
+cdef int check_partial(const char *p, size_t n) except -1
 cdef int verify_crc(const char *frame, uint32_t length) except -1
 cdef void write_header(char *p, uint8_t ftype, uint16_t flags, uint64_t fid,
                        const char *payload, uint32_t length) noexcept nogil

@@ -14,7 +14,8 @@ Wire schema (little-endian; docs/protocol.md is the full spec)::
     24  *  payload
 
 Checks run in this order, the first failure wins: magic, version, reserved, type,
-length (all from the header alone, before any payload is buffered), then crc.
+length (all from the header alone, before any payload is buffered), then crc. Magic and
+version are checked as soon as their bytes arrive, before the rest of the header.
 """
 
 cimport cython
@@ -64,6 +65,15 @@ cdef int parse_header(const char *p, FrameHeader *h, uint32_t max_payload) excep
     if h.length > max_payload:
         raise protocol_error(
             E_TOO_LARGE, f"frame payload of {h.length} bytes is over the limit of {max_payload}")
+    return 0
+
+
+cdef int check_partial(const char *p, size_t n) except -1:
+    """Refuse a partial header early when its first bytes already show it is not a frame."""
+    if n >= 1 and p[0] != b'T' or n >= 2 and p[1] != b'Q':
+        raise protocol_error(E_BAD_FRAME, "bad magic: not a teomq frame")
+    if n >= 3 and <uint8_t>p[2] != PROTO_VERSION:
+        raise protocol_error(E_BAD_FRAME, f"unsupported protocol version {<uint8_t>p[2]}")
     return 0
 
 
@@ -238,6 +248,8 @@ cdef class FrameDecoder:
                 out.append((h.ftype, h.flags, h.fid,
                             PyBytes_FromStringAndSize(self.buf + pos + HEADER_SIZE, h.length)))
                 pos += total
+            if self.length - pos < HEADER_SIZE:
+                check_partial(self.buf + pos, self.length - pos)
         except ProtocolError as exc:
             self._error = exc
             self.length = 0

@@ -13,7 +13,8 @@ Wire schema (little-endian; docs/protocol.md is the full spec)::
     24  *  payload
 
 Checks run in this order, the first failure wins: magic, version, reserved, type,
-length (all from the header alone, before any payload is buffered), then crc.
+length (all from the header alone, before any payload is buffered), then crc. Magic and
+version are checked as soon as their bytes arrive, before the rest of the header.
 
 Public API and behaviour are those of the Cython module, error for error; tests/test_frame_codec.py
 holds the two against each other.
@@ -70,6 +71,15 @@ def _encode(ftype: object, flags: object, fid: object, payload: object) -> bytes
         raise ValueError("payload too long")
     head = _HEAD.pack(MAGIC, VERSION, ftype, flags, 0, fid, n)
     return head + _CRC.pack(crc32c(view, crc32c(head))) + view.tobytes()
+
+
+def _check_partial(buf: bytearray, pos: int, end: int) -> None:
+    """Refuse a partial header early when its first bytes already show it is not a frame."""
+    n = end - pos
+    if n >= 1 and buf[pos] != MAGIC[0] or n >= 2 and buf[pos + 1] != MAGIC[1]:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "bad magic: not a teomq frame")
+    if n >= 3 and buf[pos + 2] != VERSION:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"unsupported protocol version {buf[pos + 2]}")
 
 
 class WriteBuffer:
@@ -170,6 +180,8 @@ class FrameDecoder:
                         raise ProtocolError(ErrorCode.BAD_CHECKSUM, "frame checksum mismatch")
                     out.append((ftype, flags, fid, mv[body : body + length].tobytes()))
                     pos += total
+                if end - pos < HEADER_SIZE:
+                    _check_partial(buf, pos, end)
         except ProtocolError as exc:
             self._error = exc
             buf.clear()
