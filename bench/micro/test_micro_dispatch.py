@@ -91,7 +91,7 @@ class Rig:
         return out
 
     def answer_all(self) -> None:
-        for c, data in zip(self.consumers, self.answers()):
+        for c, data in zip(self.consumers, self.answers(), strict=True):
             if data:
                 feed(c, data)
         self.producer.transport.take()
@@ -120,7 +120,7 @@ def test_answer_to_reply(benchmark: Any, report: Any) -> None:
         rig.producer.transport.take()
 
     def run() -> None:
-        for c, data in zip(rig.consumers, reads):
+        for c, data in zip(rig.consumers, reads, strict=True):
             feed(c, data)
 
     benchmark.pedantic(run, setup=setup, rounds=300, warmup_rounds=20, iterations=1)
