@@ -1,8 +1,10 @@
 """Producer and consumer clients of a teomq broker.
 
-One TCP connection per client. The read path feeds each socket read to the C
-``FrameDecoder`` once and handles every frame it returns; the write path encodes frames
-into one ``WriteBuffer`` and writes it with one ``transport.write`` per event-loop pass.
+One TCP connection per client. The read path hands each socket read to the C
+``ClientCore`` once: it resolves every REPLY (Future or send() callback) and runs a
+synchronous consumer handler for every DELIVER in C, and passes only the rare frames up
+to Python. The write path encodes frames into the core's ``WriteBuffer`` and writes it
+with one ``transport.write`` per event-loop pass.
 
 Wire exchange (docs/protocol.md is the full spec)::
 
@@ -22,8 +24,8 @@ Design notes:
   made in that pass leaves in one ``transport.write``. Sync handlers run inline in
   ``data_received``, so all answers to one socket read go out together.
 - Timeouts: no TimerHandle per request. Requests with the client's default timeout are
-  kept in an insertion-ordered dict (ids increase, so it is also deadline order) and
-  grouped into deadline buckets ``[deadline, last id]`` ``_BUCKET`` wide; other timeouts go
+  kept in the core's ring, indexed by message id (ids increase, so id order is also
+  deadline order) and grouped into deadline buckets ``[deadline, last id]`` ``_BUCKET`` wide; other timeouts go
   into a small heap. One timer, re-armed only while something is pending and never
   closer than ``_SWEEP_GAP``, fails what is due: a request times out at most
   ~``_BUCKET + _SWEEP_GAP`` late, never early. Answers arriving after that are dropped.
@@ -42,12 +44,13 @@ import math
 import os
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, Union
 
 import msgpack
 
-from teomq._core.frame_codec import FrameDecoder, WriteBuffer, encode_frame
+from teomq._core.client_core import ClientCore
+from teomq._core.frame_codec import encode_frame
 from teomq.addressbook import resolve_broker
 from teomq.errors import AddressError, BrokerError, ConnectionLost, ProtocolError, RequestTimeout
 from teomq.identity import verify_welcome
@@ -116,20 +119,19 @@ class _Connection(asyncio.Protocol):
         self._reason = "connection to broker lost"
         self._cause: BaseException | None = None
         # Permissive until WELCOME says the broker's limit (see _on_welcome).
-        self._decoder = FrameDecoder(MAX_PAYLOAD_LIMIT)
-        self._new_limit = 0
-        self._wbuf = WriteBuffer(16384)
+        self._core = ClientCore(MAX_PAYLOAD_LIMIT, self._on_frame, self._on_result,
+                                self._on_callback_error)
+        self._wbuf = self._core.wbuf
         self._flush_scheduled = False
         self.welcome: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self.address: str | None = None
         self.server: str | None = None
         self.max_send = 0
-        self.stats = client.stats
-        # producer side
-        self._next_id = 1
+        self.stats = client._counts
+        self._folded = False  # core counters added to the client's (connection ended)
+        # producer side: default-timeout requests live in the core's ring
         self._timeout = client._timeout
-        self._pending: dict[int, Any] = {}  # default timeout; insertion order == id order
         self._buckets: deque[list[Any]] = deque()  # [deadline, last id], deadline-ordered
         self._custom: dict[int, Any] = {}  # any other timeout
         self._heap: list[tuple[float, int, float]] = []  # (deadline, id, timeout)
@@ -160,40 +162,65 @@ class _Connection(asyncio.Protocol):
         transport.write(encode_frame(int(FrameType.HELLO), 0, 0, msgpack.packb(hello)))  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
+        # One crossing into C per read: REPLYs and sync-handler DELIVERs are handled there;
+        # the rest comes back through _on_frame / _on_result.
+        core = self._core
         try:
-            frames = self._decoder.feed(data)
+            core.feed(data)
         except ProtocolError as exc:
             self._fail(f"bad frame from broker: {exc.reason}", exc, error_code=exc.code)
             return
-        for ftype, flags, fid, payload in frames:
-            if ftype == _REPLY:
-                entry = self._pending.pop(fid, None)
-                if entry is None and self._custom:
-                    entry = self._custom.pop(fid, None)
-                if entry is not None:  # else: late answer after a timeout, or publish(): dropped
-                    self.stats["replies"] += 1
-                    self._complete(fid, entry, payload, None)
-            elif ftype == _DELIVER and self.address is not None:
-                self._on_deliver(flags, fid, payload)
-            elif ftype == _ERROR:
-                self._on_error(fid, payload)
-            elif ftype == _PING:
-                self._write(_PONG, 0, fid, b"")
-            elif ftype == _WELCOME and self.address is None:
-                self._on_welcome(payload)
-            elif ftype != _PONG or self.address is None:
-                name = FrameType(ftype).name
-                self._fail(f"broker sent an unexpected {name} frame", None,
-                           error_code=ErrorCode.NOT_ALLOWED)
-            if self._closing:
-                return
-        if self._new_limit and self._decoder.buffered == 0:
-            # at a frame boundary: from now on hold the broker to its own limit
-            self._decoder = FrameDecoder(self._new_limit)
-            self._new_limit = 0
-        elif self.address is None and self._decoder.buffered > _HANDSHAKE_LIMIT:
+        if self._closing:
+            return
+        if len(self._wbuf) and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        if self.address is None and core.buffered > _HANDSHAKE_LIMIT:
             self._fail("broker sent an oversized frame before WELCOME", None,
                        error_code=ErrorCode.TOO_LARGE)
+
+    def _on_frame(self, ftype: int, flags: int, fid: int, payload: bytes) -> None:
+        """A frame the core leaves to Python."""
+        if self._closing:
+            return
+        if ftype == _REPLY:
+            entry = self._custom.pop(fid, None) if self._custom else None
+            if entry is not None:  # else: late answer after a timeout, or publish(): dropped
+                self.stats["replies"] += 1
+                self._complete(fid, entry, payload, None)
+        elif ftype == _DELIVER and self.address is not None:
+            self._on_deliver(flags, fid, payload)
+        elif ftype == _ERROR:
+            self._on_error(fid, payload)
+        elif ftype == _PING:
+            self._write(_PONG, 0, fid, b"")
+        elif ftype == _WELCOME and self.address is None:
+            self._on_welcome(payload)
+        elif ftype != _PONG or self.address is None:
+            name = FrameType(ftype).name
+            self._fail(f"broker sent an unexpected {name} frame", None,
+                       error_code=ErrorCode.NOT_ALLOWED)
+
+    def _on_result(self, did: int, payload: bytes, result: Any, exc: BaseException | None) -> None:
+        """A sync handler's result the core did not send as is (None, str, awaitable...), or its error."""
+        if exc is not None:
+            self._reject(did, "handler raised", exc)
+        elif inspect.isawaitable(result):
+            self._start(did, payload, result)
+        else:
+            self._answer(did, result)
+
+    @staticmethod
+    def _on_callback_error(mid: int, exc: BaseException) -> None:
+        log.error("send() callback for message %d raised", mid, exc_info=exc)
+
+    def fold_counts(self, into: dict[str, int]) -> None:
+        """Add the core's counters to ``into`` (a snapshot, or the client's totals at the end)."""
+        core = self._core
+        into["replies"] += core.replies
+        into["received"] += core.received
+        into["answered"] += core.answered
+        into["redelivered"] += core.redelivered
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -208,6 +235,10 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._transport = None
+        self._core.handler = None
+        if not self._folded:
+            self._folded = True
+            self.fold_counts(self.stats)
         if exc is not None and self._cause is None:
             self._reason = f"connection to broker lost: {exc}"
             self._cause = exc
@@ -223,8 +254,7 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        pending = list(self._pending.items()) + list(self._custom.items())
-        self._pending.clear()
+        pending = self._core.take_all() + list(self._custom.items())
         self._custom.clear()
         self._buckets.clear()
         self._heap.clear()
@@ -260,6 +290,7 @@ class _Connection(asyncio.Protocol):
             self._write(_ERROR, 0, 0, msgpack.packb({"code": int(error_code), "reason": reason}))
         self._flush()
         self._closing = True
+        self._core.poison(ConnectionLost(reason))
         self._transport.close()  # type: ignore[union-attr]
 
     def _lost(self) -> ConnectionLost:
@@ -289,7 +320,11 @@ class _Connection(asyncio.Protocol):
         self.server = str(doc.get("server", ""))
         user_limit = self._client._max_payload
         self.max_send = min(limit, user_limit) if user_limit else limit
-        self._new_limit = limit
+        core = self._core
+        core.max_payload = limit  # frames after WELCOME are held to the broker's own limit
+        core.max_send = self.max_send
+        if self._handler is not None and not self._handler_async:
+            core.handler = self._handler  # sync handler: DELIVERs are run in the core from now on
         self.welcome.set_result(None)
 
     def _on_error(self, fid: int, payload: bytes) -> None:
@@ -303,7 +338,7 @@ class _Connection(asyncio.Protocol):
         elif err.code == ErrorCode.UNKNOWN_ID:  # about one of our ANSWERs (a delivery id)
             log.warning("broker refused the answer to delivery %d: %s", fid, err)
         else:
-            entry = self._pending.pop(fid, None)
+            entry = self._core.pop(fid)
             if entry is None:
                 entry = self._custom.pop(fid, None)
             self.stats["refused"] += 1
@@ -316,11 +351,9 @@ class _Connection(asyncio.Protocol):
 
     def register(self, entry: Any, timeout: float) -> int:
         """Give ``entry`` (a future or a send() callback) a message id and a deadline."""
-        mid = self._next_id
-        self._next_id = mid + 1
         deadline = self._loop.time() + timeout
         if timeout == self._timeout:
-            self._pending[mid] = entry
+            mid = self._core.register(entry, isinstance(entry, asyncio.Future))
             buckets = self._buckets
             if buckets and buckets[-1][0] >= deadline:
                 buckets[-1][1] = mid
@@ -329,6 +362,7 @@ class _Connection(asyncio.Protocol):
                 deadline += _BUCKET
                 buckets.append([deadline, mid])
         else:
+            mid = self._core.take_id()
             self._custom[mid] = entry
             heapq.heappush(self._heap, (deadline, mid, timeout))
         if self._timer is None or deadline < self._timer_when:
@@ -337,17 +371,15 @@ class _Connection(asyncio.Protocol):
 
     def forget(self, mid: int) -> None:
         """Drop a pending request (its awaiting task was cancelled)."""
-        if self._pending.pop(mid, None) is None:
+        if self._core.pop(mid) is None:
             self._custom.pop(mid, None)
 
     def next_id(self) -> int:
-        mid = self._next_id
-        self._next_id = mid + 1
-        return mid
+        return self._core.take_id()
 
     @property
     def pending_count(self) -> int:
-        return len(self._pending) + len(self._custom)
+        return self._core.npending + len(self._custom)
 
     def _arm(self, deadline: float) -> None:
         when = max(deadline, self._loop.time() + _SWEEP_GAP)
@@ -365,18 +397,13 @@ class _Connection(asyncio.Protocol):
             return
         now = self._loop.time()
         expired: list[tuple[int, Any, float]] = []
-        buckets, pending = self._buckets, self._pending
+        buckets, core = self._buckets, self._core
         last = 0
         while buckets and buckets[0][0] <= now:
             last = buckets.popleft()[1]
-        if last and pending:
+        if last and core.npending:
             # default-timeout ids expire in id order: every pending id <= last is due
-            due = []
-            for mid in pending:
-                if mid > last:
-                    break
-                due.append(mid)
-            expired.extend((mid, pending.pop(mid), self._timeout) for mid in due)
+            expired.extend((mid, entry, self._timeout) for mid, entry in core.expire_upto(last))
         heap, custom = self._heap, self._custom
         while heap and heap[0][0] <= now:
             _, mid, timeout = heapq.heappop(heap)
@@ -389,7 +416,7 @@ class _Connection(asyncio.Protocol):
                 f"no answer to message {mid} within {timeout:g} s"))
         if self._closing:
             return
-        if pending or custom:
+        if core.npending or custom:
             nxt = min(buckets[0][0] if buckets else math.inf, heap[0][0] if heap else math.inf)
             self._arm(nxt)
         else:
@@ -444,10 +471,6 @@ class _Connection(asyncio.Protocol):
             result = handler(payload)
         except Exception as exc:
             self._reject(did, "handler raised", exc)
-            return
-        if type(result) is bytes and len(result) <= self.max_send:  # the common case, inline
-            stats["answered"] += 1
-            self._write(_ANSWER, 0, did, result)
             return
         if inspect.isawaitable(result):
             self._start(did, payload, result)
@@ -507,6 +530,7 @@ class _Connection(asyncio.Protocol):
         if self.closed.done():
             return
         self._by_user = True
+        self._core.handler = None  # deliveries from now on are left unanswered: redelivered
         self._backlog.clear()
         if self._tasks:
             _, late = await asyncio.wait(list(self._tasks), timeout=grace)
@@ -523,6 +547,35 @@ class _Connection(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.abort()
             await self.closed
+
+
+class _StatsView(Mapping[str, int]):
+    """Live counters of a Client: its Python-side counts plus the current core's."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def _snapshot(self) -> dict[str, int]:
+        client = self._client
+        snap = dict(client._counts)
+        conn = client._conn
+        if conn is not None and not conn._folded:
+            conn.fold_counts(snap)
+        return snap
+
+    def __getitem__(self, key: str) -> int:
+        return self._snapshot()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._client._counts)
+
+    def __len__(self) -> int:
+        return len(self._client._counts)
+
+    def __repr__(self) -> str:
+        return repr(self._snapshot())
 
 
 class Client:
@@ -582,8 +635,9 @@ class Client:
         #: Counters. Producing: sent, replies, timeouts, refused (ERROR for a message).
         #: Consuming: received, answered (incl. None -> NO_ANSWER), errors (handler raised
         #: or returned a bad answer; acknowledged with NO_ANSWER), redelivered.
-        self.stats: dict[str, int] = dict.fromkeys(("sent", "replies", "timeouts", "refused",
-                                                    "received", "answered", "errors", "redelivered"), 0)
+        self._counts: dict[str, int] = dict.fromkeys(("sent", "replies", "timeouts", "refused",
+                                                      "received", "answered", "errors", "redelivered"), 0)
+        self._stats_view = _StatsView(self)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -655,6 +709,15 @@ class Client:
         await self.close()
 
     # -- properties ----------------------------------------------------------------------
+
+    @property
+    def stats(self) -> Mapping[str, int]:
+        """The counters (see the class docstring), over all connections so far.
+
+        A live read-only view: ``stats["received"]`` is always current; ``dict(stats)`` is
+        a snapshot. (Counters of the C read path are kept in the core and added on read.)
+        """
+        return self._stats_view
 
     @property
     def address(self) -> str | None:
@@ -733,7 +796,7 @@ class Client:
         fut = conn._loop.create_future()
         mid = conn.register(fut, timeout)
         conn._write(_SEND, 0, mid, payload)
-        self.stats["sent"] += 1
+        self._counts["sent"] += 1
         try:
             return await fut
         except asyncio.CancelledError:
@@ -757,7 +820,7 @@ class Client:
         conn, payload, timeout = self._prepare(data, timeout)
         mid = conn.register(callback, timeout)
         conn._write(_SEND, 0, mid, payload)
-        self.stats["sent"] += 1
+        self._counts["sent"] += 1
         return mid
 
     def publish(self, data: Payload) -> None:
@@ -767,7 +830,7 @@ class Client:
         """
         conn, payload, _ = self._prepare(data, None)
         conn._write(_SEND, _NO_REPLY, conn.next_id(), payload)
-        self.stats["sent"] += 1
+        self._counts["sent"] += 1
 
     async def drain(self) -> None:
         """Wait until the connection accepts more writes (returns at once if not paused).
