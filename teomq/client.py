@@ -23,12 +23,14 @@ Design notes:
   pass, schedules ``_flush`` with ``call_soon``; every request, publish, ANSWER and PONG
   made in that pass leaves in one ``transport.write``. Sync handlers run inline in
   ``data_received``, so all answers to one socket read go out together.
-- Timeouts: no TimerHandle per request. Requests with the client's default timeout are
-  kept in the core's ring, indexed by message id (ids increase, so id order is also
-  deadline order) and grouped into deadline buckets ``[deadline, last id]`` ``_BUCKET`` wide; other timeouts go
-  into a small heap. One timer, re-armed only while something is pending and never
-  closer than ``_SWEEP_GAP``, fails what is due: a request times out at most
-  ~``_BUCKET + _SWEEP_GAP`` late, never early. Answers arriving after that are dropped.
+- Timeouts: no TimerHandle per request and no clock read per request. Requests with the
+  client's default timeout are kept in the core's ring, indexed by message id (ids
+  increase, so id order is also send order). One tick, every ``_TICK`` seconds while
+  anything is pending, closes a bucket ``[now + timeout, highest id sent so far]``:
+  every id in it was sent at or before ``now``, so its deadline is never early. Due
+  buckets are expired with one ``expire_upto`` call. Other timeouts go into a small heap
+  checked by the same tick. A request times out at most ~2 ticks late, never early.
+  Answers arriving after that are dropped.
 - Flow control: ``pause_writing`` makes :meth:`Client.request` wait before sending and
   :meth:`Client.drain` available to ``send``/``publish`` loops. Consumers keep answering
   while paused: their unsent answers are bounded by the prefetch credit.
@@ -84,11 +86,8 @@ _NO_REPLY = int(Flag.NO_REPLY)
 _NO_ANSWER = int(Flag.NO_ANSWER)
 _REDELIVERED = int(Flag.REDELIVERED)
 
-#: Timeouts are checked by one timer, never closer together than this (seconds).
-_SWEEP_GAP = 0.1
-#: Requests with the default timeout share a deadline bucket this wide (seconds): a request
-#: may time out this much late, never early. Saves a (deadline, id) tuple per request.
-_BUCKET = 0.05
+#: Period of the timeout tick (seconds): requests time out at most about two ticks late.
+_TICK = 0.05
 #: A broker's WELCOME is small; more unframed bytes than this before it is a bad broker.
 _HANDSHAKE_LIMIT = 1 << 16
 
@@ -132,11 +131,11 @@ class _Connection(asyncio.Protocol):
         self._folded = False  # core counters added to the client's (connection ended)
         # producer side: default-timeout requests live in the core's ring
         self._timeout = client._timeout
-        self._buckets: deque[list[Any]] = deque()  # [deadline, last id], deadline-ordered
+        self._buckets: deque[tuple[float, int]] = deque()  # (deadline, last id), deadline-ordered
+        self._bucket_last = 0  # highest id already in a bucket
         self._custom: dict[int, Any] = {}  # any other timeout
         self._heap: list[tuple[float, int, float]] = []  # (deadline, id, timeout)
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_when = 0.0
         self.paused = False
         self._resume: asyncio.Future[None] | None = None
         # consumer side
@@ -217,6 +216,7 @@ class _Connection(asyncio.Protocol):
     def fold_counts(self, into: dict[str, int]) -> None:
         """Add the core's counters to ``into`` (a snapshot, or the client's totals at the end)."""
         core = self._core
+        into["sent"] += core.sent
         into["replies"] += core.replies
         into["received"] += core.received
         into["answered"] += core.answered
@@ -349,24 +349,25 @@ class _Connection(asyncio.Protocol):
 
     # -- producer side -------------------------------------------------------------------
 
-    def register(self, entry: Any, timeout: float) -> int:
-        """Give ``entry`` (a future or a send() callback) a message id and a deadline."""
-        deadline = self._loop.time() + timeout
-        if timeout == self._timeout:
-            mid = self._core.register(entry, isinstance(entry, asyncio.Future))
-            buckets = self._buckets
-            if buckets and buckets[-1][0] >= deadline:
-                buckets[-1][1] = mid
-                deadline = buckets[-1][0]
-            else:
-                deadline += _BUCKET
-                buckets.append([deadline, mid])
-        else:
-            mid = self._core.take_id()
-            self._custom[mid] = entry
-            heapq.heappush(self._heap, (deadline, mid, timeout))
-        if self._timer is None or deadline < self._timer_when:
-            self._arm(deadline)
+    def submit(self, payload: bytes, entry: Any, is_future: bool) -> int:
+        """Send a request with the default timeout: the hot path of request() and send()."""
+        mid = self._core.submit(payload, entry, is_future)
+        if self._timer is None:
+            self._timer = self._loop.call_later(_TICK, self._tick)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return mid
+
+    def submit_custom(self, payload: Any, entry: Any, timeout: float) -> int:
+        """Send a request whose timeout differs from the client's default."""
+        mid = self._core.take_id()
+        self._custom[mid] = entry
+        heapq.heappush(self._heap, (self._loop.time() + timeout, mid, timeout))
+        self._write(_SEND, 0, mid, payload)
+        self.stats["sent"] += 1
+        if self._timer is None:
+            self._timer = self._loop.call_later(_TICK, self._tick)
         return mid
 
     def forget(self, mid: int) -> None:
@@ -381,28 +382,23 @@ class _Connection(asyncio.Protocol):
     def pending_count(self) -> int:
         return self._core.npending + len(self._custom)
 
-    def _arm(self, deadline: float) -> None:
-        when = max(deadline, self._loop.time() + _SWEEP_GAP)
-        if self._timer is not None:
-            if when >= self._timer_when:
-                return
-            self._timer.cancel()
-        self._timer_when = when
-        self._timer = self._loop.call_at(when, self._sweep)
-
-    def _sweep(self) -> None:
-        """Fail every request past its deadline; re-arm while anything is pending."""
+    def _tick(self) -> None:
+        """Close a deadline bucket, fail what is due; runs every _TICK while anything is pending."""
         self._timer = None
         if self._closing:
             return
+        core, buckets = self._core, self._buckets
         now = self._loop.time()
+        last_sent = core.next_id - 1
+        if last_sent > self._bucket_last:
+            # every id up to last_sent was sent at or before now
+            buckets.append((now + self._timeout, last_sent))
+            self._bucket_last = last_sent
         expired: list[tuple[int, Any, float]] = []
-        buckets, core = self._buckets, self._core
         last = 0
         while buckets and buckets[0][0] <= now:
             last = buckets.popleft()[1]
         if last and core.npending:
-            # default-timeout ids expire in id order: every pending id <= last is due
             expired.extend((mid, entry, self._timeout) for mid, entry in core.expire_upto(last))
         heap, custom = self._heap, self._custom
         while heap and heap[0][0] <= now:
@@ -417,8 +413,7 @@ class _Connection(asyncio.Protocol):
         if self._closing:
             return
         if core.npending or custom:
-            nxt = min(buckets[0][0] if buckets else math.inf, heap[0][0] if heap else math.inf)
-            self._arm(nxt)
+            self._timer = self._loop.call_later(_TICK, self._tick)
         else:
             buckets.clear()
             heap.clear()
@@ -794,9 +789,10 @@ class Client:
             if conn._closing:
                 raise conn._lost()
         fut = conn._loop.create_future()
-        mid = conn.register(fut, timeout)
-        conn._write(_SEND, 0, mid, payload)
-        self._counts["sent"] += 1
+        if timeout == self._timeout and type(payload) is bytes:
+            mid = conn.submit(payload, fut, True)
+        else:
+            mid = conn.submit_custom(payload, fut, timeout)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -815,13 +811,16 @@ class Client:
         Returns:
             The message id.
         """
+        conn = self._conn
+        if (timeout is None and type(data) is bytes and conn is not None and self._produces
+                and not conn._closing and len(data) <= conn.max_send and callable(callback)):
+            return conn.submit(data, callback, False)  # the common case: all checks passed
         if not callable(callback):
             raise TypeError("callback must be callable")
         conn, payload, timeout = self._prepare(data, timeout)
-        mid = conn.register(callback, timeout)
-        conn._write(_SEND, 0, mid, payload)
-        self._counts["sent"] += 1
-        return mid
+        if timeout == self._timeout and type(payload) is bytes:
+            return conn.submit(payload, callback, False)
+        return conn.submit_custom(payload, callback, timeout)
 
     def publish(self, data: Payload) -> None:
         """Send a message fire-and-forget (NO_REPLY): no answer, no error report.

@@ -26,7 +26,7 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
 from teomq._core.frame_codec cimport (
-    F_REDELIVERED, FrameHeader, HEADER_SIZE, T_ANSWER, T_DELIVER, T_REPLY, WriteBuffer,
+    F_REDELIVERED, FrameHeader, HEADER_SIZE, T_ANSWER, T_DELIVER, T_REPLY, T_SEND, WriteBuffer,
     as_bytes_view, as_u64, check_partial, parse_header, verify_crc,
 )
 
@@ -57,6 +57,7 @@ cdef class ClientCore:
     cdef object on_frame
     cdef object on_result
     cdef object on_callback_error
+    cdef readonly uint64_t sent
     cdef readonly uint64_t replies
     cdef readonly uint64_t received
     cdef readonly uint64_t answered
@@ -100,6 +101,17 @@ cdef class ClientCore:
         """A fresh message id that is not tracked here (publish, or a custom-timeout request)."""
         cdef uint64_t mid = self.next_id
         self.next_id += 1
+        return mid
+
+    def submit(self, payload, entry, bint is_future) -> int:
+        """register(entry) and encode its SEND frame in one call; ``payload`` must be bytes."""
+        cdef uint64_t mid
+        if type(payload) is not bytes:
+            raise TypeError("submit() takes bytes")
+        mid = self.register(entry, is_future)
+        self.wbuf.add_frame(T_SEND, 0, mid, PyBytes_AS_STRING(payload),
+                            <size_t>PyBytes_GET_SIZE(payload))
+        self.sent += 1
         return mid
 
     def register(self, entry, bint is_future) -> int:
