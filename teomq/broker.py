@@ -57,6 +57,7 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.set_socket(sock.fileno())
         self.broker._conns.add(self)
         loop = asyncio.get_running_loop()
         self._hs_timer = loop.call_later(self.broker.handshake_timeout, self._handshake_timeout)

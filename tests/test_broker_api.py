@@ -18,7 +18,7 @@ import pytest
 
 import teomq
 from teomq import BrokerError, ConnectionLost
-from teomq._core.frame_codec import FrameDecoder
+from teomq._core.frame_codec import FrameDecoder, encode_frame
 from teomq.protocol import DEFAULT_MAX_PAYLOAD, ErrorCode, FrameType
 
 pytestmark = pytest.mark.usefixtures("teomq_home")
@@ -237,5 +237,36 @@ def test_handshake_timeout_closes_only_silent_connections(arun: Any, tmp_path: P
                 # the clients that said HELLO (before the silent one connected) are untouched
                 assert consumer.connected and producer.connected
                 assert await producer.request(b"olleh") == b"hello"
+
+    arun(main())
+
+
+def test_slow_reader_gets_every_byte_in_order(arun: Any, tmp_path: Path) -> None:
+    """A consumer that stops reading: the broker's direct socket writes fall back to the
+    transport's buffer; once the consumer reads again every frame arrives whole and in order."""
+    count, size = 200, 60_000  # ~12 MB: far more than the socket buffers hold
+
+    async def main() -> None:
+        async with make_broker(tmp_path) as broker:
+            reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+            hello = {"v": 1, "role": "consumer", "name": "slow", "prefetch": count, "nonce": b"n" * 16}
+            writer.write(encode_frame(FrameType.HELLO, 0, 0, msgpack.packb(hello)))
+            await writer.drain()
+            async with teomq.Producer(spec(broker), name="p", timeout=LONG) as producer:
+                for n in range(count):
+                    producer.publish(bytes([n % 251]) * size)
+                await until(lambda: broker.stats()["out"] == count, "all deliveries handed to the slow consumer")
+                decoder = FrameDecoder(DEFAULT_MAX_PAYLOAD)
+                frames: list[tuple[int, int, int, bytes]] = []
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 60
+                while len(frames) < count + 1:  # WELCOME + every DELIVER
+                    assert loop.time() < deadline, f"only {len(frames)} frames arrived"
+                    frames += decoder.feed(await reader.read(1 << 16))
+                assert frames[0][0] == FrameType.WELCOME
+                delivers = frames[1:]
+                assert [f[0] for f in delivers] == [FrameType.DELIVER] * count
+                assert [f[3] for f in delivers] == [bytes([n % 251]) * size for n in range(count)]
+            writer.close()
 
     arun(main())

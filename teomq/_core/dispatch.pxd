@@ -34,10 +34,13 @@ cdef class CoreConnection:
     cdef readonly uint32_t inflight
     cdef bint in_ready
     cdef public object transport
+    cdef int fd                      # the socket, written directly while the transport holds nothing
+    cdef bint transport_backlog      # we handed the transport bytes it may not have sent yet
 
     cdef int _process(self) except -1
     cdef int _mark_dirty(self) except -1
     cdef int _add_error(self, int code, uint64_t fid, bytes payload) except -1
+    cdef int _write_out(self) except -1
     cdef int _reserve(self, size_t pos, size_t total) except -1
     cdef void _shrink(self) noexcept
 
