@@ -270,3 +270,18 @@ def test_slow_reader_gets_every_byte_in_order(arun: Any, tmp_path: Path) -> None
             writer.close()
 
     arun(main())
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 65536, DEFAULT_MAX_PAYLOAD])
+def test_payloads_around_the_forwarding_threshold_round_trip(arun: Any, tmp_path: Path, size: int) -> None:
+    """From 4 KiB the broker derives forwarded frames' CRCs instead of recomputing them; the
+    clients' decoders verify every CRC, so a wrong derivation fails here."""
+    async def main() -> None:
+        async with make_broker(tmp_path) as broker:
+            async with teomq.Consumer(spec(broker), lambda d: d[::-1], name="c"), \
+                    teomq.Producer(spec(broker), name="p", timeout=LONG) as producer:
+                payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+                assert await producer.request(payload) == payload[::-1]
+            assert_idle(broker)
+
+    arun(main())

@@ -155,3 +155,10 @@ def test_forced_table_path_in_a_fresh_process():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=20000), st.binary(min_size=20, max_size=20), st.binary(min_size=20, max_size=20))
+def test_reframe_crc_equals_recomputing(payload, head, new_head):
+    got = core.reframe_crc(core.crc32c(head + payload), core.crc32c(head), core.crc32c(new_head), len(payload))
+    assert got == core.crc32c(new_head + payload)

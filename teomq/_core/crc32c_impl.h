@@ -103,4 +103,46 @@ static inline uint32_t teomq_crc32c_update_sw(uint32_t crc, const char *p, size_
     return teomq_crc32c_sw(crc, (const unsigned char *)p, n);
 }
 
+/* CRC arithmetic for forwarding a payload under a new header without reading it again.
+ *
+ * With crc(M) taken as the polynomial M(x) x^32 mod P (pre/post inversion cancel out in
+ * the differences below), appending n bytes multiplies a prefix's CRC by x^(8n) mod P:
+ *   crc(A || B) = crc(A) * x^(8|B|)  XOR  crc(B)
+ * so a frame whose header changes from H to H' keeps its payload B and gets
+ *   crc(H' || B) = crc(H || B)  XOR  (crc(H) XOR crc(H')) * x^(8|B|).
+ * Values are bit-reflected, as the CRC itself: bit 31 is the coefficient of x^0.
+ */
+static uint32_t teomq_crc32c_x2n[32]; /* x^(2^k) mod P */
+static int teomq_crc32c_x2n_ready = 0;
+
+static uint32_t teomq_crc32c_mulmod(uint32_t a, uint32_t b) {
+    uint32_t prod = 0;
+    for (uint32_t m = 1u << 31; m; m >>= 1) {
+        if (a & m) prod ^= b;
+        b = (b & 1) ? (b >> 1) ^ 0x82F63B78u : (b >> 1);
+    }
+    return prod;
+}
+
+/* x^(8n) mod P: the factor that shifts a CRC past n bytes. */
+static uint32_t teomq_crc32c_shift_factor(uint64_t n) {
+    if (!teomq_crc32c_x2n_ready) {
+        uint32_t p = 1u << 30; /* x^1 */
+        for (int k = 0; k < 32; k++) {
+            teomq_crc32c_x2n[k] = p;
+            p = teomq_crc32c_mulmod(p, p);
+        }
+        teomq_crc32c_x2n_ready = 1;
+    }
+    uint32_t r = 1u << 31; /* x^0 */
+    int k = 3;             /* n bytes = 8n bits = n * 2^3 */
+    while (n) {
+        if (n & 1) r = teomq_crc32c_mulmod(teomq_crc32c_x2n[k & 31], r);
+        n >>= 1;
+        k++;
+    }
+    return r;
+}
+
+
 #endif

@@ -29,8 +29,8 @@ cdef extern from "sys/socket.h" nogil:
 from teomq._core.frame_codec cimport (
     E_HANDSHAKE, E_NOT_ALLOWED, E_QUEUE_FULL, E_UNKNOWN_ID, F_NO_ANSWER, F_NO_REPLY,
     F_REDELIVERED, FrameHeader, HEADER_SIZE, T_ANSWER, T_DELIVER, T_ERROR, T_HELLO, T_MAX, T_PING,
-    T_PONG, T_REPLY, T_SEND, WriteBuffer, check_partial, parse_header, protocol_error,
-    verify_crc,
+    T_PONG, T_REPLY, T_SEND, Received, WriteBuffer, check_partial, note_received, parse_header,
+    protocol_error, verify_crc,
 )
 from teomq._core.ring_queue cimport Msg, MsgRing
 
@@ -339,6 +339,7 @@ cdef class Dispatcher:
         m.producer = conn.slot
         m.producer_gen = conn.gen
         m.msg_id = h.fid
+        note_received(payload - HEADER_SIZE, h.length, &m.rx)
         if self.queue.push_back(&m):
             free(m.data)
             self.n_refused += 1
@@ -353,6 +354,7 @@ cdef class Dispatcher:
         cdef uint32_t idx = <uint32_t>(h.fid & 0xFFFFFFFFu)
         cdef Flight *f
         cdef CoreConnection prod
+        cdef Received rx
         if idx >= <uint32_t>self.flights_cap:
             f = NULL
         else:
@@ -375,7 +377,8 @@ cdef class Dispatcher:
         if not (f.msg.flags & F_NO_REPLY) and not (h.flags & F_NO_ANSWER):
             prod = self.live(f.msg.producer, f.msg.producer_gen)
             if prod is not None:
-                prod.out.add_frame(T_REPLY, 0, f.msg.msg_id, payload, h.length)
+                note_received(payload - HEADER_SIZE, h.length, &rx)
+                prod.out.add_forward(T_REPLY, 0, f.msg.msg_id, payload, h.length, &rx)
                 prod._mark_dirty()
                 self.n_answered += 1
             else:
@@ -431,8 +434,8 @@ cdef class Dispatcher:
         conn.fl_tail = idx
         conn.inflight += 1
         conn.credit -= 1
-        conn.out.add_frame(T_DELIVER, m.flags & F_REDELIVERED,
-                           (<uint64_t>f.gen << 32) | <uint32_t>idx, m.data, m.length)
+        conn.out.add_forward(T_DELIVER, m.flags & F_REDELIVERED,
+                             (<uint64_t>f.gen << 32) | <uint32_t>idx, m.data, m.length, &m.rx)
         conn._mark_dirty()
         self.n_out += 1
         return 0

@@ -58,6 +58,20 @@ cdef uint64_t as_u64(object v) except? 0xFFFFFFFFFFFFFFFF
 cdef const unsigned char[::1] as_bytes_view(object data)
 
 
+# Payloads at least this long are forwarded under a new header with a CRC derived from the
+# received frame's (crc32c_impl.h), not recomputed: one pass over the payload, not two.
+cdef enum:
+    REFRAME_MIN = 4096
+
+cdef struct Received:
+    # What forwarding needs to know of a received frame's checksum.
+    uint32_t crc          # the frame's crc field
+    uint32_t head_crc     # CRC32C of its header bytes 0..19
+    uint32_t shift        # x^(8 length) mod P; 0 when length < REFRAME_MIN (recompute instead)
+
+cdef void note_received(const char *frame, uint32_t length, Received *r) noexcept nogil
+
+
 cdef class WriteBuffer:
     """Growable output buffer of encoded frames. Caller must not keep pointers across ensure()."""
     cdef char *buf
@@ -66,5 +80,7 @@ cdef class WriteBuffer:
     cdef int ensure(self, size_t extra) except -1
     cdef int add_frame(self, uint8_t ftype, uint16_t flags, uint64_t fid,
                        const char *payload, size_t n) except -1
+    cdef int add_forward(self, uint8_t ftype, uint16_t flags, uint64_t fid,
+                         const char *payload, size_t n, const Received *r) except -1
     cdef bytes take_bytes(self)
     cdef void clear(self) noexcept

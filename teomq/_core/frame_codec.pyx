@@ -24,7 +24,9 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
-from teomq._core.crc32c cimport teomq_crc32c_update
+from teomq._core.crc32c cimport (
+    teomq_crc32c_mulmod, teomq_crc32c_shift_factor, teomq_crc32c_update,
+)
 
 from operator import index as _index
 
@@ -116,6 +118,17 @@ cdef void write_header(char *p, uint8_t ftype, uint16_t flags, uint64_t fid,
     teomq_st32(p + 20, crc)
 
 
+cdef void note_received(const char *frame, uint32_t length, Received *r) noexcept nogil:
+    """Record a verified frame's checksum facts so its payload can be forwarded cheaply."""
+    r.crc = teomq_ld32(frame + 20)
+    if length >= REFRAME_MIN:
+        r.head_crc = teomq_crc32c_update(0, frame, 20)
+        r.shift = teomq_crc32c_shift_factor(length)
+    else:
+        r.head_crc = 0
+        r.shift = 0
+
+
 @cython.final
 cdef class WriteBuffer:
     """Reusable output buffer: frames are encoded straight into it; take() hands the bytes out."""
@@ -152,6 +165,23 @@ cdef class WriteBuffer:
         if n:
             memcpy(p + HEADER_SIZE, payload, n)
         write_header(p, ftype, flags, fid, p + HEADER_SIZE, <uint32_t>n)
+        self.length += HEADER_SIZE + n
+        return 0
+
+    cdef int add_forward(self, uint8_t ftype, uint16_t flags, uint64_t fid,
+                         const char *payload, size_t n, const Received *r) except -1:
+        """add_frame() for a payload received in a frame described by r: its CRC is derived."""
+        cdef char *p
+        cdef uint32_t head
+        if r.shift == 0:
+            return self.add_frame(ftype, flags, fid, payload, n)
+        self.ensure(HEADER_SIZE + n)
+        p = self.buf + self.length
+        memcpy(p + HEADER_SIZE, payload, n)
+        write_header(p, ftype, flags, fid, NULL, 0)  # header fields; crc fixed below
+        teomq_st32(p + 16, <uint32_t>n)
+        head = teomq_crc32c_update(0, p, 20)
+        teomq_st32(p + 20, r.crc ^ teomq_crc32c_mulmod(r.head_crc ^ head, r.shift))
         self.length += HEADER_SIZE + n
         return 0
 

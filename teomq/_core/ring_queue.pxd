@@ -1,5 +1,7 @@
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
+from teomq._core.frame_codec cimport Received
+
 
 cdef struct Msg:
     # One accepted message. Whoever holds the Msg owns data (malloc'd, freed with free()).
@@ -9,6 +11,7 @@ cdef struct Msg:
     uint32_t producer    # slot of the producing connection in the dispatcher's table
     uint32_t producer_gen  # that slot's generation when the message arrived
     uint64_t msg_id      # the producer's own message id
+    Received rx          # checksum facts of the SEND it came in (payload forwarded, not re-read)
 
 
 cdef class MsgRing:

@@ -103,6 +103,7 @@ cdef class MsgRing:
         m.producer = 0
         m.producer_gen = 0
         m.msg_id = mid
+        m.rx.shift = 0
         return 0
 
     def push(self, payload, msg_id=0):
