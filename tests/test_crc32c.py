@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import os
+import random
 import subprocess
 import sys
 
@@ -162,3 +163,11 @@ def test_forced_table_path_in_a_fresh_process():
 def test_reframe_crc_equals_recomputing(payload, head, new_head):
     got = core.reframe_crc(core.crc32c(head + payload), core.crc32c(head), core.crc32c(new_head), len(payload))
     assert got == core.crc32c(new_head + payload)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(8000, 70000), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+def test_long_buffers_three_way_path_matches_table(n, start, seed):
+    # from 8 KiB the hardware path splits the buffer in three streams and joins their CRCs
+    data = random.Random(seed).randbytes(n)
+    assert core.crc32c(data, start) == core.crc32c_software(data, start)

@@ -89,19 +89,7 @@ static void teomq_crc32c_select(void) {
     teomq_crc32c_mode = 1;
 }
 
-static inline uint32_t teomq_crc32c_update(uint32_t crc, const char *p, size_t n) {
-    if (teomq_crc32c_mode == 0) teomq_crc32c_select();
-#if TEOMQ_CRC32C_HAVE_HW
-    if (teomq_crc32c_mode == 2) return teomq_crc32c_hw(crc, (const unsigned char *)p, n);
-#endif
-    return teomq_crc32c_sw(crc, (const unsigned char *)p, n);
-}
 
-/* Always the table path; for tests and benchmarks that compare both. */
-static inline uint32_t teomq_crc32c_update_sw(uint32_t crc, const char *p, size_t n) {
-    if (teomq_crc32c_mode == 0) teomq_crc32c_select();
-    return teomq_crc32c_sw(crc, (const unsigned char *)p, n);
-}
 
 /* CRC arithmetic for forwarding a payload under a new header without reading it again.
  *
@@ -144,5 +132,49 @@ static uint32_t teomq_crc32c_shift_factor(uint64_t n) {
     return r;
 }
 
+
+
+#if TEOMQ_CRC32C_HAVE_HW
+/* The crc32 instruction has a latency of 3 cycles and a throughput of 1: three independent
+ * streams over three thirds of a long buffer keep it busy, and the thirds' CRCs are joined
+ * with crc(A || B) = crc(A) * x^(8|B|) XOR crc(B). About 3x the serial speed from 8 KiB. */
+#define TEOMQ_CRC32C_3WAY_MIN 8192
+__attribute__((target("sse4.2")))
+static uint32_t teomq_crc32c_hw3(uint32_t crc, const unsigned char *p, size_t n) {
+    size_t third = (n / 3) & ~(size_t)7;
+    const unsigned char *p1 = p + third, *p2 = p + 2 * third;
+    uint64_t a = (uint32_t)~crc, b = 0xffffffffu, c = 0xffffffffu;
+    for (size_t i = 0; i < third; i += 8) {
+        uint64_t w0, w1, w2;
+        memcpy(&w0, p + i, 8);
+        memcpy(&w1, p1 + i, 8);
+        memcpy(&w2, p2 + i, 8);
+        a = __builtin_ia32_crc32di(a, w0);
+        b = __builtin_ia32_crc32di(b, w1);
+        c = __builtin_ia32_crc32di(c, w2);
+    }
+    uint32_t f = teomq_crc32c_shift_factor(third);
+    uint32_t r = teomq_crc32c_mulmod(~(uint32_t)a, f) ^ ~(uint32_t)b;
+    r = teomq_crc32c_mulmod(r, f) ^ ~(uint32_t)c;
+    return teomq_crc32c_hw(r, p + 3 * third, n - 3 * third);
+}
+#endif
+
+static inline uint32_t teomq_crc32c_update(uint32_t crc, const char *p, size_t n) {
+    if (teomq_crc32c_mode == 0) teomq_crc32c_select();
+#if TEOMQ_CRC32C_HAVE_HW
+    if (teomq_crc32c_mode == 2) {
+        if (n >= TEOMQ_CRC32C_3WAY_MIN) return teomq_crc32c_hw3(crc, (const unsigned char *)p, n);
+        return teomq_crc32c_hw(crc, (const unsigned char *)p, n);
+    }
+#endif
+    return teomq_crc32c_sw(crc, (const unsigned char *)p, n);
+}
+
+/* Always the table path; for tests and benchmarks that compare both. */
+static inline uint32_t teomq_crc32c_update_sw(uint32_t crc, const char *p, size_t n) {
+    if (teomq_crc32c_mode == 0) teomq_crc32c_select();
+    return teomq_crc32c_sw(crc, (const unsigned char *)p, n);
+}
 
 #endif
