@@ -16,13 +16,27 @@ forged id never matches because the generation changes whenever a flight is rele
 cimport cython
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.buffer cimport PyBUF_WRITE
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcpy, memmove, memset
+
+cdef extern from "sys/uio.h" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
 
 cdef extern from "sys/socket.h" nogil:
+    struct msghdr:
+        void *msg_name
+        int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
     ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     int MSG_DONTWAIT
     int MSG_NOSIGNAL
 
@@ -40,6 +54,9 @@ from teomq.errors import ProtocolError
 
 cdef size_t READ_CHUNK = 65536        # free space offered to each read
 cdef size_t READ_KEEP = 1 << 20       # a read buffer above this shrinks back once empty
+# Payloads written in place per flush and connection at most (2 * EXT_MAX + 1 <= IOV_MAX);
+# past it they are copied into the output buffer as usual.
+cdef int EXT_MAX = 256
 
 cdef bytes ERR_QUEUE_FULL = msgpack.packb(
     {"code": E_QUEUE_FULL, "reason": "queue is full: message not accepted"})
@@ -70,6 +87,10 @@ cdef class CoreConnection:
         self.fl_tail = -1
         self.transport = None
         self.fd = -1
+        self.ext = <Ext *>malloc(EXT_MAX * sizeof(Ext))
+        if self.ext == NULL:
+            raise MemoryError()
+        self.n_ext = 0
         disp.next_gen += 1
         self.gen = disp.next_gen
         if disp.free_slots:
@@ -81,6 +102,7 @@ cdef class CoreConnection:
 
     def __dealloc__(self):
         free(self.rbuf)
+        free(self.ext)
 
     # -- read path ------------------------------------------------------------------------
 
@@ -202,6 +224,8 @@ cdef class CoreConnection:
         # transport, which then owns ordering until it reports an empty buffer again.
         cdef size_t length = self.out.length
         cdef ssize_t n = 0
+        if self.n_ext:
+            return self._write_gather()
         if self.fd >= 0:
             if self.transport_backlog and self.transport.get_write_buffer_size() == 0:
                 self.transport_backlog = False
@@ -211,12 +235,72 @@ cdef class CoreConnection:
                 if n < 0:
                     n = 0  # EAGAIN, or an error the transport will meet and report itself
                 if <size_t>n == length:
-                    self.out.clear()
+                    self._clear_out()
                     return 0
             self.transport_backlog = True
         self.transport.write(PyBytes_FromStringAndSize(self.out.buf + n, length - n))
-        self.out.clear()
+        self._clear_out()
         return 0
+
+    cdef int _write_gather(self) except -1:
+        # The output buffer interleaved with payloads written in place: one sendmsg() of the
+        # lot. What the socket does not take is copied into one bytes for the transport
+        # (the payloads stay valid until then: a Flight is released only by its answer,
+        # which cannot come before its DELIVER was read, or by detach(), which drops output).
+        cdef iovec iov[513]
+        cdef msghdr mh
+        cdef int k = 0, i
+        cdef size_t prev = 0, total = 0, skip, take
+        cdef ssize_t n = 0
+        cdef bytes rest
+        cdef char *dst
+        for i in range(self.n_ext):
+            if self.ext[i].at > prev:
+                iov[k].iov_base = self.out.buf + prev
+                iov[k].iov_len = self.ext[i].at - prev
+                k += 1
+            iov[k].iov_base = <void *>self.ext[i].data
+            iov[k].iov_len = self.ext[i].length
+            k += 1
+            prev = self.ext[i].at
+        if self.out.length > prev:
+            iov[k].iov_base = self.out.buf + prev
+            iov[k].iov_len = self.out.length - prev
+            k += 1
+        for i in range(k):
+            total += iov[i].iov_len
+        if self.fd >= 0 and self.transport_backlog and self.transport.get_write_buffer_size() == 0:
+            self.transport_backlog = False
+        if self.fd >= 0 and not self.transport_backlog:
+            memset(&mh, 0, sizeof(mh))
+            mh.msg_iov = iov
+            mh.msg_iovlen = k
+            with nogil:
+                n = sendmsg(self.fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL)
+            if n < 0:
+                n = 0
+            if <size_t>n == total:
+                self._clear_out()
+                return 0
+        rest = PyBytes_FromStringAndSize(NULL, total - n)
+        dst = PyBytes_AS_STRING(rest)
+        skip = <size_t>n
+        for i in range(k):
+            if skip >= iov[i].iov_len:
+                skip -= iov[i].iov_len
+                continue
+            take = iov[i].iov_len - skip
+            memcpy(dst, <char *>iov[i].iov_base + skip, take)
+            dst += take
+            skip = 0
+        self.transport_backlog = self.fd >= 0
+        self.transport.write(rest)
+        self._clear_out()
+        return 0
+
+    cdef void _clear_out(self) noexcept:
+        self.out.clear()
+        self.n_ext = 0
 
     def set_socket(self, int fd):
         """Let flush() write to this socket directly (-1: always go through the transport)."""
@@ -226,7 +310,7 @@ cdef class CoreConnection:
         """Write this connection's pending output at once (before closing it)."""
         if self.out.length and self.transport is not None:
             self._write_out()
-        self.out.clear()
+        self._clear_out()
 
     # -- control plane --------------------------------------------------------------------
 
@@ -260,7 +344,7 @@ cdef class CoreConnection:
         disp.requeue_all(self)
         disp.conns[self.slot] = None
         disp.free_slots.append(self.slot)
-        self.out.clear()
+        self._clear_out()
         disp.pump()
         disp.schedule_flush()
 
@@ -421,6 +505,7 @@ cdef class Dispatcher:
         self.n_inflight -= 1
 
     cdef int deliver(self, CoreConnection conn, Msg *m) except -1:
+        cdef uint64_t did
         cdef int32_t idx = self.flight_alloc()
         cdef Flight *f = &self.flights[idx]
         f.msg = m[0]
@@ -434,8 +519,16 @@ cdef class Dispatcher:
         conn.fl_tail = idx
         conn.inflight += 1
         conn.credit -= 1
-        conn.out.add_forward(T_DELIVER, m.flags & F_REDELIVERED,
-                             (<uint64_t>f.gen << 32) | <uint32_t>idx, m.data, m.length, &m.rx)
+        did = (<uint64_t>f.gen << 32) | <uint32_t>idx
+        if m.rx.shift and conn.fd >= 0 and conn.n_ext < EXT_MAX:
+            # large payload: header into the buffer, payload written from the Msg in place
+            conn.out.add_forward_header(T_DELIVER, m.flags & F_REDELIVERED, did, m.length, &m.rx)
+            conn.ext[conn.n_ext].at = conn.out.length
+            conn.ext[conn.n_ext].data = m.data
+            conn.ext[conn.n_ext].length = m.length
+            conn.n_ext += 1
+        else:
+            conn.out.add_forward(T_DELIVER, m.flags & F_REDELIVERED, did, m.data, m.length, &m.rx)
         conn._mark_dirty()
         self.n_out += 1
         return 0
@@ -521,7 +614,7 @@ cdef class Dispatcher:
             if c.out.length == 0:
                 continue
             if c.detached or c.transport is None:
-                c.out.clear()
+                c._clear_out()
                 continue
             c._write_out()
 

@@ -82,5 +82,7 @@ cdef class WriteBuffer:
                        const char *payload, size_t n) except -1
     cdef int add_forward(self, uint8_t ftype, uint16_t flags, uint64_t fid,
                          const char *payload, size_t n, const Received *r) except -1
+    cdef int add_forward_header(self, uint8_t ftype, uint16_t flags, uint64_t fid,
+                                size_t n, const Received *r) except -1
     cdef bytes take_bytes(self)
     cdef void clear(self) noexcept

@@ -171,18 +171,27 @@ cdef class WriteBuffer:
     cdef int add_forward(self, uint8_t ftype, uint16_t flags, uint64_t fid,
                          const char *payload, size_t n, const Received *r) except -1:
         """add_frame() for a payload received in a frame described by r: its CRC is derived."""
-        cdef char *p
-        cdef uint32_t head
         if r.shift == 0:
             return self.add_frame(ftype, flags, fid, payload, n)
         self.ensure(HEADER_SIZE + n)
+        memcpy(self.buf + self.length + HEADER_SIZE, payload, n)
+        self.add_forward_header(ftype, flags, fid, n, r)
+        self.length += n
+        return 0
+
+    cdef int add_forward_header(self, uint8_t ftype, uint16_t flags, uint64_t fid,
+                                size_t n, const Received *r) except -1:
+        """Only the header of a forwarded frame (caller must have r.shift != 0); the n payload
+        bytes are the caller's to place right after it, here or in a write of its own."""
+        cdef char *p
+        cdef uint32_t head
+        self.ensure(HEADER_SIZE)
         p = self.buf + self.length
-        memcpy(p + HEADER_SIZE, payload, n)
-        write_header(p, ftype, flags, fid, NULL, 0)  # header fields; crc fixed below
+        write_header(p, ftype, flags, fid, NULL, 0)  # header fields; length and crc set below
         teomq_st32(p + 16, <uint32_t>n)
         head = teomq_crc32c_update(0, p, 20)
         teomq_st32(p + 20, r.crc ^ teomq_crc32c_mulmod(r.head_crc ^ head, r.shift))
-        self.length += HEADER_SIZE + n
+        self.length += HEADER_SIZE
         return 0
 
     cdef bytes take_bytes(self):
