@@ -1,4 +1,6 @@
-"""Command-line programs: ``teomq broker|consumer|producer`` and ``teomq-broker``.
+"""Command-line programs: ``teomq broker|consumer|producer|bench`` and ``teomq-broker``.
+
+``teomq bench`` is :mod:`teomq.benchmark.command` (the end-to-end benchmark harness).
 
 Every long option works in the Go original's single-dash form and in the double-dash
 form: ``-broker=X``, ``-broker X``, ``--broker X``, ``--broker=X``. Boolean flags also
@@ -220,7 +222,7 @@ def build_broker_parser(prog: str = "teomq-broker") -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``teomq`` with its ``broker``, ``consumer`` and ``producer`` subcommands."""
+    """The parser of ``teomq`` with its ``broker``, ``consumer``, ``producer`` and ``bench`` subcommands."""
     parser = _Parser(
         prog="teomq",
         description="teomq message queue: a broker and example consumer and producer.",
@@ -246,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
             allow_abbrev=False,
         )
     )
+    from teomq.benchmark import command as bench  # argparse only; the harness is imported on use
+
+    bench.add_arguments(
+        sub.add_parser("bench", help="benchmark a broker end to end (rpc, publish, drain)",
+                       description=bench.DESCRIPTION, allow_abbrev=False)
+    )
     return parser
 
 
@@ -254,7 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``teomq``."""
-    return _execute(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":  # runs its own processes and loops: no logging set-up, no loop here
+        from teomq.benchmark.command import run as run_bench
+
+        return run_bench(args)
+    return _execute(args)
 
 
 def broker_main(argv: Sequence[str] | None = None) -> int:
