@@ -138,6 +138,8 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self.paused = False
         self._resume: asyncio.Future[None] | None = None
+        self._pings: dict[int, asyncio.Future[None]] = {}
+        self._next_ping = 1
         # consumer side
         self._handler = client._handler
         self._handler_async = client._handler_async
@@ -193,6 +195,10 @@ class _Connection(asyncio.Protocol):
             self._on_error(fid, payload)
         elif ftype == _PING:
             self._write(_PONG, 0, fid, b"")
+        elif ftype == _PONG and self.address is not None:
+            fut = self._pings.pop(fid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
         elif ftype == _WELCOME and self.address is None:
             self._on_welcome(payload)
         elif ftype != _PONG or self.address is None:
@@ -251,6 +257,10 @@ class _Connection(asyncio.Protocol):
                 self.welcome.set_exception(self._lost())
         if self._resume is not None and not self._resume.done():
             self._resume.set_exception(self._lost())
+        for fut in self._pings.values():
+            if not fut.done():
+                fut.set_exception(self._lost())
+        self._pings.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -830,6 +840,36 @@ class Client:
         conn, payload, _ = self._prepare(data, None)
         conn._write(_SEND, _NO_REPLY, conn.next_id(), payload)
         self._counts["sent"] += 1
+
+    async def ping(self, timeout: float | None = None) -> float:
+        """Round trip to the broker; returns the seconds it took.
+
+        The broker answers a PING after it has handled every frame this client sent
+        before it, so a completed ping also means every earlier publish() was accepted
+        (or refused with an error that has already arrived).
+
+        Raises:
+            RequestTimeout: no PONG within ``timeout`` (default: the client's timeout).
+            ConnectionLost: the connection closed first.
+        """
+        conn = self._require()
+        if conn._closing:
+            raise conn._lost()
+        loop = conn._loop
+        pid = conn._next_ping
+        conn._next_ping += 1
+        fut: asyncio.Future[None] = loop.create_future()
+        conn._pings[pid] = fut
+        start = loop.time()
+        conn._write(_PING, 0, pid, b"")
+        limit = self._timeout if timeout is None else timeout
+        try:
+            await asyncio.wait_for(fut, limit)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"no PONG from the broker within {limit:g} s") from None
+        finally:
+            conn._pings.pop(pid, None)
+        return loop.time() - start
 
     async def drain(self) -> None:
         """Wait until the connection accepts more writes (returns at once if not paused).

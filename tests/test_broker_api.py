@@ -285,3 +285,16 @@ def test_payloads_around_the_forwarding_threshold_round_trip(arun: Any, tmp_path
             assert_idle(broker)
 
     arun(main())
+
+
+def test_ping_is_a_barrier_for_earlier_publishes(arun: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_broker(tmp_path) as broker:
+            async with teomq.Producer(spec(broker), name="p", timeout=LONG) as producer:
+                for n in range(500):
+                    producer.publish(b"m%d" % n)
+                assert await producer.ping() >= 0
+                assert broker.stats()["in"] == 500  # all accepted before the PONG came back
+                assert broker.stats()["queue"] == 500
+
+    arun(main())
