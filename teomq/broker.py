@@ -47,6 +47,7 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         self.role = "?"
         self.peer = "?"
         self._hs_timer: asyncio.TimerHandle | None = None
+        self._paused: set[str] = set()  # why reading is paused: "write", "queue"
 
     # -- asyncio.BaseProtocol ------------------------------------------------------------
 
@@ -73,10 +74,21 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         # The peer does not read what we send: stop reading what it sends.
-        self.transport.pause_reading()
+        self.pause_for("write")
 
     def resume_writing(self) -> None:
-        self.transport.resume_reading()
+        self.resume_for("write")
+
+    def pause_for(self, reason: str) -> None:
+        """Stop reading from this peer until every reason given is withdrawn."""
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._paused.add(reason)
+
+    def resume_for(self, reason: str) -> None:
+        self._paused.discard(reason)
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     # -- hooks called by the core ----------------------------------------------------------
 
@@ -134,6 +146,8 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         # WELCOME goes out before any DELIVER that accept_hello makes possible.
         self.send_frame(FrameType.WELCOME, 0, fid, msgpack.packb(welcome))
         self.accept_hello(role != "producer", min(prefetch, MAX_PREFETCH))
+        if role == "producer" and b._disp is not None and b._disp.backpressure:
+            self.pause_for("queue")
         log.info("%s %s connected from %s", role, self.name, self.peer)
 
     def _handshake_timeout(self) -> None:
@@ -228,6 +242,7 @@ class Broker:
                                 scheduler=loop.call_soon)
         if self.log_messages:
             self._disp.on_message = self._log_message
+        self._disp.on_backpressure = self._backpressure
         disp = self._disp
         self._server = await loop.create_server(
             lambda: BrokerConnection(disp, self), self.host, self.port, reuse_address=True)
@@ -275,6 +290,21 @@ class Broker:
         s = self._disp.stats() if self._disp is not None else {}
         s["errors"] = self._errors
         return s
+
+    def _backpressure(self, on: bool) -> None:
+        # Only pure producers are paused: a consumer must keep reading to return its answers.
+        producers = [c for c in self._conns if c.handshaken and c.role == "producer"]
+        depth = self._disp.queue.__len__() if self._disp is not None else 0
+        if on:
+            log.info("queue at %d messages (high mark): pausing reads from %d producers",
+                     depth, len(producers))
+        else:
+            log.info("queue down to %d messages (low mark): resuming %d producers", depth, len(producers))
+        for conn in producers:
+            if on:
+                conn.pause_for("queue")
+            else:
+                conn.resume_for("queue")
 
     def _log_message(self, conn: BrokerConnection, msg_id: int, payload: bytes) -> None:
         msg_log.info("message #%d from %s: %s", msg_id, conn.name,

@@ -298,3 +298,28 @@ def test_ping_is_a_barrier_for_earlier_publishes(arun: Any, tmp_path: Path) -> N
                 assert broker.stats()["queue"] == 500
 
     arun(main())
+
+
+def test_publishers_meet_backpressure_not_refusals(arun: Any, tmp_path: Path) -> None:
+    """Past 3/4 of queue_max the broker stops reading from producers (TCP back-pressure) and
+    resumes at a quarter of that: a burst 5x the bound is delivered whole, nothing refused."""
+    bound, burst = 4000, 20000
+
+    async def main() -> None:
+        async with make_broker(tmp_path, queue_max=bound) as broker:
+            async with teomq.Producer(spec(broker), name="p", timeout=LONG) as producer:
+                for n in range(burst):
+                    producer.publish(b"%06d" % n + b"." * 94)
+                await until(lambda: broker.stats()["backpressure"] == 1, "the high mark")
+                s = broker.stats()
+                assert s["queue"] >= bound * 3 // 4 and s["refused"] == 0, s
+                seen: list[bytes] = []
+                async with teomq.Consumer(spec(broker), lambda d: seen.append(d[:6]), name="c", prefetch=256):
+                    await until(lambda: len(seen) == burst, "every message delivered", timeout=120)
+                    await producer.ping()
+                s = broker.stats()
+                assert (s["in"], s["refused"], s["backpressure"]) == (burst, 0, 0), s
+                assert seen == [b"%06d" % n for n in range(burst)]
+            assert_idle(broker)
+
+    arun(main())

@@ -74,6 +74,10 @@ cdef class Dispatcher:
     cdef object scheduler      # callable(callback): run callback once, later in this loop pass
     cdef object flush_cb
     cdef public object on_message   # None, or callable(conn, msg_id, payload) per accepted message
+    cdef public object on_backpressure  # None, or callable(bool): queue above its high mark / back at low
+    cdef readonly size_t queue_high
+    cdef readonly size_t queue_low
+    cdef readonly bint backpressure
     cdef readonly uint32_t max_payload
     cdef readonly int32_t consumers
     cdef readonly uint64_t n_in

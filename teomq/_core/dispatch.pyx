@@ -368,6 +368,11 @@ cdef class Dispatcher:
         self.conns = []
         self.free_slots = []
         self.queue = MsgRing(1024, queue_max)
+        # Producers' reads pause at 3/4 of the bound and resume at a quarter of that, so
+        # publishers meet TCP back-pressure long before the bound refuses anything.
+        self.queue_high = queue_max - queue_max // 4 if queue_max > 1 else 1
+        self.queue_low = self.queue_high // 4
+        self.on_backpressure = None
         self.flights_cap = 256
         self.flights = <Flight *>malloc(self.flights_cap * sizeof(Flight))
         self.ready_cap = 64
@@ -430,6 +435,10 @@ cdef class Dispatcher:
             conn._add_error(E_QUEUE_FULL, h.fid, ERR_QUEUE_FULL)
             return 0
         self.n_in += 1
+        if not self.backpressure and self.queue.count >= self.queue_high:
+            self.backpressure = True
+            if self.on_backpressure is not None:
+                self.on_backpressure(True)
         if self.on_message is not None:
             self.on_message(conn, h.fid, PyBytes_FromStringAndSize(payload, h.length))
         return 0
@@ -590,6 +599,10 @@ cdef class Dispatcher:
             self.deliver(c, &m)
             if c.credit > 0:
                 self.ready_push(c)
+        if self.backpressure and self.queue.count <= self.queue_low:
+            self.backpressure = False
+            if self.on_backpressure is not None:
+                self.on_backpressure(False)
         return 0
 
     # -- output ---------------------------------------------------------------------------
@@ -638,5 +651,6 @@ cdef class Dispatcher:
             "queue": self.queue.count,
             "inflight": self.n_inflight,
             "consumers": self.consumers,
+            "backpressure": int(self.backpressure),
             "connections": len(self.conns) - len(self.free_slots),
         }
