@@ -331,7 +331,7 @@ class _Connection(asyncio.Protocol):
         user_limit = self._client._max_payload
         self.max_send = min(limit, user_limit) if user_limit else limit
         core = self._core
-        core.max_payload = limit  # frames after WELCOME are held to the broker's own limit
+        core.set_max_payload(limit)  # frames after WELCOME are held to the broker's own limit
         core.max_send = self.max_send
         if self._handler is not None and not self._handler_async:
             core.handler = self._handler  # sync handler: DELIVERs are run in the core from now on

@@ -22,27 +22,19 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcpy, memmove
+from libc.stdlib cimport calloc, free, malloc
 
 from teomq._core.frame_codec cimport (
-    F_REDELIVERED, FrameHeader, HEADER_SIZE, T_ANSWER, T_DELIVER, T_REPLY, T_SEND, WriteBuffer,
-    as_bytes_view, as_u64, check_partial, parse_header, verify_crc,
+    F_REDELIVERED, FrameDecoder, FrameHeader, T_ANSWER, T_DELIVER, T_REPLY, T_SEND, WriteBuffer,
+    as_u64,
 )
 
 from asyncio import InvalidStateError
 
-from teomq.errors import ProtocolError
-
 
 @cython.final
-cdef class ClientCore:
+cdef class ClientCore(FrameDecoder):
 
-    cdef char *buf
-    cdef size_t length
-    cdef size_t cap
-    cdef public uint32_t max_payload
-    cdef object _error
     cdef readonly WriteBuffer wbuf
     # pending: slot = id & mask; entries[slot] is an owned reference or NULL
     cdef PyObject **entries
@@ -64,17 +56,11 @@ cdef class ClientCore:
     cdef readonly uint64_t redelivered
 
     def __cinit__(self, max_payload, on_frame, on_result, on_callback_error):
-        cdef uint64_t mp = as_u64(max_payload)
-        if mp > 0xFFFFFFFF:
-            raise OverflowError("max_payload is over 2**32 - 1")
-        self.max_payload = <uint32_t>mp
-        self.cap = 65536
-        self.buf = <char *>malloc(self.cap)
         self.mask = 255
         self.entries = <PyObject **>calloc(self.mask + 1, sizeof(PyObject *))
         self.ids = <uint64_t *>malloc((self.mask + 1) * sizeof(uint64_t))
         self.is_future = <unsigned char *>malloc(self.mask + 1)
-        if self.buf == NULL or self.entries == NULL or self.ids == NULL or self.is_future == NULL:
+        if self.entries == NULL or self.ids == NULL or self.is_future == NULL:
             raise MemoryError()
         self.wbuf = WriteBuffer(16384)
         self.next_id = 1
@@ -93,7 +79,6 @@ cdef class ClientCore:
             free(self.entries)
         free(self.ids)
         free(self.is_future)
-        free(self.buf)
 
     # -- pending requests -----------------------------------------------------------------
 
@@ -197,62 +182,12 @@ cdef class ClientCore:
 
     # -- input ----------------------------------------------------------------------------
 
-    cdef int _append(self, const char *p, size_t n) except -1:
-        cdef size_t need = self.length + n
-        cdef size_t cap = self.cap
-        cdef char *nb
-        if need > cap:
-            while cap < need:
-                cap <<= 1
-            nb = <char *>realloc(self.buf, cap)
-            if nb == NULL:
-                raise MemoryError()
-            self.buf = nb
-            self.cap = cap
-        memcpy(self.buf + self.length, p, n)
-        self.length = need
-        return 0
-
     def feed(self, data):
         """Handle every complete frame of ``data`` (one socket read). Raises ProtocolError."""
-        cdef const unsigned char[::1] view
-        cdef FrameHeader h
-        cdef size_t pos = 0
-        cdef size_t total
-        if self._error is not None:
-            raise self._error
-        if type(data) is bytes:
-            if PyBytes_GET_SIZE(data):
-                self._append(PyBytes_AS_STRING(data), <size_t>PyBytes_GET_SIZE(data))
-        else:
-            view = as_bytes_view(data)
-            if view.shape[0]:
-                self._append(<const char *>&view[0], view.shape[0])
-        try:
-            while self.length - pos >= HEADER_SIZE:
-                parse_header(self.buf + pos, &h, self.max_payload)
-                total = HEADER_SIZE + <size_t>h.length
-                if self.length - pos < total:
-                    break
-                verify_crc(self.buf + pos, h.length)
-                # the frame is consumed before it is handled: a callback may feed or close us
-                pos += total
-                self._frame(&h, self.buf + pos - h.length)
-                if self._error is not None:
-                    break
-            if self.length - pos < HEADER_SIZE:
-                check_partial(self.buf + pos, self.length - pos)
-        except ProtocolError as exc:
-            self._error = exc
-            self.length = 0
-            raise
-        finally:
-            if pos and self._error is None:
-                self.length -= pos
-                if self.length:
-                    memmove(self.buf, self.buf + pos, self.length)
+        self._consume(data)
+        self._parse()
 
-    cdef int _frame(self, FrameHeader *h, const char *p) except -1:
+    cdef int _on_frame(self, FrameHeader *h, const char *p) except -1:
         cdef object entry
         cdef object payload = PyBytes_FromStringAndSize(p, h.length)
         cdef object result
@@ -297,8 +232,3 @@ cdef class ClientCore:
     def poison(self, exc):
         """Stop handling input (the owner is closing the connection for ``exc``)."""
         self._error = exc
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held that do not yet make a complete frame."""
-        return self.length

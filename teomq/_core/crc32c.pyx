@@ -6,8 +6,7 @@ from libc.stdint cimport uint32_t, uint64_t
 from teomq._core.frame_codec cimport as_bytes_view, as_u64
 
 
-def crc32c(data, crc=0):
-    """Return the CRC32C of ``data`` continuing from ``crc`` (0 to start)."""
+cdef object _crc(object data, object crc, bint software):
     cdef const unsigned char[::1] view = as_bytes_view(data)
     cdef uint64_t c0 = as_u64(crc)
     cdef uint32_t c
@@ -17,23 +16,21 @@ def crc32c(data, crc=0):
     if view.shape[0] == 0:
         return c
     with nogil:
-        c = teomq_crc32c_update(c, <const char *>&view[0], view.shape[0])
+        if software:
+            c = teomq_crc32c_update_sw(c, <const char *>&view[0], view.shape[0])
+        else:
+            c = teomq_crc32c_update(c, <const char *>&view[0], view.shape[0])
     return c
+
+
+def crc32c(data, crc=0):
+    """Return the CRC32C of ``data`` continuing from ``crc`` (0 to start)."""
+    return _crc(data, crc, False)
 
 
 def crc32c_software(data, crc=0):
     """The table implementation, whatever the CPU; for tests and benchmarks."""
-    cdef const unsigned char[::1] view = as_bytes_view(data)
-    cdef uint64_t c0 = as_u64(crc)
-    cdef uint32_t c
-    if c0 > 0xFFFFFFFF:
-        raise OverflowError("crc is over 2**32 - 1")
-    c = <uint32_t>c0
-    if view.shape[0] == 0:
-        return c
-    with nogil:
-        c = teomq_crc32c_update_sw(c, <const char *>&view[0], view.shape[0])
-    return c
+    return _crc(data, crc, True)
 
 
 def hardware() -> bool:

@@ -43,7 +43,8 @@ cdef extern from "sys/socket.h" nogil:
 from teomq._core.frame_codec cimport (
     E_HANDSHAKE, E_NOT_ALLOWED, E_QUEUE_FULL, E_UNKNOWN_ID, F_NO_ANSWER, F_NO_REPLY,
     F_REDELIVERED, FrameHeader, HEADER_SIZE, T_ANSWER, T_DELIVER, T_ERROR, T_HELLO, T_MAX, T_PING,
-    T_PONG, T_REPLY, T_SEND, Received, WriteBuffer, check_partial, note_received, parse_header,
+    T_PONG, T_REPLY, T_SEND, Received, WriteBuffer, check_partial, grow_buffer, note_received,
+    parse_header,
     protocol_error, verify_crc,
 )
 from teomq._core.ring_queue cimport Msg, MsgRing
@@ -108,19 +109,9 @@ cdef class CoreConnection:
 
     def get_buffer(self, Py_ssize_t sizehint):
         cdef size_t want = READ_CHUNK
-        cdef size_t cap
-        cdef char *nb
         if sizehint > 0 and <size_t>sizehint > want:
             want = <size_t>sizehint
-        if self.rcap - self.rlen < want:
-            cap = self.rcap
-            while cap - self.rlen < want:
-                cap <<= 1
-            nb = <char *>realloc(self.rbuf, cap)
-            if nb == NULL:
-                raise MemoryError()
-            self.rbuf = nb
-            self.rcap = cap
+        grow_buffer(&self.rbuf, &self.rcap, self.rlen + want)
         return PyMemoryView_FromMemory(self.rbuf + self.rlen, self.rcap - self.rlen, PyBUF_WRITE)
 
     def buffer_updated(self, Py_ssize_t nbytes):

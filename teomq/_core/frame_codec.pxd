@@ -54,6 +54,7 @@ cdef int verify_crc(const char *frame, uint32_t length) except -1
 cdef void write_header(char *p, uint8_t ftype, uint16_t flags, uint64_t fid,
                        const char *payload, uint32_t length) noexcept nogil
 cdef object protocol_error(int code, str reason)
+cdef int grow_buffer(char **buf, size_t *cap, size_t need) except -1
 cdef uint64_t as_u64(object v) except? 0xFFFFFFFFFFFFFFFF
 cdef const unsigned char[::1] as_bytes_view(object data)
 
@@ -70,6 +71,18 @@ cdef struct Received:
     uint32_t shift        # x^(8 length) mod P; 0 when length < REFRAME_MIN (recompute instead)
 
 cdef void note_received(const char *frame, uint32_t length, Received *r) noexcept nogil
+
+
+cdef class FrameDecoder:
+    cdef char *buf
+    cdef size_t length
+    cdef size_t cap
+    cdef readonly uint32_t max_payload
+    cdef object _error
+    cdef list _out
+    cdef int _consume(self, object data) except -1
+    cdef int _parse(self) except -1
+    cdef int _on_frame(self, FrameHeader *h, const char *payload) except -1
 
 
 cdef class WriteBuffer:

@@ -84,6 +84,22 @@ cdef int parse_header(const char *p, FrameHeader *h, uint32_t max_payload) excep
     return 0
 
 
+cdef int grow_buffer(char **buf, size_t *cap, size_t need) except -1:
+    """Make *buf hold at least need bytes, doubling *cap; the contents are kept."""
+    cdef size_t c = cap[0]
+    cdef char *nb
+    if need <= c:
+        return 0
+    while c < need:
+        c <<= 1
+    nb = <char *>realloc(buf[0], c)
+    if nb == NULL:
+        raise MemoryError()
+    buf[0] = nb
+    cap[0] = c
+    return 0
+
+
 cdef int check_partial(const char *p, size_t n) except -1:
     """Refuse a partial header early when its first bytes already show it is not a frame."""
     if n >= 1 and p[0] != b'T' or n >= 2 and p[1] != b'Q':
@@ -144,19 +160,7 @@ cdef class WriteBuffer:
         free(self.buf)
 
     cdef int ensure(self, size_t extra) except -1:
-        cdef size_t need = self.length + extra
-        cdef size_t cap = self.cap
-        cdef char *nb
-        if need <= cap:
-            return 0
-        while cap < need:
-            cap <<= 1
-        nb = <char *>realloc(self.buf, cap)
-        if nb == NULL:
-            raise MemoryError()
-        self.buf = nb
-        self.cap = cap
-        return 0
+        return grow_buffer(&self.buf, &self.cap, self.length + extra)
 
     cdef int add_frame(self, uint8_t ftype, uint16_t flags, uint64_t fid,
                        const char *payload, size_t n) except -1:
@@ -236,25 +240,16 @@ def encode_frame(ftype, flags, fid, payload=b"") -> bytes:
     return wb.take_bytes()
 
 
-@cython.final
 cdef class FrameDecoder:
     """Incremental decoder: feed() any chunking of a byte stream, get back every complete frame.
 
     Frames come back as tuples ``(type, flags, id, payload: bytes)``. After a ProtocolError
-    the decoder is poisoned: every later feed() raises the same error.
+    the decoder is poisoned: every later feed() raises the same error. Subclasses in C
+    (ClientCore) override ``_on_frame`` to handle frames instead of listing them.
     """
 
-    cdef char *buf
-    cdef size_t length
-    cdef size_t cap
-    cdef readonly uint32_t max_payload
-    cdef object _error
-
-    def __cinit__(self, max_payload=1 << 20):
-        cdef uint64_t mp = as_u64(max_payload)
-        if mp > 0xFFFFFFFF:
-            raise OverflowError("max_payload is over 2**32 - 1")
-        self.max_payload = <uint32_t>mp
+    def __cinit__(self, max_payload=1 << 20, *args, **kwargs):
+        self.set_max_payload(max_payload)
         self.cap = 65536
         self.buf = <char *>malloc(self.cap)
         if self.buf == NULL:
@@ -265,38 +260,39 @@ cdef class FrameDecoder:
     def __dealloc__(self):
         free(self.buf)
 
-    cdef int _append(self, const char *p, size_t n) except -1:
-        cdef size_t need = self.length + n
-        cdef size_t cap = self.cap
-        cdef char *nb
-        if need > cap:
-            while cap < need:
-                cap <<= 1
-            nb = <char *>realloc(self.buf, cap)
-            if nb == NULL:
-                raise MemoryError()
-            self.buf = nb
-            self.cap = cap
-        memcpy(self.buf + self.length, p, n)
-        self.length = need
-        return 0
+    def set_max_payload(self, max_payload):
+        """Hold frames not yet parsed to a new payload limit (e.g. the peer's, once known)."""
+        cdef uint64_t mp = as_u64(max_payload)
+        if mp > 0xFFFFFFFF:
+            raise OverflowError("max_payload is over 2**32 - 1")
+        self.max_payload = <uint32_t>mp
 
-    def feed(self, data) -> list:
-        """Add bytes; return the list of frames completed by them (may be empty)."""
+    cdef int _consume(self, object data) except -1:
+        # append one read to the buffer (raises the poisoning error first)
         cdef const unsigned char[::1] view
-        cdef FrameHeader h
-        cdef size_t pos = 0
-        cdef size_t total
-        cdef list out = []
+        cdef const char *p
+        cdef size_t n
         if self._error is not None:
             raise self._error
         if type(data) is bytes:  # what a transport hands over: skip the buffer protocol
-            if PyBytes_GET_SIZE(data):
-                self._append(PyBytes_AS_STRING(data), <size_t>PyBytes_GET_SIZE(data))
+            p = PyBytes_AS_STRING(data)
+            n = <size_t>PyBytes_GET_SIZE(data)
         else:
             view = as_bytes_view(data)
-            if view.shape[0]:
-                self._append(<const char *>&view[0], view.shape[0])
+            n = view.shape[0]
+            p = <const char *>&view[0] if n else NULL
+        if n:
+            grow_buffer(&self.buf, &self.cap, self.length + n)
+            memcpy(self.buf + self.length, p, n)
+            self.length += n
+        return 0
+
+    cdef int _parse(self) except -1:
+        # every complete frame in the buffer to _on_frame; a frame is consumed before it is
+        # handled, and a handler that poisons the decoder stops the loop
+        cdef FrameHeader h
+        cdef size_t pos = 0
+        cdef size_t total
         try:
             while self.length - pos >= HEADER_SIZE:
                 parse_header(self.buf + pos, &h, self.max_payload)
@@ -304,19 +300,36 @@ cdef class FrameDecoder:
                 if self.length - pos < total:
                     break
                 verify_crc(self.buf + pos, h.length)
-                out.append((h.ftype, h.flags, h.fid,
-                            PyBytes_FromStringAndSize(self.buf + pos + HEADER_SIZE, h.length)))
                 pos += total
+                self._on_frame(&h, self.buf + pos - h.length)
+                if self._error is not None:
+                    return 0
             if self.length - pos < HEADER_SIZE:
                 check_partial(self.buf + pos, self.length - pos)
         except ProtocolError as exc:
             self._error = exc
             self.length = 0
             raise
-        if pos:
-            self.length -= pos
-            if self.length:
-                memmove(self.buf, self.buf + pos, self.length)
+        finally:
+            if pos and self._error is None:
+                self.length -= pos
+                if self.length:
+                    memmove(self.buf, self.buf + pos, self.length)
+        return 0
+
+    cdef int _on_frame(self, FrameHeader *h, const char *payload) except -1:
+        self._out.append((h.ftype, h.flags, h.fid, PyBytes_FromStringAndSize(payload, h.length)))
+        return 0
+
+    def feed(self, data) -> list:
+        """Add bytes; return the list of frames completed by them (may be empty)."""
+        cdef list out = []
+        self._consume(data)
+        self._out = out
+        try:
+            self._parse()
+        finally:
+            self._out = None
         return out
 
     @property
