@@ -155,6 +155,7 @@ class _Connection(asyncio.Protocol):
         if sock is not None:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._core.set_socket(sock.fileno())
             except (OSError, AttributeError):
                 pass
         c = self._client
@@ -286,9 +287,10 @@ class _Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        data = self._wbuf.take()
-        if data and not self._closing:
-            self._transport.write(data)  # type: ignore[union-attr]
+        if self._closing:
+            self._wbuf.take()
+        else:
+            self._core.write_out(self._transport)
 
     def _fail(self, reason: str, cause: BaseException | None, error_code: int = 0) -> None:
         """Close the connection for a fatal reason; pending requests get ConnectionLost."""

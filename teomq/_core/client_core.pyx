@@ -36,6 +36,8 @@ from asyncio import InvalidStateError
 cdef class ClientCore(FrameDecoder):
 
     cdef readonly WriteBuffer wbuf
+    cdef int fd                     # the socket, written directly while the transport holds nothing
+    cdef bint backlog               # the transport holds bytes of ours
     # pending: slot = id & mask; entries[slot] is an owned reference or NULL
     cdef PyObject **entries
     cdef uint64_t *ids
@@ -56,6 +58,7 @@ cdef class ClientCore(FrameDecoder):
     cdef readonly uint64_t redelivered
 
     def __cinit__(self, max_payload, on_frame, on_result, on_callback_error):
+        self.fd = -1
         self.mask = 255
         self.entries = <PyObject **>calloc(self.mask + 1, sizeof(PyObject *))
         self.ids = <uint64_t *>malloc((self.mask + 1) * sizeof(uint64_t))
@@ -228,6 +231,16 @@ cdef class ClientCore(FrameDecoder):
             return 0
         self.on_frame(h.ftype, h.flags, h.fid, payload)
         return 0
+
+    def set_socket(self, int fd):
+        """Let write_out() send to this socket directly (-1: always through the transport)."""
+        self.fd = fd
+        self.backlog = True  # the HELLO went through the transport: ask it once before going around it
+
+    def write_out(self, transport):
+        """Write the output buffer: one send(), the transport only for what the socket refuses."""
+        if self.wbuf.length:
+            self.wbuf.write_to(self.fd, &self.backlog, transport)
 
     def poison(self, exc):
         """Stop handling input (the owner is closing the connection for ``exc``)."""

@@ -35,7 +35,6 @@ cdef extern from "sys/socket.h" nogil:
         void *msg_control
         size_t msg_controllen
         int msg_flags
-    ssize_t send(int fd, const void *buf, size_t n, int flags)
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     int MSG_DONTWAIT
     int MSG_NOSIGNAL
@@ -209,29 +208,11 @@ cdef class CoreConnection:
         self.disp.schedule_flush()
 
     cdef int _write_out(self) except -1:
-        # One write of everything pending. While the transport holds nothing of ours, send()
-        # straight from the output buffer: no bytes object, no copy, no Python call (saves the
-        # take_bytes() copy of every frame). Whatever the socket does not take goes to the
-        # transport, which then owns ordering until it reports an empty buffer again.
-        cdef size_t length = self.out.length
-        cdef ssize_t n = 0
+        # One write of everything pending (WriteBuffer.write_to: straight to the socket while
+        # the transport holds nothing of ours; saves the take_bytes() copy of every frame).
         if self.n_ext:
             return self._write_gather()
-        if self.fd >= 0:
-            if self.transport_backlog and self.transport.get_write_buffer_size() == 0:
-                self.transport_backlog = False
-            if not self.transport_backlog:
-                with nogil:
-                    n = send(self.fd, self.out.buf, length, MSG_DONTWAIT | MSG_NOSIGNAL)
-                if n < 0:
-                    n = 0  # EAGAIN, or an error the transport will meet and report itself
-                if <size_t>n == length:
-                    self._clear_out()
-                    return 0
-            self.transport_backlog = True
-        self.transport.write(PyBytes_FromStringAndSize(self.out.buf + n, length - n))
-        self._clear_out()
-        return 0
+        return self.out.write_to(self.fd, &self.transport_backlog, self.transport)
 
     cdef int _write_gather(self) except -1:
         # The output buffer interleaved with payloads written in place: one sendmsg() of the

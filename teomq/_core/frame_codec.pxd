@@ -98,4 +98,5 @@ cdef class WriteBuffer:
     cdef int add_forward_header(self, uint8_t ftype, uint16_t flags, uint64_t fid,
                                 size_t n, const Received *r) except -1
     cdef bytes take_bytes(self)
+    cdef int write_to(self, int fd, bint *backlog, object transport) except -1
     cdef void clear(self) noexcept

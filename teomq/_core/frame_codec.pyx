@@ -22,6 +22,11 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
+
+cdef extern from "sys/socket.h" nogil:
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    int MSG_DONTWAIT
+    int MSG_NOSIGNAL
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from teomq._core.crc32c cimport (
@@ -196,6 +201,29 @@ cdef class WriteBuffer:
         head = teomq_crc32c_update(0, p, 20)
         teomq_st32(p + 20, r.crc ^ teomq_crc32c_mulmod(r.head_crc ^ head, r.shift))
         self.length += HEADER_SIZE
+        return 0
+
+    cdef int write_to(self, int fd, bint *backlog, object transport) except -1:
+        """Write everything and empty the buffer: send() straight to fd while the transport
+        holds nothing of ours (no bytes object, no copy); what the socket does not take goes to
+        the transport, which owns ordering until it reports an empty buffer (*backlog tracks
+        that). fd < 0: always through the transport."""
+        cdef size_t length = self.length
+        cdef ssize_t n = 0
+        if fd >= 0:
+            if backlog[0] and transport.get_write_buffer_size() == 0:
+                backlog[0] = False
+            if not backlog[0]:
+                with nogil:
+                    n = send(fd, self.buf, length, MSG_DONTWAIT | MSG_NOSIGNAL)
+                if n < 0:
+                    n = 0  # EAGAIN, or an error the transport will meet and report itself
+                if <size_t>n == length:
+                    self.length = 0
+                    return 0
+            backlog[0] = True
+        transport.write(PyBytes_FromStringAndSize(self.buf + n, length - n))
+        self.length = 0
         return 0
 
     cdef bytes take_bytes(self):
