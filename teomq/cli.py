@@ -33,12 +33,13 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from teomq.addressbook import DEFAULT_PORT, default_data_dir
 from teomq.errors import ConnectionLost, TeomqError
 from teomq.protocol import DEFAULT_MAX_PAYLOAD, MAX_PAYLOAD_LIMIT
+from teomq.loops import run as run_on_loop
 from teomq.stats_printer import print_stats
 
 __all__ = ["build_broker_parser", "build_parser", "broker_main", "main", "parse_listen"]
@@ -283,23 +284,9 @@ def _execute(args: argparse.Namespace) -> int:
         print("teomq: -loop=uvloop given but uvloop is not installed", file=sys.stderr)
         return 2
     try:
-        return _run(args.func(args), args.loop)
+        return run_on_loop(args.func(args), args.loop)
     except KeyboardInterrupt:  # a signal before our handlers were installed
         return 130
-
-
-def _run(coro: Coroutine[Any, Any, int], loop: str) -> int:
-    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    if loop == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    if sys.version_info >= (3, 11):
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(coro)
-    if factory is not None:  # Python 3.10
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return asyncio.run(coro)
 
 
 def _emit(line: str) -> None:

@@ -33,7 +33,8 @@ from teomq.benchmark.driver import Driver, Server
 from teomq.benchmark.loader import load_driver
 from teomq.benchmark.proc_stats import delta, proc_counters, proc_rss_kib
 from teomq.benchmark.progress import NoProgress
-from teomq.benchmark.workers import Config, group_main, run_loop, shares
+from teomq.benchmark.workers import Config, group_main, shares
+from teomq.loops import run as run_loop
 
 START_DELAY_NS = 250_000_000  # "go" to first send: every process has received "go" by then
 CONNECT_TIMEOUT = 60.0  # spawning and connecting all clients (9+ interpreters on 2 cores)

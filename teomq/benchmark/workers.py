@@ -36,13 +36,14 @@ import struct
 import sys
 import time
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from teomq.benchmark.driver import ConsumerSide, Driver, ProducerSide
 from teomq.benchmark.loader import load_driver
 from teomq.benchmark.proc_stats import delta, self_counters
+from teomq.loops import run as run_loop
 
 PROGRESS_S = 0.25
 _STAMP = struct.Struct("<q")
@@ -80,23 +81,6 @@ class Config:
 def shares(total: int, n: int) -> list[int]:
     """``total`` split over ``n`` producers as evenly as possible (first ones get the rest)."""
     return [total // n + (1 if i < total % n else 0) for i in range(n)]
-
-
-def run_loop(coro: Coroutine[Any, Any, Any], loop: str) -> Any:
-    """Run ``coro`` on a new loop of the given kind."""
-    factory = None
-    if loop == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    if sys.version_info >= (3, 11):
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(coro)
-    if factory is not None:  # Python 3.10
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return asyncio.run(coro)
 
 
 async def recv(conn: multiprocessing.connection.Connection) -> Any:
