@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
-import math
 import os
 import signal
 import sys
@@ -39,6 +38,7 @@ from typing import Any
 from teomq.addressbook import DEFAULT_PORT, default_data_dir
 from teomq.errors import ConnectionLost, TeomqError
 from teomq.protocol import DEFAULT_MAX_PAYLOAD, MAX_PAYLOAD_LIMIT
+from teomq.argtypes import flag, float_value, int_at_least
 from teomq.loops import run as run_on_loop
 from teomq.stats_printer import print_stats
 
@@ -84,31 +84,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            limit = f"from {low} to {high}" if high is not None else f"at least {low}"
-            raise argparse.ArgumentTypeError(f"{value} is out of range: must be {limit}")
-        return value
-
-    return parse
-
-
-def _float_value(*, positive: bool) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            raise argparse.ArgumentTypeError(f"{text!r} must be a {'positive' if positive else 'non-negative'} number")
-        return value
-
-    return parse
 
 
 def _message_format(text: str) -> str:
@@ -146,52 +121,48 @@ class _Parser(argparse.ArgumentParser):
         return []
 
 
-def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
-    """Register ``-name`` and ``--name`` for one option."""
-    parser.add_argument(f"-{name}", f"--{name}", **kwargs)
-
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
     """A switch: ``-name`` turns it on; Go's ``-name=true|false`` also parses."""
-    _flag(parser, name, nargs="?", const=True, default=False, type=_go_bool, metavar="true|false", help=help)
+    flag(parser, name, nargs="?", const=True, default=False, type=_go_bool, metavar="true|false", help=help)
 
 
 def _add_common(parser: argparse.ArgumentParser, what: str) -> None:
     _bool_flag(parser, "nomsg", f"don't log each {what} (default: off)")
     _bool_flag(parser, "stat", "print a 'stat:' line of counters on stdout every -stat-interval seconds (default: off)")
-    _flag(parser, "stat-interval", type=_float_value(positive=True), default=1.0, metavar="SECONDS",
+    flag(parser, "stat-interval", type=float_value(positive=True), default=1.0, metavar="SECONDS",
           help="seconds between 'stat:' lines (default: %(default)s)")
-    _flag(parser, "loop", choices=("uvloop", "asyncio"), default="uvloop" if _uvloop_available() else "asyncio",
+    flag(parser, "loop", choices=("uvloop", "asyncio"), default="uvloop" if _uvloop_available() else "asyncio",
           help="event loop implementation (default: %(default)s)")
-    _flag(parser, "log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", metavar="LEVEL",
+    flag(parser, "log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", metavar="LEVEL",
           help=f"stderr log level, one of {', '.join(LOG_LEVELS)} (default: %(default)s)")
 
 
 def _add_broker_args(parser: argparse.ArgumentParser) -> None:
-    _flag(parser, "listen", type=parse_listen, default=DEFAULT_LISTEN, metavar="HOST:PORT",
+    flag(parser, "listen", type=parse_listen, default=DEFAULT_LISTEN, metavar="HOST:PORT",
           help="address to listen on; ':PORT' means 127.0.0.1, port 0 any free port (default: %(default)s)")
-    _flag(parser, "data-dir", default=str(default_data_dir()), metavar="DIR",
+    flag(parser, "data-dir", default=str(default_data_dir()), metavar="DIR",
           help="directory for the broker's key and data (default: %(default)s, from $TEOMQ_HOME)")
-    _flag(parser, "max-payload", type=_int_at_least(1, MAX_PAYLOAD_LIMIT), default=DEFAULT_MAX_PAYLOAD,
+    flag(parser, "max-payload", type=int_at_least(1, MAX_PAYLOAD_LIMIT), default=DEFAULT_MAX_PAYLOAD,
           metavar="BYTES", help="largest message or answer accepted, in bytes (default: %(default)s)")
-    _flag(parser, "queue-max", type=_int_at_least(1), default=1_000_000, metavar="N",
+    flag(parser, "queue-max", type=int_at_least(1), default=1_000_000, metavar="N",
           help="most messages held in the queue; more are refused with QUEUE_FULL (default: %(default)s)")
     _add_common(parser, "message received (logged on stderr)")
     parser.set_defaults(func=_broker)
 
 
 def _add_client_args(parser: argparse.ArgumentParser, role: str) -> None:
-    _flag(parser, "broker", required=True, metavar="BROKER",
+    flag(parser, "broker", required=True, metavar="BROKER",
           help="broker to use: <address> (looked up in the local address book), <address>@host:port, "
           "host:port or :port (required)")
-    _flag(parser, "name", default=None, help=f"name of this {role} in output lines (default: {role}-<pid>)")
+    flag(parser, "name", default=None, help=f"name of this {role} in output lines (default: {role}-<pid>)")
 
 
 def _add_consumer_args(parser: argparse.ArgumentParser) -> None:
     _add_client_args(parser, "consumer")
-    _flag(parser, "prefetch", type=_int_at_least(1), default=64, metavar="N",
+    flag(parser, "prefetch", type=int_at_least(1), default=64, metavar="N",
           help="most unanswered messages the broker hands this consumer at once (default: %(default)s)")
-    _flag(parser, "work-ms", type=_float_value(positive=False), default=0.0, metavar="MS",
+    flag(parser, "work-ms", type=float_value(positive=False), default=0.0, metavar="MS",
           help="simulated processing time per message in milliseconds, an async sleep (default: %(default)s)")
     _bool_flag(parser, "reconnect",
                "if the broker connection fails or is lost, retry every second instead of exiting 1 (default: off)")
@@ -201,15 +172,15 @@ def _add_consumer_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_producer_args(parser: argparse.ArgumentParser) -> None:
     _add_client_args(parser, "producer")
-    _flag(parser, "delay", type=_int_at_least(0), default=1_000_000, metavar="MICROSECONDS",
+    flag(parser, "delay", type=int_at_least(0), default=1_000_000, metavar="MICROSECONDS",
           help="pause between sends in microseconds; 0 = as fast as -window allows (default: %(default)s)")
-    _flag(parser, "count", type=_int_at_least(0), default=0, metavar="N",
+    flag(parser, "count", type=int_at_least(0), default=0, metavar="N",
           help="messages to send, then wait for their answers and exit; 0 = until stopped (default: %(default)s)")
-    _flag(parser, "window", type=_int_at_least(1), default=64, metavar="N",
+    flag(parser, "window", type=int_at_least(1), default=64, metavar="N",
           help="most requests waiting for an answer at once (default: %(default)s)")
-    _flag(parser, "timeout", type=_float_value(positive=True), default=5.0, metavar="SECONDS",
+    flag(parser, "timeout", type=float_value(positive=True), default=5.0, metavar="SECONDS",
           help="how long to wait for each answer (default: %(default)s)")
-    _flag(parser, "message", type=_message_format, default=DEFAULT_MESSAGE, metavar="FORMAT",
+    flag(parser, "message", type=_message_format, default=DEFAULT_MESSAGE, metavar="FORMAT",
           help="message text; {n} becomes the message number 1, 2, ... (default: %(default)s)")
     _add_common(parser, "answer received (on stdout)")
     parser.set_defaults(func=_producer)

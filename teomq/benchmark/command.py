@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
+
+from teomq.argtypes import flag, float_value, int_at_least
 
 WORKLOADS = {
     "rpc": "request/answer closed loop: each producer keeps --inflight requests outstanding",
@@ -26,37 +28,12 @@ DEFAULT_DURATION = 10.0
 DEFAULT_DRAIN_COUNT = 100_000
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
+_positive_int = int_at_least(1)
+_nonneg_int = int_at_least(0)
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be 0 or more")
-    return v
-
-
-def _seconds(positive: bool) -> Any:
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(v) or v < 0 or (positive and v == 0):
-            raise argparse.ArgumentTypeError(f"{text!r} must be a {'positive' if positive else 'non-negative'} number")
-        return v
-
-    return parse
+def _seconds(positive: bool) -> Callable[[str], float]:
+    return float_value(positive=positive)
 
 
 def _option(text: str) -> tuple[str, str]:
@@ -70,54 +47,50 @@ def _uvloop_available() -> bool:
     return importlib.util.find_spec("uvloop") is not None
 
 
-def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
-    parser.add_argument(f"-{name}", f"--{name}", **kwargs)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``teomq bench`` (parser: the subcommand's)."""
     default_loop = "uvloop" if _uvloop_available() else "asyncio"
     parser.add_argument("workload", choices=tuple(WORKLOADS), metavar="WORKLOAD",
                         help="; ".join(f"{k}: {v}" for k, v in WORKLOADS.items()))
-    _flag(parser, "producers", type=_positive_int, default=4, metavar="P", help="producers (default: %(default)s)")
-    _flag(parser, "consumers", type=_positive_int, default=4, metavar="C", help="consumers (default: %(default)s)")
-    _flag(parser, "inflight", type=_positive_int, default=32, metavar="W",
+    flag(parser, "producers", type=_positive_int, default=4, metavar="P", help="producers (default: %(default)s)")
+    flag(parser, "consumers", type=_positive_int, default=4, metavar="C", help="consumers (default: %(default)s)")
+    flag(parser, "inflight", type=_positive_int, default=32, metavar="W",
           help="rpc: requests outstanding per producer; publish, drain: messages published between "
                "flow-control waits (default: %(default)s)")
-    _flag(parser, "size", type=_nonneg_int, default=100, metavar="BYTES",
+    flag(parser, "size", type=_nonneg_int, default=100, metavar="BYTES",
           help="payload bytes; publish stamps the first 8 with the send time (default: %(default)s)")
-    _flag(parser, "duration", type=_seconds(positive=True), default=None, metavar="S",
+    flag(parser, "duration", type=_seconds(positive=True), default=None, metavar="S",
           help=f"measured window in seconds, rpc and publish (default: {DEFAULT_DURATION:g})")
-    _flag(parser, "count", type=_positive_int, default=None, metavar="N",
+    flag(parser, "count", type=_positive_int, default=None, metavar="N",
           help="messages in all instead of a timed window; the whole run is measured, no warmup "
                f"(drain: default {DEFAULT_DRAIN_COUNT:,})")
-    _flag(parser, "rate", type=_seconds(positive=False), default=0.0, metavar="MSGS",
+    flag(parser, "rate", type=_seconds(positive=False), default=0.0, metavar="MSGS",
           help="publish: messages per second of all producers together, paced in batches of --inflight; "
                "0 = as fast as flow control allows (default: %(default)s)")
-    _flag(parser, "warmup", type=_seconds(positive=False), default=2.0, metavar="S",
+    flag(parser, "warmup", type=_seconds(positive=False), default=2.0, metavar="S",
           help="load before a timed window, not counted (default: %(default)s)")
     parser.add_argument("-procs", "--procs", dest="procs", action="store_true", default=True,
                         help="each client in its own process (the default)")
     parser.add_argument("-no-procs", "--no-procs", dest="procs", action="store_false",
                         help="all clients in one process, on one event loop")
-    _flag(parser, "broker", default="", metavar="URL",
+    flag(parser, "broker", default="", metavar="URL",
           help="use this running server instead of starting one (its CPU and RSS only with --broker-pid)")
-    _flag(parser, "broker-pid", type=_positive_int, default=None, metavar="PID",
+    flag(parser, "broker-pid", type=_positive_int, default=None, metavar="PID",
           help="pid of the --broker process, for its CPU, system calls and RSS")
-    _flag(parser, "loop", choices=("uvloop", "asyncio"), default=default_loop,
+    flag(parser, "loop", choices=("uvloop", "asyncio"), default=default_loop,
           help="event loop of the clients and of a teomq broker started here (default: %(default)s)")
-    _flag(parser, "driver", default="teomq", metavar="SPEC",
+    flag(parser, "driver", default="teomq", metavar="SPEC",
           help="system under test: teomq, package.module:ClassName or path/to/driver.py[:ClassName]; "
                "modules are found from the current directory and its bench/ folder (default: %(default)s)")
     parser.add_argument("-o", "-option", "--option", dest="options", type=_option, action="append", default=[],
                         metavar="KEY=VALUE", help="driver option, repeatable (teomq: prefetch, timeout, mode, "
                                                   "queue_max)")
-    _flag(parser, "json", default="", metavar="FILE", help="also write every figure as JSON to FILE")
+    flag(parser, "json", default="", metavar="FILE", help="also write every figure as JSON to FILE")
     parser.add_argument("-no-progress", "--no-progress", dest="progress", action="store_false", default=True,
                         help="no progress bar (there is none anyway when stderr is not a terminal)")
-    _flag(parser, "timeout", type=_seconds(positive=True), default=60.0, metavar="S",
+    flag(parser, "timeout", type=_seconds(positive=True), default=60.0, metavar="S",
           help="give up after this many seconds without progress (default: %(default)s)")
-    _flag(parser, "profile", default="", metavar="DIR", help="cProfile every client process into DIR")
+    flag(parser, "profile", default="", metavar="DIR", help="cProfile every client process into DIR")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
