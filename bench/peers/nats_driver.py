@@ -32,7 +32,7 @@ import nats.js.api
 import nats.js.errors
 
 from peers.outbox import Outbox, Pending
-from peers.server_process import free_port, once, spawn, terminate, wait_port
+from peers.server_process import free_port, start_listening
 from teomq.benchmark.driver import (
     ConsumerSide,
     Done,
@@ -240,14 +240,8 @@ class NatsDriver(Driver):
         port = int(self.options.get("port") or free_port())
         store = os.path.join(workdir, "nats-jetstream")
         log = os.path.join(workdir, "nats-server.log")
-        proc = spawn([binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store], log)
-        try:
-            wait_port(port, proc, log)
-        except BaseException:
-            terminate(proc)
-            raise
-        return Server(url=f"nats://127.0.0.1:{port}", pid=proc.pid, stop=once(lambda: terminate(proc)),
-                      version=_version(binary), log=log)
+        return start_listening([binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store], port, log,
+                               f"nats://127.0.0.1:{port}", _version(binary))
 
     async def producer(self, url: str, index: int, workload: str, queue: str) -> ProducerSide:
         nc = await _connect(url, f"bench-producer-{index}")

@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from peers.outbox import Outbox, Pending
-from peers.server_process import free_port, once, spawn, terminate, wait_port
+from peers.server_process import free_port, start_listening
 from teomq.benchmark.driver import (
     ConsumerSide,
     Done,
@@ -251,15 +251,9 @@ class RedisDriver(Driver):
         data = os.path.join(workdir, "redis-data")
         os.makedirs(data, exist_ok=True)
         log = os.path.join(workdir, "redis-server.log")
-        proc = spawn([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                      "--dir", data, "--daemonize", "no", "--logfile", ""], log)
-        try:
-            wait_port(port, proc, log)
-        except BaseException:
-            terminate(proc)
-            raise
-        return Server(url=f"redis://127.0.0.1:{port}/0", pid=proc.pid, stop=once(lambda: terminate(proc)),
-                      version=_version(binary), log=log)
+        return start_listening([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                "no", "--dir", data, "--daemonize", "no", "--logfile", ""], port, log,
+                               f"redis://127.0.0.1:{port}/0", _version(binary))
 
     async def producer(self, url: str, index: int, workload: str, queue: str) -> ProducerSide:
         p = RedisProducer(_client(url), workload, queue, self.options.get("pop", "blmpop"))

@@ -15,6 +15,8 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 
+from teomq.benchmark.driver import Server
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -82,6 +84,17 @@ def terminate(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait()
+
+
+def start_listening(cmd: Sequence[str], port: int, log_path: str, url: str, version: str) -> Server:
+    """Spawn a server that listens on 127.0.0.1:port; a Server once it accepts connections."""
+    proc = spawn(cmd, log_path)
+    try:
+        wait_port(port, proc, log_path)
+    except BaseException:
+        terminate(proc)
+        raise
+    return Server(url=url, pid=proc.pid, stop=once(lambda: terminate(proc)), version=version, log=log_path)
 
 
 def once(fn: Callable[[], None]) -> Callable[[], None]:

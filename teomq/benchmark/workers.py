@@ -137,29 +137,14 @@ class _Window:
         return delta(self.c0, self.c1)
 
 
-# -- producers ------------------------------------------------------------------------------
+class _Marks:
+    """progress() at the measured window's start and end, taken once each."""
 
-
-class ProducerWorker:
-    role = "producer"
-
-    def __init__(self, driver: Driver, url: str, index: int, cfg: Config) -> None:
-        self.driver, self.url, self.index, self.cfg = driver, url, index, cfg
-        self.side: ProducerSide | None = None
-        self.sent = 0  # requests or messages sent
-        self.answered = 0  # rpc: answers (not errors)
-        self.errors = 0
-        self.n0: int | None = None  # progress() at the window's start and end
-        self.n1: int | None = None
-        self.lat = array.array("q")
-        self.finished_ns = 0
-
-    async def connect(self) -> None:
-        self.side = await self.driver.producer(self.url, self.index, self.cfg.workload, self.cfg.queue)
+    n0: int | None = None
+    n1: int | None = None
 
     def progress(self) -> int:
-        """What the harness shows and counts: answers (rpc) or messages sent (publish, drain)."""
-        return self.answered if self.cfg.workload == "rpc" else self.sent
+        raise NotImplementedError
 
     def mark_start(self) -> None:
         if self.n0 is None:
@@ -169,6 +154,29 @@ class ProducerWorker:
         if self.n1 is None:
             self.mark_start()
             self.n1 = self.progress()
+
+
+# -- producers ------------------------------------------------------------------------------
+
+
+class ProducerWorker(_Marks):
+    role = "producer"
+
+    def __init__(self, driver: Driver, url: str, index: int, cfg: Config) -> None:
+        self.driver, self.url, self.index, self.cfg = driver, url, index, cfg
+        self.side: ProducerSide | None = None
+        self.sent = 0  # requests or messages sent
+        self.answered = 0  # rpc: answers (not errors)
+        self.errors = 0
+        self.lat = array.array("q")
+        self.finished_ns = 0
+
+    async def connect(self) -> None:
+        self.side = await self.driver.producer(self.url, self.index, self.cfg.workload, self.cfg.queue)
+
+    def progress(self) -> int:
+        """What the harness shows and counts: answers (rpc) or messages sent (publish, drain)."""
+        return self.answered if self.cfg.workload == "rpc" else self.sent
 
     async def run(self, start: int, ws: int, we: int | None, share: int) -> None:
         await _sleep_until(start)
@@ -287,7 +295,7 @@ def _echo(data: bytes) -> bytes:
     return data
 
 
-class ConsumerWorker:
+class ConsumerWorker(_Marks):
     role = "consumer"
 
     def __init__(self, driver: Driver, url: str, index: int, cfg: Config) -> None:
@@ -298,8 +306,6 @@ class ConsumerWorker:
         self.first_ns = 0
         self.last_ns = 0
         self.connected_ns = 0
-        self.n0: int | None = None
-        self.n1: int | None = None
 
     def handler(self) -> Callable[[bytes], Any]:
         if self.cfg.workload == "rpc":
@@ -333,15 +339,6 @@ class ConsumerWorker:
 
     def progress(self) -> int:
         return self.side.count if self.side is not None else 0
-
-    def mark_start(self) -> None:
-        if self.n0 is None:
-            self.n0 = self.progress()
-
-    def mark_end(self) -> None:
-        if self.n1 is None:
-            self.mark_start()
-            self.n1 = self.progress()
 
     def result(self) -> dict[str, Any]:
         return {"role": self.role, "index": self.index, "received": self.progress(),
