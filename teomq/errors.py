@@ -45,3 +45,19 @@ class ConnectionLost(TeomqError, ConnectionError):
 
 class AddressError(TeomqError, ValueError):
     """A broker address could not be resolved or did not verify."""
+
+
+class UnknownCommand(TeomqError, LookupError):
+    """A command string names no command of the schema.
+
+    ``name`` is the name as received (bytes); the message is the original's
+    ``command '<name>' not found`` (names over 256 bytes are shortened to 256 and ``...``).
+    """
+
+    def __init__(self, name: bytes) -> None:
+        self.name = bytes(name)
+        shown = self.name[:256].decode("utf-8", "replace") + ("..." if len(self.name) > 256 else "")
+        super().__init__(f"command '{shown}' not found")
+
+    def __reduce__(self):
+        return (type(self), (self.name,))
