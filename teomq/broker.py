@@ -3,7 +3,9 @@
 Message traffic never passes through this module: each connection is a
 :class:`teomq._core.dispatch.CoreConnection` whose read path (``get_buffer`` /
 ``buffer_updated``) runs in the Cython core. Python is called for a connection's HELLO,
-an ERROR frame a client sends, bad input, the handshake timer and flow control.
+an ERROR frame a client sends, bad input, the handshake timer, flow control and, in
+command mode, the commands the broker answers itself (subscribe, unsubscribe, hello, an
+unknown command).
 """
 
 from __future__ import annotations
@@ -18,17 +20,23 @@ from typing import Any
 import msgpack
 
 from teomq import __version__
-from teomq._core.dispatch import CoreConnection, Dispatcher
+from teomq._core.command_parser import CommandTable
+from teomq._core.dispatch import CMD_UNKNOWN, CMD_UNKNOWN_API, CoreConnection, Dispatcher
 from teomq._core.frame_codec import encode_frame
 from teomq.addressbook import DEFAULT_PORT, AddressBook, default_data_dir
-from teomq.errors import ProtocolError
+from teomq.commands import BROKER_COMMANDS, Command, CommandSchema
+from teomq.errors import ProtocolError, UnknownCommand
 from teomq.identity import BrokerIdentity, welcome_signature_payload
-from teomq.protocol import DEFAULT_MAX_PAYLOAD, ErrorCode, FrameType
+from teomq.protocol import DEFAULT_MAX_PAYLOAD, ApiCommand, ErrorCode, Flag, FrameType
 
 log = logging.getLogger("teomq.broker")
 msg_log = logging.getLogger("teomq.broker.messages")
 
 DEFAULT_PREFETCH = 64
+# RouteKind values of teomq/_core/routes.pxd, in the order of BROKER_COMMANDS after the two routings
+_KIND = {"fanout": 1, "queue": 2}
+_SUBSCRIBE, _UNSUBSCRIBE, _HELLO, _MSG = 3, 4, 5, 6
+_BROKER_KINDS = dict(zip(BROKER_COMMANDS, (_SUBSCRIBE, _UNSUBSCRIBE, _HELLO, _MSG)))
 MAX_PREFETCH = 65535
 _ROLES = ("producer", "consumer", "both")
 
@@ -102,6 +110,52 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
             raise ProtocolError(ErrorCode.HANDSHAKE,
                                 f"expected HELLO as the first frame, got frame type {ftype}")
 
+    def on_command(self, kind: int, fid: int, flags: int, data: bytes) -> None:
+        """A SEND for the broker itself (see Dispatcher.accept_command); rare, so in Python."""
+        if kind == _HELLO:
+            self._reply(fid, flags, b"Hello " + data)
+        elif kind in (_SUBSCRIBE, _UNSUBSCRIBE):
+            self._subscription(kind == _SUBSCRIBE, fid, flags, data)
+        elif kind == CMD_UNKNOWN:
+            self._refuse(fid, ErrorCode.UNKNOWN_COMMAND, str(UnknownCommand(data)))
+        elif kind == CMD_UNKNOWN_API:
+            number = f"API command {data[0]}" if data else "an API SEND without a command number"
+            self._refuse(fid, ErrorCode.UNKNOWN_COMMAND,
+                         f"{number} not found (the broker has {int(ApiCommand.HELLO)} hello "
+                         f"and {int(ApiCommand.MSG)} msg)")
+        else:  # pragma: no cover - the core passes only the kinds above
+            raise AssertionError(f"unexpected command kind {kind}")
+
+    def _subscription(self, on: bool, fid: int, flags: int, name: bytes) -> None:
+        verb = "subscribe" if on else "unsubscribe"
+        disp = self.broker._disp
+        if not self.consumer:
+            self._refuse(fid, ErrorCode.NOT_ALLOWED,
+                         f"only a consumer can {verb}: connect with role consumer or both")
+            return
+        status = disp.subscribe(self, name) if on else disp.unsubscribe(self, name)
+        shown = name.decode("utf-8", "replace")
+        if status == -1:
+            self._refuse(fid, ErrorCode.UNKNOWN_COMMAND, str(UnknownCommand(name)))
+            return
+        if status == -2:
+            self._refuse(fid, ErrorCode.NOT_ALLOWED, f"'{shown}' is a broker command: nothing to {verb}")
+            return
+        if status == 0:
+            log.info("%s %s %sd %s %s", self.role, self.name, verb, "to" if on else "from", shown)
+            disp.pump_now()
+        self._reply(fid, flags, b"OK")
+
+    def _reply(self, fid: int, flags: int, answer: bytes) -> None:
+        if not flags & Flag.NO_REPLY:
+            self.send_frame(FrameType.REPLY, 0, fid, answer)
+
+    def _refuse(self, fid: int, code: int, reason: str) -> None:
+        """Refuse one SEND (the connection stays): an ERROR with its id and a log line."""
+        self.broker._errors += 1
+        log.warning("%s %s (%s): message #%d refused: %s", self.role, self.name, self.peer, fid, reason)
+        self.send_frame(FrameType.ERROR, 0, fid, error_payload(code, reason))
+
     def on_protocol_error(self, exc: ProtocolError) -> None:
         self.broker._errors += 1
         log.warning("closing connection %s (%s %s): %s (error %d)", self.peer, self.role, self.name,
@@ -143,6 +197,8 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
             "max_payload": b.max_payload,
             "server": f"teomq/{__version__}",
         }
+        if b.commands is not None:
+            welcome["commands"] = [c.as_dict() for c in b.commands]
         # WELCOME goes out before any DELIVER that accept_hello makes possible.
         self.send_frame(FrameType.WELCOME, 0, fid, msgpack.packb(welcome))
         self.accept_hello(role != "producer", min(prefetch, MAX_PREFETCH))
@@ -199,6 +255,11 @@ class Broker:
         handshake_timeout: seconds a new connection has to send its HELLO.
         log_messages: log every accepted message (logger ``teomq.broker.messages``).
         record_address: write ``address -> host:port`` to the local address book.
+        commands: the command schema (a :class:`~teomq.commands.CommandSchema` or
+            :class:`~teomq.commands.Command` objects). With one, the broker runs the command
+            scheme: every message must be a command of the schema (else UNKNOWN_COMMAND),
+            consumers subscribe per command and each command routes by its ``routing``.
+            Without one (None), the basic scheme: one queue, round robin.
     """
 
     def __init__(
@@ -212,6 +273,7 @@ class Broker:
         handshake_timeout: float = 10.0,
         log_messages: bool = True,
         record_address: bool = True,
+        commands: CommandSchema | list[Command] | None = None,
     ) -> None:
         if not 0 < max_payload < 1 << 31:
             raise ValueError("max_payload must be between 1 and 2**31 - 1 bytes")
@@ -225,6 +287,9 @@ class Broker:
         self.handshake_timeout = handshake_timeout
         self.log_messages = log_messages
         self.record_address = record_address
+        if commands is not None and not isinstance(commands, CommandSchema):
+            commands = CommandSchema(commands)
+        self.commands: CommandSchema | None = commands
         self.identity: BrokerIdentity | None = None
         self.address = ""
         self._server: asyncio.base_events.Server | None = None
@@ -243,6 +308,16 @@ class Broker:
         if self.log_messages:
             self._disp.on_message = self._log_message
         self._disp.on_backpressure = self._backpressure
+        if self.commands is not None:
+            table = CommandTable()  # the schema's commands, then the broker's own
+            kinds = []
+            for c in self.commands:
+                table.add(c.name, c.pattern)
+                kinds.append(_KIND[c.routing])
+            for name, kind in _BROKER_KINDS.items():
+                table.add(name)
+                kinds.append(kind)
+            self._disp.set_schema(table, kinds)
         disp = self._disp
         self._server = await loop.create_server(
             lambda: BrokerConnection(disp, self), self.host, self.port, reuse_address=True)
@@ -290,6 +365,12 @@ class Broker:
         s = self._disp.stats() if self._disp is not None else {}
         s["errors"] = self._errors
         return s
+
+    def command_stats(self) -> list[dict[str, Any]]:
+        """Per command of the schema: name, routing, queued, subscribers, in, out."""
+        if self._disp is None:
+            return []
+        return [dict(r, name=r["name"].decode("utf-8", "replace")) for r in self._disp.route_stats()]
 
     def _backpressure(self, on: bool) -> None:
         # Only pure producers are paused: a consumer must keep reading to return its answers.

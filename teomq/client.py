@@ -54,9 +54,10 @@ import msgpack
 from teomq._core.client_core import ClientCore
 from teomq._core.frame_codec import encode_frame
 from teomq.addressbook import resolve_broker
-from teomq.errors import AddressError, BrokerError, ConnectionLost, ProtocolError, RequestTimeout
+from teomq.commands import Command, CommandCall, CommandSchema
+from teomq.errors import AddressError, BrokerError, ConnectionLost, ProtocolError, RequestTimeout, UnknownCommand
 from teomq.identity import verify_welcome
-from teomq.protocol import MAX_PAYLOAD_LIMIT, ErrorCode, Flag, FrameType
+from teomq.protocol import MAX_PAYLOAD_LIMIT, ApiCommand, ErrorCode, Flag, FrameType
 
 __all__ = ["Client", "Consumer", "Producer"]
 
@@ -85,6 +86,7 @@ _ANSWER = int(FrameType.ANSWER)
 _NO_REPLY = int(Flag.NO_REPLY)
 _NO_ANSWER = int(Flag.NO_ANSWER)
 _REDELIVERED = int(Flag.REDELIVERED)
+_API = int(Flag.API)
 
 #: Period of the timeout tick (seconds): requests time out at most about two ticks late.
 _TICK = 0.05
@@ -101,6 +103,41 @@ def _to_payload(data: object) -> bytes | bytearray | memoryview:
     if isinstance(data, memoryview):
         return data.cast("B") if data.c_contiguous else data.tobytes()
     raise TypeError(f"payload must be bytes, bytearray, memoryview or str, not {type(data).__name__}")
+
+
+class _Collector:
+    """A request whose answers are all collected until its timeout (fanout commands).
+
+    Lives in the connection's custom-timeout table: each REPLY with its id is added, the
+    timeout ends it with what came, an ERROR fails it. Called like a send() callback.
+    """
+
+    __slots__ = ("future", "answers", "on_answer", "expect")
+
+    def __init__(self, future: asyncio.Future[list[bytes]], on_answer: Callable[[bytes], object] | None,
+                 expect: int | None) -> None:
+        self.future = future
+        self.answers: list[bytes] = []
+        self.on_answer = on_answer
+        self.expect = expect
+
+    def add(self, answer: bytes) -> bool:
+        """Take one answer; True when the expected number has come (the collection ends)."""
+        self.answers.append(answer)
+        if self.on_answer is not None:
+            try:
+                self.on_answer(answer)
+            except Exception:
+                log.exception("collect() on_answer callback raised")
+        return self.expect is not None and len(self.answers) >= self.expect
+
+    def __call__(self, mid: int, data: bytes | None, err: BaseException | None) -> None:
+        if self.future.done():
+            return
+        if err is None or isinstance(err, RequestTimeout):
+            self.future.set_result(self.answers)
+        else:
+            self.future.set_exception(err)
 
 
 class _Connection(asyncio.Protocol):
@@ -126,6 +163,7 @@ class _Connection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self.address: str | None = None
         self.server: str | None = None
+        self.commands: list[Command] | None = None
         self.max_send = 0
         self.stats = client._counts
         self._folded = False  # core counters added to the client's (connection ended)
@@ -186,10 +224,16 @@ class _Connection(asyncio.Protocol):
         if self._closing:
             return
         if ftype == _REPLY:
-            entry = self._custom.pop(fid, None) if self._custom else None
+            entry = self._custom.get(fid) if self._custom else None
             if entry is not None:  # else: late answer after a timeout, or publish(): dropped
                 self.stats["replies"] += 1
-                self._complete(fid, entry, payload, None)
+                if type(entry) is _Collector:
+                    if entry.add(payload):
+                        del self._custom[fid]
+                        entry(fid, None, None)
+                else:
+                    del self._custom[fid]
+                    self._complete(fid, entry, payload, None)
         elif ftype == _DELIVER and self.address is not None:
             self._on_deliver(flags, fid, payload)
         elif ftype == _ERROR:
@@ -330,6 +374,12 @@ class _Connection(asyncio.Protocol):
             return
         self.address = address
         self.server = str(doc.get("server", ""))
+        commands = doc.get("commands")
+        if isinstance(commands, list):
+            try:
+                self.commands = [Command(**c) for c in commands]
+            except (TypeError, ValueError) as exc:
+                log.warning("broker %s sent a bad command schema: %s", address, exc)
         user_limit = self._client._max_payload
         self.max_send = min(limit, user_limit) if user_limit else limit
         core = self._core
@@ -371,12 +421,12 @@ class _Connection(asyncio.Protocol):
             self._loop.call_soon(self._flush)
         return mid
 
-    def submit_custom(self, payload: Any, entry: Any, timeout: float) -> int:
-        """Send a request whose timeout differs from the client's default."""
+    def submit_custom(self, payload: Any, entry: Any, timeout: float, flags: int = 0) -> int:
+        """Send a request whose timeout differs from the client's default (or a collect())."""
         mid = self._core.take_id()
         self._custom[mid] = entry
         heapq.heappush(self._heap, (self._loop.time() + timeout, mid, timeout))
-        self._write(_SEND, 0, mid, payload)
+        self._write(_SEND, flags, mid, payload)
         self.stats["sent"] += 1
         if self._timer is None:
             self._timer = self._loop.call_later(_TICK, self._tick)
@@ -642,6 +692,7 @@ class Client:
         #: Counters. Producing: sent, replies, timeouts, refused (ERROR for a message).
         #: Consuming: received, answered (incl. None -> NO_ANSWER), errors (handler raised
         #: or returned a bad answer; acknowledged with NO_ANSWER), redelivered.
+        self._subscriptions: dict[str, None] = {}  # ordered set
         self._counts: dict[str, int] = dict.fromkeys(("sent", "replies", "timeouts", "refused",
                                                       "received", "answered", "errors", "redelivered"), 0)
         self._stats_view = _StatsView(self)
@@ -686,6 +737,12 @@ class Client:
         self._conn = conn
         self._address = conn.address
         log.debug("connected to broker %s at %s as %r (%s)", conn.address, endpoint, self.name, self._role)
+        if self._subscriptions:
+            try:
+                await self.subscribe(*self._subscriptions)
+            except BaseException:
+                await self.close()
+                raise
 
     async def close(self) -> None:
         """Close the connection; idempotent.
@@ -881,6 +938,109 @@ class Client:
         """
         await self._require().drain()
 
+    # -- command scheme ------------------------------------------------------------------
+
+    @property
+    def commands(self) -> list[Command] | None:
+        """The broker's command schema from WELCOME; None when it runs the basic scheme."""
+        return self._conn.commands if self._conn is not None else None
+
+    async def collect(self, data: Payload, timeout: float | None = None, *, expect: int | None = None,
+                      on_answer: Callable[[bytes], object] | None = None) -> list[bytes]:
+        """Send a message and collect every answer until ``timeout`` (fanout commands).
+
+        A fanout command reaches every subscribed consumer and each one answers; the
+        producer cannot know how many will, so it collects until its timeout, as the
+        original's command-mode producer does.
+
+        Args:
+            data: the command string, e.g. ``"version/some_data"``.
+            timeout: seconds to collect (default: the client's ``timeout``).
+            expect: stop as soon as this many answers have come.
+            on_answer: called with each answer as it arrives.
+
+        Returns:
+            The answers, in arrival order (empty when nobody answered in time).
+
+        Raises:
+            BrokerError: the broker refused the message (e.g. UNKNOWN_COMMAND).
+            ConnectionLost: the connection closed first.
+        """
+        if expect is not None and expect < 1:
+            raise ValueError(f"expect must be at least 1, not {expect!r}")
+        conn, payload, timeout = self._prepare(data, timeout)
+        fut: asyncio.Future[list[bytes]] = conn._loop.create_future()
+        mid = conn.submit_custom(payload, _Collector(fut, on_answer, expect), timeout)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            conn.forget(mid)
+            raise
+
+    async def _call(self, payload: bytes, flags: int = 0, timeout: float | None = None) -> bytes:
+        """A request the broker answers itself: allowed for every role."""
+        conn = self._require()
+        if conn._closing:
+            raise conn._lost()
+        if len(payload) > conn.max_send:
+            raise ValueError(f"payload of {len(payload)} bytes is over the limit of {conn.max_send}")
+        fut: asyncio.Future[bytes] = conn._loop.create_future()
+        mid = conn.submit_custom(payload, fut, self._timeout if timeout is None else timeout, flags)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            conn.forget(mid)
+            raise
+
+    async def subscribe(self, *commands: str) -> None:
+        """Subscribe to commands of the broker's schema (consumers; the ``subscribe/<cmd>`` message).
+
+        Subscriptions are remembered and made again by :meth:`connect`.
+
+        Raises:
+            BrokerError: UNKNOWN_COMMAND for a name not in the schema, NOT_ALLOWED for a
+                client that does not consume or a broker command.
+        """
+        for name in commands:
+            _check_command_name(name)
+            await self._call(b"subscribe/" + name.encode("utf-8"))
+            self._subscriptions[name] = None
+
+    async def unsubscribe(self, *commands: str) -> None:
+        """End subscriptions: the broker sends no more of these commands (``unsubscribe/<cmd>``)."""
+        for name in commands:
+            _check_command_name(name)
+            self._subscriptions.pop(name, None)
+            await self._call(b"unsubscribe/" + name.encode("utf-8"))
+
+    @property
+    def subscriptions(self) -> list[str]:
+        """Commands this client subscribed to (and re-subscribes to on connect)."""
+        return list(self._subscriptions)
+
+    async def call_api(self, command: int | str, data: Payload = b"", timeout: float | None = None) -> bytes:
+        """Call one of the broker's API commands by number or name: 129 ``hello``, 130 ``msg``.
+
+        ``hello`` answers ``Hello <data>``; ``msg`` feeds ``data`` into the broker as if it
+        had been sent normally (no answer from its consumer comes back) and answers ``OK``.
+        Works for every role, in both schemes.
+        """
+        try:
+            number = ApiCommand[command.upper()] if isinstance(command, str) else ApiCommand(command)
+        except (KeyError, ValueError):
+            raise ValueError(f"unknown API command {command!r}: the broker has "
+                             f"{', '.join(f'{int(c)} {c.name.lower()}' for c in ApiCommand)}") from None
+        return await self._call(bytes((number,)) + bytes(_to_payload(data)), _API, timeout)
+
+    async def hello(self, data: Payload) -> bytes:
+        """API command 129: the broker answers ``Hello <data>``."""
+        return await self.call_api(ApiCommand.HELLO, data)
+
+
+def _check_command_name(name: object) -> None:
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"a command name is a non-empty str without '/', not {name!r}")
+
 
 class Producer(Client):
     """A client that sends messages and receives their answers.
@@ -913,18 +1073,74 @@ class Consumer(Client):
     With ``producer=True`` the consumer may also call :meth:`request`,
     :meth:`send` and :meth:`publish` on the same connection.
 
+    **Command scheme.** Register a handler per command with :meth:`command`; it gets a
+    :class:`~teomq.commands.CommandCall` (name, vars from the pattern, data) and the
+    consumer subscribes to the command when it connects. ``handler``, if given, then
+    handles the commands that have no handler of their own.
+
     Example::
 
         async with Consumer(":7050", lambda data: b"Answer to " + data) as c:
             await c.wait_closed()
+
+        consumer = Consumer(":7050")
+
+        @consumer.command("version", "the app's version", pattern="{data}/{description}")
+        def version(cmd):
+            return f"version: 1.0, data: {cmd.vars['data']}"
     """
 
-    def __init__(self, broker: BrokerSpec, handler: Handler, *, name: str | None = None,
+    def __init__(self, broker: BrokerSpec, handler: Handler | None = None, *, name: str | None = None,
                  prefetch: int = 64, producer: bool = False, timeout: float = 5.0,
                  max_payload: int | None = None) -> None:
+        self._fallback = handler
+        self._schema = CommandSchema(reserve_broker_names=False)
+        self._command_handlers: list[Callable[[CommandCall], Any]] = []
         super().__init__(broker, name=name, role="both" if producer else "consumer",
-                         prefetch=prefetch, handler=handler, timeout=timeout,
-                         max_payload=max_payload)
+                         prefetch=prefetch, handler=handler if handler is not None else self._dispatch,
+                         timeout=timeout, max_payload=max_payload)
+
+    def command(self, name: str, description: str = "", pattern: str = "", *,
+                subscribe: bool = True) -> Callable[[Callable[[CommandCall], Any]], Callable[[CommandCall], Any]]:
+        """Decorator: handle command ``name`` (parsed with ``pattern``) with the decorated function.
+
+        The function gets a :class:`~teomq.commands.CommandCall` and returns the answer
+        like a handler (it may be async). With ``subscribe`` (the default) the consumer
+        subscribes to the command on connect. Register commands before connecting when a
+        plain ``handler`` was given to the constructor, or pass none.
+        """
+        def register(fn: Callable[[CommandCall], Any]) -> Callable[[CommandCall], Any]:
+            if not callable(fn):
+                raise TypeError("a command handler must be callable")
+            if self._fallback is not None and self._handler is self._fallback:
+                self._handler = self._dispatch  # commands now go through the schema first
+                self._handler_async = False
+            self._schema.add(name, description, pattern)
+            self._command_handlers.append(fn)
+            if subscribe:
+                self._subscriptions[name] = None
+            return fn
+        return register
+
+    def _dispatch(self, data: bytes) -> Any:
+        """Handler of a command consumer: parse with the schema (in C), call the command's handler."""
+        try:
+            idx, name, values, rest = self._schema.table.parse(data)
+        except UnknownCommand as exc:
+            if self._fallback is not None:
+                return self._fallback(data)
+            consumer_log.warning("%s: no handler for %s; acknowledged without an answer", self.name, exc)
+            return None
+        params = self._schema.table.params_of(idx)
+        call = CommandCall(name.decode("utf-8", "replace"),
+                           {p.decode("utf-8", "replace"): v.decode("utf-8", "replace")
+                            for p, v in zip(params, values)}, rest, data)
+        return self._command_handlers[idx](call)
+
+    @property
+    def schema(self) -> CommandSchema:
+        """The commands this consumer handles."""
+        return self._schema
 
     async def start(self) -> None:
         """Connect and start consuming (same as :meth:`connect`)."""

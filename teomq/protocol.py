@@ -48,6 +48,7 @@ class Flag(enum.IntFlag):
     NO_REPLY = 0x1  # SEND: fire and forget, the broker relays no answer
     NO_ANSWER = 0x2  # ANSWER: the consumer acknowledges without an answer
     REDELIVERED = 0x4  # DELIVER: an earlier delivery of this message was not answered
+    API = 0x8  # SEND: payload is [u8 API command][data], answered by the broker itself
 
 
 class ErrorCode(enum.IntEnum):
@@ -59,7 +60,15 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_ID = 6  # ANSWER for a delivery this connection does not hold
     QUEUE_FULL = 7  # SEND refused: the broker's queue is at its bound (message not accepted)
     SHUTDOWN = 8  # the broker is stopping
-    NOT_ALLOWED = 9  # frame type not valid in this direction or state
+    NOT_ALLOWED = 9  # frame type not valid in this direction or state, or a request the sender may not make
+    UNKNOWN_COMMAND = 10  # SEND refused: not a command of the broker's schema (message not accepted)
+
+
+class ApiCommand(enum.IntEnum):
+    """Commands the broker answers itself (SEND with Flag.API, or by name in command mode)."""
+
+    HELLO = 129  # answers "Hello <data>"
+    MSG = 130  # feeds <data> in as if it had been sent normally; answers "OK"
 
 
 #: Error codes after which the sender of the bad frame is disconnected.

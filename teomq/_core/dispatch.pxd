@@ -1,7 +1,9 @@
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 
 from teomq._core.frame_codec cimport FrameHeader, WriteBuffer
+from teomq._core.command_parser cimport CommandTable
 from teomq._core.ring_queue cimport Msg, MsgRing
+from teomq._core.routes cimport Route, SubTable
 
 
 cdef struct Flight:
@@ -46,6 +48,13 @@ cdef class CoreConnection:
     cdef bint transport_backlog      # we handed the transport bytes it may not have sent yet
     cdef Ext *ext
     cdef int n_ext
+    # command mode: this consumer's subscriptions (sub ids), its fanout copies waiting for
+    # credit, and whether some of its subscriptions lost their place in a ready ring
+    cdef int32_t *subs
+    cdef int32_t nsubs
+    cdef int32_t subs_cap
+    cdef MsgRing backlog
+    cdef bint unlisted
 
     cdef int _process(self) except -1
     cdef int _mark_dirty(self) except -1
@@ -88,8 +97,30 @@ cdef class Dispatcher:
     cdef readonly uint64_t n_refused
     cdef readonly uint64_t n_unknown_answers
     cdef readonly uint64_t n_inflight
+    # command mode (table is None in the basic scheme)
+    cdef readonly CommandTable table
+    cdef list routes             # route index -> Route
+    cdef SubTable subtab
+    cdef list pending_routes     # routes that may deliver waiting messages now
+    cdef readonly size_t n_route_queued   # in routes' queues and consumers' backlogs
+    cdef readonly uint64_t n_dropped      # fanout copies dropped with their subscriber
+    cdef readonly uint64_t n_unknown_commands
 
     cdef int accept(self, CoreConnection conn, FrameHeader *h, const char *payload) except -1
+    cdef int enqueue(self, CoreConnection conn, FrameHeader *h, const char *p, size_t n,
+                     uint16_t flags, int32_t route) except -1
+    cdef int accept_command(self, CoreConnection conn, FrameHeader *h, const char *payload) except -1
+    cdef int route_queue(self, Route r, Msg *m) except -1
+    cdef int route_fanout(self, Route r, Msg *m) except -1
+    cdef int32_t take_ready(self, Route r) except -2
+    cdef int list_sub(self, int32_t sid) except -1
+    cdef int serve(self, CoreConnection c) except -1
+    cdef int drain_routes(self) except -1
+    cdef int drop_subs(self, CoreConnection conn) except -1
+    cdef size_t queued(self) noexcept
+    cdef int on_command_hook(self, CoreConnection conn, int kind, FrameHeader *h,
+                             const char *p, size_t n) except -1
+    cdef int32_t _route_index(self, name) except -2
     cdef int answer(self, CoreConnection conn, FrameHeader *h, const char *payload) except -1
     cdef int deliver(self, CoreConnection conn, Msg *m) except -1
     cdef int pump(self) except -1

@@ -39,14 +39,19 @@ cdef extern from "sys/socket.h" nogil:
     int MSG_DONTWAIT
     int MSG_NOSIGNAL
 
+from teomq._core.command_parser cimport CommandTable, name_length
 from teomq._core.frame_codec cimport (
-    E_HANDSHAKE, E_NOT_ALLOWED, E_QUEUE_FULL, E_UNKNOWN_ID, F_NO_ANSWER, F_NO_REPLY,
+    E_HANDSHAKE, E_NOT_ALLOWED, E_QUEUE_FULL, E_UNKNOWN_ID, F_API, F_NO_ANSWER, F_NO_REPLY,
     F_REDELIVERED, FrameHeader, HEADER_SIZE, T_ANSWER, T_DELIVER, T_ERROR, T_HELLO, T_MAX, T_PING,
     T_PONG, T_REPLY, T_SEND, Received, WriteBuffer, check_partial, grow_buffer, note_received,
     parse_header,
     protocol_error, verify_crc,
 )
-from teomq._core.ring_queue cimport Msg, MsgRing
+from teomq._core.ring_queue cimport Msg, MsgRing, payload_new, payload_ref, payload_release
+from teomq._core.routes cimport (
+    R_FANOUT, R_HELLO, R_MSG, R_QUEUE, R_SUBSCRIBE, R_UNSUBSCRIBE, Route, Sub, SubTable,
+    u64ring_push,
+)
 
 import msgpack
 
@@ -57,6 +62,13 @@ cdef size_t READ_KEEP = 1 << 20       # a read buffer above this shrinks back on
 # Payloads written in place per flush and connection at most (2 * EXT_MAX + 1 <= IOV_MAX);
 # past it they are copied into the output buffer as usual.
 cdef int EXT_MAX = 256
+# API command numbers of SEND frames flagged API (the original's 129 and 130)
+cdef enum:
+    API_HELLO = 129
+    API_MSG = 130
+#: on_command kinds besides the RouteKind values: not a command, not an API command
+CMD_UNKNOWN = 0
+CMD_UNKNOWN_API = -1
 
 cdef bytes ERR_QUEUE_FULL = msgpack.packb(
     {"code": E_QUEUE_FULL, "reason": "queue is full: message not accepted"})
@@ -91,6 +103,8 @@ cdef class CoreConnection:
         if self.ext == NULL:
             raise MemoryError()
         self.n_ext = 0
+        self.subs = NULL
+        self.backlog = None
         disp.next_gen += 1
         self.gen = disp.next_gen
         if disp.free_slots:
@@ -103,6 +117,7 @@ cdef class CoreConnection:
     def __dealloc__(self):
         free(self.rbuf)
         free(self.ext)
+        free(self.subs)
 
     # -- read path ------------------------------------------------------------------------
 
@@ -314,6 +329,7 @@ cdef class CoreConnection:
             self.consumer = False
             disp.consumers -= 1
         disp.requeue_all(self)
+        disp.drop_subs(self)
         disp.conns[self.slot] = None
         disp.free_slots.append(self.slot)
         self._clear_out()
@@ -325,6 +341,20 @@ cdef class CoreConnection:
 
     def on_protocol_error(self, exc):
         self.detach()
+
+    def on_command(self, int kind, fid, flags, data):
+        """A SEND the broker answers itself (kind: a RouteKind, CMD_UNKNOWN or CMD_UNKNOWN_API).
+
+        data is the command's rest (after ``name/``), the unknown name, or the API payload.
+        """
+        self._add_error(E_NOT_ALLOWED, fid, ERR_NOT_ALLOWED)
+
+    @property
+    def subscriptions(self) -> list:
+        """Names of the commands this connection is subscribed to."""
+        cdef int32_t i
+        return [(<Route>self.disp.routes[self.disp.subtab.items[self.subs[i]].route]).name
+                for i in range(self.nsubs)]
 
     @property
     def pending_output(self) -> int:
@@ -357,13 +387,17 @@ cdef class Dispatcher:
         self.flush_cb = self.flush
         self.max_payload = max_payload
         self.on_message = None
+        self.table = None
+        self.routes = []
+        self.subtab = SubTable()
+        self.pending_routes = []
 
     def __dealloc__(self):
         cdef int32_t i
         if self.flights != NULL:
             for i in range(self.flights_cap):
                 if self.flights[i].used:
-                    free(self.flights[i].msg.data)
+                    payload_release(self.flights[i].msg.data)
             free(self.flights)
         free(self.ready)
 
@@ -388,31 +422,114 @@ cdef class Dispatcher:
 
     # -- messages -------------------------------------------------------------------------
 
+    cdef size_t queued(self) noexcept:
+        return self.queue.count + self.n_route_queued
+
     cdef int accept(self, CoreConnection conn, FrameHeader *h, const char *payload) except -1:
+        if self.table is not None or h.flags & F_API:
+            return self.accept_command(conn, h, payload)
+        return self.enqueue(conn, h, payload, h.length, h.flags & F_NO_REPLY, -1)
+
+    cdef int enqueue(self, CoreConnection conn, FrameHeader *h, const char *p, size_t n,
+                     uint16_t flags, int32_t route) except -1:
+        # Accept p[0:n] (all of the SEND's payload, or the part after a command prefix) into
+        # the basic queue (route -1) or a command route. Refused at the bound: QUEUE_FULL.
         cdef Msg m
-        m.data = <char *>malloc(h.length if h.length else 1)
-        if m.data == NULL:
-            raise MemoryError()
-        if h.length:
-            memcpy(m.data, payload, h.length)
-        m.length = h.length
-        m.flags = h.flags & F_NO_REPLY
-        m.producer = conn.slot
-        m.producer_gen = conn.gen
-        m.msg_id = h.fid
-        note_received(payload - HEADER_SIZE, h.length, &m.rx)
-        if self.queue.push_back(&m):
-            free(m.data)
+        cdef Route r
+        if self.queued() >= self.queue.max_items:
             self.n_refused += 1
             conn._add_error(E_QUEUE_FULL, h.fid, ERR_QUEUE_FULL)
             return 0
+        m.data = payload_new(n)
+        if m.data == NULL:
+            raise MemoryError()
+        if n:
+            memcpy(m.data, p, n)
+        m.length = <uint32_t>n
+        m.flags = flags
+        m.producer = conn.slot
+        m.producer_gen = conn.gen
+        m.msg_id = h.fid
+        m.route = route
+        m.copy = False
+        if n == h.length:
+            note_received(p - HEADER_SIZE, h.length, &m.rx)
+        else:
+            m.rx.shift = 0          # a stripped payload: its CRC is computed afresh
+        if route < 0:
+            self.queue.push_back(&m)
+        else:
+            r = <Route>self.routes[route]
+            r.n_in += 1
+            if r.kind == R_QUEUE:
+                self.route_queue(r, &m)
+            else:
+                self.route_fanout(r, &m)
         self.n_in += 1
-        if not self.backpressure and self.queue.count >= self.queue_high:
+        if not self.backpressure and self.queued() >= self.queue_high:
             self.backpressure = True
             if self.on_backpressure is not None:
                 self.on_backpressure(True)
         if self.on_message is not None:
-            self.on_message(conn, h.fid, PyBytes_FromStringAndSize(payload, h.length))
+            self.on_message(conn, h.fid, PyBytes_FromStringAndSize(p, n))
+        return 0
+
+    cdef int accept_command(self, CoreConnection conn, FrameHeader *h, const char *payload) except -1:
+        # A SEND in command mode, or an API SEND: find what its name leads to (in C, no
+        # Python object unless the broker itself must answer), strip msg/ prefixes.
+        cdef const char *p = payload
+        cdef size_t n = h.length
+        cdef size_t k
+        cdef int32_t idx
+        cdef int kind
+        cdef uint16_t flags = h.flags & F_NO_REPLY
+        cdef bint fed = False          # reached through msg: queued with NO_REPLY, "OK" answered here
+        cdef Route r
+        cdef uint64_t before
+        if h.flags & F_API:
+            if n == 0 or (<unsigned char>p[0] != API_HELLO and <unsigned char>p[0] != API_MSG):
+                self.on_command_hook(conn, CMD_UNKNOWN_API, h, p, n)
+                return 0
+            kind = <unsigned char>p[0]
+            p += 1
+            n -= 1
+            if kind == API_HELLO:
+                self.on_command_hook(conn, R_HELLO, h, p, n)
+                return 0
+            fed = True
+        while True:
+            if self.table is None:      # basic scheme: msg feeds the one queue
+                before = self.n_in
+                self.enqueue(conn, h, p, n, F_NO_REPLY, -1)
+                break
+            k = name_length(p, n)
+            idx = self.table.lookup(p, k)
+            if idx < 0:
+                self.n_unknown_commands += 1
+                self.on_command_hook(conn, CMD_UNKNOWN, h, p, k)
+                return 0
+            r = <Route>self.routes[idx]
+            # skip "name/" (or "name" when nothing follows)
+            k = k + 1 if k < n else k
+            if r.kind == R_MSG:
+                fed = True
+                p += k
+                n -= k
+                continue
+            if r.kind != R_FANOUT and r.kind != R_QUEUE:
+                self.on_command_hook(conn, r.kind, h, p + k, n - k)
+                return 0
+            before = self.n_in
+            self.enqueue(conn, h, p, n, F_NO_REPLY if fed else flags, idx)
+            break
+        if fed and self.n_in != before and not (h.flags & F_NO_REPLY):
+            conn.out.add_frame(T_REPLY, 0, h.fid, "OK", 2)
+            conn._mark_dirty()
+        return 0
+
+    cdef int on_command_hook(self, CoreConnection conn, int kind, FrameHeader *h,
+                             const char *p, size_t n) except -1:
+        conn.on_command(kind, h.fid, h.flags, PyBytes_FromStringAndSize(p, n))
         return 0
 
     cdef int answer(self, CoreConnection conn, FrameHeader *h, const char *payload) except -1:
@@ -448,11 +565,13 @@ cdef class Dispatcher:
                 self.n_answered += 1
             else:
                 self.n_orphaned += 1   # its producer is gone: answered into nothing
-        free(f.msg.data)
+        payload_release(f.msg.data)
         self.flight_release(<int32_t>idx)
         if conn.consumer:
             conn.credit += 1
-            if not conn.in_ready:
+            if self.table is not None:
+                self.serve(conn)
+            elif not conn.in_ready:
                 self.ready_push(conn)
         return 0
 
@@ -500,6 +619,8 @@ cdef class Dispatcher:
         conn.fl_tail = idx
         conn.inflight += 1
         conn.credit -= 1
+        if conn.credit <= 0:
+            conn.unlisted = True      # its ready-ring entries may be dropped from now on
         did = (<uint64_t>f.gen << 32) | <uint32_t>idx
         if m.rx.shift and conn.fd >= 0 and conn.n_ext < EXT_MAX:
             # large payload: header into the buffer, payload written from the Msg in place
@@ -519,17 +640,174 @@ cdef class Dispatcher:
         cdef int32_t idx = conn.fl_tail
         cdef int32_t prev
         cdef Flight *f
+        cdef Route r
         while idx >= 0:
             f = &self.flights[idx]
             prev = f.prev
-            f.msg.flags |= F_REDELIVERED
-            self.queue.push_front(&f.msg)
+            if f.msg.copy:
+                # a fanout copy was this subscriber's alone: it goes with the subscriber
+                payload_release(f.msg.data)
+                self.n_dropped += 1
+            else:
+                f.msg.flags |= F_REDELIVERED
+                if f.msg.route < 0:
+                    self.queue.push_front(&f.msg)
+                else:
+                    r = <Route>self.routes[f.msg.route]
+                    r.waiting.push_front(&f.msg)
+                    self.n_route_queued += 1
+                    if not r.pending:
+                        r.pending = True
+                        self.pending_routes.append(r)
+                self.n_redelivered += 1
             self.flight_release(idx)
-            self.n_redelivered += 1
             idx = prev
         conn.fl_head = -1
         conn.fl_tail = -1
         conn.inflight = 0
+        return 0
+
+    # -- command routes ---------------------------------------------------------------------
+
+    cdef int route_queue(self, Route r, Msg *m) except -1:
+        # One subscriber with credit, round robin; otherwise the route's own queue (FIFO:
+        # while it holds anything, newcomers wait behind it).
+        cdef int32_t sid
+        cdef CoreConnection c
+        if r.waiting.count == 0:
+            sid = self.take_ready(r)
+            if sid >= 0:
+                c = self.conns[<uint32_t>(self.subtab.items[sid].conn & 0xFFFFFFFFu)]
+                self.deliver(c, m)
+                r.n_out += 1
+                if c.credit > 0:
+                    self.list_sub(sid)
+                return 0
+        r.waiting.push_back(m)
+        self.n_route_queued += 1
+        return 0
+
+    cdef int route_fanout(self, Route r, Msg *m) except -1:
+        # A copy to every subscriber, sharing one payload block; a subscriber without
+        # credit keeps its copies in its backlog, in order. No subscriber: the route's queue.
+        cdef int32_t i, sid
+        cdef CoreConnection c
+        cdef Sub *s
+        if r.nmembers == 0:
+            r.waiting.push_back(m)
+            self.n_route_queued += 1
+            return 0
+        m.copy = True
+        for i in range(1, r.nmembers):
+            payload_ref(m.data)
+        for i in range(r.nmembers):
+            s = &self.subtab.items[r.members[i]]
+            c = self.conns[<uint32_t>(s.conn & 0xFFFFFFFFu)]
+            if c.credit > 0 and (c.backlog is None or c.backlog.count == 0):
+                self.deliver(c, m)
+                r.n_out += 1
+            else:
+                if c.backlog is None:
+                    c.backlog = MsgRing(16, <size_t>1 << 32)
+                c.backlog.push_back(m)
+                self.n_route_queued += 1
+        return 0
+
+    cdef int32_t take_ready(self, Route r) except -2:
+        # The next listed subscriber whose consumer has credit, or -1. Entries of
+        # unsubscribed subs (generation changed) and of consumers without credit are dropped.
+        cdef uint64_t e
+        cdef int32_t sid
+        cdef Sub *s
+        cdef CoreConnection c
+        while r.ready.count:
+            e = r.ready.items[r.ready.head]
+            r.ready.head = (r.ready.head + 1) & (r.ready.cap - 1)
+            r.ready.count -= 1
+            sid = <int32_t>(e & 0xFFFFFFFFu)
+            s = &self.subtab.items[sid]
+            if not s.used or s.gen != <uint32_t>(e >> 32):
+                continue
+            s.listed = False
+            c = self.conns[<uint32_t>(s.conn & 0xFFFFFFFFu)]
+            if c.credit > 0:
+                return sid
+            c.unlisted = True
+        return -1
+
+    cdef int list_sub(self, int32_t sid) except -1:
+        cdef Sub *s = &self.subtab.items[sid]
+        cdef Route r = <Route>self.routes[s.route]
+        s.listed = True
+        u64ring_push(&r.ready, (<uint64_t>s.gen << 32) | <uint32_t>sid)
+        if r.waiting.count and not r.pending:
+            r.pending = True
+            self.pending_routes.append(r)
+        return 0
+
+    cdef int serve(self, CoreConnection c) except -1:
+        # c has credit again: its fanout backlog first, then its place in the ready rings of
+        # the queue routes it subscribes to (only if it lost it: O(1) in the steady state).
+        cdef Msg m
+        cdef int32_t i
+        cdef Sub *s
+        cdef Route r
+        while c.credit > 0 and c.backlog is not None and c.backlog.pop_front(&m):
+            self.n_route_queued -= 1
+            self.deliver(c, &m)
+            (<Route>self.routes[m.route]).n_out += 1
+        if c.credit > 0 and c.unlisted:
+            c.unlisted = False
+            for i in range(c.nsubs):
+                s = &self.subtab.items[c.subs[i]]
+                if not s.listed and (<Route>self.routes[s.route]).kind == R_QUEUE:
+                    self.list_sub(c.subs[i])
+        return 0
+
+    cdef int drain_routes(self) except -1:
+        # Routes whose waiting messages may now have takers (a subscriber came or got credit).
+        cdef Route r
+        cdef Msg m
+        cdef int32_t sid
+        cdef CoreConnection c
+        while self.pending_routes:
+            r = <Route>self.pending_routes.pop()
+            r.pending = False
+            while r.waiting.count:
+                if r.kind == R_QUEUE:
+                    sid = self.take_ready(r)
+                    if sid < 0:
+                        break
+                    r.waiting.pop_front(&m)
+                    self.n_route_queued -= 1
+                    c = self.conns[<uint32_t>(self.subtab.items[sid].conn & 0xFFFFFFFFu)]
+                    self.deliver(c, &m)
+                    r.n_out += 1
+                    if c.credit > 0:
+                        self.list_sub(sid)
+                else:
+                    if r.nmembers == 0:
+                        break
+                    r.waiting.pop_front(&m)
+                    self.n_route_queued -= 1
+                    self.route_fanout(r, &m)
+        return 0
+
+    cdef int drop_subs(self, CoreConnection conn) except -1:
+        # conn is going: its subscriptions end, its fanout copies go with it.
+        cdef Msg m
+        cdef int32_t i
+        cdef Sub *s
+        if conn.backlog is not None:
+            while conn.backlog.pop_front(&m):
+                payload_release(m.data)
+                self.n_route_queued -= 1
+                self.n_dropped += 1
+        for i in range(conn.nsubs):
+            s = &self.subtab.items[conn.subs[i]]
+            (<Route>self.routes[s.route]).remove_member(conn.subs[i], self.subtab.items)
+            self.subtab.release(conn.subs[i])
+        conn.nsubs = 0
         return 0
 
     cdef int ready_push(self, CoreConnection conn) except -1:
@@ -557,6 +835,8 @@ cdef class Dispatcher:
         cdef uint64_t entry
         cdef CoreConnection c
         cdef Msg m
+        if self.pending_routes:
+            self.drain_routes()
         while self.queue.count and self.ready_count:
             entry = self.ready[self.ready_head]
             self.ready_head = (self.ready_head + 1) & (self.ready_cap - 1)
@@ -571,7 +851,7 @@ cdef class Dispatcher:
             self.deliver(c, &m)
             if c.credit > 0:
                 self.ready_push(c)
-        if self.backpressure and self.queue.count <= self.queue_low:
+        if self.backpressure and self.queued() <= self.queue_low:
             self.backpressure = False
             if self.on_backpressure is not None:
                 self.on_backpressure(False)
@@ -611,6 +891,93 @@ cdef class Dispatcher:
         self.pump()
         self.schedule_flush()
 
+    # -- command mode, for the control plane ------------------------------------------------
+
+    def set_schema(self, CommandTable table, kinds):
+        """Switch to command mode: ``kinds[i]`` is the RouteKind of ``table``'s command i."""
+        cdef int32_t i
+        if self.table is not None:
+            raise RuntimeError("the schema is set once")
+        if len(kinds) != len(table):
+            raise ValueError("one kind per command of the table")
+        self.routes = [Route(i, table.name_of(i), int(kinds[i])) for i in range(len(table))]
+        self.table = table
+
+    cdef int32_t _route_index(self, name) except -2:
+        if self.table is None:
+            return -1
+        return self.table.find(name)
+
+    def subscribe(self, CoreConnection conn, name):
+        """Subscribe a consumer to the command ``name``.
+
+        Returns 0 when subscribed, 1 when it already was, -1 when ``name`` is not a command
+        of the schema, -2 when it is a broker command (nothing to subscribe to).
+        """
+        cdef int32_t idx = self._route_index(name)
+        cdef int32_t i, sid
+        cdef int32_t *ns
+        cdef Route r
+        if idx < 0:
+            return -1
+        r = <Route>self.routes[idx]
+        if r.kind != R_FANOUT and r.kind != R_QUEUE:
+            return -2
+        if not conn.consumer or conn.detached:
+            raise ValueError("only a connected consumer can subscribe")
+        for i in range(conn.nsubs):
+            if self.subtab.items[conn.subs[i]].route == idx:
+                return 1
+        if conn.nsubs == conn.subs_cap:
+            ns = <int32_t *>realloc(conn.subs, (2 * conn.subs_cap + 4) * sizeof(int32_t))
+            if ns == NULL:
+                raise MemoryError()
+            conn.subs = ns
+            conn.subs_cap = 2 * conn.subs_cap + 4
+        sid = self.subtab.alloc((<uint64_t>conn.gen << 32) | conn.slot, idx)
+        conn.subs[conn.nsubs] = sid
+        conn.nsubs += 1
+        r.add_member(sid, self.subtab.items)
+        if r.kind == R_QUEUE:
+            if conn.credit > 0:
+                self.list_sub(sid)
+            else:
+                conn.unlisted = True
+        elif r.waiting.count and not r.pending:
+            r.pending = True
+            self.pending_routes.append(r)
+        return 0
+
+    def unsubscribe(self, CoreConnection conn, name):
+        """End a subscription: 0 done, 1 there was none, -1 unknown name, -2 broker command.
+
+        Deliveries already made stay with the consumer; nothing more of it is sent.
+        """
+        cdef int32_t idx = self._route_index(name)
+        cdef int32_t i, sid
+        cdef Route r
+        if idx < 0:
+            return -1
+        r = <Route>self.routes[idx]
+        if r.kind != R_FANOUT and r.kind != R_QUEUE:
+            return -2
+        for i in range(conn.nsubs):
+            sid = conn.subs[i]
+            if self.subtab.items[sid].route == idx:
+                r.remove_member(sid, self.subtab.items)
+                self.subtab.release(sid)
+                conn.nsubs -= 1
+                conn.subs[i] = conn.subs[conn.nsubs]
+                return 0
+        return 1
+
+    def route_stats(self) -> list:
+        """Per command: name, routing, queued, subscribers, in, out."""
+        cdef Route r
+        return [{"name": r.name, "routing": r.routing, "queued": r.waiting.count,
+                 "subscribers": r.nmembers, "in": r.n_in, "out": r.n_out}
+                for r in self.routes if r.kind == R_FANOUT or r.kind == R_QUEUE]
+
     def stats(self) -> dict:
         return {
             "in": self.n_in,
@@ -620,9 +987,12 @@ cdef class Dispatcher:
             "redelivered": self.n_redelivered,
             "refused": self.n_refused,
             "unknown_answers": self.n_unknown_answers,
-            "queue": self.queue.count,
+            "queue": self.queued(),
             "inflight": self.n_inflight,
             "consumers": self.consumers,
             "backpressure": int(self.backpressure),
             "connections": len(self.conns) - len(self.free_slots),
+            "dropped": self.n_dropped,
+            "unknown_commands": self.n_unknown_commands,
+            "subscriptions": self.subtab.used,
         }

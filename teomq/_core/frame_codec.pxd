@@ -29,6 +29,7 @@ cdef enum FrameFlag:
     F_NO_REPLY = 0x1
     F_NO_ANSWER = 0x2
     F_REDELIVERED = 0x4
+    F_API = 0x8          # SEND: payload is [u8 API command][data], for the broker itself
 
 cdef enum ErrCode:
     E_BAD_FRAME = 1
@@ -40,6 +41,7 @@ cdef enum ErrCode:
     E_QUEUE_FULL = 7
     E_SHUTDOWN = 8
     E_NOT_ALLOWED = 9
+    E_UNKNOWN_COMMAND = 10
 
 cdef struct FrameHeader:
     uint8_t ftype

@@ -1,10 +1,33 @@
-from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 
 from teomq._core.frame_codec cimport Received
 
 
+# A payload block: a reference count (one u64) just before the bytes. A fanout message
+# shares one block between its copies, so its payload is copied once however many
+# subscribers get it. Every holder releases its reference with payload_release().
+cdef inline char *payload_new(size_t n) noexcept nogil:
+    cdef uint64_t *blk = <uint64_t *>malloc(sizeof(uint64_t) + (n if n else 1))
+    if blk == NULL:
+        return NULL
+    blk[0] = 1
+    return <char *>(blk + 1)
+
+cdef inline void payload_ref(char *p) noexcept nogil:
+    (<uint64_t *>p - 1)[0] += 1
+
+cdef inline void payload_release(char *p) noexcept nogil:
+    cdef uint64_t *blk
+    if p != NULL:
+        blk = <uint64_t *>p - 1
+        blk[0] -= 1
+        if blk[0] == 0:
+            free(blk)
+
+
 cdef struct Msg:
-    # One accepted message. Whoever holds the Msg owns data (malloc'd, freed with free()).
+    # One accepted message. Whoever holds the Msg holds one reference to data (payload_new).
     char *data
     uint32_t length
     uint16_t flags       # SEND flags as received (NO_REPLY); REDELIVERED added on requeue
@@ -12,6 +35,8 @@ cdef struct Msg:
     uint32_t producer_gen  # that slot's generation when the message arrived
     uint64_t msg_id      # the producer's own message id
     Received rx          # checksum facts of the SEND it came in (payload forwarded, not re-read)
+    int32_t route        # command route index (command mode), -1 for the basic queue
+    bint copy            # a fanout copy: meant for one subscriber, never handed to another
 
 
 cdef class MsgRing:

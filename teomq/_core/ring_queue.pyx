@@ -38,7 +38,7 @@ cdef class MsgRing:
         cdef size_t i
         if self.items != NULL:
             for i in range(self.count):
-                free(self.items[(self.head + i) & (self.cap - 1)].data)
+                payload_release(self.items[(self.head + i) & (self.cap - 1)].data)
             free(self.items)
 
     cdef int _grow(self) except -1:
@@ -93,7 +93,7 @@ cdef class MsgRing:
         cdef uint64_t mid = as_u64(msg_id)
         cdef const unsigned char[::1] view = as_bytes_view(payload)
         cdef size_t n = view.shape[0]
-        m.data = <char *>malloc(n if n else 1)
+        m.data = payload_new(n)
         if m.data == NULL:
             raise MemoryError()
         if n:
@@ -104,6 +104,8 @@ cdef class MsgRing:
         m.producer_gen = 0
         m.msg_id = mid
         m.rx.shift = 0
+        m.route = -1
+        m.copy = False
         return 0
 
     def push(self, payload, msg_id=0):
@@ -128,7 +130,7 @@ cdef class MsgRing:
         try:
             return m.msg_id, PyBytes_FromStringAndSize(m.data, m.length)
         finally:
-            free(m.data)
+            payload_release(m.data)
 
     def __len__(self):
         return self.count

@@ -1,0 +1,63 @@
+from libc.stdint cimport int32_t, uint32_t, uint64_t
+
+from teomq._core.ring_queue cimport MsgRing
+
+
+# What a command name in the broker's schema leads to.
+cdef enum RouteKind:
+    R_FANOUT = 1        # every subscriber gets a copy
+    R_QUEUE = 2         # one subscriber, round robin, at least once
+    R_SUBSCRIBE = 3     # broker command: subscribe/<cmd>
+    R_UNSUBSCRIBE = 4   # broker command: unsubscribe/<cmd>
+    R_HELLO = 5         # broker API command 129: answers "Hello <data>"
+    R_MSG = 6           # broker API command 130: feeds <data> in as if sent, answers "OK"
+
+
+cdef struct Sub:
+    # One consumer's subscription to one route.
+    uint64_t conn       # the consumer: gen << 32 | slot
+    int32_t route
+    int32_t pos         # index in its route's members array
+    uint32_t gen        # bumped when freed, so stale ready-ring entries never match
+    int32_t next_free
+    bint used
+    bint listed         # has an entry in its route's ready ring
+
+
+cdef struct U64Ring:
+    uint64_t *items
+    size_t head
+    size_t count
+    size_t cap          # a power of two
+
+
+cdef int u64ring_init(U64Ring *r, size_t cap) except -1
+cdef int u64ring_push(U64Ring *r, uint64_t v) except -1
+cdef void u64ring_free(U64Ring *r) noexcept
+
+
+cdef class Route:
+    """One command of the broker's schema: its waiting queue and its subscribers."""
+    cdef readonly int32_t index
+    cdef readonly bytes name
+    cdef readonly int kind
+    cdef readonly MsgRing waiting     # messages no subscriber could take yet (FIFO)
+    cdef int32_t *members             # sub ids of its subscribers
+    cdef readonly int32_t nmembers
+    cdef int32_t mcap
+    cdef U64Ring ready                # (sub gen << 32 | sub id) of subscribers that had credit (queue routes)
+    cdef bint pending                 # in the dispatcher's list of routes to drain
+    cdef readonly uint64_t n_in       # messages routed here
+    cdef readonly uint64_t n_out      # deliveries made from here
+    cdef int add_member(self, int32_t sid, Sub *subs) except -1
+    cdef void remove_member(self, int32_t sid, Sub *subs) noexcept
+
+
+cdef class SubTable:
+    """All subscriptions, in one array with a free list; ids are stable while used."""
+    cdef Sub *items
+    cdef int32_t cap
+    cdef int32_t free_head
+    cdef readonly int32_t used
+    cdef int32_t alloc(self, uint64_t conn, int32_t route) except -1
+    cdef void release(self, int32_t sid) noexcept

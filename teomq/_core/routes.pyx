@@ -1,0 +1,153 @@
+# cython: language_level=3
+"""Command routes of the broker: per-command queues and subscriber indexes.
+
+A route is one command of the broker's schema. It holds the messages that wait for a
+subscriber (its own queue, so one command nobody takes never blocks another) and the
+index of its subscribers, so routing a message costs the same however many
+subscriptions other commands have:
+
+- fanout: the route's members array, one copy per member;
+- queue: a ring of (sub generation << 32 | sub id) of subscribers that had credit when
+  listed; an entry whose generation no longer matches (unsubscribed) is skipped.
+
+The dispatcher (dispatch.pyx) owns the logic; this module only keeps the structures.
+"""
+
+cimport cython
+from libc.stdint cimport int32_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+
+from teomq._core.ring_queue cimport MsgRing
+
+# Command queues are bounded by the dispatcher's total (queue_max), not one by one.
+cdef size_t ROUTE_QUEUE_MAX = (<size_t>1) << 32
+
+
+cdef int u64ring_init(U64Ring *r, size_t cap) except -1:
+    r.items = <uint64_t *>malloc(cap * sizeof(uint64_t))
+    if r.items == NULL:
+        raise MemoryError()
+    r.head = 0
+    r.count = 0
+    r.cap = cap
+    return 0
+
+
+cdef int u64ring_push(U64Ring *r, uint64_t v) except -1:
+    cdef uint64_t *n
+    cdef size_t i
+    if r.count == r.cap:
+        n = <uint64_t *>malloc(2 * r.cap * sizeof(uint64_t))
+        if n == NULL:
+            raise MemoryError()
+        for i in range(r.count):
+            n[i] = r.items[(r.head + i) & (r.cap - 1)]
+        free(r.items)
+        r.items = n
+        r.cap *= 2
+        r.head = 0
+    r.items[(r.head + r.count) & (r.cap - 1)] = v
+    r.count += 1
+    return 0
+
+
+cdef void u64ring_free(U64Ring *r) noexcept:
+    free(r.items)
+    r.items = NULL
+    r.count = 0
+
+
+@cython.final
+cdef class Route:
+
+    def __cinit__(self, int32_t index, bytes name, int kind):
+        self.index = index
+        self.name = name
+        self.kind = kind
+        self.waiting = MsgRing(16, ROUTE_QUEUE_MAX)
+        self.mcap = 4
+        self.members = <int32_t *>malloc(self.mcap * sizeof(int32_t))
+        if self.members == NULL:
+            raise MemoryError()
+        u64ring_init(&self.ready, 16)
+
+    def __dealloc__(self):
+        free(self.members)
+        u64ring_free(&self.ready)
+
+    cdef int add_member(self, int32_t sid, Sub *subs) except -1:
+        cdef int32_t *n
+        if self.nmembers == self.mcap:
+            n = <int32_t *>realloc(self.members, 2 * self.mcap * sizeof(int32_t))
+            if n == NULL:
+                raise MemoryError()
+            self.members = n
+            self.mcap *= 2
+        self.members[self.nmembers] = sid
+        subs[sid].pos = self.nmembers
+        self.nmembers += 1
+        return 0
+
+    cdef void remove_member(self, int32_t sid, Sub *subs) noexcept:
+        # swap the last member into the hole: O(1), members are unordered
+        cdef int32_t pos = subs[sid].pos
+        cdef int32_t last = self.members[self.nmembers - 1]
+        self.members[pos] = last
+        subs[last].pos = pos
+        self.nmembers -= 1
+
+    @property
+    def queued(self) -> int:
+        return self.waiting.count
+
+    @property
+    def routing(self) -> str:
+        return {R_FANOUT: "fanout", R_QUEUE: "queue"}.get(self.kind, "broker")
+
+
+@cython.final
+cdef class SubTable:
+
+    def __cinit__(self):
+        self.cap = 0
+        self.items = NULL
+        self.free_head = -1
+
+    def __dealloc__(self):
+        free(self.items)
+
+    cdef int32_t alloc(self, uint64_t conn, int32_t route) except -1:
+        cdef int32_t sid, i, old = self.cap
+        cdef Sub *n
+        if self.free_head < 0:
+            if old >= 0x40000000:
+                raise MemoryError("subscription table is full")
+            n = <Sub *>realloc(self.items, (2 * old if old else 64) * sizeof(Sub))
+            if n == NULL:
+                raise MemoryError()
+            self.items = n
+            self.cap = 2 * old if old else 64
+            for i in range(old, self.cap):
+                self.items[i].used = False
+                self.items[i].gen = 1
+                self.items[i].next_free = i + 1 if i + 1 < self.cap else -1
+            self.free_head = old
+        sid = self.free_head
+        self.free_head = self.items[sid].next_free
+        self.items[sid].used = True
+        self.items[sid].listed = False
+        self.items[sid].conn = conn
+        self.items[sid].route = route
+        self.used += 1
+        return sid
+
+    cdef void release(self, int32_t sid) noexcept:
+        cdef Sub *s = &self.items[sid]
+        s.used = False
+        s.listed = False
+        s.gen += 1
+        if s.gen == 0:
+            s.gen = 1
+        s.next_free = self.free_head
+        self.free_head = sid
+        self.used -= 1

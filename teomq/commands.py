@@ -1,0 +1,176 @@
+"""Command schemas: the names a broker accepts in command mode and a consumer handles.
+
+A command string is ``name/rest`` (the Go original's command scheme)::
+
+    num_players/42              -> command num_players, data "42"
+    version/some_data           -> command version (pattern {data}/{description}),
+                                   vars {data: some_data, description: ""}
+
+A :class:`Command` has a name, a description, an optional parameter pattern such as
+``{data}/{description}`` and, in a broker's schema, a routing:
+
+- ``fanout`` (the original's behaviour): every subscribed consumer gets the message; the
+  producer collects every answer until its timeout (:meth:`teomq.Client.collect`);
+- ``queue``: one subscribed consumer gets it, round robin, at least once (like the basic
+  scheme); the producer gets one answer (:meth:`teomq.Client.request`).
+
+The parser (split into name, vars and data) is :class:`teomq._core.command_parser.CommandTable`,
+in C: the broker looks up every message's name there without creating a Python object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from teomq._core.command_parser import CommandTable, parse_pattern
+
+__all__ = ["BROKER_COMMANDS", "Command", "CommandCall", "CommandSchema", "ROUTINGS", "parse_command_spec"]
+
+ROUTINGS = ("fanout", "queue")
+#: Names the broker answers itself; a schema cannot use them.
+BROKER_COMMANDS = ("subscribe", "unsubscribe", "hello", "msg")
+_SPEC = re.compile(r"^(?P<name>[^/:]+)(?:/(?P<pattern>[^:]*))?(?::(?P<routing>[a-z]+))?$")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command of a schema."""
+
+    name: str
+    description: str = ""
+    pattern: str = ""
+    routing: str = "fanout"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("a command needs a non-empty name")
+        if "/" in self.name:
+            raise ValueError(f"command name {self.name!r} cannot contain '/'")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing of command {self.name!r} must be one of {', '.join(ROUTINGS)}, "
+                             f"not {self.routing!r}")
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Parameter names from the pattern (Go rule: split on '/', stop at an empty part, trim '{}')."""
+        return tuple(p.decode("utf-8") for p in parse_pattern(self.pattern))
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "description": self.description, "pattern": self.pattern,
+                "routing": self.routing}
+
+
+@dataclass(frozen=True)
+class CommandCall:
+    """A received command string, parsed with the consumer's schema."""
+
+    name: str
+    vars: Mapping[str, str]
+    data: bytes
+    raw: bytes = field(repr=False)
+
+    @property
+    def text(self) -> str:
+        """``data`` as text (UTF-8, undecodable bytes replaced)."""
+        return self.data.decode("utf-8", "replace")
+
+
+def parse_command_spec(spec: str) -> Command:
+    """A command from its command-line form ``NAME[/PATTERN][:ROUTING]``.
+
+    Examples: ``num_players``, ``num_players:queue``, ``version/{data}/{description}``,
+    ``version/{data}/{description}:fanout``.
+    """
+    m = _SPEC.match(spec.strip())
+    if m is None:
+        raise ValueError(f"bad command {spec!r}: expected NAME[/PATTERN][:ROUTING], "
+                         "e.g. num_players:queue or version/{data}/{description}")
+    return Command(m["name"], pattern=m["pattern"] or "", routing=m["routing"] or "fanout")
+
+
+class CommandSchema:
+    """An ordered set of commands with the C parser behind it.
+
+    Args:
+        commands: :class:`Command` objects, or dicts with the same keys.
+        reserve_broker_names: refuse the names the broker answers itself (a broker's
+            schema must; a consumer's may skip it).
+    """
+
+    def __init__(self, commands: Iterable[Command | Mapping[str, Any]] = (), *,
+                 reserve_broker_names: bool = True) -> None:
+        self._reserve = reserve_broker_names
+        self._commands: list[Command] = []
+        self._table = CommandTable()
+        for c in commands:
+            self.add(c if isinstance(c, Command) else Command(**dict(c)))
+
+    def add(self, command: Command | str, description: str = "", pattern: str = "",
+            routing: str = "fanout") -> Command:
+        """Register a command (a :class:`Command`, or its fields); returns it."""
+        if isinstance(command, str):
+            command = Command(command, description, pattern, routing)
+        if self._reserve and command.name in BROKER_COMMANDS:
+            raise ValueError(f"{command.name!r} is a broker command; choose another name")
+        self._table.add(command.name, command.pattern)  # ValueError for a duplicate
+        self._commands.append(command)
+        return command
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CommandSchema:
+        """Read a schema file: JSON ``{"commands": [{"name", "description", "pattern", "routing"}, ...]}``."""
+        with open(path, encoding="utf-8") as f:
+            try:
+                doc = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not JSON: {e}") from None
+        items = doc.get("commands") if isinstance(doc, dict) else None
+        if not isinstance(items, list):
+            raise ValueError(f'{path}: expected {{"commands": [...]}}')
+        schema = cls()
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or not set(item) <= {"name", "description", "pattern", "routing"}:
+                raise ValueError(f"{path}: command #{i + 1} must be an object with keys "
+                                 "name, description, pattern, routing")
+            try:
+                schema.add(Command(**item))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}: command #{i + 1}: {e}") from None
+        return schema
+
+    @property
+    def table(self) -> CommandTable:
+        """The C command table (index i is the i-th command added)."""
+        return self._table
+
+    def parse(self, payload: bytes | bytearray | memoryview) -> CommandCall:
+        """Split a command string; raises :class:`teomq.errors.UnknownCommand`."""
+        idx, name, values, data = self._table.parse(payload)
+        params = self._table.params_of(idx)
+        return CommandCall(
+            name.decode("utf-8", "replace"),
+            {p.decode("utf-8", "replace"): v.decode("utf-8", "replace") for p, v in zip(params, values)},
+            data,
+            bytes(payload),
+        )
+
+    def get(self, name: str) -> Command | None:
+        idx = self._table.find(name)
+        return self._commands[idx] if idx >= 0 else None
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, (str, bytes)) and self._table.find(name) >= 0
+
+    def __iter__(self) -> Iterator[Command]:
+        return iter(self._commands)
+
+    def __len__(self) -> int:
+        return len(self._commands)
+
+    def __repr__(self) -> str:
+        return f"CommandSchema({[c.name for c in self._commands]!r})"
