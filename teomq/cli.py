@@ -11,12 +11,18 @@ Lines on stdout (one flushed line each; scripts and tests parse them)::
     broker:    Connected to Teonet, this app address: <address>
                teomq broker listening on <host>:<port>
     consumer:  <name> got message: <message text>
+    consumer:  <name> hello answer: <answer text>                                    (-api)
     producer:  <name> got answer: <answer text>
                <name> error for message #<n>: <error>
                <name> done: sent <N>, answered <A>, errors <E>
     -stat:     stat: in=.. out=.. answered=.. queue=.. inflight=.. consumers=.. rate=../s  (broker)
                stat: received=.. answered=.. rate=../s                                     (consumer)
                stat: sent=.. answered=.. errors=.. inflight=.. rate=../s                   (producer)
+
+Command scheme: ``teomq broker -command NAME[/PATTERN][:fanout|queue]`` (repeatable) or
+``-schema FILE``; ``teomq consumer -subscribe NAME,...``; ``teomq producer -command NAME``
+sends ``NAME/<1..100>`` (or ``-message``), and collects every answer of a fanout command
+until ``-timeout``.
 
 Message texts are decoded as UTF-8 with replacement; CR and LF are written as ``\\r`` and
 ``\\n`` so that a record is always one line. Diagnostics go to stderr through logging.
@@ -30,13 +36,15 @@ import contextlib
 import importlib.util
 import logging
 import os
+import random
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from teomq.addressbook import DEFAULT_PORT, default_data_dir
-from teomq.errors import ConnectionLost, TeomqError
+from teomq.commands import Command, CommandSchema, parse_command_spec
+from teomq.errors import BrokerError, ConnectionLost, TeomqError
 from teomq.protocol import DEFAULT_MAX_PAYLOAD, MAX_PAYLOAD_LIMIT
 from teomq.argtypes import flag, float_value, int_at_least
 from teomq.loops import run as run_on_loop
@@ -88,10 +96,32 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def _message_format(text: str) -> str:
     try:
-        text.format(n=1)
+        text.format(n=1, rand=1)
     except (KeyError, IndexError, ValueError, AttributeError) as e:
-        raise argparse.ArgumentTypeError(f"bad message format {text!r} (use {{n}} for the number): {e}") from None
+        raise argparse.ArgumentTypeError(
+            f"bad message format {text!r} (use {{n}} for the number, {{rand}} for 1..100): {e}") from None
     return text
+
+
+def _command_spec(text: str) -> Command:
+    try:
+        return parse_command_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _command_names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any("/" in n for n in names):
+        raise argparse.ArgumentTypeError(f"bad command list {text!r}: expected NAME[,NAME...]")
+    return names
+
+
+def _command_name(text: str) -> str:
+    name = text.strip()
+    if not name or "/" in name:
+        raise argparse.ArgumentTypeError(f"bad command name {text!r}")
+    return name
 
 
 def _go_bool(text: str) -> bool:
@@ -147,6 +177,13 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
           metavar="BYTES", help="largest message or answer accepted, in bytes (default: %(default)s)")
     flag(parser, "queue-max", type=int_at_least(1), default=1_000_000, metavar="N",
           help="most messages held in the queue; more are refused with QUEUE_FULL (default: %(default)s)")
+    flag(parser, "command", type=_command_spec, action="append", default=[], metavar="NAME[/PATTERN][:ROUTING]",
+          help="run the command scheme with this command (repeatable): ROUTING fanout (every subscriber, "
+          "the default) or queue (one subscriber, round robin); PATTERN such as {data}/{description} "
+          "(e.g. -command num_players -command version/{data}/{description}:fanout)")
+    flag(parser, "schema", metavar="FILE",
+          help='run the command scheme with the commands of a JSON file: {"commands": [{"name", '
+          '"description", "pattern", "routing"}, ...]}; combines with -command')
     _add_common(parser, "message received (logged on stderr)")
     parser.set_defaults(func=_broker)
 
@@ -166,6 +203,10 @@ def _add_consumer_args(parser: argparse.ArgumentParser) -> None:
           help="simulated processing time per message in milliseconds, an async sleep (default: %(default)s)")
     _bool_flag(parser, "reconnect",
                "if the broker connection fails or is lost, retry every second instead of exiting 1 (default: off)")
+    flag(parser, "subscribe", type=_command_names, action="append", default=[], metavar="NAME[,NAME...]",
+          help="command scheme: subscribe to these commands of the broker's schema (repeatable)")
+    _bool_flag(parser, "api", "subscribe through the broker's API command 130 (msg subscribe/NAME) and say "
+               "hello with API command 129, as the original's consumer_api -api does (default: off)")
     _add_common(parser, "message received (on stdout)")
     parser.set_defaults(func=_consumer)
 
@@ -180,8 +221,12 @@ def _add_producer_args(parser: argparse.ArgumentParser) -> None:
           help="most requests waiting for an answer at once (default: %(default)s)")
     flag(parser, "timeout", type=float_value(positive=True), default=5.0, metavar="SECONDS",
           help="how long to wait for each answer (default: %(default)s)")
-    flag(parser, "message", type=_message_format, default=DEFAULT_MESSAGE, metavar="FORMAT",
-          help="message text; {n} becomes the message number 1, 2, ... (default: %(default)s)")
+    flag(parser, "message", type=_message_format, default=None, metavar="FORMAT",
+          help="message text; {n} becomes the message number 1, 2, ..., {rand} a random 1..100 "
+          f"(default: {DEFAULT_MESSAGE!r}, or NAME/{{rand}} with -command)")
+    flag(parser, "command", type=_command_name, default=None, metavar="NAME",
+          help="command scheme: send command NAME with a random value, NAME/<1..100>, as the original's "
+          "users_servers producer (default: off)")
     _add_common(parser, "answer received (on stdout)")
     parser.set_defaults(func=_producer)
 
@@ -347,8 +392,19 @@ async def _broker(args: argparse.Namespace) -> int:
     from teomq.broker import Broker
 
     host, port = args.listen
+    schema: CommandSchema | None = None
+    if args.schema or args.command:
+        try:
+            schema = CommandSchema.load(args.schema) if args.schema else CommandSchema()
+            for command in args.command:
+                schema.add(command)
+        except (OSError, ValueError) as e:
+            _fail(f"teomq broker: bad command schema: {e}")
+            return 1
+        log.info("command scheme, %d commands: %s", len(schema), ", ".join(
+            f"{c.name} ({c.routing}{', ' + c.pattern if c.pattern else ''})" for c in schema))
     broker = Broker(host, port, data_dir=args.data_dir, max_payload=args.max_payload, queue_max=args.queue_max,
-                    log_messages=not args.nomsg)
+                    log_messages=not args.nomsg, commands=schema)
     try:
         await broker.start()
     except (OSError, TeomqError, ValueError) as e:
@@ -400,6 +456,19 @@ async def _consumer(args: argparse.Namespace) -> int:
         return b"Answer to " + data
 
     handler = handle_slowly if work > 0 else handle
+    commands = [n for group in args.subscribe for n in group]
+
+    async def subscribe(consumer: Consumer) -> None:
+        """-subscribe and -api: raises BrokerError when the broker refuses."""
+        for command in commands:
+            if args.api:  # the original's consumer_api: API command 130 with subscribe/NAME
+                await consumer.call_api("msg", f"subscribe/{command}")
+            else:
+                await consumer.subscribe(command)
+        if commands:
+            log.info("%s subscribed to %s", name, ", ".join(commands))
+        if args.api:
+            _emit(f"{name} hello answer: {_text(await consumer.hello(name))}")
     with _Stopper() as stopper:
         stats = _start_stats(args, lambda: counters, CONSUMER_STAT_FIELDS, "received")
         last_error = ""  # with -reconnect, a failure that repeats is reported once
@@ -420,6 +489,15 @@ async def _consumer(args: argparse.Namespace) -> int:
                     continue
                 last_error = ""
                 log.info("%s connected to broker %s", name, consumer.address)
+                try:
+                    await subscribe(consumer)
+                except (TeomqError, ValueError) as e:
+                    await consumer.close()
+                    _fail(f"teomq consumer {name}: {e}")
+                    if isinstance(e, BrokerError) or not args.reconnect:
+                        return 1
+                    await stopper.sleep(RECONNECT_DELAY)
+                    continue
                 done = await _first(consumer.wait_closed(), stopper.stop.wait())
                 await consumer.close()
                 if stopper.stop.is_set():
@@ -446,16 +524,23 @@ async def _producer(args: argparse.Namespace) -> int:
     lost = asyncio.Event()
     closing = False  # set once we close the producer ourselves
 
-    def finish(n: int, answer: bytes | None, err: BaseException | None) -> None:
+    message = args.message or (f"{args.command}/{{rand}}" if args.command else DEFAULT_MESSAGE)
+    fanout: set[str] = set()  # fanout commands of the broker's schema: every answer is collected
+
+    def got(answer: bytes) -> None:
+        counters["answered"] += 1
+        if not args.nomsg:
+            _emit(f"{name} got answer: {_text(answer)}")
+
+    def finish(n: int, answer: bytes | None, err: BaseException | None, counted: bool = False) -> None:
         if n not in pending:
             return  # already counted (gave up waiting for it)
         pending.discard(n)
         counters["inflight"] -= 1
         window.release()
         if err is None:
-            counters["answered"] += 1
-            if not args.nomsg:
-                _emit(f"{name} got answer: {_text(answer or b'')}")
+            if not counted:
+                got(answer or b"")
         else:
             counters["errors"] += 1
             _emit(f"{name} error for message #{n}: {err}")
@@ -466,6 +551,17 @@ async def _producer(args: argparse.Namespace) -> int:
 
     def callback_for(n: int) -> Callable[[int, bytes | None, BaseException | None], None]:
         return lambda _id, answer, err: finish(n, answer, err)
+
+    def collected(n: int, task: asyncio.Future[list[bytes]]) -> None:
+        err = ConnectionLost("producer stopped") if task.cancelled() else task.exception()
+        finish(n, None, err, counted=True)
+
+    def send_one(n: int, data: bytes) -> None:
+        if data.split(b"/", 1)[0].decode("utf-8", "replace") in fanout:
+            task = asyncio.ensure_future(producer.collect(data, timeout=args.timeout, on_answer=got))
+            task.add_done_callback(lambda t: collected(n, t))
+        else:
+            producer.send(data, callback_for(n), timeout=args.timeout)
 
     async def send_all() -> None:
         delay = args.delay / 1e6
@@ -485,7 +581,7 @@ async def _producer(args: argparse.Namespace) -> int:
             pending.add(n)
             idle.clear()
             try:
-                producer.send(args.message.format(n=n).encode(), callback_for(n), timeout=args.timeout)
+                send_one(n, message.format(n=n, rand=random.randint(1, 100)).encode())
             except (OSError, TeomqError, ValueError) as e:
                 finish(n, None, e)
                 if not lost.is_set():
@@ -499,6 +595,7 @@ async def _producer(args: argparse.Namespace) -> int:
         await asyncio.gather(producer.close(), return_exceptions=True)
         _fail(f"teomq producer {name}: cannot connect to broker {args.broker}: {e}")
         return 1
+    fanout.update(c.name for c in producer.commands or () if c.routing == "fanout")
     with _Stopper() as stopper:
         stats = _start_stats(args, lambda: counters, PRODUCER_STAT_FIELDS, "answered")
         try:
