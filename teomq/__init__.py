@@ -1,7 +1,7 @@
 """teomq: a high-throughput message broker for Python services.
 
 The hot path (framing, CRC32C, queue, dispatch) is Cython in :mod:`teomq._core`; the
-control plane (sessions, timers, CLI) is asyncio.
+control plane (sessions, subscriptions, commands, timers, CLI) is asyncio.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from teomq.errors import (  # noqa: E402
     QueueFull,
     RequestTimeout,
     TeomqError,
+    UnknownCommand,
 )
 
 __all__ = [
@@ -24,6 +25,9 @@ __all__ = [
     "Producer",
     "Consumer",
     "Client",
+    "Command",
+    "CommandCall",
+    "CommandSchema",
     "AddressError",
     "BrokerError",
     "ConnectionLost",
@@ -31,6 +35,7 @@ __all__ = [
     "QueueFull",
     "RequestTimeout",
     "TeomqError",
+    "UnknownCommand",
 ]
 
 
@@ -44,4 +49,8 @@ def __getattr__(name: str):
         from teomq import client
 
         return getattr(client, name)
+    if name in ("Command", "CommandCall", "CommandSchema"):
+        from teomq import commands
+
+        return getattr(commands, name)
     raise AttributeError(f"module 'teomq' has no attribute {name!r}")

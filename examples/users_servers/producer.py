@@ -1,0 +1,46 @@
+"""The users_servers example's producer: it sends ``<command>/<1..100>`` every ``-delay`` microseconds.
+
+    python -m examples.users_servers.producer -broker=<address> -name=producer-1 -command=num_servers
+    python -m examples.users_servers.producer -broker=<address> -name=producer-2 -command=num_players
+
+Each is a fanout command; the producer prints every consumer's answer as it comes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+
+from examples._common import Pending, main, parser, say
+from teomq import Producer
+from teomq.argtypes import flag
+
+
+async def produce(args: argparse.Namespace) -> None:
+    name = args.name or "producer"
+    async with Producer(args.broker, name=name, timeout=args.timeout) as producer:
+        pending = Pending(name)
+        while True:
+            message = f"{args.command}/{random.randint(1, 100)}"
+            if not args.nomsg:
+                say(f"{name} send {message}")
+
+            def show(answer: bytes) -> None:
+                if not args.nomsg:
+                    say(f"{name} got answer: {answer.decode('utf-8', 'replace')}")
+
+            pending.start(producer.collect(message, on_answer=show))
+            await asyncio.sleep(args.delay / 1e6)
+
+
+def build_parser():  # noqa: ANN201 - argparse
+    p = parser("users_servers producer: sends num_players or num_servers values.", producer=True)
+    flag(p, "command", choices=("num_players", "num_servers"), default="num_players",
+         help="the command to send (default: %(default)s)")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main(produce, build_parser()))
