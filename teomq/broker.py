@@ -197,7 +197,7 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
             "max_payload": b.max_payload,
             "server": f"teomq/{__version__}",
         }
-        if b.commands is not None:
+        if b.commands is not None and hello.get("commands") is True:
             welcome["commands"] = [c.as_dict() for c in b.commands]
         # WELCOME goes out before any DELIVER that accept_hello makes possible.
         self.send_frame(FrameType.WELCOME, 0, fid, msgpack.packb(welcome))

@@ -8,7 +8,8 @@ with one ``transport.write`` per event-loop pass.
 
 Wire exchange (docs/protocol.md is the full spec)::
 
-    client -> HELLO   {"v": 1, "role", "name", "prefetch", "nonce": 16 bytes, "auth": None}
+    client -> HELLO   {"v": 1, "role", "name", "prefetch", "nonce": 16 bytes, "auth": None,
+                       "commands": True (producing roles: send the command schema)}
     broker -> WELCOME {"v": 1, "address", "pubkey", "sig", "max_payload", "server"}
     client -> SEND    id = client's message id (1, 2, ...), flags NO_REPLY for publish()
     broker -> REPLY   id = that message id, payload = the consumer's answer
@@ -90,8 +91,9 @@ _API = int(Flag.API)
 
 #: Period of the timeout tick (seconds): requests time out at most about two ticks late.
 _TICK = 0.05
-#: A broker's WELCOME is small; more unframed bytes than this before it is a bad broker.
-_HANDSHAKE_LIMIT = 1 << 16
+#: More bytes than this before the WELCOME is a bad broker (a WELCOME carrying a command
+#: schema of 100,000 commands is about 5 MB).
+_HANDSHAKE_LIMIT = 8 << 20
 
 
 def _to_payload(data: object) -> bytes | bytearray | memoryview:
@@ -199,6 +201,8 @@ class _Connection(asyncio.Protocol):
         c = self._client
         hello = {"v": 1, "role": c._role, "name": c.name, "prefetch": c._prefetch,
                  "nonce": self._nonce, "auth": None}
+        if c._produces:  # only a producer needs to know which commands fan out
+            hello["commands"] = True
         transport.write(encode_frame(int(FrameType.HELLO), 0, 0, msgpack.packb(hello)))  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
@@ -942,7 +946,10 @@ class Client:
 
     @property
     def commands(self) -> list[Command] | None:
-        """The broker's command schema from WELCOME; None when it runs the basic scheme."""
+        """The broker's command schema from WELCOME (asked for by producing clients only).
+
+        None when the broker runs the basic scheme, or for a consumer-only client.
+        """
         return self._conn.commands if self._conn is not None else None
 
     async def collect(self, data: Payload, timeout: float | None = None, *, expect: int | None = None,
