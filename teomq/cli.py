@@ -16,6 +16,7 @@ Lines on stdout (one flushed line each; scripts and tests parse them)::
                <name> error for message #<n>: <error>
                <name> done: sent <N>, answered <A>, errors <E>
     -stat:     stat: in=.. out=.. answered=.. queue=.. inflight=.. consumers=.. rate=../s  (broker)
+               stat: command <name> routing=.. queued=.. subscribers=.. in=.. out=..       (broker, command scheme)
                stat: received=.. answered=.. rate=../s                                     (consumer)
                stat: sent=.. answered=.. errors=.. inflight=.. rate=../s                   (producer)
 
@@ -48,7 +49,7 @@ from teomq.errors import BrokerError, ConnectionLost, TeomqError
 from teomq.protocol import DEFAULT_MAX_PAYLOAD, MAX_PAYLOAD_LIMIT
 from teomq.argtypes import flag, float_value, int_at_least
 from teomq.loops import run as run_on_loop
-from teomq.stats_printer import print_stats
+from teomq.stats_printer import command_lines, print_stats
 
 __all__ = ["build_broker_parser", "build_parser", "broker_main", "main", "parse_listen"]
 
@@ -375,11 +376,11 @@ async def _first(*aws: Any) -> set[asyncio.Future[Any]]:
 
 
 def _start_stats(args: argparse.Namespace, sample: Callable[[], dict[str, int]], fields: Sequence[str],
-                 rate_key: str) -> asyncio.Task[None] | None:
+                 rate_key: str, more: Callable[[], Sequence[str]] | None = None) -> asyncio.Task[None] | None:
     """With -stat, a task printing a 'stat:' line every -stat-interval seconds."""
     if not args.stat:
         return None
-    return asyncio.ensure_future(print_stats(args.stat_interval, sample, fields, rate_key, _emit))
+    return asyncio.ensure_future(print_stats(args.stat_interval, sample, fields, rate_key, _emit, more))
 
 
 async def _stop_task(task: asyncio.Task[Any] | None) -> None:
@@ -418,7 +419,8 @@ async def _broker(args: argparse.Namespace) -> int:
     with _Stopper() as stopper:
         _emit(f"Connected to Teonet, this app address: {broker.address}")
         _emit(f"teomq broker listening on {_endpoint(broker.host, broker.port)}")
-        stats = _start_stats(args, broker.stats, BROKER_STAT_FIELDS, "in")
+        stats = _start_stats(args, broker.stats, BROKER_STAT_FIELDS, "in",
+                             (lambda: command_lines(broker.command_stats())) if schema is not None else None)
         serve = asyncio.ensure_future(broker.serve_forever())
         try:
             await _first(serve, stopper.stop.wait())

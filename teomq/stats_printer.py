@@ -5,7 +5,11 @@ Every line goes to stdout, one per interval, flushed, in this shape::
     stat: <key>=<int> <key>=<int> ... rate=<int>/s
 
 where ``rate`` is how much the counter named by ``rate_key`` grew per second over the
-last interval (rounded to a whole number). Tests and scripts parse these lines.
+last interval (rounded to a whole number). Tests and scripts parse these lines. A broker in
+the command scheme follows each with one line per command that has subscribers or waiting
+messages::
+
+    stat: command <name> routing=<fanout|queue> queued=<int> subscribers=<int> in=<int> out=<int>
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["format_stat", "print_stats"]
+__all__ = ["command_lines", "format_stat", "print_stats"]
 
 Emit = Callable[[str], None]
 
@@ -32,8 +36,9 @@ async def print_stats(
     fields: Sequence[str],
     rate_key: str,
     emit: Emit,
+    more: Callable[[], Sequence[str]] | None = None,
 ) -> None:
-    """Emit a stat line every ``interval`` seconds until cancelled."""
+    """Emit a stat line every ``interval`` seconds until cancelled (then the lines of ``more()``)."""
     prev_count = int(sample().get(rate_key, 0))
     prev_time = time.monotonic()
     while True:
@@ -45,3 +50,12 @@ async def print_stats(
         rate = (count - prev_count) / elapsed if elapsed > 0 else 0.0
         prev_count, prev_time = count, now
         emit(format_stat(counters, fields, rate))
+        for line in more() if more is not None else ():
+            emit(line)
+
+
+def command_lines(stats: Sequence[Mapping[str, object]]) -> list[str]:
+    """The per-command stat lines of commands with subscribers or waiting messages."""
+    return [f"stat: command {r['name']} routing={r['routing']} queued={r['queued']} "
+            f"subscribers={r['subscribers']} in={r['in']} out={r['out']}"
+            for r in stats if r["subscribers"] or r["queued"]]
