@@ -51,7 +51,7 @@ from teomq.argtypes import flag, float_value, int_at_least
 from teomq.loops import run as run_on_loop
 from teomq.stats_printer import command_lines, print_stats
 
-__all__ = ["build_broker_parser", "build_parser", "broker_main", "main", "parse_listen"]
+__all__ = ["build_broker_parser", "build_parser", "broker_main", "main", "parse_listen", "producer_message"]
 
 log = logging.getLogger("teomq.cli")
 
@@ -123,6 +123,13 @@ def _command_name(text: str) -> str:
     if not name or "/" in name:
         raise argparse.ArgumentTypeError(f"bad command name {text!r}")
     return name
+
+
+def producer_message(args: argparse.Namespace) -> str:
+    """The producer's message format: -message, else NAME/{rand} with -command, else the original's."""
+    if args.message:
+        return args.message
+    return f"{args.command}/{{rand}}" if args.command else DEFAULT_MESSAGE
 
 
 def _go_bool(text: str) -> bool:
@@ -246,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="teomq message queue: a broker and example consumer and producer.",
         allow_abbrev=False,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
     _add_broker_args(
         sub.add_parser("broker", help="run a broker", description="Run a teomq message broker.", allow_abbrev=False)
     )
@@ -281,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``teomq``."""
     args = build_parser().parse_args(argv)
-    if args.command == "bench":  # runs its own processes and loops: no logging set-up, no loop here
+    if args.subcommand == "bench":  # runs its own processes and loops: no logging set-up, no loop here
         from teomq.benchmark.command import run as run_bench
 
         return run_bench(args)
@@ -526,7 +533,7 @@ async def _producer(args: argparse.Namespace) -> int:
     lost = asyncio.Event()
     closing = False  # set once we close the producer ourselves
 
-    message = args.message or (f"{args.command}/{{rand}}" if args.command else DEFAULT_MESSAGE)
+    message = producer_message(args)
     fanout: set[str] = set()  # fanout commands of the broker's schema: every answer is collected
 
     def got(answer: bytes) -> None:

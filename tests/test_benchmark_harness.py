@@ -256,7 +256,7 @@ def test_teomq_cli_has_bench() -> None:
     from teomq.cli import build_parser
 
     args = build_parser().parse_args(["bench", "publish", "-producers", "2", "--no-progress"])
-    assert args.command == "bench" and args.workload == "publish" and args.producers == 2 and not args.progress
+    assert args.subcommand == "bench" and args.workload == "publish" and args.producers == 2 and not args.progress
 
 
 def test_load_py_maps_its_flags() -> None:

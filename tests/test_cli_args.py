@@ -36,16 +36,19 @@ VALUED = [
     ("producer", "window", "3", "window", 3),
     ("producer", "timeout", "0.5", "timeout", 0.5),
     ("producer", "message", "msg {n}", "message", "msg {n}"),
+    ("producer", "command", "num_players", "command", "num_players"),
+    ("consumer", "subscribe", "a,b", "subscribe", [["a", "b"]]),
+    ("broker", "schema", "/tmp/schema.json", "schema", "/tmp/schema.json"),
 ]
 SWITCHES = [("broker", "nomsg"), ("broker", "stat"), ("consumer", "nomsg"), ("consumer", "stat"),
-            ("consumer", "reconnect"), ("producer", "nomsg"), ("producer", "stat")]
+            ("consumer", "reconnect"), ("consumer", "api"), ("producer", "nomsg"), ("producer", "stat")]
 FLAGS = {
     "broker": ["listen", "data-dir", "nomsg", "stat", "stat-interval", "max-payload", "queue-max", "loop",
-               "log-level"],
+               "log-level", "command", "schema"],
     "consumer": ["broker", "name", "nomsg", "stat", "stat-interval", "prefetch", "work-ms", "reconnect", "loop",
-                 "log-level"],
+                 "log-level", "subscribe", "api"],
     "producer": ["broker", "name", "delay", "count", "window", "timeout", "nomsg", "stat", "stat-interval",
-                 "message", "loop", "log-level"],
+                 "message", "command", "loop", "log-level"],
 }
 
 
@@ -91,7 +94,7 @@ def test_switches_combine_with_other_flags():
 
 def test_broker_defaults():
     args = parse("broker")
-    assert args.command == "broker"
+    assert args.subcommand == "broker"
     assert args.listen == ("127.0.0.1", 7050)
     assert args.data_dir == str(default_data_dir())
     assert (args.nomsg, args.stat, args.stat_interval) == (False, False, 1.0)
@@ -119,15 +122,30 @@ def test_consumer_defaults():
 def test_producer_defaults():
     args = parse("producer", "-broker", BROKER)
     assert (args.name, args.delay, args.count, args.window, args.timeout) == (None, 1_000_000, 0, 64, 5.0)
-    assert args.message == "Hello wold #{n}!"
-    assert args.message.format(n=7) == "Hello wold #7!"
+    assert (args.message, args.command) == (None, None)
+    assert cli.producer_message(args) == "Hello wold #{n}!"
+    assert cli.producer_message(args).format(n=7, rand=1) == "Hello wold #7!"
+
+
+def test_producer_message_with_command():
+    assert cli.producer_message(parse("producer", "-broker", BROKER, "-command", "num_players")) == "num_players/{rand}"
+    args = parse("producer", "-broker", BROKER, "-command", "num_players", "-message", "num_players/{n}")
+    assert cli.producer_message(args) == "num_players/{n}"
+
+
+def test_broker_command_specs():
+    args = parse("broker", "-command", "num_players", "-command", "version/{data}/{description}:fanout",
+                 "--command=jobs:queue")
+    assert [(c.name, c.pattern, c.routing) for c in args.command] == [
+        ("num_players", "", "fanout"), ("version", "{data}/{description}", "fanout"), ("jobs", "", "queue")]
+    assert parse("broker").command == []
 
 
 def test_broker_main_parser_matches_teomq_broker():
     argv = ["-listen=:0", "--data-dir", "/tmp/d", "-nomsg", "--stat", "-queue-max=5"]
     a = cli.build_broker_parser().parse_args(argv)
     b = parse("broker", *argv)
-    assert vars(a) == {k: v for k, v in vars(b).items() if k != "command"}
+    assert vars(a) == {k: v for k, v in vars(b).items() if k != "subcommand"}
     assert a.func is b.func
 
 
