@@ -119,10 +119,10 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         elif kind == CMD_UNKNOWN:
             self._refuse(fid, ErrorCode.UNKNOWN_COMMAND, str(UnknownCommand(data)))
         elif kind == CMD_UNKNOWN_API:
-            number = f"API command {data[0]}" if data else "an API SEND without a command number"
+            known = f"the broker has {int(ApiCommand.HELLO)} hello and {int(ApiCommand.MSG)} msg"
             self._refuse(fid, ErrorCode.UNKNOWN_COMMAND,
-                         f"{number} not found (the broker has {int(ApiCommand.HELLO)} hello "
-                         f"and {int(ApiCommand.MSG)} msg)")
+                         f"API command {data[0]} not found ({known})" if data
+                         else f"API SEND without a command number ({known})")
         else:  # pragma: no cover - the core passes only the kinds above
             raise AssertionError(f"unexpected command kind {kind}")
 
@@ -141,10 +141,10 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         if status == -2:
             self._refuse(fid, ErrorCode.NOT_ALLOWED, f"'{shown}' is a broker command: nothing to {verb}")
             return
+        self._reply(fid, flags, b"OK")  # before any DELIVER the subscription makes possible
         if status == 0:
             log.info("%s %s %sd %s %s", self.role, self.name, verb, "to" if on else "from", shown)
             disp.pump_now()
-        self._reply(fid, flags, b"OK")
 
     def _reply(self, fid: int, flags: int, answer: bytes) -> None:
         if not flags & Flag.NO_REPLY:
@@ -196,6 +196,7 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
             "sig": b.identity.sign(welcome_signature_payload(nonce)),
             "max_payload": b.max_payload,
             "server": f"teomq/{__version__}",
+            "scheme": "basic" if b.commands is None else "command",
         }
         if b.commands is not None and hello.get("commands") is True:
             welcome["commands"] = [c.as_dict() for c in b.commands]
@@ -253,6 +254,9 @@ class Broker:
         max_payload: largest message accepted, in bytes; larger frames are refused from their header.
         queue_max: messages that may wait in the queue; a SEND beyond it gets a QUEUE_FULL error.
         handshake_timeout: seconds a new connection has to send its HELLO.
+        backlog_max: command scheme: fanout copies a subscriber without credit may have
+            waiting; past that it is a slow consumer and new copies for it are dropped
+            (logged, counted in ``dropped``) so that it holds up nobody else.
         log_messages: log every accepted message (logger ``teomq.broker.messages``).
         record_address: write ``address -> host:port`` to the local address book.
         commands: the command schema (a :class:`~teomq.commands.CommandSchema` or
@@ -274,11 +278,15 @@ class Broker:
         log_messages: bool = True,
         record_address: bool = True,
         commands: CommandSchema | list[Command] | None = None,
+        backlog_max: int = 10_000,
     ) -> None:
         if not 0 < max_payload < 1 << 31:
             raise ValueError("max_payload must be between 1 and 2**31 - 1 bytes")
         if queue_max < 1:
             raise ValueError("queue_max must be at least 1")
+        if backlog_max < 1:
+            raise ValueError("backlog_max must be at least 1")
+        self.backlog_max = backlog_max
         self.host = host
         self.port = port
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -304,7 +312,8 @@ class Broker:
         self.identity = BrokerIdentity.load_or_create(self.data_dir)
         self.address = self.identity.address
         self._disp = Dispatcher(max_payload=self.max_payload, queue_max=self.queue_max,
-                                scheduler=loop.call_soon)
+                                scheduler=loop.call_soon, backlog_max=self.backlog_max)
+        self._disp.on_slow_consumer = self._slow_consumer
         if self.log_messages:
             self._disp.on_message = self._log_message
         self._disp.on_backpressure = self._backpressure
@@ -375,7 +384,7 @@ class Broker:
     def _backpressure(self, on: bool) -> None:
         # Only pure producers are paused: a consumer must keep reading to return its answers.
         producers = [c for c in self._conns if c.handshaken and c.role == "producer"]
-        depth = self._disp.queue.__len__() if self._disp is not None else 0
+        depth = self._disp.stats()["queue"] if self._disp is not None else 0
         if on:
             log.info("queue at %d messages (high mark): pausing reads from %d producers",
                      depth, len(producers))
@@ -386,6 +395,11 @@ class Broker:
                 conn.pause_for("queue")
             else:
                 conn.resume_for("queue")
+
+    def _slow_consumer(self, conn: BrokerConnection, command: bytes) -> None:
+        log.warning("%s %s (%s) is slow: %d fanout copies wait for it (the -backlog-max); new copies of "
+                    "'%s' and its other fanout commands are dropped for it until it catches up",
+                    conn.role, conn.name, conn.peer, self.backlog_max, command.decode("utf-8", "replace"))
 
     def _log_message(self, conn: BrokerConnection, msg_id: int, payload: bytes) -> None:
         msg_log.info("message #%d from %s: %s", msg_id, conn.name,

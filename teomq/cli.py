@@ -189,6 +189,9 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
           help="run the command scheme with this command (repeatable): ROUTING fanout (every subscriber, "
           "the default) or queue (one subscriber, round robin); PATTERN such as {data}/{description} "
           "(e.g. -command num_players -command version/{data}/{description}:fanout)")
+    flag(parser, "backlog-max", type=int_at_least(1), default=10_000, metavar="N",
+          help="command scheme: most fanout copies waiting for one subscriber; past it that slow consumer "
+          "loses new copies instead of holding up the others (default: %(default)s)")
     flag(parser, "schema", metavar="FILE",
           help='run the command scheme with the commands of a JSON file: {"commands": [{"name", '
           '"description", "pattern", "routing"}, ...]}; combines with -command')
@@ -412,7 +415,7 @@ async def _broker(args: argparse.Namespace) -> int:
         log.info("command scheme, %d commands: %s", len(schema), ", ".join(
             f"{c.name} ({c.routing}{', ' + c.pattern if c.pattern else ''})" for c in schema))
     broker = Broker(host, port, data_dir=args.data_dir, max_payload=args.max_payload, queue_max=args.queue_max,
-                    log_messages=not args.nomsg, commands=schema)
+                    log_messages=not args.nomsg, commands=schema, backlog_max=args.backlog_max)
     try:
         await broker.start()
     except (OSError, TeomqError, ValueError) as e:
@@ -469,6 +472,9 @@ async def _consumer(args: argparse.Namespace) -> int:
 
     async def subscribe(consumer: Consumer) -> None:
         """-subscribe and -api: raises BrokerError when the broker refuses."""
+        if commands and consumer.scheme != "command":
+            raise TeomqError(f"broker {consumer.address} runs the basic scheme (no command schema): "
+                             "nothing to subscribe to")
         for command in commands:
             if args.api:  # the original's consumer_api: API command 130 with subscribe/NAME
                 await consumer.call_api("msg", f"subscribe/{command}")
@@ -563,6 +569,9 @@ async def _producer(args: argparse.Namespace) -> int:
 
     def collected(n: int, task: asyncio.Future[list[bytes]]) -> None:
         err = ConnectionLost("producer stopped") if task.cancelled() else task.exception()
+        if err is None and not task.result():
+            log.warning("%s: no answer to message #%d within %g s (has the command a subscriber?)",
+                        name, n, args.timeout)
         finish(n, None, err, counted=True)
 
     def send_one(n: int, data: bytes) -> None:

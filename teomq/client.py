@@ -166,6 +166,7 @@ class _Connection(asyncio.Protocol):
         self.address: str | None = None
         self.server: str | None = None
         self.commands: list[Command] | None = None
+        self.scheme = "basic"
         self.max_send = 0
         self.stats = client._counts
         self._folded = False  # core counters added to the client's (connection ended)
@@ -378,6 +379,7 @@ class _Connection(asyncio.Protocol):
             return
         self.address = address
         self.server = str(doc.get("server", ""))
+        self.scheme = "command" if doc.get("scheme") == "command" else "basic"
         commands = doc.get("commands")
         if isinstance(commands, list):
             try:
@@ -1005,11 +1007,16 @@ class Client:
         Subscriptions are remembered and made again by :meth:`connect`.
 
         Raises:
-            BrokerError: UNKNOWN_COMMAND for a name not in the schema, NOT_ALLOWED for a
-                client that does not consume or a broker command.
+            BrokerError: UNKNOWN_COMMAND for a name not in the schema; NOT_ALLOWED for a
+                client that does not consume, a broker command, or a broker that runs the
+                basic scheme (checked here, from WELCOME, before anything is sent).
         """
         for name in commands:
             _check_command_name(name)
+        if commands and self.scheme != "command":
+            raise BrokerError(int(ErrorCode.NOT_ALLOWED), f"broker {self.address} runs the basic scheme "
+                              "(no command schema): nothing to subscribe to")
+        for name in commands:
             await self._call(b"subscribe/" + name.encode("utf-8"))
             self._subscriptions[name] = None
 
@@ -1019,6 +1026,11 @@ class Client:
             _check_command_name(name)
             self._subscriptions.pop(name, None)
             await self._call(b"unsubscribe/" + name.encode("utf-8"))
+
+    @property
+    def scheme(self) -> str | None:
+        """The broker's scheme from WELCOME: ``"command"`` or ``"basic"`` (None before connecting)."""
+        return self._conn.scheme if self._conn is not None else None
 
     @property
     def subscriptions(self) -> list[str]:
@@ -1136,7 +1148,8 @@ class Consumer(Client):
         except UnknownCommand as exc:
             if self._fallback is not None:
                 return self._fallback(data)
-            consumer_log.warning("%s: no handler for %s; acknowledged without an answer", self.name, exc)
+            consumer_log.warning("%s: no handler for command '%s'; acknowledged without an answer",
+                                 self.name, exc.name[:256].decode("utf-8", "replace"))
             return None
         params = self._schema.table.params_of(idx)
         call = CommandCall(name.decode("utf-8", "replace"),

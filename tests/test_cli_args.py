@@ -39,12 +39,13 @@ VALUED = [
     ("producer", "command", "num_players", "command", "num_players"),
     ("consumer", "subscribe", "a,b", "subscribe", [["a", "b"]]),
     ("broker", "schema", "/tmp/schema.json", "schema", "/tmp/schema.json"),
+    ("broker", "backlog-max", "16", "backlog_max", 16),
 ]
 SWITCHES = [("broker", "nomsg"), ("broker", "stat"), ("consumer", "nomsg"), ("consumer", "stat"),
             ("consumer", "reconnect"), ("consumer", "api"), ("producer", "nomsg"), ("producer", "stat")]
 FLAGS = {
     "broker": ["listen", "data-dir", "nomsg", "stat", "stat-interval", "max-payload", "queue-max", "loop",
-               "log-level", "command", "schema"],
+               "log-level", "command", "schema", "backlog-max"],
     "consumer": ["broker", "name", "nomsg", "stat", "stat-interval", "prefetch", "work-ms", "reconnect", "loop",
                  "log-level", "subscribe", "api"],
     "producer": ["broker", "name", "delay", "count", "window", "timeout", "nomsg", "stat", "stat-interval",

@@ -40,6 +40,8 @@ async def consume(args: argparse.Namespace) -> None:
     consumer.command("num_servers", "Number of servers.", pattern="{num_servers}", subscribe=subscribe)(log_value)
 
     async with consumer:
+        if consumer.scheme != "command":
+            raise RuntimeError(f"broker {consumer.address} runs the basic scheme: start the users_servers broker")
         if args.api:
             for command in ("version", "num_players", "num_servers"):
                 await consumer.call_api("msg", f"subscribe/{command}")

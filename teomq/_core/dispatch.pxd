@@ -55,6 +55,8 @@ cdef class CoreConnection:
     cdef int32_t subs_cap
     cdef MsgRing backlog
     cdef bint unlisted
+    cdef bint slow                   # its backlog reached backlog_max: new copies are dropped
+    cdef readonly uint64_t slow_dropped   # fanout copies dropped because its backlog was full
 
     cdef int _process(self) except -1
     cdef int _mark_dirty(self) except -1
@@ -102,7 +104,10 @@ cdef class Dispatcher:
     cdef list routes             # route index -> Route
     cdef SubTable subtab
     cdef list pending_routes     # routes that may deliver waiting messages now
-    cdef readonly size_t n_route_queued   # in routes' queues and consumers' backlogs
+    cdef readonly size_t n_route_queued   # in routes' own queues (count toward queue_max)
+    cdef readonly size_t n_backlog        # fanout copies in consumers' backlogs (bounded per consumer)
+    cdef readonly size_t backlog_max
+    cdef public object on_slow_consumer   # None, or callable(conn, route name): a backlog got full
     cdef readonly uint64_t n_dropped      # fanout copies dropped with their subscriber
     cdef readonly uint64_t n_unknown_commands
 

@@ -366,7 +366,7 @@ cdef class Dispatcher:
     """The broker's shared state: connections, the queue, in-flight messages, output to flush."""
 
     def __cinit__(self, *, uint32_t max_payload=1 << 20, size_t queue_max=1000000,
-                  scheduler=None):
+                  scheduler=None, size_t backlog_max=10000):
         self.conns = []
         self.free_slots = []
         self.queue = MsgRing(1024, queue_max)
@@ -391,6 +391,10 @@ cdef class Dispatcher:
         self.routes = []
         self.subtab = SubTable()
         self.pending_routes = []
+        if backlog_max < 1:
+            raise ValueError("backlog_max must be at least 1")
+        self.backlog_max = backlog_max
+        self.on_slow_consumer = None
 
     def __dealloc__(self):
         cdef int32_t i
@@ -689,7 +693,9 @@ cdef class Dispatcher:
 
     cdef int route_fanout(self, Route r, Msg *m) except -1:
         # A copy to every subscriber, sharing one payload block; a subscriber without
-        # credit keeps its copies in its backlog, in order. No subscriber: the route's queue.
+        # credit keeps its copies in its backlog, in order, up to backlog_max: past that it
+        # is a slow consumer and new copies for it are dropped (the others are not held up).
+        # No subscriber: the route's queue.
         cdef int32_t i, sid
         cdef CoreConnection c
         cdef Sub *s
@@ -706,11 +712,19 @@ cdef class Dispatcher:
             if c.credit > 0 and (c.backlog is None or c.backlog.count == 0):
                 self.deliver(c, m)
                 r.n_out += 1
+            elif c.backlog is not None and c.backlog.count >= self.backlog_max:
+                payload_release(m.data)
+                self.n_dropped += 1
+                c.slow_dropped += 1
+                if not c.slow:
+                    c.slow = True
+                    if self.on_slow_consumer is not None:
+                        self.on_slow_consumer(c, r.name)
             else:
                 if c.backlog is None:
                     c.backlog = MsgRing(16, <size_t>1 << 32)
                 c.backlog.push_back(m)
-                self.n_route_queued += 1
+                self.n_backlog += 1
         return 0
 
     cdef int32_t take_ready(self, Route r) except -2:
@@ -753,9 +767,11 @@ cdef class Dispatcher:
         cdef Sub *s
         cdef Route r
         while c.credit > 0 and c.backlog is not None and c.backlog.pop_front(&m):
-            self.n_route_queued -= 1
+            self.n_backlog -= 1
             self.deliver(c, &m)
             (<Route>self.routes[m.route]).n_out += 1
+        if c.slow and (c.backlog is None or c.backlog.count <= self.backlog_max // 2):
+            c.slow = False
         if c.credit > 0 and c.unlisted:
             c.unlisted = False
             for i in range(c.nsubs):
@@ -801,7 +817,7 @@ cdef class Dispatcher:
         if conn.backlog is not None:
             while conn.backlog.pop_front(&m):
                 payload_release(m.data)
-                self.n_route_queued -= 1
+                self.n_backlog -= 1
                 self.n_dropped += 1
         for i in range(conn.nsubs):
             s = &self.subtab.items[conn.subs[i]]
@@ -956,6 +972,8 @@ cdef class Dispatcher:
         cdef int32_t idx = self._route_index(name)
         cdef int32_t i, sid
         cdef Route r
+        cdef MsgRing kept
+        cdef Msg m
         if idx < 0:
             return -1
         r = <Route>self.routes[idx]
@@ -968,6 +986,16 @@ cdef class Dispatcher:
                 self.subtab.release(sid)
                 conn.nsubs -= 1
                 conn.subs[i] = conn.subs[conn.nsubs]
+                if conn.backlog is not None and conn.backlog.count:
+                    # copies of this command still waiting for credit are withdrawn too
+                    kept = MsgRing(16, <size_t>1 << 32)
+                    while conn.backlog.pop_front(&m):
+                        if m.route == idx:
+                            payload_release(m.data)
+                            self.n_backlog -= 1
+                        else:
+                            kept.push_back(&m)
+                    conn.backlog = kept
                 return 0
         return 1
 
@@ -993,6 +1021,7 @@ cdef class Dispatcher:
             "backpressure": int(self.backpressure),
             "connections": len(self.conns) - len(self.free_slots),
             "dropped": self.n_dropped,
+            "backlog": self.n_backlog,
             "unknown_commands": self.n_unknown_commands,
             "subscriptions": self.subtab.used,
         }
