@@ -1125,8 +1125,9 @@ class Consumer(Client):
 
         The function gets a :class:`~teomq.commands.CommandCall` and returns the answer
         like a handler (it may be async). With ``subscribe`` (the default) the consumer
-        subscribes to the command on connect. Register commands before connecting when a
-        plain ``handler`` was given to the constructor, or pass none.
+        subscribes to the command on connect. Register commands before connecting: one
+        registered while connected is subscribed only at the next connect, and when a
+        ``handler`` was given to the constructor it keeps receiving every message until then.
         """
         def register(fn: Callable[[CommandCall], Any]) -> Callable[[CommandCall], Any]:
             if not callable(fn):

@@ -24,12 +24,15 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # Comparing against the twin only means something if the compiled core is what is measured.
+import teomq._core.command_parser  # noqa: E402
 import teomq._core.crc32c  # noqa: E402
 import teomq._core.dispatch  # noqa: E402
 import teomq._core.frame_codec  # noqa: E402
-import teomq._core.ring_queue  # noqa: E402, F401
+import teomq._core.ring_queue  # noqa: E402
+import teomq._core.routes  # noqa: E402
 
-for _mod in (teomq._core.crc32c, teomq._core.frame_codec, teomq._core.dispatch):
+for _mod in (teomq._core.crc32c, teomq._core.frame_codec, teomq._core.dispatch, teomq._core.ring_queue,
+             teomq._core.command_parser, teomq._core.routes):
     assert _mod.__file__ is not None and not _mod.__file__.endswith(".py"), (
         f"{_mod.__name__} is not the compiled module: build the core first (pip install -e . or setup.py build_ext -i)"
     )
