@@ -12,6 +12,8 @@ Lines on stdout (one flushed line each; scripts and tests parse them)::
                teomq broker listening on <host>:<port>
     consumer:  <name> got message: <message text>
     consumer:  <name> hello answer: <answer text>                                    (-api)
+               <name> subscribed to <cmd> | <name> unsubscribed from <cmd>             (-control)
+               <name> control error: <error>                                          (-control)
     producer:  <name> got answer: <answer text>
                <name> error for message #<n>: <error>
                <name> done: sent <N>, answered <A>, errors <E>
@@ -218,6 +220,8 @@ def _add_consumer_args(parser: argparse.ArgumentParser) -> None:
           help="command scheme: subscribe to these commands of the broker's schema (repeatable)")
     _bool_flag(parser, "api", "subscribe through the broker's API command 130 (msg subscribe/NAME) and say "
                "hello with API command 129, as the original's consumer_api -api does (default: off)")
+    _bool_flag(parser, "control", "command scheme: read 'subscribe NAME' and 'unsubscribe NAME' lines on stdin "
+               "and change subscriptions while running (default: off)")
     _add_common(parser, "message received (on stdout)")
     parser.set_defaults(func=_consumer)
 
@@ -235,6 +239,9 @@ def _add_producer_args(parser: argparse.ArgumentParser) -> None:
     flag(parser, "message", type=_message_format, default=None, metavar="FORMAT",
           help="message text; {n} becomes the message number 1, 2, ..., {rand} a random 1..100 "
           f"(default: {DEFAULT_MESSAGE!r}, or NAME/{{rand}} with -command)")
+    flag(parser, "expect", type=int_at_least(0), default=0, metavar="N",
+          help="fanout commands: stop collecting a message's answers once N have come; 0 = collect until "
+          "-timeout (default: %(default)s)")
     flag(parser, "command", type=_command_name, default=None, metavar="NAME",
           help="command scheme: send command NAME with a random value, NAME/<1..100>, as the original's "
           "users_servers producer (default: off)")
@@ -484,6 +491,40 @@ async def _consumer(args: argparse.Namespace) -> int:
             log.info("%s subscribed to %s", name, ", ".join(commands))
         if args.api:
             _emit(f"{name} hello answer: {_text(await consumer.hello(name))}")
+
+    async def control(consumer: Consumer, lines: asyncio.StreamReader) -> None:
+        """-control: subscription changes read from stdin, one per line, each confirmed on stdout."""
+        while line := (await lines.readline()).decode("utf-8", "replace"):
+            verb, _, command = line.strip().partition(" ")
+            command = command.strip()
+            if not verb:
+                continue
+            try:
+                if verb not in ("subscribe", "unsubscribe") or not command:
+                    raise ValueError(f"expected 'subscribe NAME' or 'unsubscribe NAME', not {line.strip()!r}")
+                if consumer.scheme != "command":
+                    raise TeomqError("the broker runs the basic scheme: nothing to subscribe to")
+                if args.api:
+                    await consumer.call_api("msg", f"{verb}/{command}")
+                elif verb == "subscribe":
+                    await consumer.subscribe(command)
+                else:
+                    await consumer.unsubscribe(command)
+                if verb == "subscribe" and command not in commands:
+                    commands.append(command)  # made again after a -reconnect
+                elif verb == "unsubscribe" and command in commands:
+                    commands.remove(command)
+                _emit(f"{name} {verb}d {'to' if verb == 'subscribe' else 'from'} {command}")
+            except (TeomqError, ValueError) as e:
+                _emit(f"{name} control error: {e}")
+
+    async def stdin_reader() -> asyncio.StreamReader:
+        reader = asyncio.StreamReader()
+        await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        return reader
+
+    lines = await stdin_reader() if args.control else None
     with _Stopper() as stopper:
         stats = _start_stats(args, lambda: counters, CONSUMER_STAT_FIELDS, "received")
         last_error = ""  # with -reconnect, a failure that repeats is reported once
@@ -513,7 +554,9 @@ async def _consumer(args: argparse.Namespace) -> int:
                         return 1
                     await stopper.sleep(RECONNECT_DELAY)
                     continue
+                controller = asyncio.ensure_future(control(consumer, lines)) if lines is not None else None
                 done = await _first(consumer.wait_closed(), stopper.stop.wait())
+                await _stop_task(controller)
                 await consumer.close()
                 if stopper.stop.is_set():
                     break
@@ -576,7 +619,8 @@ async def _producer(args: argparse.Namespace) -> int:
 
     def send_one(n: int, data: bytes) -> None:
         if data.split(b"/", 1)[0].decode("utf-8", "replace") in fanout:
-            task = asyncio.ensure_future(producer.collect(data, timeout=args.timeout, on_answer=got))
+            task = asyncio.ensure_future(producer.collect(data, timeout=args.timeout, expect=args.expect or None,
+                                                          on_answer=got))
             task.add_done_callback(lambda t: collected(n, t))
         else:
             producer.send(data, callback_for(n), timeout=args.timeout)

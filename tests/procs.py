@@ -62,7 +62,7 @@ class CliProc:
     """One running CLI process whose stdout and stderr lines are collected as they come."""
 
     def __init__(self, argv: Sequence[str], *, env: dict[str, str], label: str = "",
-                 python_args: Sequence[str] | None = None) -> None:
+                 python_args: Sequence[str] | None = None, stdin: bool = False) -> None:
         self.label = label or " ".join(argv[:1])
         head = list(python_args) if python_args is not None else ["-m", "teomq"]
         self.argv = [sys.executable, *head, *argv]
@@ -71,7 +71,8 @@ class CliProc:
         self._err: list[str] = []
         self._open_streams = 2
         self.popen = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            self.argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True, bufsize=1, env=env, errors="replace",
         )
         self._threads = [
@@ -122,6 +123,12 @@ class CliProc:
         return (f"[{self.label}] {' '.join(self.argv)}\n  exit status: {'running' if rc is None else rc}\n"
                 f"  last stdout lines:\n    " + "\n    ".join(out) +
                 "\n  last stderr lines:\n    " + "\n    ".join(err))
+
+    def send_line(self, text: str) -> None:
+        """Write one line to the process's stdin (started with ``stdin=True``)."""
+        assert self.popen.stdin is not None, "started without stdin=True"
+        self.popen.stdin.write(text + "\n")
+        self.popen.stdin.flush()
 
     # -- waiting ---------------------------------------------------------------------------
 
@@ -228,8 +235,9 @@ class ProcGroup:
         self.procs: list[CliProc] = []
         self._brokers = 0
 
-    def start(self, *argv: str, label: str = "", python_args: Sequence[str] | None = None) -> CliProc:
-        proc = CliProc(argv, env=self.env, label=label, python_args=python_args)
+    def start(self, *argv: str, label: str = "", python_args: Sequence[str] | None = None,
+              stdin: bool = False) -> CliProc:
+        proc = CliProc(argv, env=self.env, label=label, python_args=python_args, stdin=stdin)
         self.procs.append(proc)
         return proc
 
@@ -257,7 +265,7 @@ class ProcGroup:
             except Exception:  # noqa: BLE001 - keep ending the others
                 if proc.popen.poll() is None:
                     proc.popen.kill()
-            for stream in (proc.popen.stdout, proc.popen.stderr):
+            for stream in (proc.popen.stdin, proc.popen.stdout, proc.popen.stderr):
                 if stream is not None:
                     stream.close()
         self.procs.clear()

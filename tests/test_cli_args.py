@@ -37,19 +37,20 @@ VALUED = [
     ("producer", "timeout", "0.5", "timeout", 0.5),
     ("producer", "message", "msg {n}", "message", "msg {n}"),
     ("producer", "command", "num_players", "command", "num_players"),
+    ("producer", "expect", "3", "expect", 3),
     ("consumer", "subscribe", "a,b", "subscribe", [["a", "b"]]),
     ("broker", "schema", "/tmp/schema.json", "schema", "/tmp/schema.json"),
     ("broker", "backlog-max", "16", "backlog_max", 16),
 ]
 SWITCHES = [("broker", "nomsg"), ("broker", "stat"), ("consumer", "nomsg"), ("consumer", "stat"),
-            ("consumer", "reconnect"), ("consumer", "api"), ("producer", "nomsg"), ("producer", "stat")]
+            ("consumer", "reconnect"), ("consumer", "api"), ("consumer", "control"), ("producer", "nomsg"), ("producer", "stat")]
 FLAGS = {
     "broker": ["listen", "data-dir", "nomsg", "stat", "stat-interval", "max-payload", "queue-max", "loop",
                "log-level", "command", "schema", "backlog-max"],
     "consumer": ["broker", "name", "nomsg", "stat", "stat-interval", "prefetch", "work-ms", "reconnect", "loop",
-                 "log-level", "subscribe", "api"],
+                 "log-level", "subscribe", "api", "control"],
     "producer": ["broker", "name", "delay", "count", "window", "timeout", "nomsg", "stat", "stat-interval",
-                 "message", "command", "loop", "log-level"],
+                 "message", "command", "expect", "loop", "log-level"],
 }
 
 

@@ -2,8 +2,8 @@
 -subscribe/-api, producer -command/-message, each a separate ``python -m teomq`` process.
 
 Outcomes are read from the documented stdout lines and exit statuses (teomq/cli.py). Waits are
-hang guards; the only timing a test depends on is a fanout producer's ``-timeout``, which is its
-documented collection window (kept generous: answers come in milliseconds).
+hang guards: a fanout producer stops collecting with ``-expect`` (the number of subscribers), so no
+test depends on a collection window.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from test_integration import answers_of, assert_each_once, messages_of, wait_for
 
 pytestmark = pytest.mark.integration
 
-#: a fanout producer collects answers for this long (its -timeout); queue producers use LONG
-FANOUT_WINDOW = "8"
+#: every producer's -timeout: a hang guard
 LONG = "60"
 
 
@@ -76,9 +75,9 @@ def test_three_consumers_get_exactly_their_commands(procs: ProcGroup, cli_loop: 
     c1 = start_consumer(procs, ep, "c1", "-subscribe", "a,b", loop=cli_loop)
     c2 = start_consumer(procs, ep, "c2", "-subscribe", "b", "-subscribe", "c", loop=cli_loop)
     c3 = start_consumer(procs, ep, "c3", "-subscribe=c", loop=cli_loop)
-    pa = producer(procs, ep, "pa", "-message", "a/{n}", "-count=10", f"-timeout={FANOUT_WINDOW}", loop=cli_loop)
+    pa = producer(procs, ep, "pa", "-message", "a/{n}", "-count=10", "-expect=1", f"-timeout={LONG}", loop=cli_loop)
     pb = producer(procs, ep, "pb", "-message", "b/{n}", "-count=40", f"-timeout={LONG}", loop=cli_loop)
-    pc = producer(procs, ep, "pc", "-command", "c", "-count=10", f"-timeout={FANOUT_WINDOW}", loop=cli_loop)
+    pc = producer(procs, ep, "pc", "-command", "c", "-count=10", "-expect=2", f"-timeout={LONG}", loop=cli_loop)
 
     a_msgs = [f"a/{n}" for n in range(1, 11)]
     b_msgs = [f"b/{n}" for n in range(1, 41)]
@@ -124,6 +123,47 @@ def test_a_command_without_subscriber_waits_while_another_flows(procs: ProcGroup
     broker.proc.wait_for_line(r"^stat: command w routing=queue queued=0 subscribers=1 in=5 out=5$")
     assert messages_of(stop(late), "late") == [f"w/{n}" for n in range(1, 6)]  # in order
     assert messages_of(stop(worker), "worker") == [f"a/{n}" for n in range(1, 21)]
+    stop(broker.proc)
+
+
+@pytest.mark.parametrize("routing", ["fanout", "queue"])
+def test_after_unsubscribe_a_consumer_gets_no_more_of_that_command(procs: ProcGroup, routing: str) -> None:
+    """consumer -control: 'unsubscribe a' on stdin; later a/ messages go to the other subscriber only."""
+    broker = procs.broker("-nomsg", "-command", f"a:{routing}", "-command", "b:queue")
+    ep = broker.endpoint
+    c1 = procs.start("consumer", f"-broker={ep}", "-name", "c1", "-subscribe", "a,b", "-control",
+                     label="c1", stdin=True)
+    c1.wait_for_line(r"INFO teomq\.cli: c1 subscribed to a, b$", stderr=True)
+    first = producer(procs, ep, "first", "-message", "a/{n}", "-count=5", "-expect=1", f"-timeout={LONG}")
+    assert_each_once(finish_ok(first, "first", 5, 5), [f"Answer to a/{n}" for n in range(1, 6)], "first")
+    assert messages_of(c1.lines, "c1") == [f"a/{n}" for n in range(1, 6)]
+
+    c1.send_line("unsubscribe a")
+    c1.wait_for_line(r"^c1 unsubscribed from a$")
+    c1.send_line("unsubscribe nope")
+    c1.wait_for_line(r"^c1 control error: command 'nope' not found \(code 10\)$")
+    c2 = start_consumer(procs, ep, "c2", "-subscribe", "a")
+    second = producer(procs, ep, "second", "-message", "a/{n}", "-count=5", "-expect=1", f"-timeout={LONG}")
+    assert_each_once(finish_ok(second, "second", 5, 5), [f"Answer to a/{n}" for n in range(1, 6)], "second")
+    # c1 still takes b, and got none of the second five a/ messages
+    pb = producer(procs, ep, "pb", "-message", "b/{n}", "-count=2", f"-timeout={LONG}")
+    assert_each_once(finish_ok(pb, "pb", 2, 2), ["Answer to b/1", "Answer to b/2"], "pb")
+    assert messages_of(stop(c2), "c2") == [f"a/{n}" for n in range(1, 6)]
+    assert messages_of(stop(c1), "c1") == [f"a/{n}" for n in range(1, 6)] + ["b/1", "b/2"]
+    stop(broker.proc)
+
+
+def test_hello_and_msg_through_the_cli(procs: ProcGroup) -> None:
+    """hello/<data> answers 'Hello <data>'; msg/<data> answers OK and <data> reaches its subscriber."""
+    broker = procs.broker("-nomsg", "-command", "b:queue")
+    ep = broker.endpoint
+    hello = producer(procs, ep, "hello", "-message", "hello/bob{n}", "-count=2", f"-timeout={LONG}")
+    assert_each_once(finish_ok(hello, "hello", 2, 2), ["Hello bob1", "Hello bob2"], "hello")
+    worker = start_consumer(procs, ep, "worker", "-subscribe", "b")
+    fed = producer(procs, ep, "fed", "-message", "msg/b/{n}", "-count=3", f"-timeout={LONG}")
+    assert finish_ok(fed, "fed", 3, 3) == ["OK"] * 3  # the broker's answer; the consumer's goes nowhere
+    worker.wait_until(lambda out, err: len(messages_of(out, "worker")) == 3, "three fed messages")
+    assert messages_of(stop(worker), "worker") == ["b/1", "b/2", "b/3"]
     stop(broker.proc)
 
 
