@@ -1,0 +1,605 @@
+"""One client connection to a teomq broker: the asyncio protocol under :mod:`teomq.client`.
+
+One TCP connection per client. The read path hands each socket read to the C
+``ClientCore`` once: it resolves every REPLY (Future or send() callback) and runs a
+synchronous consumer handler for every DELIVER in C, and passes only the rare frames up
+to Python. The write path encodes frames into the core's ``WriteBuffer`` and writes it
+with one ``transport.write`` per event-loop pass.
+
+Wire exchange (docs/protocol.md is the full spec)::
+
+    client -> HELLO   {"v": 1, "role", "name", "prefetch", "nonce": 16 bytes, "auth": None,
+                       "commands": True (producing roles: send the command schema)}
+    broker -> WELCOME {"v": 1, "address", "pubkey", "sig", "max_payload", "server", "scheme",
+                       "commands" (when asked)}
+    client -> SEND    id = client's message id (1, 2, ...), flags NO_REPLY for publish()
+    broker -> REPLY   id = that message id, payload = the consumer's answer
+    broker -> DELIVER id = delivery id, flags REDELIVERED          (consumers)
+    client -> ANSWER  id = that delivery id, flags NO_ANSWER if no answer (consumers)
+    broker -> ERROR   id = related message id, or 0: fatal, the broker closes the connection
+    broker -> PING    client -> PONG with the same id
+
+Design notes:
+
+- Writes: ``_write`` encodes a frame into the connection's WriteBuffer and, once per loop
+  pass, schedules ``_flush`` with ``call_soon``; every request, publish, ANSWER and PONG
+  made in that pass leaves in one ``transport.write``. Sync handlers run inline in
+  ``data_received``, so all answers to one socket read go out together.
+- Timeouts: no TimerHandle per request and no clock read per request. Requests with the
+  client's default timeout are kept in the core's ring, indexed by message id (ids
+  increase, so id order is also send order). One tick, every ``_TICK`` seconds while
+  anything is pending, closes a bucket ``[now + timeout, highest id sent so far]``:
+  every id in it was sent at or before ``now``, so its deadline is never early. Due
+  buckets are expired with one ``expire_upto`` call. Other timeouts go into a small heap
+  checked by the same tick. A request times out at most ~2 ticks late, never early.
+  Answers arriving after that are dropped.
+- Fanout answers: :meth:`Client.collect` keeps a :class:`Collector` in the custom-timeout
+  table; every REPLY with its id is added to it (not popped) until its timeout or ``expect``.
+- Flow control: ``pause_writing`` makes :meth:`Client.request` wait before sending and
+  :meth:`Client.drain` available to ``send``/``publish`` loops. Consumers keep answering
+  while paused: their unsent answers are bounded by the prefetch credit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import inspect
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from teomq._core.client_core import ClientCore
+from teomq._core.frame_codec import encode_frame
+from teomq.commands import Command
+from teomq.errors import AddressError, BrokerError, ConnectionLost, ProtocolError, RequestTimeout
+from teomq.identity import verify_welcome
+from teomq.protocol import MAX_PAYLOAD_LIMIT, ErrorCode, Flag, FrameType
+
+if TYPE_CHECKING:
+    from teomq.client import Client
+
+__all__ = ["Connection", "Collector", "to_payload"]
+
+log = logging.getLogger("teomq.client")
+consumer_log = logging.getLogger("teomq.consumer")
+
+_WELCOME = int(FrameType.WELCOME)
+_DELIVER = int(FrameType.DELIVER)
+_REPLY = int(FrameType.REPLY)
+_ERROR = int(FrameType.ERROR)
+_PING = int(FrameType.PING)
+_PONG = int(FrameType.PONG)
+_SEND = int(FrameType.SEND)
+_ANSWER = int(FrameType.ANSWER)
+_NO_REPLY = int(Flag.NO_REPLY)
+_NO_ANSWER = int(Flag.NO_ANSWER)
+_REDELIVERED = int(Flag.REDELIVERED)
+_API = int(Flag.API)
+
+#: Period of the timeout tick (seconds): requests time out at most about two ticks late.
+_TICK = 0.05
+#: More bytes than this before the WELCOME is a bad broker (a WELCOME carrying a command
+#: schema of 100,000 commands is about 5 MB).
+_HANDSHAKE_LIMIT = 8 << 20
+
+
+def to_payload(data: object) -> bytes | bytearray | memoryview:
+    """Normalise a payload for the codec (contiguous unsigned bytes); TypeError otherwise."""
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, memoryview):
+        return data.cast("B") if data.c_contiguous else data.tobytes()
+    raise TypeError(f"payload must be bytes, bytearray, memoryview or str, not {type(data).__name__}")
+
+
+class Collector:
+    """A request whose answers are all collected until its timeout (fanout commands).
+
+    Lives in the connection's custom-timeout table: each REPLY with its id is added, the
+    timeout ends it with what came, an ERROR fails it. Called like a send() callback.
+    """
+
+    __slots__ = ("future", "answers", "on_answer", "expect")
+
+    def __init__(self, future: asyncio.Future[list[bytes]], on_answer: Callable[[bytes], object] | None,
+                 expect: int | None) -> None:
+        self.future = future
+        self.answers: list[bytes] = []
+        self.on_answer = on_answer
+        self.expect = expect
+
+    def add(self, answer: bytes) -> bool:
+        """Take one answer; True when the expected number has come (the collection ends)."""
+        self.answers.append(answer)
+        if self.on_answer is not None:
+            try:
+                self.on_answer(answer)
+            except Exception:
+                log.exception("collect() on_answer callback raised")
+        return self.expect is not None and len(self.answers) >= self.expect
+
+    def __call__(self, mid: int, data: bytes | None, err: BaseException | None) -> None:
+        if self.future.done():
+            return
+        if err is None or isinstance(err, RequestTimeout):
+            self.future.set_result(self.answers)
+        else:
+            self.future.set_exception(err)
+
+
+class Connection(asyncio.Protocol):
+    """One connection to a broker: handshake, framing, pending requests, consumer dispatch."""
+
+    def __init__(self, client: Client, expected: str | None, endpoint: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._client = client
+        self._endpoint = endpoint
+        self._expected = expected
+        self._nonce = os.urandom(16)
+        self._transport: asyncio.Transport | None = None
+        self._closing = False  # transport.close() called, or connection lost
+        self._by_user = False
+        self._reason = "connection to broker lost"
+        self._cause: BaseException | None = None
+        # Permissive until WELCOME says the broker's limit (see _on_welcome).
+        self._core = ClientCore(MAX_PAYLOAD_LIMIT, self._on_frame, self._on_result,
+                                self._on_callback_error)
+        self._wbuf = self._core.wbuf
+        self._flush_scheduled = False
+        self.welcome: asyncio.Future[None] = self._loop.create_future()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self.address: str | None = None
+        self.server: str | None = None
+        self.commands: list[Command] | None = None
+        self.scheme = "basic"
+        self.max_send = 0
+        self.stats = client._counts
+        self._folded = False  # core counters added to the client's (connection ended)
+        # producer side: default-timeout requests live in the core's ring
+        self._timeout = client._timeout
+        self._buckets: deque[tuple[float, int]] = deque()  # (deadline, last id), deadline-ordered
+        self._bucket_last = 0  # highest id already in a bucket
+        self._custom: dict[int, Any] = {}  # any other timeout
+        self._heap: list[tuple[float, int, float]] = []  # (deadline, id, timeout)
+        self._timer: asyncio.TimerHandle | None = None
+        self.paused = False
+        self._resume: asyncio.Future[None] | None = None
+        self._pings: dict[int, asyncio.Future[None]] = {}
+        self._next_ping = 1
+        # consumer side
+        self._handler = client._handler
+        self._handler_async = client._handler_async
+        self._prefetch = client._prefetch
+        self._tasks: dict[asyncio.Future[Any], int] = {}
+        self._backlog: deque[tuple[int, bytes]] = deque()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._core.set_socket(sock.fileno())
+            except (OSError, AttributeError):
+                pass
+        c = self._client
+        hello = {"v": 1, "role": c._role, "name": c.name, "prefetch": c._prefetch,
+                 "nonce": self._nonce, "auth": None}
+        if c._produces:  # only a producer needs to know which commands fan out
+            hello["commands"] = True
+        transport.write(encode_frame(int(FrameType.HELLO), 0, 0, msgpack.packb(hello)))  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        # One crossing into C per read: REPLYs and sync-handler DELIVERs are handled there;
+        # the rest comes back through _on_frame / _on_result.
+        core = self._core
+        try:
+            core.feed(data)
+        except ProtocolError as exc:
+            self._fail(f"bad frame from broker: {exc.reason}", exc, error_code=exc.code)
+            return
+        if self._closing:
+            return
+        if len(self._wbuf) and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        if self.address is None and core.buffered > _HANDSHAKE_LIMIT:
+            self._fail("broker sent an oversized frame before WELCOME", None,
+                       error_code=ErrorCode.TOO_LARGE)
+
+    def _on_frame(self, ftype: int, flags: int, fid: int, payload: bytes) -> None:
+        """A frame the core leaves to Python."""
+        if self._closing:
+            return
+        if ftype == _REPLY:
+            entry = self._custom.get(fid) if self._custom else None
+            if entry is not None:  # else: late answer after a timeout, or publish(): dropped
+                self.stats["replies"] += 1
+                if type(entry) is Collector:
+                    if entry.add(payload):
+                        del self._custom[fid]
+                        entry(fid, None, None)
+                else:
+                    del self._custom[fid]
+                    self._complete(fid, entry, payload, None)
+        elif ftype == _DELIVER and self.address is not None:
+            self._on_deliver(flags, fid, payload)
+        elif ftype == _ERROR:
+            self._on_error(fid, payload)
+        elif ftype == _PING:
+            self._write(_PONG, 0, fid, b"")
+        elif ftype == _PONG and self.address is not None:
+            fut = self._pings.pop(fid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif ftype == _WELCOME and self.address is None:
+            self._on_welcome(payload)
+        elif ftype != _PONG or self.address is None:
+            name = FrameType(ftype).name
+            self._fail(f"broker sent an unexpected {name} frame", None,
+                       error_code=ErrorCode.NOT_ALLOWED)
+
+    def _on_result(self, did: int, payload: bytes, result: Any, exc: BaseException | None) -> None:
+        """A sync handler's result the core did not send as is (None, str, awaitable...), or its error."""
+        if exc is not None:
+            self._reject(did, "handler raised", exc)
+        elif inspect.isawaitable(result):
+            self._start(did, payload, result)
+        else:
+            self._answer(did, result)
+
+    @staticmethod
+    def _on_callback_error(mid: int, exc: BaseException) -> None:
+        log.error("send() callback for message %d raised", mid, exc_info=exc)
+
+    def fold_counts(self, into: dict[str, int]) -> None:
+        """Add the core's counters to ``into`` (a snapshot, or the client's totals at the end)."""
+        core = self._core
+        into["sent"] += core.sent
+        into["replies"] += core.replies
+        into["received"] += core.received
+        into["answered"] += core.answered
+        into["redelivered"] += core.redelivered
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._resume is not None:
+            if not self._resume.done():
+                self._resume.set_result(None)
+            self._resume = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._transport = None
+        self._core.handler = None
+        if not self._folded:
+            self._folded = True
+            self.fold_counts(self.stats)
+        if exc is not None and self._cause is None:
+            self._reason = f"connection to broker lost: {exc}"
+            self._cause = exc
+        if self.address is not None and not self._by_user:
+            log.warning("%s (%s)", self._reason, self._endpoint)
+        if not self.welcome.done():  # connect() raises it
+            if isinstance(self._cause, (AddressError, BrokerError)):
+                self.welcome.set_exception(self._cause)
+            else:
+                self.welcome.set_exception(self._lost())
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_exception(self._lost())
+        for fut in self._pings.values():
+            if not fut.done():
+                fut.set_exception(self._lost())
+        self._pings.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending = self._core.take_all() + list(self._custom.items())
+        self._custom.clear()
+        self._buckets.clear()
+        self._heap.clear()
+        self._backlog.clear()
+        for task in list(self._tasks):
+            task.cancel()  # its answer could not be sent; the broker redelivers the message
+        for mid, entry in pending:
+            self._complete(mid, entry, None, self._lost())
+        self.closed.set_result(None)
+
+    # -- output --------------------------------------------------------------------------
+
+    def _write(self, ftype: int, flags: int, fid: int, payload: Any) -> None:
+        """Encode one frame; it goes out with this loop pass's single write."""
+        self._wbuf.add(ftype, flags, fid, payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._closing:
+            self._wbuf.take()
+        else:
+            self._core.write_out(self._transport)
+
+    def _fail(self, reason: str, cause: BaseException | None, error_code: int = 0) -> None:
+        """Close the connection for a fatal reason; pending requests get ConnectionLost."""
+        if self._closing:
+            return
+        self._reason = reason
+        self._cause = cause
+        if error_code:
+            self._write(_ERROR, 0, 0, msgpack.packb({"code": int(error_code), "reason": reason}))
+        self._flush()
+        self._closing = True
+        self._core.poison(ConnectionLost(reason))
+        self._transport.close()  # type: ignore[union-attr]
+
+    def _lost(self) -> ConnectionLost:
+        err = ConnectionLost(self._reason)
+        err.__cause__ = self._cause
+        return err
+
+    # -- handshake and errors ------------------------------------------------------------
+
+    def _on_welcome(self, payload: bytes) -> None:
+        try:
+            doc = msgpack.unpackb(payload)
+            if not isinstance(doc, dict) or doc.get("v") != 1:
+                raise ValueError(f"unsupported WELCOME {doc!r:.80}")
+            limit = doc["max_payload"]
+            if not isinstance(limit, int) or not 0 < limit <= MAX_PAYLOAD_LIMIT:
+                raise ValueError(f"bad max_payload {limit!r}")
+            address = verify_welcome(self._expected, doc["pubkey"], doc["sig"], self._nonce)
+        except AddressError as exc:
+            self._fail(f"broker at {self._endpoint} failed verification: {exc}", exc)
+            return
+        except Exception as exc:
+            self._fail(f"broker at {self._endpoint} sent a bad WELCOME: {exc!r}", exc,
+                       error_code=ErrorCode.HANDSHAKE)
+            return
+        self.address = address
+        self.server = str(doc.get("server", ""))
+        self.scheme = "command" if doc.get("scheme") == "command" else "basic"
+        commands = doc.get("commands")
+        if isinstance(commands, list):
+            try:
+                self.commands = [Command(**c) for c in commands]
+            except (TypeError, ValueError) as exc:
+                log.warning("broker %s sent a bad command schema: %s", address, exc)
+        user_limit = self._client._max_payload
+        self.max_send = min(limit, user_limit) if user_limit else limit
+        core = self._core
+        core.set_max_payload(limit)  # frames after WELCOME are held to the broker's own limit
+        core.max_send = self.max_send
+        if self._handler is not None and not self._handler_async:
+            core.handler = self._handler  # sync handler: DELIVERs are run in the core from now on
+        self.welcome.set_result(None)
+
+    def _on_error(self, fid: int, payload: bytes) -> None:
+        try:
+            doc = msgpack.unpackb(payload)
+            err = BrokerError(int(doc["code"]), str(doc["reason"]))
+        except Exception:
+            err = BrokerError(0, f"malformed ERROR frame {payload[:80]!r}")
+        if fid == 0 or self.address is None:
+            self._fail(f"broker closed the connection: {err}", err)
+        elif err.code == ErrorCode.UNKNOWN_ID:  # about one of our ANSWERs (a delivery id)
+            log.warning("broker refused the answer to delivery %d: %s", fid, err)
+        else:
+            entry = self._core.pop(fid)
+            if entry is None:
+                entry = self._custom.pop(fid, None)
+            self.stats["refused"] += 1
+            if entry is not None:
+                self._complete(fid, entry, None, err)
+            else:  # a publish(), or a request already timed out
+                log.debug("broker refused message %d: %s", fid, err)
+
+    # -- producer side -------------------------------------------------------------------
+
+    def submit(self, payload: bytes, entry: Any, is_future: bool) -> int:
+        """Send a request with the default timeout: the hot path of request() and send()."""
+        mid = self._core.submit(payload, entry, is_future)
+        if self._timer is None:
+            self._timer = self._loop.call_later(_TICK, self._tick)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return mid
+
+    def submit_custom(self, payload: Any, entry: Any, timeout: float, flags: int = 0) -> int:
+        """Send a request whose timeout differs from the client's default (or a collect())."""
+        mid = self._core.take_id()
+        self._custom[mid] = entry
+        heapq.heappush(self._heap, (self._loop.time() + timeout, mid, timeout))
+        self._write(_SEND, flags, mid, payload)
+        self.stats["sent"] += 1
+        if self._timer is None:
+            self._timer = self._loop.call_later(_TICK, self._tick)
+        return mid
+
+    def forget(self, mid: int) -> None:
+        """Drop a pending request (its awaiting task was cancelled)."""
+        if self._core.pop(mid) is None:
+            self._custom.pop(mid, None)
+
+    def next_id(self) -> int:
+        return self._core.take_id()
+
+    @property
+    def pending_count(self) -> int:
+        return self._core.npending + len(self._custom)
+
+    def _tick(self) -> None:
+        """Close a deadline bucket, fail what is due; runs every _TICK while anything is pending."""
+        self._timer = None
+        if self._closing:
+            return
+        core, buckets = self._core, self._buckets
+        now = self._loop.time()
+        last_sent = core.next_id - 1
+        if last_sent > self._bucket_last:
+            # every id up to last_sent was sent at or before now
+            buckets.append((now + self._timeout, last_sent))
+            self._bucket_last = last_sent
+        expired: list[tuple[int, Any, float]] = []
+        last = 0
+        while buckets and buckets[0][0] <= now:
+            last = buckets.popleft()[1]
+        if last and core.npending:
+            expired.extend((mid, entry, self._timeout) for mid, entry in core.expire_upto(last))
+        heap, custom = self._heap, self._custom
+        while heap and heap[0][0] <= now:
+            _, mid, timeout = heapq.heappop(heap)
+            entry = custom.pop(mid, None)
+            if entry is not None:
+                expired.append((mid, entry, timeout))
+        for mid, entry, timeout in expired:
+            self.stats["timeouts"] += 1
+            self._complete(mid, entry, None, RequestTimeout(
+                f"no answer to message {mid} within {timeout:g} s"))
+        if self._closing:
+            return
+        if core.npending or custom:
+            self._timer = self._loop.call_later(_TICK, self._tick)
+        else:
+            buckets.clear()
+            heap.clear()
+
+    @staticmethod
+    def _complete(mid: int, entry: Any, data: bytes | None, err: BaseException | None) -> None:
+        if isinstance(entry, asyncio.Future):
+            if not entry.done():
+                if err is None:
+                    entry.set_result(data)
+                else:
+                    entry.set_exception(err)
+        else:
+            try:
+                entry(mid, data, err)
+            except Exception:
+                log.exception("send() callback for message %d raised", mid)
+
+    async def drain(self) -> None:
+        """Wait until the transport accepts writes again (flow control)."""
+        if self._closing:
+            raise self._lost()
+        if self.paused:
+            if self._resume is None:
+                self._resume = self._loop.create_future()
+            await asyncio.shield(self._resume)
+
+    # -- consumer side -------------------------------------------------------------------
+
+    def _on_deliver(self, flags: int, did: int, payload: bytes) -> None:
+        stats = self.stats
+        stats["received"] += 1
+        if flags & _REDELIVERED:
+            stats["redelivered"] += 1
+        handler = self._handler
+        if handler is None:
+            log.warning("broker delivered message %d to a client without a handler", did)
+            self._write(_ERROR, 0, did, msgpack.packb(
+                {"code": int(ErrorCode.NOT_ALLOWED), "reason": "this client does not consume"}))
+            return
+        if self._by_user:
+            return  # closing: left unanswered, the broker redelivers it
+        if self._handler_async:
+            if len(self._tasks) >= self._prefetch:
+                self._backlog.append((did, payload))
+            else:
+                self._start(did, payload, None)
+            return
+        try:
+            result = handler(payload)
+        except Exception as exc:
+            self._reject(did, "handler raised", exc)
+            return
+        if inspect.isawaitable(result):
+            self._start(did, payload, result)
+            return
+        self._answer(did, result)
+
+    def _start(self, did: int, payload: bytes, awaitable: Awaitable[Any] | None) -> None:
+        try:
+            if awaitable is None:
+                awaitable = self._handler(payload)  # type: ignore[misc]
+            task = asyncio.ensure_future(awaitable)  # type: ignore[arg-type]
+        except Exception as exc:
+            self._reject(did, "handler raised", exc)
+            return
+        self._tasks[task] = did
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
+        did = self._tasks.pop(task)
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is not None:
+                self._reject(did, "handler raised", exc)
+            else:
+                self._answer(did, task.result())
+        backlog = self._backlog
+        while backlog and len(self._tasks) < self._prefetch and not self._by_user:
+            did, payload = backlog.popleft()
+            self._start(did, payload, None)
+
+    def _answer(self, did: int, result: Any) -> None:
+        """ANSWER a delivery with the handler's result (None -> NO_ANSWER)."""
+        if result is None:
+            self.stats["answered"] += 1
+            self._write(_ANSWER, _NO_ANSWER, did, b"")
+            return
+        try:
+            data = to_payload(result)
+        except TypeError:
+            self._reject(did, f"handler returned {type(result).__name__}, "
+                              "expected bytes, bytearray, memoryview, str or None")
+            return
+        if len(data) > self.max_send:
+            self._reject(did, f"answer of {len(data)} bytes is over the limit of {self.max_send}")
+            return
+        self.stats["answered"] += 1
+        self._write(_ANSWER, 0, did, data)
+
+    def _reject(self, did: int, why: str, exc: BaseException | None = None) -> None:
+        """Count and log a failed delivery; ANSWER it with NO_ANSWER so it is not redelivered."""
+        self.stats["errors"] += 1
+        consumer_log.error("delivery %d: %s; acknowledged without an answer", did, why, exc_info=exc)
+        self._write(_ANSWER, _NO_ANSWER, did, b"")
+
+    async def shutdown(self, grace: float) -> None:
+        """Finish running handlers (up to ``grace`` s), flush, close, wait for the close."""
+        if self.closed.done():
+            return
+        self._by_user = True
+        self._core.handler = None  # deliveries from now on are left unanswered: redelivered
+        self._backlog.clear()
+        if self._tasks:
+            _, late = await asyncio.wait(list(self._tasks), timeout=grace)
+            for task in late:
+                task.cancel()
+        if not self._closing:
+            self._reason = "connection closed by the client"
+            self._flush()
+            self._closing = True
+            self._transport.close()  # type: ignore[union-attr]
+        try:
+            await asyncio.wait_for(asyncio.shield(self.closed), grace)
+        except asyncio.TimeoutError:
+            if self._transport is not None:
+                self._transport.abort()
+            await self.closed
