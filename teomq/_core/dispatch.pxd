@@ -16,14 +16,6 @@ cdef struct Flight:
     bint used
 
 
-cdef struct Ext:
-    # A payload written from where it is held (a Flight's Msg) instead of being copied into
-    # the output buffer: it goes out after the buffer's first `at` bytes.
-    size_t at
-    const char *data
-    size_t length
-
-
 cdef class CoreConnection:
     cdef Dispatcher disp
     cdef readonly uint32_t slot
@@ -46,8 +38,6 @@ cdef class CoreConnection:
     cdef public object transport
     cdef int fd                      # the socket, written directly while the transport holds nothing
     cdef bint transport_backlog      # we handed the transport bytes it may not have sent yet
-    cdef Ext *ext
-    cdef int n_ext
     # command mode: this consumer's subscriptions (sub ids), its fanout copies waiting for
     # credit, and whether some of its subscriptions lost their place in a ready ring
     cdef int32_t *subs
@@ -62,7 +52,6 @@ cdef class CoreConnection:
     cdef int _mark_dirty(self) except -1
     cdef int _add_error(self, int code, uint64_t fid, bytes payload) except -1
     cdef int _write_out(self) except -1
-    cdef int _write_gather(self) except -1
     cdef void _clear_out(self) noexcept
     cdef int _reserve(self, size_t pos, size_t total) except -1
     cdef void _shrink(self) noexcept

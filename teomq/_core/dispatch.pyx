@@ -7,7 +7,13 @@ a bad frame (on_protocol_error via ProtocolError), and one flush per loop pass.
 Per message nothing is allocated on the Python heap: a SEND's payload is copied once from
 the read buffer into a malloc'd block held by a Msg (queue) and then a Flight (in flight);
 DELIVER and REPLY frames are encoded into the target connection's WriteBuffer, which is
-written once per loop pass by flush().
+written once per loop pass by flush(); a large payload is not copied there but written from
+its Msg (WriteBuffer.add_in_place, one sendmsg).
+
+Command scheme (a CommandTable is set): accept_command looks the name up in C and hands the
+Msg to its Route (routes.pyx): queue routing takes the next subscription with credit, fanout
+makes one Msg per subscriber sharing one refcounted payload block; what has no taker waits
+in the route's own queue. Only broker commands and unknown names reach Python (on_command).
 
 Delivery ids are ``flight generation << 32 | flight index``: O(1) lookup, and a stale or
 forged id never matches because the generation changes whenever a flight is released.
@@ -19,29 +25,11 @@ from cpython.buffer cimport PyBUF_WRITE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy, memmove, memset
-
-cdef extern from "sys/uio.h" nogil:
-    struct iovec:
-        void *iov_base
-        size_t iov_len
-
-cdef extern from "sys/socket.h" nogil:
-    struct msghdr:
-        void *msg_name
-        int msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
-    int MSG_DONTWAIT
-    int MSG_NOSIGNAL
+from libc.string cimport memcpy, memmove
 
 from teomq._core.command_parser cimport CommandTable, name_length
 from teomq._core.frame_codec cimport (
-    E_HANDSHAKE, E_NOT_ALLOWED, E_QUEUE_FULL, E_UNKNOWN_ID, F_API, F_NO_ANSWER, F_NO_REPLY,
+    E_HANDSHAKE, E_NOT_ALLOWED, E_QUEUE_FULL, E_UNKNOWN_ID, EXT_MAX, F_API, F_NO_ANSWER, F_NO_REPLY,
     F_REDELIVERED, FrameHeader, HEADER_SIZE, T_ANSWER, T_DELIVER, T_ERROR, T_HELLO, T_MAX, T_PING,
     T_PONG, T_REPLY, T_SEND, Received, WriteBuffer, check_partial, grow_buffer, note_received,
     parse_header,
@@ -59,9 +47,6 @@ from teomq.errors import ProtocolError
 
 cdef size_t READ_CHUNK = 65536        # free space offered to each read
 cdef size_t READ_KEEP = 1 << 20       # a read buffer above this shrinks back once empty
-# Payloads written in place per flush and connection at most (2 * EXT_MAX + 1 <= IOV_MAX);
-# past it they are copied into the output buffer as usual.
-cdef int EXT_MAX = 256
 # API command numbers of SEND frames flagged API (the original's 129 and 130)
 cdef enum:
     API_HELLO = 129
@@ -99,10 +84,6 @@ cdef class CoreConnection:
         self.fl_tail = -1
         self.transport = None
         self.fd = -1
-        self.ext = <Ext *>malloc(EXT_MAX * sizeof(Ext))
-        if self.ext == NULL:
-            raise MemoryError()
-        self.n_ext = 0
         self.subs = NULL
         self.backlog = None
         disp.next_gen += 1
@@ -116,7 +97,6 @@ cdef class CoreConnection:
 
     def __dealloc__(self):
         free(self.rbuf)
-        free(self.ext)
         free(self.subs)
 
     # -- read path ------------------------------------------------------------------------
@@ -225,69 +205,13 @@ cdef class CoreConnection:
     cdef int _write_out(self) except -1:
         # One write of everything pending (WriteBuffer.write_to: straight to the socket while
         # the transport holds nothing of ours; saves the take_bytes() copy of every frame).
-        if self.n_ext:
-            return self._write_gather()
+        # In-place payloads (deliver()) stay valid until then: a Flight is released only by
+        # its answer, which cannot come before its DELIVER was written, or by detach(), which
+        # drops this output first.
         return self.out.write_to(self.fd, &self.transport_backlog, self.transport)
-
-    cdef int _write_gather(self) except -1:
-        # The output buffer interleaved with payloads written in place: one sendmsg() of the
-        # lot. What the socket does not take is copied into one bytes for the transport
-        # (the payloads stay valid until then: a Flight is released only by its answer,
-        # which cannot come before its DELIVER was read, or by detach(), which drops output).
-        cdef iovec iov[513]
-        cdef msghdr mh
-        cdef int k = 0, i
-        cdef size_t prev = 0, total = 0, skip, take
-        cdef ssize_t n = 0
-        cdef bytes rest
-        cdef char *dst
-        for i in range(self.n_ext):
-            if self.ext[i].at > prev:
-                iov[k].iov_base = self.out.buf + prev
-                iov[k].iov_len = self.ext[i].at - prev
-                k += 1
-            iov[k].iov_base = <void *>self.ext[i].data
-            iov[k].iov_len = self.ext[i].length
-            k += 1
-            prev = self.ext[i].at
-        if self.out.length > prev:
-            iov[k].iov_base = self.out.buf + prev
-            iov[k].iov_len = self.out.length - prev
-            k += 1
-        for i in range(k):
-            total += iov[i].iov_len
-        if self.fd >= 0 and self.transport_backlog and self.transport.get_write_buffer_size() == 0:
-            self.transport_backlog = False
-        if self.fd >= 0 and not self.transport_backlog:
-            memset(&mh, 0, sizeof(mh))
-            mh.msg_iov = iov
-            mh.msg_iovlen = k
-            with nogil:
-                n = sendmsg(self.fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL)
-            if n < 0:
-                n = 0
-            if <size_t>n == total:
-                self._clear_out()
-                return 0
-        rest = PyBytes_FromStringAndSize(NULL, total - n)
-        dst = PyBytes_AS_STRING(rest)
-        skip = <size_t>n
-        for i in range(k):
-            if skip >= iov[i].iov_len:
-                skip -= iov[i].iov_len
-                continue
-            take = iov[i].iov_len - skip
-            memcpy(dst, <char *>iov[i].iov_base + skip, take)
-            dst += take
-            skip = 0
-        self.transport_backlog = self.fd >= 0
-        self.transport.write(rest)
-        self._clear_out()
-        return 0
 
     cdef void _clear_out(self) noexcept:
         self.out.clear()
-        self.n_ext = 0
 
     def set_socket(self, int fd):
         """Let flush() write to this socket directly (-1: always go through the transport)."""
@@ -626,13 +550,9 @@ cdef class Dispatcher:
         if conn.credit <= 0:
             conn.unlisted = True      # its ready-ring entries may be dropped from now on
         did = (<uint64_t>f.gen << 32) | <uint32_t>idx
-        if m.rx.shift and conn.fd >= 0 and conn.n_ext < EXT_MAX:
+        if m.rx.shift and conn.fd >= 0 and conn.out.n_ext < EXT_MAX:
             # large payload: header into the buffer, payload written from the Msg in place
-            conn.out.add_forward_header(T_DELIVER, m.flags & F_REDELIVERED, did, m.length, &m.rx)
-            conn.ext[conn.n_ext].at = conn.out.length
-            conn.ext[conn.n_ext].data = m.data
-            conn.ext[conn.n_ext].length = m.length
-            conn.n_ext += 1
+            conn.out.add_in_place(T_DELIVER, m.flags & F_REDELIVERED, did, m.data, m.length, &m.rx)
         else:
             conn.out.add_forward(T_DELIVER, m.flags & F_REDELIVERED, did, m.data, m.length, &m.rx)
         conn._mark_dirty()

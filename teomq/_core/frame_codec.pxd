@@ -87,11 +87,24 @@ cdef class FrameDecoder:
     cdef int _on_frame(self, FrameHeader *h, const char *payload) except -1
 
 
+# A payload written from where its owner holds it instead of being copied into a WriteBuffer:
+# it goes out after the buffer's first `at` bytes.
+cdef struct Ext:
+    size_t at
+    const char *data
+    size_t length
+
+cdef enum:
+    EXT_MAX = 256        # in-place payloads per WriteBuffer between writes (2 * EXT_MAX + 1 <= IOV_MAX)
+
+
 cdef class WriteBuffer:
     """Growable output buffer of encoded frames. Caller must not keep pointers across ensure()."""
     cdef char *buf
     cdef size_t length
     cdef size_t cap
+    cdef Ext *ext                # NULL until the first add_in_place()
+    cdef int n_ext
     cdef int ensure(self, size_t extra) except -1
     cdef int add_frame(self, uint8_t ftype, uint16_t flags, uint64_t fid,
                        const char *payload, size_t n) except -1
@@ -99,6 +112,10 @@ cdef class WriteBuffer:
                          const char *payload, size_t n, const Received *r) except -1
     cdef int add_forward_header(self, uint8_t ftype, uint16_t flags, uint64_t fid,
                                 size_t n, const Received *r) except -1
+    cdef int add_in_place(self, uint8_t ftype, uint16_t flags, uint64_t fid,
+                          const char *payload, size_t n, const Received *r) except -1
+    cdef int _segments(self, void *iov) noexcept
+    cdef int _write_gather(self, int fd, bint *backlog, object transport) except -1
     cdef bytes take_bytes(self)
     cdef int write_to(self, int fd, bint *backlog, object transport) except -1
     cdef void clear(self) noexcept

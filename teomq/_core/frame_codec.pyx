@@ -6,7 +6,7 @@ Wire schema (little-endian; docs/protocol.md is the full spec)::
     0   2  magic     b"TQ"
     2   1  version   1
     3   1  type      1..9 (HELLO WELCOME SEND DELIVER ANSWER REPLY ERROR PING PONG)
-    4   2  flags     NO_REPLY=1 (SEND), NO_ANSWER=2 (ANSWER), REDELIVERED=4 (DELIVER)
+    4   2  flags     NO_REPLY=1 (SEND), NO_ANSWER=2 (ANSWER), REDELIVERED=4 (DELIVER), API=8 (SEND)
     6   2  reserved  must be 0
     8   8  id        message id / delivery id
     16  4  length    payload bytes; over the receiver's limit -> TOO_LARGE, refused from the header
@@ -21,10 +21,24 @@ version are checked as soon as their bytes arrive, before the rest of the header
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcpy, memmove, memset
+
+cdef extern from "sys/uio.h" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
 
 cdef extern from "sys/socket.h" nogil:
+    struct msghdr:
+        void *msg_name
+        int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
     ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     int MSG_DONTWAIT
     int MSG_NOSIGNAL
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
@@ -150,6 +164,14 @@ cdef void note_received(const char *frame, uint32_t length, Received *r) noexcep
         r.shift = 0
 
 
+class _Keep:
+    """A transport stand-in for take_bytes(): keeps what is written."""
+    data = b""
+
+    def write(self, data):
+        self.data = data
+
+
 @cython.final
 cdef class WriteBuffer:
     """Reusable output buffer: frames are encoded straight into it; take() hands the bytes out."""
@@ -160,9 +182,12 @@ cdef class WriteBuffer:
         if self.buf == NULL:
             raise MemoryError()
         self.length = 0
+        self.ext = NULL
+        self.n_ext = 0
 
     def __dealloc__(self):
         free(self.buf)
+        free(self.ext)
 
     cdef int ensure(self, size_t extra) except -1:
         return grow_buffer(&self.buf, &self.cap, self.length + extra)
@@ -203,13 +228,94 @@ cdef class WriteBuffer:
         self.length += HEADER_SIZE
         return 0
 
+    cdef int add_in_place(self, uint8_t ftype, uint16_t flags, uint64_t fid,
+                          const char *payload, size_t n, const Received *r) except -1:
+        """A forwarded frame whose payload is not copied: the header goes into the buffer and
+        the payload is written from where it is (sendmsg) by the next write_to(). Caller must
+        have r.shift != 0 and n_ext < EXT_MAX, and keep the payload valid until the buffer is
+        written or cleared."""
+        if self.ext == NULL:
+            self.ext = <Ext *>malloc(EXT_MAX * sizeof(Ext))
+            if self.ext == NULL:
+                raise MemoryError()
+        self.add_forward_header(ftype, flags, fid, n, r)
+        self.ext[self.n_ext].at = self.length
+        self.ext[self.n_ext].data = payload
+        self.ext[self.n_ext].length = n
+        self.n_ext += 1
+        return 0
+
+    cdef int _segments(self, void *iov_out) noexcept:
+        # the buffer interleaved with the in-place payloads, as iovecs; returns their count
+        cdef iovec *iov = <iovec *>iov_out
+        cdef int k = 0, i
+        cdef size_t prev = 0
+        for i in range(self.n_ext):
+            if self.ext[i].at > prev:
+                iov[k].iov_base = self.buf + prev
+                iov[k].iov_len = self.ext[i].at - prev
+                k += 1
+            iov[k].iov_base = <void *>self.ext[i].data
+            iov[k].iov_len = self.ext[i].length
+            k += 1
+            prev = self.ext[i].at
+        if self.length > prev:
+            iov[k].iov_base = self.buf + prev
+            iov[k].iov_len = self.length - prev
+            k += 1
+        return k
+
+    cdef int _write_gather(self, int fd, bint *backlog, object transport) except -1:
+        # One sendmsg() of everything; what the socket does not take is copied into one bytes
+        # for the transport (the in-place payloads need not outlive this call).
+        cdef iovec iov[2 * EXT_MAX + 1]
+        cdef msghdr mh
+        cdef int k = self._segments(iov), i
+        cdef size_t total = 0, skip, take
+        cdef ssize_t n = 0
+        cdef bytes rest
+        cdef char *dst
+        for i in range(k):
+            total += iov[i].iov_len
+        if fd >= 0:
+            if backlog[0] and transport.get_write_buffer_size() == 0:
+                backlog[0] = False
+            if not backlog[0]:
+                memset(&mh, 0, sizeof(mh))
+                mh.msg_iov = iov
+                mh.msg_iovlen = k
+                with nogil:
+                    n = sendmsg(fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL)
+                if n < 0:
+                    n = 0
+                if <size_t>n == total:
+                    self.clear()
+                    return 0
+            backlog[0] = True
+        rest = PyBytes_FromStringAndSize(NULL, total - n)
+        dst = PyBytes_AS_STRING(rest)
+        skip = <size_t>n
+        for i in range(k):
+            if skip >= iov[i].iov_len:
+                skip -= iov[i].iov_len
+                continue
+            take = iov[i].iov_len - skip
+            memcpy(dst, <char *>iov[i].iov_base + skip, take)
+            dst += take
+            skip = 0
+        self.clear()
+        transport.write(rest)
+        return 0
+
     cdef int write_to(self, int fd, bint *backlog, object transport) except -1:
         """Write everything and empty the buffer: send() straight to fd while the transport
         holds nothing of ours (no bytes object, no copy); what the socket does not take goes to
         the transport, which owns ordering until it reports an empty buffer (*backlog tracks
-        that). fd < 0: always through the transport."""
+        that). fd < 0: always through the transport. In-place payloads go with one sendmsg()."""
         cdef size_t length = self.length
         cdef ssize_t n = 0
+        if self.n_ext:
+            return self._write_gather(fd, backlog, transport)
         if fd >= 0:
             if backlog[0] and transport.get_write_buffer_size() == 0:
                 backlog[0] = False
@@ -227,12 +333,19 @@ cdef class WriteBuffer:
         return 0
 
     cdef bytes take_bytes(self):
-        cdef bytes out = PyBytes_FromStringAndSize(self.buf, self.length)
+        cdef bytes out
+        cdef bint no_fd_backlog = True
+        if self.n_ext:  # what the socket would get: through a sink that keeps it
+            sink = _Keep()
+            self._write_gather(-1, &no_fd_backlog, sink)
+            return sink.data
+        out = PyBytes_FromStringAndSize(self.buf, self.length)
         self.length = 0
         return out
 
     cdef void clear(self) noexcept:
         self.length = 0
+        self.n_ext = 0
 
     def add(self, ftype, flags, fid, payload=b""):
         """Encode one frame onto the buffer."""

@@ -4,26 +4,30 @@ from libc.stdlib cimport free, malloc
 from teomq._core.frame_codec cimport Received
 
 
-# A payload block: a reference count (one u64) just before the bytes. A fanout message
+# A payload block: a reference count in the 16 bytes before the bytes (16, not 8: the
+# payload keeps malloc's alignment for memcpy and the socket copies). A fanout message
 # shares one block between its copies, so its payload is copied once however many
 # subscribers get it. Every holder releases its reference with payload_release().
+cdef enum:
+    PAYLOAD_HEAD = 16
+
 cdef inline char *payload_new(size_t n) noexcept nogil:
-    cdef uint64_t *blk = <uint64_t *>malloc(sizeof(uint64_t) + (n if n else 1))
+    cdef char *blk = <char *>malloc(PAYLOAD_HEAD + (n if n else 1))
     if blk == NULL:
         return NULL
-    blk[0] = 1
-    return <char *>(blk + 1)
+    (<uint64_t *>blk)[0] = 1
+    return blk + PAYLOAD_HEAD
 
 cdef inline void payload_ref(char *p) noexcept nogil:
-    (<uint64_t *>p - 1)[0] += 1
+    (<uint64_t *>(p - PAYLOAD_HEAD))[0] += 1
 
 cdef inline void payload_release(char *p) noexcept nogil:
-    cdef uint64_t *blk
+    cdef uint64_t *count
     if p != NULL:
-        blk = <uint64_t *>p - 1
-        blk[0] -= 1
-        if blk[0] == 0:
-            free(blk)
+        count = <uint64_t *>(p - PAYLOAD_HEAD)
+        count[0] -= 1
+        if count[0] == 0:
+            free(p - PAYLOAD_HEAD)
 
 
 cdef struct Msg:

@@ -5,7 +5,7 @@ Wire schema (little-endian; docs/protocol.md is the full spec)::
     0   2  magic     b"TQ"
     2   1  version   1
     3   1  type      1..9 (HELLO WELCOME SEND DELIVER ANSWER REPLY ERROR PING PONG)
-    4   2  flags     NO_REPLY=1 (SEND), NO_ANSWER=2 (ANSWER), REDELIVERED=4 (DELIVER)
+    4   2  flags     NO_REPLY=1 (SEND), NO_ANSWER=2 (ANSWER), REDELIVERED=4 (DELIVER), API=8 (SEND)
     6   2  reserved  must be 0
     8   8  id        message id / delivery id
     16  4  length    payload bytes; over the receiver's limit -> TOO_LARGE, refused from the header
