@@ -22,6 +22,7 @@ import msgpack
 from teomq import __version__
 from teomq._core.command_parser import CommandTable
 from teomq._core.dispatch import CMD_UNKNOWN, CMD_UNKNOWN_API, CoreConnection, Dispatcher
+from teomq._core.routes import KINDS
 from teomq._core.frame_codec import encode_frame
 from teomq.addressbook import DEFAULT_PORT, AddressBook, default_data_dir
 from teomq.commands import BROKER_COMMANDS, Command, CommandSchema
@@ -33,10 +34,7 @@ log = logging.getLogger("teomq.broker")
 msg_log = logging.getLogger("teomq.broker.messages")
 
 DEFAULT_PREFETCH = 64
-# RouteKind values of teomq/_core/routes.pxd, in the order of BROKER_COMMANDS after the two routings
-_KIND = {"fanout": 1, "queue": 2}
-_SUBSCRIBE, _UNSUBSCRIBE, _HELLO, _MSG = 3, 4, 5, 6
-_BROKER_KINDS = dict(zip(BROKER_COMMANDS, (_SUBSCRIBE, _UNSUBSCRIBE, _HELLO, _MSG)))
+_SUBSCRIBE, _UNSUBSCRIBE, _HELLO = KINDS["subscribe"], KINDS["unsubscribe"], KINDS["hello"]
 MAX_PREFETCH = 65535
 _ROLES = ("producer", "consumer", "both")
 
@@ -322,10 +320,10 @@ class Broker:
             kinds = []
             for c in self.commands:
                 table.add(c.name, c.pattern)
-                kinds.append(_KIND[c.routing])
-            for name, kind in _BROKER_KINDS.items():
+                kinds.append(KINDS[c.routing])
+            for name in BROKER_COMMANDS:
                 table.add(name)
-                kinds.append(kind)
+                kinds.append(KINDS[name])
             self._disp.set_schema(table, kinds)
         disp = self._disp
         self._server = await loop.create_server(

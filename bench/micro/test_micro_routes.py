@@ -24,10 +24,11 @@ from test_micro_dispatch import ANSWER, DELIVER, SEND, BenchConnection, Sink, fe
 from teomq._core.command_parser import CommandTable
 from teomq._core.dispatch import Dispatcher
 from teomq._core.frame_codec import FrameDecoder, encode_frame
+from teomq._core.routes import KINDS
 
 N = 1000
 PREFETCH = 2000
-FANOUT, QUEUE = 1, 2  # RouteKind (teomq/_core/routes.pxd)
+FANOUT, QUEUE = KINDS["fanout"], KINDS["queue"]
 PAD = os.urandom(48).hex().encode()[:95]
 SCENARIOS = {
     # name: (command, routing, working consumers, idle consumers, commands per idle consumer)

@@ -22,6 +22,10 @@ from teomq._core.ring_queue cimport MsgRing
 # Command queues are bounded by the dispatcher's total (queue_max), not one by one.
 cdef size_t ROUTE_QUEUE_MAX = (<size_t>1) << 32
 
+#: RouteKind by name, for the control plane (Dispatcher.set_schema takes these values)
+KINDS = {"fanout": R_FANOUT, "queue": R_QUEUE, "subscribe": R_SUBSCRIBE, "unsubscribe": R_UNSUBSCRIBE,
+         "hello": R_HELLO, "msg": R_MSG}
+
 
 cdef int u64ring_init(U64Ring *r, size_t cap) except -1:
     r.items = <uint64_t *>malloc(cap * sizeof(uint64_t))
