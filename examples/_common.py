@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from teomq.argtypes import flag, int_at_least
 from teomq.loops import run
@@ -67,6 +68,16 @@ async def print_stat(sample: Callable[[], dict[str, int]]) -> None:
     while True:
         await asyncio.sleep(1.0)
         say("stat: " + " ".join(f"{k}={v}" for k, v in sample().items()))
+
+
+async def run_consumer(consumer: Any, stat: bool) -> None:
+    """Serve until the connection ends (or the program is stopped), with -stat lines if asked."""
+    task = asyncio.ensure_future(print_stat(lambda: dict(consumer.stats))) if stat else None
+    try:
+        await consumer.wait_closed()
+    finally:
+        if task is not None:
+            task.cancel()
 
 
 class Pending:

@@ -6,10 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
-from examples._common import main, parser, print_stat, say
+from examples._common import main, parser, run_consumer, say
 from teomq import Consumer
 from teomq.commands import CommandCall
 
@@ -28,12 +27,7 @@ async def consume(args: argparse.Namespace) -> None:
 
     async with consumer:
         say(f"{name} subscribed to {', '.join(consumer.subscriptions)} at broker {consumer.address}")
-        stat = asyncio.ensure_future(print_stat(lambda: dict(consumer.stats))) if args.stat else None
-        try:
-            await consumer.wait_closed()
-        finally:
-            if stat is not None:
-                stat.cancel()
+        await run_consumer(consumer, args.stat)
 
 
 if __name__ == "__main__":

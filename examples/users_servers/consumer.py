@@ -11,10 +11,9 @@ Without ``-api`` it subscribes with the client's subscribe() (``subscribe/<cmd>`
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
-from examples._common import main, parser, print_stat, say
+from examples._common import main, parser, run_consumer, say
 from teomq import Consumer
 from teomq.commands import CommandCall
 
@@ -47,12 +46,7 @@ async def consume(args: argparse.Namespace) -> None:
                 await consumer.call_api("msg", f"subscribe/{command}")
             say(f"{name} hello answer: {(await consumer.hello(name)).decode('utf-8', 'replace')}")
         say(f"{name} subscribed to version, num_players, num_servers at broker {consumer.address}")
-        stat = asyncio.ensure_future(print_stat(lambda: dict(consumer.stats))) if args.stat else None
-        try:
-            await consumer.wait_closed()
-        finally:
-            if stat is not None:
-                stat.cancel()
+        await run_consumer(consumer, args.stat)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ cdef class Dispatcher:
     cdef int accept_command(self, CoreConnection conn, FrameHeader *h, const char *payload) except -1
     cdef int route_queue(self, Route r, Msg *m) except -1
     cdef int route_fanout(self, Route r, Msg *m) except -1
+    cdef int deliver_to_sub(self, Route r, int32_t sid, Msg *m) except -1
     cdef int32_t take_ready(self, Route r) except -2
     cdef int list_sub(self, int32_t sid) except -1
     cdef int serve(self, CoreConnection c) except -1

@@ -597,18 +597,22 @@ cdef class Dispatcher:
         # One subscriber with credit, round robin; otherwise the route's own queue (FIFO:
         # while it holds anything, newcomers wait behind it).
         cdef int32_t sid
-        cdef CoreConnection c
         if r.waiting.count == 0:
             sid = self.take_ready(r)
             if sid >= 0:
-                c = self.conns[<uint32_t>(self.subtab.items[sid].conn & 0xFFFFFFFFu)]
-                self.deliver(c, m)
-                r.n_out += 1
-                if c.credit > 0:
-                    self.list_sub(sid)
-                return 0
+                return self.deliver_to_sub(r, sid, m)
         r.waiting.push_back(m)
         self.n_route_queued += 1
+        return 0
+
+    cdef int deliver_to_sub(self, Route r, int32_t sid, Msg *m) except -1:
+        # queue routing: to the consumer of a subscription take_ready() gave, which goes
+        # back to the tail of the ready ring while it has credit (round robin)
+        cdef CoreConnection c = self.conns[<uint32_t>(self.subtab.items[sid].conn & 0xFFFFFFFFu)]
+        self.deliver(c, m)
+        r.n_out += 1
+        if c.credit > 0:
+            self.list_sub(sid)
         return 0
 
     cdef int route_fanout(self, Route r, Msg *m) except -1:
@@ -705,7 +709,6 @@ cdef class Dispatcher:
         cdef Route r
         cdef Msg m
         cdef int32_t sid
-        cdef CoreConnection c
         while self.pending_routes:
             r = <Route>self.pending_routes.pop()
             r.pending = False
@@ -716,11 +719,7 @@ cdef class Dispatcher:
                         break
                     r.waiting.pop_front(&m)
                     self.n_route_queued -= 1
-                    c = self.conns[<uint32_t>(self.subtab.items[sid].conn & 0xFFFFFFFFu)]
-                    self.deliver(c, &m)
-                    r.n_out += 1
-                    if c.credit > 0:
-                        self.list_sub(sid)
+                    self.deliver_to_sub(r, sid, &m)
                 else:
                     if r.nmembers == 0:
                         break
