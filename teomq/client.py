@@ -572,17 +572,13 @@ class Consumer(Client):
     def _dispatch(self, data: bytes) -> Any:
         """Handler of a command consumer: parse with the schema (in C), call the command's handler."""
         try:
-            idx, name, values, rest = self._schema.table.parse(data)
+            idx, call = self._schema.parse_indexed(data)
         except UnknownCommand as exc:
             if self._fallback is not None:
                 return self._fallback(data)
             consumer_log.warning("%s: no handler for command '%s'; acknowledged without an answer",
                                  self.name, exc.name[:256].decode("utf-8", "replace"))
             return None
-        params = self._schema.table.params_of(idx)
-        call = CommandCall(name.decode("utf-8", "replace"),
-                           {p.decode("utf-8", "replace"): v.decode("utf-8", "replace")
-                            for p, v in zip(params, values)}, rest, data)
         return self._command_handlers[idx](call)
 
     @property

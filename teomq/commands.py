@@ -150,9 +150,13 @@ class CommandSchema:
 
     def parse(self, payload: bytes | bytearray | memoryview) -> CommandCall:
         """Split a command string; raises :class:`teomq.errors.UnknownCommand`."""
+        return self.parse_indexed(payload)[1]
+
+    def parse_indexed(self, payload: bytes | bytearray | memoryview) -> tuple[int, CommandCall]:
+        """:meth:`parse`, with the command's index (its place in the order of :meth:`add`)."""
         idx, name, values, data = self._table.parse(payload)
         params = self._table.params_of(idx)
-        return CommandCall(
+        return idx, CommandCall(
             name.decode("utf-8", "replace"),
             {p.decode("utf-8", "replace"): v.decode("utf-8", "replace") for p, v in zip(params, values)},
             data,
