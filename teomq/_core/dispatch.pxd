@@ -3,7 +3,7 @@ from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 from teomq._core.frame_codec cimport FrameHeader, WriteBuffer
 from teomq._core.command_parser cimport CommandTable
 from teomq._core.ring_queue cimport Msg, MsgRing
-from teomq._core.routes cimport Route, SubTable
+from teomq._core.routes cimport Route, SubTable, U64Ring
 
 
 cdef struct Flight:
@@ -65,10 +65,7 @@ cdef class Dispatcher:
     cdef Flight *flights
     cdef int32_t flights_cap
     cdef int32_t free_flight
-    cdef uint64_t *ready       # ring of (gen << 32 | slot) of consumers with credit
-    cdef size_t ready_head
-    cdef size_t ready_count
-    cdef size_t ready_cap      # power of two
+    cdef U64Ring ready         # (gen << 32 | slot) of consumers with credit (basic scheme)
     cdef list dirty
     cdef bint flush_scheduled
     cdef object scheduler      # callable(callback): run callback once, later in this loop pass
@@ -107,6 +104,9 @@ cdef class Dispatcher:
     cdef int route_queue(self, Route r, Msg *m) except -1
     cdef int route_fanout(self, Route r, Msg *m) except -1
     cdef int deliver_to_sub(self, Route r, int32_t sid, Msg *m) except -1
+    cdef CoreConnection sub_conn(self, int32_t sid)
+    cdef int mark_pending(self, Route r) except -1
+    cdef MsgRing new_backlog(self)
     cdef int32_t take_ready(self, Route r) except -2
     cdef int list_sub(self, int32_t sid) except -1
     cdef int serve(self, CoreConnection c) except -1

@@ -38,7 +38,7 @@ from teomq._core.frame_codec cimport (
 from teomq._core.ring_queue cimport Msg, MsgRing, payload_new, payload_ref, payload_release
 from teomq._core.routes cimport (
     R_FANOUT, R_HELLO, R_MSG, R_QUEUE, R_SUBSCRIBE, R_UNSUBSCRIBE, Route, Sub, SubTable,
-    u64ring_push,
+    u64ring_free, u64ring_init, u64ring_pop, u64ring_push,
 )
 
 import msgpack
@@ -301,9 +301,8 @@ cdef class Dispatcher:
         self.on_backpressure = None
         self.flights_cap = 256
         self.flights = <Flight *>malloc(self.flights_cap * sizeof(Flight))
-        self.ready_cap = 64
-        self.ready = <uint64_t *>malloc(self.ready_cap * sizeof(uint64_t))
-        if self.flights == NULL or self.ready == NULL:
+        u64ring_init(&self.ready, 64)
+        if self.flights == NULL:
             raise MemoryError()
         self._link_free(0)
         self.dirty = []
@@ -327,7 +326,7 @@ cdef class Dispatcher:
                 if self.flights[i].used:
                     payload_release(self.flights[i].msg.data)
             free(self.flights)
-        free(self.ready)
+        u64ring_free(&self.ready)
 
     cdef void _link_free(self, int32_t start) noexcept:
         cdef int32_t i
@@ -580,9 +579,7 @@ cdef class Dispatcher:
                     r = <Route>self.routes[f.msg.route]
                     r.waiting.push_front(&f.msg)
                     self.n_route_queued += 1
-                    if not r.pending:
-                        r.pending = True
-                        self.pending_routes.append(r)
+                    self.mark_pending(r)
                 self.n_redelivered += 1
             self.flight_release(idx)
             idx = prev
@@ -608,7 +605,7 @@ cdef class Dispatcher:
     cdef int deliver_to_sub(self, Route r, int32_t sid, Msg *m) except -1:
         # queue routing: to the consumer of a subscription take_ready() gave, which goes
         # back to the tail of the ready ring while it has credit (round robin)
-        cdef CoreConnection c = self.conns[<uint32_t>(self.subtab.items[sid].conn & 0xFFFFFFFFu)]
+        cdef CoreConnection c = self.sub_conn(sid)
         self.deliver(c, m)
         r.n_out += 1
         if c.credit > 0:
@@ -620,9 +617,8 @@ cdef class Dispatcher:
         # credit keeps its copies in its backlog, in order, up to backlog_max: past that it
         # is a slow consumer and new copies for it are dropped (the others are not held up).
         # No subscriber: the route's queue.
-        cdef int32_t i, sid
+        cdef int32_t i
         cdef CoreConnection c
-        cdef Sub *s
         if r.nmembers == 0:
             r.waiting.push_back(m)
             self.n_route_queued += 1
@@ -631,8 +627,7 @@ cdef class Dispatcher:
         for i in range(1, r.nmembers):
             payload_ref(m.data)
         for i in range(r.nmembers):
-            s = &self.subtab.items[r.members[i]]
-            c = self.conns[<uint32_t>(s.conn & 0xFFFFFFFFu)]
+            c = self.sub_conn(r.members[i])
             if c.credit > 0 and (c.backlog is None or c.backlog.count == 0):
                 self.deliver(c, m)
                 r.n_out += 1
@@ -646,7 +641,7 @@ cdef class Dispatcher:
                         self.on_slow_consumer(c, r.name)
             else:
                 if c.backlog is None:
-                    c.backlog = MsgRing(16, <size_t>1 << 32)
+                    c.backlog = self.new_backlog()
                 c.backlog.push_back(m)
                 self.n_backlog += 1
         return 0
@@ -659,15 +654,13 @@ cdef class Dispatcher:
         cdef Sub *s
         cdef CoreConnection c
         while r.ready.count:
-            e = r.ready.items[r.ready.head]
-            r.ready.head = (r.ready.head + 1) & (r.ready.cap - 1)
-            r.ready.count -= 1
+            e = u64ring_pop(&r.ready)
             sid = <int32_t>(e & 0xFFFFFFFFu)
             s = &self.subtab.items[sid]
             if not s.used or s.gen != <uint32_t>(e >> 32):
                 continue
             s.listed = False
-            c = self.conns[<uint32_t>(s.conn & 0xFFFFFFFFu)]
+            c = self.sub_conn(sid)
             if c.credit > 0:
                 return sid
             c.unlisted = True
@@ -678,10 +671,24 @@ cdef class Dispatcher:
         cdef Route r = <Route>self.routes[s.route]
         s.listed = True
         u64ring_push(&r.ready, (<uint64_t>s.gen << 32) | <uint32_t>sid)
-        if r.waiting.count and not r.pending:
+        if r.waiting.count:
+            self.mark_pending(r)
+        return 0
+
+    cdef int mark_pending(self, Route r) except -1:
+        # r may deliver waiting messages now: drain_routes() (from pump) will try
+        if not r.pending:
             r.pending = True
             self.pending_routes.append(r)
         return 0
+
+    cdef CoreConnection sub_conn(self, int32_t sid):
+        # the consumer of a subscription in use (subscriptions end before their connection)
+        return <CoreConnection>self.conns[<uint32_t>(self.subtab.items[sid].conn & 0xFFFFFFFFu)]
+
+    cdef MsgRing new_backlog(self):
+        # a consumer's fanout backlog: bounded by backlog_max in route_fanout, not by the ring
+        return MsgRing(16, <size_t>1 << 32)
 
     cdef int serve(self, CoreConnection c) except -1:
         # c has credit again: its fanout backlog first, then its place in the ready rings of
@@ -746,22 +753,7 @@ cdef class Dispatcher:
         return 0
 
     cdef int ready_push(self, CoreConnection conn) except -1:
-        cdef uint64_t *nr
-        cdef size_t i, newcap
-        if self.ready_count == self.ready_cap:
-            newcap = self.ready_cap * 2
-            nr = <uint64_t *>malloc(newcap * sizeof(uint64_t))
-            if nr == NULL:
-                raise MemoryError()
-            for i in range(self.ready_count):
-                nr[i] = self.ready[(self.ready_head + i) & (self.ready_cap - 1)]
-            free(self.ready)
-            self.ready = nr
-            self.ready_cap = newcap
-            self.ready_head = 0
-        self.ready[(self.ready_head + self.ready_count) & (self.ready_cap - 1)] = (
-            (<uint64_t>conn.gen << 32) | conn.slot)
-        self.ready_count += 1
+        u64ring_push(&self.ready, (<uint64_t>conn.gen << 32) | conn.slot)
         conn.in_ready = True
         return 0
 
@@ -772,10 +764,8 @@ cdef class Dispatcher:
         cdef Msg m
         if self.pending_routes:
             self.drain_routes()
-        while self.queue.count and self.ready_count:
-            entry = self.ready[self.ready_head]
-            self.ready_head = (self.ready_head + 1) & (self.ready_cap - 1)
-            self.ready_count -= 1
+        while self.queue.count and self.ready.count:
+            entry = u64ring_pop(&self.ready)
             c = self.live(<uint32_t>(entry & 0xFFFFFFFFu), <uint32_t>(entry >> 32))
             if c is None:
                 continue            # stale entry of a closed connection
@@ -878,9 +868,8 @@ cdef class Dispatcher:
                 self.list_sub(sid)
             else:
                 conn.unlisted = True
-        elif r.waiting.count and not r.pending:
-            r.pending = True
-            self.pending_routes.append(r)
+        elif r.waiting.count:
+            self.mark_pending(r)
         return 0
 
     def unsubscribe(self, CoreConnection conn, name):
@@ -907,7 +896,7 @@ cdef class Dispatcher:
                 conn.subs[i] = conn.subs[conn.nsubs]
                 if conn.backlog is not None and conn.backlog.count:
                     # copies of this command still waiting for credit are withdrawn too
-                    kept = MsgRing(16, <size_t>1 << 32)
+                    kept = self.new_backlog()
                     while conn.backlog.pop_front(&m):
                         if m.route == idx:
                             payload_release(m.data)

@@ -35,6 +35,13 @@ cdef int u64ring_init(U64Ring *r, size_t cap) except -1
 cdef int u64ring_push(U64Ring *r, uint64_t v) except -1
 cdef void u64ring_free(U64Ring *r) noexcept
 
+cdef inline uint64_t u64ring_pop(U64Ring *r) noexcept:
+    # caller must check r.count first
+    cdef uint64_t v = r.items[r.head]
+    r.head = (r.head + 1) & (r.cap - 1)
+    r.count -= 1
+    return v
+
 
 cdef class Route:
     """One command of the broker's schema: its waiting queue and its subscribers."""

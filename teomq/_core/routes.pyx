@@ -27,6 +27,8 @@ KINDS = {"fanout": R_FANOUT, "queue": R_QUEUE, "subscribe": R_SUBSCRIBE, "unsubs
          "hello": R_HELLO, "msg": R_MSG}
 
 
+# A FIFO of u64 entries (generation << 32 | index) in a power-of-two ring that doubles:
+# the dispatcher's ring of consumers with credit and each queue route's ring of subscriptions.
 cdef int u64ring_init(U64Ring *r, size_t cap) except -1:
     r.items = <uint64_t *>malloc(cap * sizeof(uint64_t))
     if r.items == NULL:
