@@ -20,7 +20,7 @@ directives = {
     "embedsignature": True,
 }
 
-MODULES = ["crc32c", "frame_codec", "ring_queue", "dispatch", "client_core", "command_parser", "routes"]
+MODULES = ["crc32c", "frame_codec", "ring_queue", "dispatch", "client_core", "command_parser", "routes", "teoproxy"]
 
 extensions = [
     Extension(

@@ -61,3 +61,20 @@ class UnknownCommand(TeomqError, LookupError):
 
     def __reduce__(self):
         return (type(self), (self.name,))
+
+
+class BadPacket(TeomqError, ValueError):
+    """A teoproxy packet (the WebSocket gateway's wire format) that cannot be accepted.
+
+    ``id`` and ``cmd`` are the packet's own where they could be read (else 0), so the error
+    packet sent back can carry them; ``reason`` is the text that error packet carries.
+    """
+
+    def __init__(self, reason: str, id: int = 0, cmd: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.id = int(id)
+        self.cmd = int(cmd)
+
+    def __reduce__(self):
+        return (type(self), (self.reason, self.id, self.cmd))

@@ -22,7 +22,7 @@ import pytest
 
 from procs import HANG_GUARD, LOOP_KINDS, ProcGroup
 
-CORE_MODULES = ("dispatch", "frame_codec", "crc32c", "ring_queue", "client_core", "command_parser", "routes")
+CORE_MODULES = ("dispatch", "frame_codec", "crc32c", "ring_queue", "client_core", "command_parser", "routes", "teoproxy")
 
 
 # -- the compiled core ------------------------------------------------------------------
