@@ -314,6 +314,7 @@ cdef class WriteBuffer:
         that). fd < 0: always through the transport. In-place payloads go with one sendmsg()."""
         cdef size_t length = self.length
         cdef ssize_t n = 0
+        cdef bytes rest
         if self.n_ext:
             return self._write_gather(fd, backlog, transport)
         if fd >= 0:
@@ -328,8 +329,11 @@ cdef class WriteBuffer:
                     self.length = 0
                     return 0
             backlog[0] = True
-        transport.write(PyBytes_FromStringAndSize(self.buf + n, length - n))
+        rest = PyBytes_FromStringAndSize(self.buf + n, length - n)
+        # empty first: a transport may add to this buffer from write() (the web gateway's
+        # virtual transports feed acknowledgements back into the core, which delivers more)
         self.length = 0
+        transport.write(rest)
         return 0
 
     cdef bytes take_bytes(self):
