@@ -33,6 +33,7 @@ from teomq.identity import is_address
 
 __all__ = [
     "DEFAULT_PORT",
+    "DEFAULT_WEB_PORT",
     "AddressBook",
     "default_data_dir",
     "resolve_broker",
@@ -42,6 +43,8 @@ __all__ = [
 log = logging.getLogger("teomq.addressbook")
 
 DEFAULT_PORT = 7050
+#: The broker's web port (the original web consumer's): WebSocket gateway and pages.
+DEFAULT_WEB_PORT = 8094
 _VERSION = 1
 _ACCEPTED_FORMS = (
     "accepted forms: <address>@host:port, <address> (looked up in the local address book), "

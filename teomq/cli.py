@@ -19,6 +19,7 @@ Lines on stdout (one flushed line each; scripts and tests parse them)::
                <name> done: sent <N>, answered <A>, errors <E>
     -stat:     stat: in=.. out=.. answered=.. queue=.. inflight=.. consumers=.. rate=../s  (broker)
                stat: command <name> routing=.. queued=.. subscribers=.. in=.. out=..       (broker, command scheme)
+               stat: web sessions=.. consumers=.. pushes=.. encodes=.. bad_packets=..     (broker, web port on)
                stat: received=.. answered=.. rate=../s                                     (consumer)
                stat: sent=.. answered=.. errors=.. inflight=.. rate=../s                   (producer)
 
@@ -45,13 +46,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from teomq.addressbook import DEFAULT_PORT, default_data_dir
+from teomq.addressbook import DEFAULT_PORT, DEFAULT_WEB_PORT, default_data_dir
 from teomq.commands import Command, CommandSchema, parse_command_spec
 from teomq.errors import BrokerError, ConnectionLost, TeomqError
 from teomq.protocol import DEFAULT_MAX_PAYLOAD, MAX_PAYLOAD_LIMIT
 from teomq.argtypes import flag, float_value, int_at_least
 from teomq.loops import run as run_on_loop
-from teomq.stats_printer import command_lines, print_stats
+from teomq.stats_printer import command_lines, print_stats, web_line
 
 __all__ = ["build_broker_parser", "build_parser", "broker_main", "main", "parse_listen", "producer_message"]
 
@@ -197,6 +198,10 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
     flag(parser, "schema", metavar="FILE",
           help='run the command scheme with the commands of a JSON file: {"commands": [{"name", '
           '"description", "pattern", "routing"}, ...]}; combines with -command')
+    flag(parser, "web", type=parse_listen, default=f"127.0.0.1:{DEFAULT_WEB_PORT}", metavar="HOST:PORT",
+          help="web port: the teoproxy-compatible WebSocket gateway on /ws and the web consumer page; "
+          "':PORT' means 127.0.0.1, port 0 any free port (default: %(default)s)")
+    _bool_flag(parser, "noweb", "don't serve the web port (default: off)")
     _add_common(parser, "message received (logged on stderr)")
     parser.set_defaults(func=_broker)
 
@@ -433,16 +438,38 @@ async def _broker(args: argparse.Namespace) -> int:
             _fail(f"teomq broker: cannot start: {e}")
         await asyncio.gather(broker.close(), return_exceptions=True)
         return 1
+    web = None
+    if not args.noweb:
+        from teomq.web import WebGateway
+
+        web = WebGateway(broker, *args.web)
+        try:
+            await web.start()
+        except OSError as e:
+            _fail(f"teomq broker: cannot serve the web port on {_endpoint(*args.web)}: {e.strerror or e} "
+                  "(choose another with -web HOST:PORT, or turn it off with -noweb)")
+            await broker.close()
+            return 1
     with _Stopper() as stopper:
         _emit(f"Connected to Teonet, this app address: {broker.address}")
         _emit(f"teomq broker listening on {_endpoint(broker.host, broker.port)}")
-        stats = _start_stats(args, broker.stats, BROKER_STAT_FIELDS, "in",
-                             (lambda: command_lines(broker.command_stats())) if schema is not None else None)
+        if web is not None:
+            _emit(f"teomq web consumer on http://{_endpoint(web.host, web.port)}/ (WebSocket /ws)")
+
+        def more_lines() -> list[str]:
+            lines = command_lines(broker.command_stats()) if schema is not None else []
+            if web is not None:
+                lines.append(web_line(web.stats()))
+            return lines
+
+        stats = _start_stats(args, broker.stats, BROKER_STAT_FIELDS, "in", more_lines)
         serve = asyncio.ensure_future(broker.serve_forever())
         try:
             await _first(serve, stopper.stop.wait())
         finally:
             await _stop_task(stats)
+            if web is not None:
+                await web.close()
             await broker.close()
             await _stop_task(serve)
     if not stopper.stop.is_set() and serve.done() and not serve.cancelled() and serve.exception():

@@ -10,6 +10,10 @@ the command scheme follows each with one line per command that has subscribers o
 messages::
 
     stat: command <name> routing=<fanout|queue> queued=<int> subscribers=<int> in=<int> out=<int>
+
+and, with the web port on, one line of the WebSocket gateway's counters::
+
+    stat: web sessions=<int> consumers=<int> pushes=<int> encodes=<int> bad_packets=<int>
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["command_lines", "format_stat", "print_stats"]
+__all__ = ["command_lines", "format_stat", "print_stats", "web_line"]
 
 Emit = Callable[[str], None]
 
@@ -59,3 +63,9 @@ def command_lines(stats: Sequence[Mapping[str, object]]) -> list[str]:
     return [f"stat: command {r['name']} routing={r['routing']} queued={r['queued']} "
             f"subscribers={r['subscribers']} in={r['in']} out={r['out']}"
             for r in stats if r["subscribers"] or r["queued"]]
+
+
+def web_line(stats: Mapping[str, int]) -> str:
+    """The web gateway's stat line."""
+    return "stat: web " + " ".join(f"{k}={stats[k]}" for k in ("sessions", "consumers", "pushes", "encodes",
+                                                                "bad_packets"))

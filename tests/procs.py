@@ -35,6 +35,7 @@ _PACKAGE_ROOT = str(Path(teomq.__file__).resolve().parent.parent)
 
 ADDRESS_RE = re.compile(r"^Connected to Teonet, this app address: ([0-9A-Za-z]{35})$")
 LISTEN_RE = re.compile(r"^teomq broker listening on (\S+):(\d+)$")
+WEB_RE = re.compile(r"^teomq web consumer on http://(\S+):(\d+)/ \(WebSocket /ws\)$")
 STAT_RE = re.compile(
     r"^stat: in=(?P<in>\d+) out=(?P<out>\d+) answered=(?P<answered>\d+) queue=(?P<queue>\d+) "
     r"inflight=(?P<inflight>\d+) consumers=(?P<consumers>\d+) rate=\S+/s$"
@@ -220,6 +221,11 @@ class BrokerProc(tuple):
     port = property(lambda self: self[2])
 
     @property
+    def web_port(self) -> int:
+        """The port of the broker's web gateway (started with ``-web :0`` unless told otherwise)."""
+        return int(self.proc.wait_for_line(WEB_RE).group(2))
+
+    @property
     def endpoint(self) -> str:
         """``<address>@127.0.0.1:<port>``: a spec that needs no address book and is verified."""
         return f"{self.address}@127.0.0.1:{self.port}"
@@ -243,11 +249,15 @@ class ProcGroup:
 
     def broker(self, *extra: str, loop: str | None = None, data_dir: Path | None = None,
                python_args: Sequence[str] | None = None) -> BrokerProc:
-        """Start ``teomq broker -listen :0`` and wait until it listens; (proc, address, port)."""
+        """Start ``teomq broker -listen :0 -web :0`` and wait until it listens; (proc, address, port).
+
+        The web port is any free one (``web_port``) unless ``extra`` has ``-web`` or ``-noweb``."""
         if data_dir is None:
             self._brokers += 1
             data_dir = self.home / f"broker{self._brokers}"
         argv = ["broker", "-listen", ":0", "-data-dir", str(data_dir), *extra]
+        if not any(a.lstrip("-").split("=")[0] in ("web", "noweb") for a in extra):
+            argv += ["-web", ":0"]
         if python_args is not None:
             argv = argv[1:]  # teomq-broker has no subcommand
         if loop is not None:

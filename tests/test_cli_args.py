@@ -42,11 +42,11 @@ VALUED = [
     ("broker", "schema", "/tmp/schema.json", "schema", "/tmp/schema.json"),
     ("broker", "backlog-max", "16", "backlog_max", 16),
 ]
-SWITCHES = [("broker", "nomsg"), ("broker", "stat"), ("consumer", "nomsg"), ("consumer", "stat"),
+SWITCHES = [("broker", "nomsg"), ("broker", "stat"), ("broker", "noweb"), ("consumer", "nomsg"), ("consumer", "stat"),
             ("consumer", "reconnect"), ("consumer", "api"), ("consumer", "control"), ("producer", "nomsg"), ("producer", "stat")]
 FLAGS = {
     "broker": ["listen", "data-dir", "nomsg", "stat", "stat-interval", "max-payload", "queue-max", "loop",
-               "log-level", "command", "schema", "backlog-max"],
+               "log-level", "command", "schema", "backlog-max", "web", "noweb"],
     "consumer": ["broker", "name", "nomsg", "stat", "stat-interval", "prefetch", "work-ms", "reconnect", "loop",
                  "log-level", "subscribe", "api", "control"],
     "producer": ["broker", "name", "delay", "count", "window", "timeout", "nomsg", "stat", "stat-interval",
@@ -102,6 +102,9 @@ def test_broker_defaults():
     assert (args.nomsg, args.stat, args.stat_interval) == (False, False, 1.0)
     assert (args.max_payload, args.queue_max) == (1048576, 1_000_000)
     assert args.log_level == "INFO"
+    assert (args.web, args.noweb) == (("127.0.0.1", 8094), False)
+    assert parse("broker", "-web", ":0").web == ("127.0.0.1", 0)
+    assert parse("broker", "-web=0.0.0.0:9000", "-noweb").web == ("0.0.0.0", 9000)
     try:
         import uvloop  # noqa: F401
 

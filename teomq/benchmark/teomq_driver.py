@@ -1,6 +1,6 @@
 """The teomq Driver: a broker started through the CLI, teomq.client.Producer and Consumer.
 
-- Server: ``python -m teomq broker -listen 127.0.0.1:0 -nomsg -data-dir <workdir>/broker
+- Server: ``python -m teomq broker -listen 127.0.0.1:0 -nomsg -noweb -data-dir <workdir>/broker
   -loop <loop>`` with ``TEOMQ_HOME=<workdir>`` (its own address book and key); the port is
   read from its ``listening on`` line. The queue is in memory: durability "memory".
 - rpc: ``Producer.send(data, callback)`` (no Task or Future per request: the faster of the
@@ -62,7 +62,7 @@ class TeomqDriver(Driver):
     def start_server(self, workdir: str) -> Server:
         env = dict(os.environ, TEOMQ_HOME=workdir)
         env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [sys.executable, "-m", "teomq", "broker", "-listen", "127.0.0.1:0", "-nomsg",
+        cmd = [sys.executable, "-m", "teomq", "broker", "-listen", "127.0.0.1:0", "-nomsg", "-noweb",
                "-data-dir", os.path.join(workdir, "broker"), "-loop", self.loop, "-log-level", "WARNING",
                "-queue-max", self._opt("queue_max", "1000000")]
         log_path = os.path.join(workdir, "broker.stderr")

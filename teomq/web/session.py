@@ -1,0 +1,390 @@
+"""One browser on the WebSocket gateway: teoproxy packets in, broker frames through the core.
+
+A :class:`WebSession` is a translator at the frame level. It owns one or two
+:class:`~teomq.broker.BrokerConnection` objects of the broker's own dispatcher (a producer
+connection, and a consumer connection once the page says it consumes), each attached to a
+:class:`VirtualTransport` instead of a socket. Packets from the browser become teomq frames fed
+into the core's read path (``get_buffer``/``buffer_updated``: one crossing per packet); the
+frames the core flushes to a virtual transport (one ``write`` per connection per loop pass)
+become packets to the browser. So a browser consumer is a consumer like any other: credit,
+subscriptions, round robin, redelivery of what it held when it goes, the broker's stats.
+
+teoproxy commands (``docs/gateway.md`` is the full description):
+
+=============  =================================  =============================================
+cmd            data                               answer (same id and cmd)
+=============  =================================  =============================================
+1 Connect      -                                  ``Connected to Teonet``
+2 Disconnect   -                                  empty
+3 ConnectTo    broker address                     ``connected to peer <address>``
+4 NewApiClient broker address                     ``connected to peer <address> api``
+5 SendTo       ``address,api,payload``            the broker's answer(s)
+6 Stream       ``address,name``                   empty; then pushes of ``name/...`` (id 0, cmd 0)
+=============  =================================  =============================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+from websockets.protocol import State
+
+from teomq._core.frame_codec import FrameDecoder, encode_frame
+from teomq.broker import BrokerConnection
+from teomq.errors import BadPacket
+from teomq.protocol import ApiCommand, ErrorCode, Flag, FrameType
+
+if TYPE_CHECKING:
+    from teomq.web.gateway import WebGateway
+
+try:
+    from teomq._core import teoproxy as tp
+except ImportError:  # pragma: no cover - the tests insist on the compiled core
+    from teomq._py import teoproxy as tp  # type: ignore[no-redef]
+
+log = logging.getLogger("teomq.web")
+
+#: How long a SendTo waits for its answer (the original's 5 s); fanout answers are collected that long.
+ANSWER_TIMEOUT = 5.0
+#: Acknowledgements of pushed messages are held while this much is unsent to the browser.
+WRITE_HIGH = 1 << 20
+_API_HELLO = (b"hello", str(int(ApiCommand.HELLO)).encode())
+_API_MSG = (b"msg", str(int(ApiCommand.MSG)).encode())
+
+
+class VirtualTransport(asyncio.Transport):
+    """The transport of a session's broker connection: what the core writes goes to the session."""
+
+    def __init__(self, session: WebSession, conn: BrokerConnection) -> None:
+        super().__init__()
+        self._session = session
+        self._conn = conn
+        self._decoder = FrameDecoder(session.gw.broker.max_payload)
+        self._closing = False
+
+    def write(self, data: Any) -> None:
+        if not self._closing:
+            self._session.on_frames(self._conn, self._decoder.feed(data))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._session.peer if name == "peername" else default
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:  # the broker closes us: shutdown, or a frame it refused
+        if not self._closing:
+            self._closing = True
+            self._session.on_broker_close(self._conn)
+
+    def pause_reading(self) -> None:
+        self._session.reading.clear()
+
+    def resume_reading(self) -> None:
+        self._session.reading.set()
+
+
+class _Pending:
+    __slots__ = ("pid", "multi", "deadline")
+
+    def __init__(self, pid: int, multi: bool, deadline: float) -> None:
+        self.pid = pid
+        self.multi = multi
+        self.deadline = deadline
+
+
+class WebSession:
+    """One WebSocket connection on ``/ws``."""
+
+    def __init__(self, gateway: WebGateway, ws: Any, number: int) -> None:
+        self.gw = gateway
+        self.ws = ws
+        addr = ws.remote_address
+        where = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        self.peer = f"web {where}"
+        self.name = f"web-{number}"
+        self.streams: set[bytes] = set()
+        self.producer: BrokerConnection | None = None
+        self.consumer: BrokerConnection | None = None
+        self.answering = False  # pushes carry a token the page answers with (teomq.js consume())
+        self.tokens: dict[int, int] = {}  # token -> delivery id
+        self._next_token = 0
+        self.pending: dict[int, _Pending] = {}  # our SEND id -> the SendTo it answers
+        self._next_id = 0
+        self._held_acks: list[int] = []
+        self._unseen_warned: set[bytes] = set()
+        self.reading = asyncio.Event()
+        self.reading.set()
+        self.closed = False
+
+    # -- browser -> broker -------------------------------------------------------------------
+
+    def on_message(self, message: str | bytes) -> None:
+        """One WebSocket message from the browser."""
+        if isinstance(message, bytes):
+            self._bad(BadPacket("binary frames are not accepted: send each packet base64-encoded "
+                                "in a text frame"))
+            return
+        try:
+            p = tp.decode(message)
+        except BadPacket as e:
+            self._bad(e)
+            return
+        if p.error:
+            self._bad(BadPacket("error packets are sent by the gateway, not to it", p.id, p.cmd))
+            return
+        try:
+            self._command(p)
+        except BadPacket as e:
+            self._bad(e)
+
+    def _command(self, p: Any) -> None:
+        cmd = p.cmd
+        if cmd == tp.CONNECT:
+            self._answer(p, b"Connected to Teonet")
+        elif cmd == tp.DISCONNECT:
+            self._answer(p, b"")
+        elif cmd == tp.CONNECT_TO:
+            self._answer(p, b"connected to peer " + self._peer(p, p.data))
+        elif cmd == tp.NEW_API_CLIENT:
+            address = self._peer(p, p.data)
+            self._producer()
+            self._answer(p, b"connected to peer " + address + b" api")
+        elif cmd == tp.STREAM:
+            parts = p.data.split(b",")
+            if len(parts) < 2:
+                raise BadPacket(f"wrong command data: {_text(p.data)} (Stream takes 'address,name')", p.id, cmd)
+            self._peer(p, parts[0])
+            self.streams.add(parts[1])
+            self._answer(p, b"")
+        else:
+            self._send_to(p)
+
+    def _send_to(self, p: Any) -> None:
+        parts = p.data.split(b",", 2)
+        if len(parts) < 3:
+            raise BadPacket(f"wrong command data: {_text(p.data)} (SendTo takes 'address,api,payload')",
+                            p.id, p.cmd)
+        self._peer(p, parts[0])
+        api, payload = parts[1], parts[2]
+        if api in _API_HELLO:
+            self._send(p, self._producer(), bytes((ApiCommand.HELLO,)) + payload, Flag.API)
+        elif api in _API_MSG:
+            if payload == b"Consumer":  # the stock teoproxy client's way of saying it consumes
+                self._consume(p, answering=self.answering)
+            elif payload.startswith((b"subscribe/", b"unsubscribe/")):
+                self._subscription(p, payload)
+            else:
+                self._send(p, self._producer(), bytes((ApiCommand.MSG,)) + payload, Flag.API)
+        elif api == b"consume":
+            self._consume(p, answering=True)
+        elif api in (b"answer", b"ack"):
+            self._reply_to_push(p, api == b"answer", payload)
+        elif api == b"send":
+            self._send(p, self._producer(), payload)
+        elif self.gw.routing is None:
+            raise BadPacket(f"unknown API command '{_text(api)}': the broker runs the basic scheme "
+                            "(hello, msg, send, consume, answer, ack)", p.id, p.cmd)
+        else:
+            self._send(p, self._producer(), api + b"/" + payload if payload else api)
+
+    def _peer(self, p: Any, address: bytes) -> bytes:
+        if address != self.gw.address_bytes:
+            raise BadPacket(f"unknown peer '{_text(address)}': this gateway serves broker "
+                            f"{self.gw.broker.address}", p.id, p.cmd)
+        return address
+
+    def _consume(self, p: Any, *, answering: bool) -> None:
+        self.answering = answering
+        self._consumer_conn()
+        self._answer(p, b"OK")
+
+    def _subscription(self, p: Any, payload: bytes) -> None:
+        if self.gw.routing is None:
+            raise BadPacket("the broker runs the basic scheme: there are no commands to subscribe to",
+                            p.id, p.cmd)
+        self._send(p, self._consumer_conn(), payload)
+
+    def _reply_to_push(self, p: Any, with_answer: bool, payload: bytes) -> None:
+        token_text, _, answer = payload.partition(b",")
+        try:
+            did = self.tokens.pop(int(token_text))
+        except (ValueError, KeyError):
+            raise BadPacket(f"no message with token '{_text(token_text)}' is waiting for an answer",
+                            p.id, p.cmd) from None
+        flags = 0 if with_answer else Flag.NO_ANSWER
+        assert self.consumer is not None
+        self._feed(self.consumer, encode_frame(FrameType.ANSWER, flags, did, answer if with_answer else b""))
+        self.gw.n_answers += 1
+        self._answer(p, b"OK")
+
+    def _send(self, p: Any, conn: BrokerConnection, payload: bytes, flags: int = 0) -> None:
+        if len(payload) > self.gw.broker.max_payload:
+            raise BadPacket(f"message of {len(payload)} bytes is over the broker's limit of "
+                            f"{self.gw.broker.max_payload}", p.id, p.cmd)
+        self._next_id += 1
+        multi = not flags and self.gw.routing is not None and \
+            self.gw.routing.get(payload.split(b"/", 1)[0]) == "fanout"
+        self.pending[self._next_id] = _Pending(p.id, multi, time.monotonic() + ANSWER_TIMEOUT)
+        self.gw.watch(self)
+        self._feed(conn, encode_frame(FrameType.SEND, flags, self._next_id, payload))
+
+    # -- broker connections ------------------------------------------------------------------
+
+    def _producer(self) -> BrokerConnection:
+        if self.producer is None:
+            self.producer = self._connect("producer")
+        return self.producer
+
+    def _consumer_conn(self) -> BrokerConnection:
+        if self.consumer is None:
+            self.consumer = self._connect("consumer")
+            self.gw.n_consumers += 1
+        return self.consumer
+
+    def _connect(self, role: str) -> BrokerConnection:
+        conn = BrokerConnection(self.gw.disp, self.gw.broker)
+        conn.connection_made(VirtualTransport(self, conn))
+        hello = {"v": 1, "role": role, "name": self.name, "prefetch": self.gw.prefetch}
+        self._feed(conn, encode_frame(FrameType.HELLO, 0, 0, msgpack.packb(hello)))
+        return conn
+
+    @staticmethod
+    def _feed(conn: BrokerConnection, frames: bytes) -> None:
+        # the core's read path, as if these bytes had come from a socket
+        n = len(frames)
+        conn.get_buffer(n)[:n] = frames
+        conn.buffer_updated(n)
+
+    # -- broker -> browser -------------------------------------------------------------------
+
+    def on_frames(self, conn: BrokerConnection, frames: list[tuple[int, int, int, bytes]]) -> None:
+        """The frames of one flush to ``conn`` (one call per connection per loop pass)."""
+        out: list[bytes] = []
+        acks: list[int] = []
+        for ftype, _flags, fid, payload in frames:
+            if ftype == FrameType.DELIVER:
+                self._deliver(fid, payload, out, acks)
+            elif ftype == FrameType.REPLY:
+                entry = self.pending.get(fid)
+                if entry is not None:  # else: its time ran out, it was answered "timeout"
+                    if not entry.multi:
+                        del self.pending[fid]
+                    out.append(tp.encode(entry.pid, tp.SEND_TO, payload))
+            elif ftype == FrameType.ERROR:
+                self._error_frame(fid, payload, out)
+        if out:
+            self.write(out)
+        if acks:
+            self._ack(acks)
+
+    def _deliver(self, did: int, payload: bytes, out: list[bytes], acks: list[int]) -> None:
+        gw = self.gw
+        if self.answering:
+            self._next_token = self._next_token % 0xFFFFFFFF + 1
+            self.tokens[self._next_token] = did
+            out.append(tp.encode(self._next_token, tp.PUSH, payload))
+            gw.n_pushes += 1
+            gw.n_encodes += 1
+            return
+        acks.append(did)  # a stream push is not answered: it is done once handed to the browser
+        name = payload.split(b"/", 1)[0]
+        if name in self.streams:
+            out.append(gw.push_packet(payload))
+        elif name not in self._unseen_warned:
+            self._unseen_warned.add(name)
+            log.info("%s (%s) gets '%s' but has no Stream for it: acknowledged unseen, as teoproxy does",
+                     self.name, self.peer, _text(name))
+
+    def _error_frame(self, fid: int, payload: bytes, out: list[bytes]) -> None:
+        try:
+            err = msgpack.unpackb(payload, raw=False)
+            reason, code = str(err["reason"]), int(err["code"])
+        except Exception:
+            reason, code = f"undecodable ERROR frame {payload[:100]!r}", 0
+        entry = self.pending.pop(fid, None)
+        if entry is not None:
+            out.append(tp.encode_error(entry.pid, tp.SEND_TO, reason))
+        else:
+            if code != ErrorCode.SHUTDOWN:
+                log.warning("%s (%s): broker error %d: %s", self.name, self.peer, code, reason)
+            out.append(tp.encode_error(0, 0, reason))
+
+    def _ack(self, dids: list[int]) -> None:
+        # Hold acknowledgements while the browser does not read: the consumer's credit runs
+        # out and the broker keeps (queue) or bounds (fanout backlog) what waits for it.
+        self._held_acks.extend(dids)
+        transport = getattr(self.ws, "transport", None)
+        if transport is not None and transport.get_write_buffer_size() > WRITE_HIGH:
+            self.gw.loop.call_later(0.05, self._release_acks)
+            return
+        self._release_acks()
+
+    def _release_acks(self) -> None:
+        if not self._held_acks or self.consumer is None or self.closed:
+            return
+        transport = getattr(self.ws, "transport", None)
+        if transport is not None and transport.get_write_buffer_size() > WRITE_HIGH:
+            self.gw.loop.call_later(0.05, self._release_acks)
+            return
+        dids, self._held_acks = self._held_acks, []
+        self._feed(self.consumer, b"".join(encode_frame(FrameType.ANSWER, Flag.NO_ANSWER, d, b"") for d in dids))
+
+    def expire(self, now: float) -> None:
+        """Answer ``timeout`` to SendTo requests whose time ran out (the original's 5 s)."""
+        out = []
+        for fid in [f for f, e in self.pending.items() if e.deadline <= now]:
+            entry = self.pending.pop(fid)
+            if not entry.multi:
+                out.append(tp.encode_error(entry.pid, tp.SEND_TO, "timeout"))
+        if out:
+            self.write(out)
+
+    def write(self, packets: list[bytes]) -> None:
+        """Send packets (base64 text) to the browser: one socket write for all of them."""
+        ws = self.ws
+        if self.closed or ws.protocol.state is not State.OPEN:
+            return
+        for packet in packets:
+            ws.protocol.send_text(packet)
+        ws.send_data()
+
+    def _answer(self, p: Any, data: bytes) -> None:
+        self.write([tp.encode(p.id, p.cmd, data)])
+
+    def _bad(self, e: BadPacket) -> None:
+        self.gw.n_bad += 1
+        log.warning("%s (%s): bad packet: %s", self.name, self.peer, e.reason)
+        self.write([tp.encode_error(e.id, e.cmd, e.reason)])
+
+    # -- ending ------------------------------------------------------------------------------
+
+    def on_broker_close(self, conn: BrokerConnection) -> None:
+        """The broker closed one of our connections (shutdown): end the WebSocket too."""
+        if not self.closed:
+            self.gw.loop.create_task(self.ws.close(1001, "broker closed the connection"))
+
+    def close(self) -> None:
+        """The WebSocket is gone: its broker connections go (what the consumer held is redelivered)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.pending.clear()
+        for conn in (self.consumer, self.producer):
+            if conn is not None and not conn.detached:
+                conn.transport._closing = True
+                conn.connection_lost(None)
+        if self.consumer is not None:
+            self.gw.n_consumers -= 1
+
+
+def _text(data: bytes, limit: int = 200) -> str:
+    return data[:limit].decode("utf-8", "replace") + ("..." if len(data) > limit else "")
+

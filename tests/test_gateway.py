@@ -1,0 +1,343 @@
+"""The WebSocket gateway (teomq.web) in process: a real Broker and WebGateway, real sockets.
+
+Browsers are played by ``websockets`` clients speaking raw teoproxy packets; producers and
+consumers on the TCP side are teomq clients. Every test runs on the stdlib loop and on uvloop.
+Packets the original's client.js sends are built from the spec (docs/gateway.md) and the
+answers are checked byte for byte. Waits are hang guards, never timing assertions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+
+import teomq
+from teomq._py import teoproxy as tp
+from teomq.commands import Command
+from teomq.web import WebGateway
+from test_broker_api import LONG, make_broker, spec, until
+
+pytestmark = pytest.mark.usefixtures("teomq_home")
+
+SCHEMA = [Command("num_players"), Command("num_servers"), Command("version", pattern="{data}/{description}"),
+          Command("q", routing="queue")]
+
+
+class Page:
+    """A browser tab speaking raw packets; pushes and answers are kept apart as they come."""
+
+    def __init__(self, ws: Any, address: str) -> None:
+        self.ws = ws
+        self.addr = address
+        self.inbox: list[tp.Packet] = []
+        self.raw: list[str] = []
+
+    async def send(self, pid: int, cmd: int, data: bytes | str = b"") -> None:
+        await self.ws.send(tp.encode(pid, cmd, data.encode() if isinstance(data, str) else data).decode())
+
+    async def next(self, pred: Any, what: str, timeout: float = LONG) -> tp.Packet:
+        """The first packet (already received or coming) for which ``pred`` is true; it is taken out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for i, p in enumerate(self.inbox):
+                if pred(p):
+                    return self.inbox.pop(i)
+            left = deadline - loop.time()
+            if left <= 0:
+                raise AssertionError(f"no {what}; got {self.inbox}")
+            try:
+                text = await asyncio.wait_for(self.ws.recv(), left)
+            except asyncio.TimeoutError:
+                continue
+            self.raw.append(text)
+            self.inbox.append(tp.decode(text, gateway=False))
+
+    async def call(self, pid: int, cmd: int, data: bytes | str = b"") -> tp.Packet:
+        await self.send(pid, cmd, data)
+        return await self.next(lambda p: p.id == pid and p.cmd == cmd, f"answer to packet {pid}/{cmd}")
+
+    async def send_to(self, pid: int, api: str, payload: bytes | str = b"") -> tp.Packet:
+        payload = payload.encode() if isinstance(payload, str) else payload
+        return await self.call(pid, tp.SEND_TO, f"{self.addr},{api},".encode() + payload)
+
+    async def pushes(self, n: int, what: str = "pushes") -> list[tp.Packet]:
+        return [await self.next(lambda p: p.cmd == tp.PUSH and not p.error, f"{what} ({i + 1} of {n})")
+                for i in range(n)]
+
+    async def error(self) -> tp.Packet:
+        return await self.next(lambda p: p.error, "error packet")
+
+
+async def started(tmp_path: Path, commands: list[Command] | None = SCHEMA, **kw: Any) -> tuple[teomq.Broker, WebGateway]:
+    broker = make_broker(tmp_path, commands=commands, **kw)
+    await broker.start()
+    gw = WebGateway(broker, port=0)
+    await gw.start()
+    return broker, gw
+
+
+async def page(gw: WebGateway) -> Page:
+    return Page(await websockets.connect(f"ws://127.0.0.1:{gw.port}/ws", compression=None), gw.broker.address)
+
+
+async def stop(broker: teomq.Broker, gw: WebGateway, *pages: Page) -> None:
+    for p in pages:
+        await p.ws.close()
+    await gw.close()
+    await broker.close()
+
+
+def test_the_stock_teoproxy_client_sequence(arun: Any, tmp_path: Path) -> None:
+    """client.js's packets, in its order: every answer and push byte for byte as teoproxy's."""
+    async def main() -> None:
+        broker, gw = await started(tmp_path)
+        addr = broker.address
+        tab = await page(gw)
+        expected = [
+            (0, tp.CONNECT, b"", b"Connected to Teonet"),
+            (0, tp.CONNECT_TO, addr.encode(), f"connected to peer {addr}".encode()),
+            (0, tp.NEW_API_CLIENT, addr.encode(), f"connected to peer {addr} api".encode()),
+            (1, tp.SEND_TO, f"{addr},msg,Consumer".encode(), b"OK"),
+            (0, tp.STREAM, f"{addr},num_players".encode(), b""),
+            (0, tp.STREAM, f"{addr},num_servers".encode(), b""),
+            (2, tp.SEND_TO, f"{addr},msg,subscribe/version".encode(), b"OK"),
+            (3, tp.SEND_TO, f"{addr},msg,subscribe/num_players".encode(), b"OK"),
+            (4, tp.SEND_TO, f"{addr},msg,subscribe/num_servers".encode(), b"OK"),
+        ]
+        for pid, cmd, data, answer in expected:
+            await tab.send(pid, cmd, data)
+            got = await tab.next(lambda p, pid=pid, cmd=cmd: (p.id, p.cmd) == (pid, cmd), f"answer {pid}/{cmd}")
+            assert tab.raw[-1] == tp.encode(pid, cmd, answer).decode()  # byte-compatible answer text
+            assert got == tp.Packet(pid, cmd, answer, False)
+        assert broker.stats()["consumers"] == 1
+        async with teomq.Producer(spec(broker)) as producer:
+            # nobody answers a stream push: the producer's fanout collects nothing, the page gets it
+            for text in ("num_players/42", "num_servers/7", "version/1/2"):
+                assert await producer.collect(text, timeout=0.3) == []
+        pushes = await tab.pushes(2)
+        assert [tab.raw[i] for i in (-2, -1)] == [tp.encode(0, 0, b"num_players/42").decode(),
+                                                   tp.encode(0, 0, b"num_servers/7").decode()]
+        assert [p.data for p in pushes] == [b"num_players/42", b"num_servers/7"]  # no Stream for version
+        hello = await tab.send_to(5, "hello", "Consumer 0!")
+        assert hello == tp.Packet(5, tp.SEND_TO, b"Hello Consumer 0!", False)
+        await until(lambda: broker.stats()["inflight"] == 0, "pushes acknowledged")
+        await tab.ws.close()
+        await until(lambda: broker.stats()["consumers"] == 0 and not gw.sessions, "the tab's consumer to go")
+        await stop(broker, gw)
+
+    arun(main())
+
+
+BAD = [
+    ("binary", b"\x00\x01binary", 0, 0, "binary frames are not accepted"),
+    ("bad-base64", "not base64!", 0, 0, "bad base64"),
+    ("not-ascii", "AAAA\u00e9", 0, 0, "bad base64: the text is not ASCII"),
+    ("bad-padding", "AAAAAQ", 0, 0, "bad base64"),
+    ("empty", "", 0, 0, "not enough data: 0 bytes"),
+    ("short", tp.encode(0, 1)[:4].decode(), 0, 0, "not enough data: 3 bytes"),
+    ("checksum", None, 7, tp.CONNECT, "wrong checksum"),
+    ("cmd-0", tp.encode(9, 0, b"x").decode(), 9, 0, "unknown command 0"),
+    ("cmd-7", tp.encode(9, 7, b"x").decode(), 9, 7, "unknown command 7"),
+    ("cmd-127", tp.encode(9, 127).decode(), 9, 127, "unknown command 127"),
+    ("error-bit", tp.encode_error(9, tp.CONNECT, "hi").decode(), 9, tp.CONNECT, "error packets are sent by the gateway"),
+    ("sendto-data", tp.encode(3, tp.SEND_TO, b"no commas").decode(), 3, tp.SEND_TO, "wrong command data: no commas"),
+    ("stream-data", tp.encode(3, tp.STREAM, b"nocomma").decode(), 3, tp.STREAM, "wrong command data: nocomma"),
+    ("peer", tp.encode(3, tp.CONNECT_TO, b"someone-else").decode(), 3, tp.CONNECT_TO, "unknown peer 'someone-else'"),
+]
+
+
+@pytest.mark.parametrize("name,message,pid,cmd,reason", BAD, ids=[b[0] for b in BAD])
+def test_a_bad_packet_gets_an_error_packet_and_the_socket_stays(arun: Any, tmp_path: Path, name: str,
+                                                                 message: Any, pid: int, cmd: int,
+                                                                 reason: str) -> None:
+    if message is None:  # a Connect packet with its checksum off by one
+        raw = bytearray(tp.pack(7, tp.CONNECT))
+        raw[-1] = (raw[-1] + 1) & 0xFF
+        message = base64.b64encode(bytes(raw)).decode()
+
+    async def main() -> None:
+        broker, gw = await started(tmp_path)
+        tab = await page(gw)
+        await tab.ws.send(message)
+        err = await tab.error()
+        assert (err.id, err.cmd) == (pid, cmd & 0x7F), err
+        assert err.data.decode().startswith(reason), err
+        assert gw.stats()["bad_packets"] == 1
+        # the same socket still works
+        assert (await tab.call(11, tp.CONNECT)).data == b"Connected to Teonet"
+        await stop(broker, gw, tab)
+
+    arun(main())
+
+
+def test_bad_requests_are_refused_with_the_reason(arun: Any, tmp_path: Path) -> None:
+    """Unknown commands, oversize messages, unknown tokens, a basic-scheme subscribe: error packets."""
+    async def main() -> None:
+        broker, gw = await started(tmp_path, max_payload=1000)
+        tab = await page(gw)
+        err = await tab.send_to(1, "nope", "x")
+        assert err.error and err.data == b"command 'nope' not found"
+        err = await tab.send_to(2, "msg", "subscribe/nope")
+        assert err.error and err.data == b"command 'nope' not found"
+        err = await tab.send_to(3, "num_players", b"9" * 1100)
+        assert err.error and err.data == b"message of 1112 bytes is over the broker's limit of 1000"
+        err = await tab.send_to(4, "answer", "77,late")
+        assert err.error and err.data == b"no message with token '77' is waiting for an answer"
+        assert (await tab.send_to(5, "hello", "still here")).data == b"Hello still here"
+        # a message over the WebSocket limit cannot be read: the library closes with 1009
+        await tab.ws.send("A" * (gw_limit(gw) + 4))
+        with pytest.raises(websockets.ConnectionClosed):
+            await tab.ws.recv()
+        assert tab.ws.close_code == 1009
+        other = await page(gw)
+        assert (await other.send_to(6, "hello", "next")).data == b"Hello next"
+        await stop(broker, gw, other)
+
+        broker, gw = await started(tmp_path, commands=None)
+        tab = await page(gw)
+        err = await tab.send_to(1, "msg", "subscribe/a")
+        assert err.error and b"basic scheme" in err.data
+        err = await tab.send_to(2, "num_players", "1")
+        assert err.error and err.data.startswith(b"unknown API command 'num_players'")
+        await stop(broker, gw, tab)
+
+    arun(main())
+
+
+def gw_limit(gw: WebGateway) -> int:
+    return 4 * ((gw.broker.max_payload + 1024 + 2) // 3)
+
+
+def test_an_answering_page_is_a_consumer_and_its_held_messages_are_redelivered(arun: Any, tmp_path: Path) -> None:
+    """consume: pushes carry tokens, answers reach the producer; a closed tab's messages go to another."""
+    async def main() -> None:
+        broker, gw = await started(tmp_path)
+        first, second = await page(gw), await page(gw)
+        for tab in (first, second):
+            assert (await tab.send_to(1, "consume")).data == b"OK"
+        assert (await first.send_to(2, "msg", "subscribe/q")).data == b"OK"
+        assert broker.stats()["consumers"] == 2
+        async with teomq.Producer(spec(broker), timeout=LONG) as producer:
+            one = asyncio.ensure_future(producer.request("q/1"))
+            push = (await first.pushes(1))[0]
+            assert push.id != 0 and push.data == b"q/1"
+            assert (await first.send_to(3, "answer", f"{push.id},first saw q/1")).data == b"OK"
+            assert await one == b"first saw q/1"
+            # the first tab takes q/2 and closes without answering: the second gets it
+            two = asyncio.ensure_future(producer.request("q/2"))
+            assert (await first.pushes(1))[0].data == b"q/2"
+            assert broker.stats()["inflight"] == 1
+            assert (await second.send_to(2, "msg", "subscribe/q")).data == b"OK"
+            await first.ws.close()
+            push = (await second.pushes(1, "the redelivered message"))[0]
+            assert push.data == b"q/2"
+            assert (await second.send_to(3, "answer", f"{push.id},second saw q/2")).data == b"OK"
+            assert await two == b"second saw q/2"
+            s = broker.stats()
+            assert (s["redelivered"], s["consumers"], s["inflight"]) == (1, 1, 0), s
+            # ack: done without an answer (the producer's request then times out; send() has no reply)
+            producer.send("q/3", lambda *a: None)
+            push = (await second.pushes(1))[0]
+            assert (await second.send_to(4, "ack", str(push.id))).data == b"OK"
+            await until(lambda: broker.stats()["inflight"] == 0, "the ack")
+        await stop(broker, gw, second)
+
+    arun(main())
+
+
+def test_a_stream_page_gets_more_than_its_credit_and_a_producer_page_gets_answers(arun: Any, tmp_path: Path) -> None:
+    """Acknowledged pushes return credit (300 > prefetch 64); a page as producer gets the consumers' answers."""
+    async def main() -> None:
+        broker, gw = await started(tmp_path)
+        tab = await page(gw)
+        await tab.send_to(1, "msg", "subscribe/num_players")
+        await tab.call(0, tp.STREAM, f"{broker.address},num_players")
+        async with teomq.Producer(spec(broker)) as producer:
+            for i in range(300):
+                producer.send(f"num_players/{i}".encode(), lambda *a: None)
+            got = await tab.pushes(300)
+        assert [p.data for p in got] == [f"num_players/{i}".encode() for i in range(300)]
+        consumer = teomq.Consumer(spec(broker))
+
+        @consumer.command("q")
+        def q(call: Any) -> str:
+            return f"tcp got {call.data.decode()}"
+
+        async with consumer:
+            await until(lambda: broker.command_stats()[3]["subscribers"] == 1, "the TCP consumer")
+            answer = await tab.send_to(2, "q", "hi")
+            assert answer == tp.Packet(2, tp.SEND_TO, b"tcp got hi", False)
+            answer = await tab.send_to(3, "send", "q/raw")
+            assert answer.data == b"tcp got raw"
+            assert (await tab.send_to(4, "msg", "q/fed")).data == b"OK"  # API 130: fed in, answered OK
+        await stop(broker, gw, tab)
+
+    arun(main())
+
+
+def test_a_send_nobody_answers_times_out_after_5_s(arun: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        broker, gw = await started(tmp_path)
+        tab = await page(gw)
+        err = await tab.send_to(1, "q", "waits")  # a queue command nobody subscribes to
+        assert err == tp.Packet(1, tp.SEND_TO, b"timeout", True)
+        assert broker.stats()["queue"] == 1  # the message still waits for a consumer
+        await stop(broker, gw, tab)
+
+    arun(main())
+
+
+def test_pushes_to_many_sockets_are_encoded_once(arun: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        broker, gw = await started(tmp_path)
+        tabs = [await page(gw) for _ in range(20)]
+        for tab in tabs:
+            await tab.send_to(1, "msg", "subscribe/num_servers")
+            await tab.call(0, tp.STREAM, f"{broker.address},num_servers")
+        async with teomq.Producer(spec(broker)) as producer:
+            for i in range(10):
+                producer.send(f"num_servers/{i}".encode(), lambda *a: None)
+            for tab in tabs:
+                assert [p.data for p in await tab.pushes(10)] == [f"num_servers/{i}".encode() for i in range(10)]
+        s = gw.stats()
+        assert (s["pushes"], s["encodes"]) == (200, 10), s
+        await stop(broker, gw, *tabs)
+
+    arun(main())
+
+
+def test_http_pages_info_and_stats(arun: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        broker, gw = await started(tmp_path)
+        base = f"http://127.0.0.1:{gw.port}"
+
+        def get(path: str) -> tuple[int, str, bytes]:
+            try:
+                with urllib.request.urlopen(base + path, timeout=LONG) as r:
+                    return r.status, r.headers["Content-Type"], r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.headers["Content-Type"], e.read()
+
+        loop = asyncio.get_running_loop()
+        info = json.loads((await loop.run_in_executor(None, get, "/info"))[2])
+        assert info["address"] == broker.address and info["scheme"] == "command" and info["ws"] == "/ws"
+        assert [c["name"] for c in info["commands"]] == [c.name for c in SCHEMA]
+        stats = json.loads((await loop.run_in_executor(None, get, "/stats"))[2])
+        assert stats["gateway"]["sessions"] == 0 and "consumers" in stats["broker"]
+        status, ctype, body = await loop.run_in_executor(None, get, "/teomq.js")
+        assert status == 200 and ctype.startswith("text/javascript") and b"export" in body
+        status, ctype, body = await loop.run_in_executor(None, get, "/")  # redirected to the page
+        assert status == 200 and ctype.startswith("text/html") and b"num_players" in body
+        for path in ("/nothing", "/../gateway.py", "/%2e%2e/gateway.py", "/examples/../../session.py"):
+            assert (await loop.run_in_executor(None, get, path))[0] == 404, path
+        await stop(broker, gw)
+
+    arun(main())
