@@ -314,6 +314,37 @@ def test_pushes_to_many_sockets_are_encoded_once(arun: Any, tmp_path: Path) -> N
     arun(main())
 
 
+def test_a_page_that_does_not_read_runs_out_of_credit_and_loses_nothing(arun: Any, tmp_path: Path) -> None:
+    """Acks are held while the socket is backed up: the broker keeps the rest for that page alone."""
+    async def main() -> None:
+        broker, gw = await started(tmp_path, max_payload=100_000)
+        # max_queue=1: this client stops reading its socket as soon as one message waits
+        slow = Page(await websockets.connect(f"ws://127.0.0.1:{gw.port}/ws", compression=None, max_queue=1,
+                                             max_size=None), broker.address)
+        fast = await page(gw)
+        for tab in (slow, fast):
+            await tab.send_to(1, "msg", "subscribe/num_players")
+            await tab.call(0, tp.STREAM, f"{broker.address},num_players")
+        sent = [f"num_players/{i}/".encode() + b"x" * 65536 for i in range(400)]
+        async with teomq.Producer(spec(broker)) as producer:
+            for i, data in enumerate(sent):
+                producer.publish(data)
+                if i % 20 == 19:
+                    await producer.drain()
+            assert [p.data for p in await fast.pushes(400)] == sent
+        # the slow page holds its 64 credits, the broker holds what it has not taken
+        await until(lambda: broker.stats()["inflight"] == gw.prefetch, "the slow page's credit to run out")
+        assert broker.stats()["backlog"] > 0
+        session = next(s for s in gw.sessions if s.ws.remote_address == slow.ws.local_address)
+        assert session.ws.transport.get_write_buffer_size() < 2 * 1024 * 1024 + gw.prefetch * 90_000
+        # once it reads again it gets every message, in order
+        assert [p.data for p in await slow.pushes(400)] == sent
+        await until(lambda: broker.stats()["inflight"] == 0 and broker.stats()["backlog"] == 0, "all acknowledged")
+        await stop(broker, gw, slow, fast)
+
+    arun(main())
+
+
 def test_http_pages_info_and_stats(arun: Any, tmp_path: Path) -> None:
     async def main() -> None:
         broker, gw = await started(tmp_path)

@@ -85,7 +85,10 @@ class VirtualTransport(asyncio.Transport):
             self._session.on_broker_close(self._conn)
 
     def pause_reading(self) -> None:
-        self._session.reading.clear()
+        # The broker pauses pure producers while its queue is full. A page that also consumes
+        # keeps being read, as a TCP client with role "both" is: its answers free the queue.
+        if self._session.consumer is None:
+            self._session.reading.clear()
 
     def resume_reading(self) -> None:
         self._session.reading.set()
@@ -119,6 +122,7 @@ class WebSession:
         self.pending: dict[int, _Pending] = {}  # our SEND id -> the SendTo it answers
         self._next_id = 0
         self._held_acks: list[int] = []
+        self._ack_timer: asyncio.TimerHandle | None = None  # acks held while the socket is backed up
         self._unseen_warned: set[bytes] = set()
         self.reading = asyncio.Event()
         self.reading.set()
@@ -247,6 +251,7 @@ class WebSession:
         if self.consumer is None:
             self.consumer = self._connect("consumer")
             self.gw.n_consumers += 1
+            self.reading.set()
         return self.consumer
 
     def _connect(self, role: str) -> BrokerConnection:
@@ -321,18 +326,16 @@ class WebSession:
         # Hold acknowledgements while the browser does not read: the consumer's credit runs
         # out and the broker keeps (queue) or bounds (fanout backlog) what waits for it.
         self._held_acks.extend(dids)
-        transport = getattr(self.ws, "transport", None)
-        if transport is not None and transport.get_write_buffer_size() > WRITE_HIGH:
-            self.gw.loop.call_later(0.05, self._release_acks)
-            return
-        self._release_acks()
+        if self._ack_timer is None:
+            self._release_acks()
 
     def _release_acks(self) -> None:
+        self._ack_timer = None
         if not self._held_acks or self.consumer is None or self.closed:
             return
         transport = getattr(self.ws, "transport", None)
         if transport is not None and transport.get_write_buffer_size() > WRITE_HIGH:
-            self.gw.loop.call_later(0.05, self._release_acks)
+            self._ack_timer = self.gw.loop.call_later(0.05, self._release_acks)
             return
         dids, self._held_acks = self._held_acks, []
         self._feed(self.consumer, b"".join(encode_frame(FrameType.ANSWER, Flag.NO_ANSWER, d, b"") for d in dids))
@@ -377,6 +380,8 @@ class WebSession:
             return
         self.closed = True
         self.pending.clear()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
         for conn in (self.consumer, self.producer):
             if conn is not None and not conn.detached:
                 conn.transport._closing = True
