@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Stream pushes to many WebSockets: what one pushed message costs the broker, with the push
+encoded once for every socket (the gateway's default) against once per socket.
+
+A broker process (teomq.Broker + teomq.web.WebGateway, one fanout command ``num_players``,
+``share_pushes`` on or off) and this process, which runs ``--clients`` WebSocket clients
+speaking the stock teoproxy client's packets (Connect, ConnectTo, NewApiClient, msg Consumer,
+Stream num_players, msg subscribe/num_players) and a TCP producer publishing ``--messages``
+messages ``num_players/<i><padding>`` of ``--size`` bytes in bursts of 10. A run ends when every
+client has every message. The broker's CPU (utime + stime from /proc/<pid>/stat) over the run,
+divided by the pushes (clients x messages), is the figure; variants alternate, each figure is
+the median of ``--repeat`` runs; every run checks that every client got every message in order.
+
+    python bench/web_push.py                         # 200 clients, 100 B and 8 KiB, 3 runs each: ~3 min
+    python bench/web_push.py --clients 50 --repeat 1 --sizes 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import websockets
+
+import teomq
+from teomq._core import teoproxy as tp
+
+ROOT = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+BROKER = """
+import asyncio, logging, sys
+from teomq import Broker
+from teomq.commands import Command
+from teomq.web import WebGateway
+logging.basicConfig(level=logging.WARNING)
+async def main():
+    b = Broker(port=0, data_dir=sys.argv[1], record_address=False, log_messages=False,
+               commands=[Command("num_players")])
+    await b.start()
+    gw = WebGateway(b, port=0, share_pushes=sys.argv[2] == "shared")
+    await gw.start()
+    print(b.address, b.port, gw.port, flush=True)
+    await b.serve_forever()
+import uvloop
+uvloop.run(main())
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+async def client(port: int, address: str) -> Any:
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws", compression=None, max_queue=None,
+                                  max_size=None)
+    a = address.encode()
+    for pid, cmd, data in ((0, tp.CONNECT, b""), (0, tp.CONNECT_TO, a), (0, tp.NEW_API_CLIENT, a),
+                           (1, tp.SEND_TO, a + b",msg,Consumer"), (0, tp.STREAM, a + b",num_players"),
+                           (2, tp.SEND_TO, a + b",msg,subscribe/num_players")):
+        await ws.send(tp.encode(pid, cmd, data).decode())
+    for _ in range(6):
+        assert not tp.decode(await ws.recv(), gateway=False).error
+    return ws
+
+
+async def receive(ws: Any, expected: list[bytes]) -> None:
+    for want in expected:
+        p = tp.decode(await ws.recv(), gateway=False)
+        assert p.cmd == tp.PUSH and p.data == want, (p.id, p.cmd, p.data[:40])
+
+
+async def one_run(variant: str, clients: int, messages: int, size: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen([sys.executable, "-c", BROKER, tmp, variant], stdout=subprocess.PIPE,
+                                text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        try:
+            address, port, web_port = proc.stdout.readline().split()
+            sockets = [await client(int(web_port), address) for _ in range(clients)]
+            payloads = [(f"num_players/{i}/".encode() + b"x" * size)[:max(size, 16)] for i in range(messages)]
+            readers = [asyncio.ensure_future(receive(ws, payloads)) for ws in sockets]
+            async with teomq.Producer(f"{address}@127.0.0.1:{port}") as producer:
+                cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
+                for i, p in enumerate(payloads):
+                    producer.publish(p)
+                    if i % 10 == 9:
+                        await producer.drain()
+                        await asyncio.sleep(0)
+                await asyncio.gather(*readers)
+                cpu1, t1 = cpu_seconds(proc.pid), time.perf_counter()
+            for ws in sockets:
+                await ws.close()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    pushes = clients * messages
+    return {"variant": variant, "size": size, "pushes": pushes, "seconds": t1 - t0,
+            "pushes_per_s": pushes / (t1 - t0), "broker_cpu_us_per_push": 1e6 * (cpu1 - cpu0) / pushes}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", type=int, default=200)
+    ap.add_argument("--sizes", default="100,8192", help="message sizes in bytes, comma-separated")
+    ap.add_argument("--messages", type=int, default=0, help="messages per run (default: 2,000 at <= 1 KiB, else 300)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--md", type=Path)
+    args = ap.parse_args()
+    runs = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        messages = args.messages or (2000 if size <= 1024 else 300)
+        for r in range(args.repeat):
+            order = ("shared", "per-socket") if r % 2 == 0 else ("per-socket", "shared")
+            for variant in order:
+                run = asyncio.run(one_run(variant, args.clients, messages, size))
+                runs.append(run)
+                print(json.dumps(run), file=sys.stderr, flush=True)
+    lines = [f"# Stream pushes to {args.clients} WebSockets, {datetime.date.today()}", "",
+             f"`python bench/web_push.py {' '.join(sys.argv[1:])}` (medians of {args.repeat} alternated runs; "
+             f"broker, clients and producer on the same {os.cpu_count()} cores)", "",
+             "| size | push encoding | pushes/s | broker CPU us per push |", "|---:|---|---:|---:|"]
+    for size in sorted({r["size"] for r in runs}):
+        for variant in ("shared", "per-socket"):
+            rs = [r for r in runs if r["size"] == size and r["variant"] == variant]
+            lines.append(f"| {size:,} B | {'once per message' if variant == 'shared' else 'once per socket'} | "
+                         f"{statistics.median(r['pushes_per_s'] for r in rs):,.0f} | "
+                         f"{statistics.median(r['broker_cpu_us_per_push'] for r in rs):.2f} |")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.md:
+        args.md.write_text(report)
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs, "argv": sys.argv[1:]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
