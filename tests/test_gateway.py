@@ -219,7 +219,7 @@ def gw_limit(gw: WebGateway) -> int:
 def test_an_answering_page_is_a_consumer_and_its_held_messages_are_redelivered(arun: Any, tmp_path: Path) -> None:
     """consume: pushes carry tokens, answers reach the producer; a closed tab's messages go to another."""
     async def main() -> None:
-        broker, gw = await started(tmp_path)
+        broker, gw = await started(tmp_path, max_payload=1000)
         first, second = await page(gw), await page(gw)
         for tab in (first, second):
             assert (await tab.send_to(1, "consume")).data == b"OK"
@@ -243,6 +243,13 @@ def test_an_answering_page_is_a_consumer_and_its_held_messages_are_redelivered(a
             assert await two == b"second saw q/2"
             s = broker.stats()
             assert (s["redelivered"], s["consumers"], s["inflight"]) == (1, 1, 0), s
+            # an answer over the broker's limit is refused, the message stays with the page
+            producer.send("q/big", lambda *a: None)
+            push = (await second.pushes(1))[0]
+            err = await second.send_to(5, "answer", f"{push.id},".encode() + b"a" * 1100)
+            assert err.error and err.data == b"message of 1100 bytes is over the broker's limit of 1000"
+            assert broker.stats()["inflight"] == 1 and second.ws.close_code is None
+            assert (await second.send_to(6, "answer", f"{push.id},small")).data == b"OK"
             # ack: done without an answer (the producer's request then times out; send() has no reply)
             producer.send("q/3", lambda *a: None)
             push = (await second.pushes(1))[0]

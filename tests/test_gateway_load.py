@@ -50,7 +50,8 @@ async def collect_values(ws: Any, n: int) -> list[bytes]:
 
 
 def test_200_web_clients_get_every_value_while_a_tcp_pair_works(procs: ProcGroup) -> None:
-    broker = procs.broker("-command", "num_players", "-command", "echo:queue", "-nomsg", "-log-level", "WARNING")
+    broker = procs.broker("-command", "num_players", "-command", "echo:queue", "-nomsg", "-log-level", "WARNING",
+                          "-stat")
     web_port = broker.web_port
     consumer = procs.start("consumer", "-broker", broker.endpoint, "-subscribe", "echo", "-nomsg",
                            "-name", "tcp-consumer", label="consumer")
@@ -58,6 +59,9 @@ def test_200_web_clients_get_every_value_while_a_tcp_pair_works(procs: ProcGroup
 
     async def main() -> dict[str, Any]:
         clients = [await stock_client(web_port, broker.address) for _ in range(CLIENTS)]
+        loop = asyncio.get_running_loop()
+        web_stat = rf"^stat: web sessions={CLIENTS} consumers={CLIENTS} pushes=0 encodes=0 bad_packets=0$"
+        await loop.run_in_executor(None, broker.proc.wait_for_line, web_stat)  # the broker's -stat sees them
         readers = [asyncio.ensure_future(collect_values(ws, VALUES)) for ws in clients]
         producer_proc = procs.start("producer", "-broker", broker.endpoint, "-command", "echo",
                                     "-count", str(PAIR_MESSAGES), "-delay", "5000", "-timeout", "60",
@@ -71,7 +75,6 @@ def test_200_web_clients_get_every_value_while_a_tcp_pair_works(procs: ProcGroup
                     await asyncio.sleep(0.01)
             got = await asyncio.wait_for(asyncio.gather(*readers), 240)
         pushed_in = time.monotonic() - start
-        loop = asyncio.get_running_loop()
         code = await loop.run_in_executor(None, producer_proc.wait, 240.0)
         for ws in clients:
             await ws.close()

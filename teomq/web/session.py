@@ -218,21 +218,25 @@ class WebSession:
 
     def _reply_to_push(self, p: Any, with_answer: bool, payload: bytes) -> None:
         token_text, _, answer = payload.partition(b",")
-        try:
-            did = self.tokens.pop(int(token_text))
-        except (ValueError, KeyError):
-            raise BadPacket(f"no message with token '{_text(token_text)}' is waiting for an answer",
-                            p.id, p.cmd) from None
+        token = int(token_text) if token_text.isdigit() else -1
+        if token not in self.tokens:
+            raise BadPacket(f"no message with token '{_text(token_text)}' is waiting for an answer", p.id, p.cmd)
+        self._check_size(p, answer)
+        did = self.tokens.pop(token)
         flags = 0 if with_answer else Flag.NO_ANSWER
         assert self.consumer is not None
         self._feed(self.consumer, encode_frame(FrameType.ANSWER, flags, did, answer if with_answer else b""))
         self.gw.n_answers += 1
         self._answer(p, b"OK")
 
-    def _send(self, p: Any, conn: BrokerConnection, payload: bytes, flags: int = 0) -> None:
+    def _check_size(self, p: Any, payload: bytes) -> None:
+        # the core would refuse the frame as fatal (TOO_LARGE) and close the session's connection
         if len(payload) > self.gw.broker.max_payload:
             raise BadPacket(f"message of {len(payload)} bytes is over the broker's limit of "
                             f"{self.gw.broker.max_payload}", p.id, p.cmd)
+
+    def _send(self, p: Any, conn: BrokerConnection, payload: bytes, flags: int = 0) -> None:
+        self._check_size(p, payload)
         self._next_id += 1
         multi = not flags and self.gw.routing is not None and \
             self.gw.routing.get(payload.split(b"/", 1)[0]) == "fanout"
