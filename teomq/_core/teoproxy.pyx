@@ -31,7 +31,10 @@ from libc.string cimport memcpy, memset
 
 import binascii
 
-from teomq._py.teoproxy import Packet
+# Packet and the command numbers are the twin's: one definition of each
+from teomq._py.teoproxy import (
+    CONNECT, CONNECT_TO, DISCONNECT, ERROR_BIT, MIN_PACKET, NEW_API_CLIENT, PUSH, SEND_TO, STREAM, Packet,
+)
 from teomq.errors import BadPacket
 
 cdef object PacketType = Packet
@@ -67,15 +70,6 @@ __all__ = [
     "ERROR_BIT", "MIN_PACKET", "checksum", "pack", "unpack", "encode", "encode_error", "decode",
 ]
 
-PUSH = 0  # gateway -> client: a Stream push (id 0)
-CONNECT = 1
-DISCONNECT = 2
-CONNECT_TO = 3
-NEW_API_CLIENT = 4
-SEND_TO = 5
-STREAM = 6
-ERROR_BIT = 0x80
-MIN_PACKET = 6  # id, cmd, checksum
 
 cdef enum:
     C_MIN_PACKET = 6
