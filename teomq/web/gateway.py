@@ -10,8 +10,9 @@ library on the broker's own event loop::
     /stats                      JSON: the broker's counters, the gateway's, per command
 
 Pushes to many browsers cost one encode: a Stream push (id 0, cmd 0) depends only on the
-message, so its base64 text is built once per message per loop pass and the same bytes
-object is framed to every socket (``push_packet``). Per-message deflate is off for the
+message, and a server's WebSocket frame is unmasked, so the push's whole frame (base64 text
+and frame header) is built once per message per loop pass and the same bytes go to every
+socket (``push_packet``). Per-message deflate is off for the
 same reason (it would compress once per socket).
 """
 
@@ -33,7 +34,7 @@ from websockets.http11 import Request, Response
 from teomq import __version__
 from teomq._core.crc32c import crc32c
 from teomq.addressbook import DEFAULT_WEB_PORT
-from teomq.web.session import WebSession, tp
+from teomq.web.session import WebSession, text_frame, tp
 
 if TYPE_CHECKING:
     from teomq.broker import Broker
@@ -113,7 +114,7 @@ class WebGateway:
     # -- pushes ------------------------------------------------------------------------------
 
     def push_packet(self, payload: bytes) -> bytes:
-        """The Stream push of ``payload`` as base64 text, encoded once per loop pass.
+        """The Stream push of ``payload``: its WebSocket frame, encoded once per loop pass.
 
         Each session holds its own bytes object of the message, so the cache is keyed by
         content: small messages by themselves (hashing 20 bytes costs ~26 ns against ~80 ns
@@ -123,7 +124,7 @@ class WebGateway:
         self.n_pushes += 1
         if not self.share_pushes:
             self.n_encodes += 1
-            return tp.encode(0, tp.PUSH, payload)
+            return text_frame(tp.encode(0, tp.PUSH, payload))
         cache = self._pushes
         key: bytes | int = payload if len(payload) <= _HASHED else crc32c(payload)
         hit = cache.get(key)
@@ -131,7 +132,7 @@ class WebGateway:
             return hit[1]
         if not cache:
             self.loop.call_soon(cache.clear)
-        packet = tp.encode(0, tp.PUSH, payload)
+        packet = text_frame(tp.encode(0, tp.PUSH, payload))
         cache[key] = (payload, packet)
         self.n_encodes += 1
         return packet
