@@ -352,6 +352,41 @@ def test_a_page_that_does_not_read_runs_out_of_credit_and_loses_nothing(arun: An
     arun(main())
 
 
+def test_a_peer_that_vanishes_mid_frame_or_speaks_no_http_leaves_the_others_served(arun: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        broker, gw = await started(tmp_path)
+        tab = await page(gw)
+        await tab.send_to(1, "msg", "subscribe/num_players")
+        await tab.call(0, tp.STREAM, f"{broker.address},num_players")
+        # a WebSocket that sends half of a masked text frame and is gone
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        await until(lambda: len(gw.sessions) == 2, "the raw session")
+        writer.write(bytes([0x81, 0x80 | 100]) + b"mask" + b"x" * 10)  # 100 bytes announced, 10 sent
+        await writer.drain()
+        writer.transport.abort()
+        await until(lambda: len(gw.sessions) == 1, "the vanished session to end")
+        # garbage instead of HTTP: the library closes that connection (nothing to answer a non-HTTP peer
+        # in), an oversize request line gets 414; nothing else is disturbed
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"\x00\x01garbage\r\n\r\n")
+        assert await reader.read(100) == b""
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n")
+        assert (await reader.read(100)).startswith(b"HTTP/1.1 414")
+        writer.close()
+        async with teomq.Producer(spec(broker)) as producer:
+            producer.publish(b"num_players/5")
+            assert [p.data for p in await tab.pushes(1)] == [b"num_players/5"]
+        assert (await tab.send_to(2, "hello", "ok")).data == b"Hello ok"
+        await stop(broker, gw, tab)
+
+    arun(main())
+
+
 def test_http_pages_info_and_stats(arun: Any, tmp_path: Path) -> None:
     async def main() -> None:
         broker, gw = await started(tmp_path)

@@ -34,6 +34,7 @@ import msgpack
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
+from teomq._core import teoproxy as tp
 from teomq._core.frame_codec import FrameDecoder, encode_frame
 from teomq.broker import BrokerConnection
 from teomq.errors import BadPacket
@@ -42,10 +43,6 @@ from teomq.protocol import ApiCommand, ErrorCode, Flag, FrameType
 if TYPE_CHECKING:
     from teomq.web.gateway import WebGateway
 
-try:
-    from teomq._core import teoproxy as tp
-except ImportError:  # pragma: no cover - the tests insist on the compiled core
-    from teomq._py import teoproxy as tp  # type: ignore[no-redef]
 
 log = logging.getLogger("teomq.web")
 
