@@ -1,12 +1,14 @@
 """The web consumer in a real browser: Playwright driving Debian's chromium against real processes.
 
 The broker (``python -m examples.users_servers.broker``, its web port on ``:0``) and both
-producers run through the real CLI; the browser opens the page the broker serves. Two flows:
+producers run through the real CLI; the browser opens the page the broker serves. Three flows:
 
 - ``/examples/users_servers/`` with ``/teomq.js``: connection state, live values, hello,
   the browser as a consumer in ``/stats``, and the consumer gone once the page is closed.
 - the stock teoproxy client: an inline ES module speaking raw packets over a WebSocket of its
   own (no teomq.js), in the order of the original ``client.js``.
+- a page that consumes with ``teomq.js``'s ``consume()``: it answers a queue command, and the
+  message it holds when it is closed goes to a TCP consumer (REDELIVERED).
 
 Neither Playwright nor chromium is optional here: if one is missing the tests FAIL (CI installs
 both). The screenshot goes to ``test-output/`` at the repository root (``TEOMQ_TEST_OUTPUT``
@@ -242,3 +244,48 @@ def test_stock_teoproxy_client(ex: ProcGroup) -> None:
         assert not problems, problems
         page.close()
     _wait_stats(port, lambda s: s["gateway"]["sessions"] == 0, "the socket to close")
+
+
+#: A page that consumes with teomq.js and answers only what ends in "/answer"; it holds the rest.
+ANSWERING_PAGE = """
+import { TeomqClient } from "/teomq.js";
+const mq = new TeomqClient();
+window.got = [];
+mq.consume((data) => {
+  window.got.push(data);
+  return data.endsWith("/answer") ? `browser saw ${data}` : new Promise(() => {});  // held, never answered
+});
+mq.subscribe("jobs");
+await mq.connect();
+window.ready = true;
+"""
+
+
+def test_an_answering_page_answers_and_its_held_message_is_redelivered_when_it_closes(ex: ProcGroup) -> None:
+    """teomq.js consume(): the page answers a queue command; what it holds goes to a TCP consumer after it closes."""
+    broker = ex.broker("-command", "jobs:queue")
+    port = broker.web_port
+    with _chromium() as browser:
+        page = browser.new_page()
+        problems = _watch(page)
+        page.goto(f"http://127.0.0.1:{port}/info")  # this origin
+        page.add_script_tag(type="module", content=ANSWERING_PAGE)
+        page.wait_for_function("() => window.ready === true", timeout=PAGE_DEADLINE)
+        answered = ex.start("producer", f"-broker={broker.endpoint}", "-message", "jobs/answer", "-count", "1",
+                            "-name", "p1", label="p1")
+        answered.wait_for_line(r"^p1 got answer: browser saw jobs/answer$")
+        assert answered.wait() == 0, answered.describe()
+        held = ex.start("producer", f"-broker={broker.endpoint}", "-message", "jobs/hold", "-count", "1",
+                        "-timeout", "60", "-name", "p2", label="p2")
+        page.wait_for_function("() => window.got.includes('jobs/hold')", timeout=PAGE_DEADLINE)
+        stats = _stats(port)["broker"]
+        assert (stats["inflight"], stats["consumers"]) == (1, 1), stats
+        assert not problems, problems
+        page.close()
+    _wait_stats(port, lambda s: s["broker"]["consumers"] == 0 and s["broker"]["queue"] == 1,
+                "the closed page's message back in the queue")
+    ex.start("consumer", f"-broker={broker.endpoint}", "-subscribe", "jobs", "-name", "c1", label="c1")
+    held.wait_for_line(r"^p2 got answer: Answer to jobs/hold$")
+    assert held.wait() == 0, held.describe()
+    stats = _stats(port)["broker"]
+    assert (stats["redelivered"], stats["inflight"], stats["queue"]) == (1, 0, 0), stats
