@@ -51,7 +51,7 @@ async def main():
     b = Broker(port=0, data_dir=sys.argv[1], record_address=False, log_messages=False,
                commands=[Command("num_players"), Command("echo", routing="queue")])
     await b.start()
-    gw = WebGateway(b, port=0, share_pushes=sys.argv[2] == "shared")
+    gw = WebGateway(b, port=0, share_pushes=sys.argv[2] == "shared", prefetch=int(sys.argv[3]))
     await gw.start()
     print(b.address, b.port, gw.port, flush=True)
     await b.serve_forever()
@@ -106,9 +106,9 @@ async def receive(ws: Any, expected: list[bytes]) -> None:
         assert p.cmd == tp.PUSH and p.data == want, (p.id, p.cmd, p.data[:40])
 
 
-async def one_run(variant: str, clients: int, messages: int, size: int) -> dict[str, Any]:
+async def one_run(variant: str, clients: int, messages: int, size: int, prefetch: int = 64) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen([sys.executable, "-c", BROKER, tmp, variant], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-c", BROKER, tmp, variant, str(prefetch)], stdout=subprocess.PIPE,
                                 text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         try:
             address, port, web_port = proc.stdout.readline().split()

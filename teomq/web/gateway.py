@@ -47,6 +47,8 @@ ws_log.setLevel(logging.WARNING)
 STATIC = Path(__file__).with_name("static")
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8", ".png": "image/png", ".json": "application/json"}
+#: Acknowledgements of pushes fed to the core per loop pass (so pushes built per pass), all sessions together.
+ACK_BUDGET = 2048
 _HASHED = 4096  # messages up to this size key the push cache themselves; larger ones by CRC32C
 _ROUTES = {"/": "/examples/users_servers/", "/examples/users_servers": "/examples/users_servers/"}
 
@@ -78,6 +80,8 @@ class WebGateway:
         self.n_answers = 0
         self._pushes: dict[bytes | int, tuple[bytes, bytes]] = {}  # pushes encoded this loop pass
         self._waiting: set[WebSession] = set()
+        self._ack_waiting: dict[WebSession, None] = {}  # sessions with acks to feed, in order
+        self._acks_scheduled = False
         self._sweeper: asyncio.TimerHandle | None = None
         self._server: Any = None
 
@@ -137,6 +141,30 @@ class WebGateway:
         self.n_encodes += 1
         return packet
 
+    # -- acknowledgements --------------------------------------------------------------------
+
+    def queue_acks(self, session: WebSession) -> None:
+        """Feed ``session``'s held acknowledgements in a later loop pass, within the pass's budget."""
+        self._ack_waiting[session] = None
+        if not self._acks_scheduled:
+            self._acks_scheduled = True
+            self.loop.call_soon(self._feed_acks)
+
+    def _feed_acks(self) -> None:
+        # Each ack returns a credit that the core fills with the next delivery at once, so acks
+        # fed per pass bound the pushes built per pass: with many sockets and a backlog, one
+        # pass would otherwise carry sockets x prefetch pushes and delay every other client.
+        budget = ACK_BUDGET
+        waiting = self._ack_waiting
+        self._acks_scheduled = False
+        while waiting and budget > 0:
+            session = next(iter(waiting))
+            del waiting[session]
+            budget -= session.release_acks(budget)  # a session with acks left queues itself again
+        if waiting and not self._acks_scheduled:
+            self._acks_scheduled = True
+            self.loop.call_soon(self._feed_acks)
+
     # -- answer deadlines --------------------------------------------------------------------
 
     def watch(self, session: WebSession) -> None:
@@ -170,6 +198,7 @@ class WebGateway:
             session.close()
             self.sessions.discard(session)
             self._waiting.discard(session)
+            self._ack_waiting.pop(session, None)
             code = ws.close_code
             log.info("%s (%s) disconnected%s", session.name, session.peer,
                      f" (close code {code}{': ' + ws.close_reason if ws.close_reason else ''})"

@@ -325,22 +325,34 @@ class WebSession:
             out.append(text_frame(tp.encode_error(0, 0, reason)))
 
     def _ack(self, dids: list[int]) -> None:
-        # Hold acknowledgements while the browser does not read: the consumer's credit runs
-        # out and the broker keeps (queue) or bounds (fanout backlog) what waits for it.
+        # Acknowledgements return credit, and credit brings the next deliveries: they are fed
+        # back through the gateway's budget per loop pass (WebGateway.queue_acks), not at once.
         self._held_acks.extend(dids)
         if self._ack_timer is None:
-            self._release_acks()
+            self.gw.queue_acks(self)
 
-    def _release_acks(self) -> None:
-        self._ack_timer = None
+    def release_acks(self, limit: int) -> int:
+        """Feed up to ``limit`` held acknowledgements to the core; returns how many were fed.
+
+        None while more than WRITE_HIGH waits unsent on the socket: the browser does not read,
+        so its credit runs out and the broker keeps (queue) or bounds (fanout backlog) the rest.
+        """
         if not self._held_acks or self.consumer is None or self.closed:
-            return
+            return 0
         transport = getattr(self.ws, "transport", None)
         if transport is not None and transport.get_write_buffer_size() > WRITE_HIGH:
-            self._ack_timer = self.gw.loop.call_later(0.05, self._release_acks)
-            return
-        dids, self._held_acks = self._held_acks, []
+            if self._ack_timer is None:
+                self._ack_timer = self.gw.loop.call_later(0.05, self._retry_acks)
+            return 0
+        dids, self._held_acks = self._held_acks[:limit], self._held_acks[limit:]
         self._feed(self.consumer, b"".join(encode_frame(FrameType.ANSWER, Flag.NO_ANSWER, d, b"") for d in dids))
+        if self._held_acks:
+            self.gw.queue_acks(self)
+        return len(dids)
+
+    def _retry_acks(self) -> None:
+        self._ack_timer = None
+        self.gw.queue_acks(self)
 
     def expire(self, now: float) -> None:
         """Answer ``timeout`` to SendTo requests whose time ran out (the original's 5 s)."""
