@@ -35,7 +35,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from teomq._core import teoproxy as tp
-from teomq._core.frame_codec import FrameDecoder, encode_frame
+from teomq._core.frame_codec import FrameDecoder, encode_acks, encode_frame
 from teomq.broker import BrokerConnection
 from teomq.errors import BadPacket
 from teomq.protocol import ApiCommand, ErrorCode, Flag, FrameType
@@ -345,7 +345,7 @@ class WebSession:
                 self._ack_timer = self.gw.loop.call_later(0.05, self._retry_acks)
             return 0
         dids, self._held_acks = self._held_acks[:limit], self._held_acks[limit:]
-        self._feed(self.consumer, b"".join(encode_frame(FrameType.ANSWER, Flag.NO_ANSWER, d, b"") for d in dids))
+        self._feed(self.consumer, encode_acks(dids, Flag.NO_ANSWER))
         if self._held_acks:
             self.gw.queue_acks(self)
         return len(dids)
