@@ -219,14 +219,17 @@ cdef bytes make_text(uint32_t pid, uint8_t cmd, const uint8_t *data, Py_ssize_t 
     return out
 
 
-cdef bytes encode_any(object id, object cmd, object data):
+cdef bytes build(object id, object cmd, object data, bint text):
+    # pack() (text False) and encode() (text True): the same checks, one allocation each
     cdef uint32_t pid
     cdef uint8_t c
     cdef Py_buffer view
     any_ids(id, cmd, &pid, &c)
     acquire(data, &view)
     try:
-        return make_text(pid, c, <const uint8_t *>view.buf, view.len)
+        if text:
+            return make_text(pid, c, <const uint8_t *>view.buf, view.len)
+        return make_packet(pid, c, <const uint8_t *>view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
 
@@ -337,20 +340,12 @@ def checksum(data) -> int:
 
 def pack(id, cmd, data=b"") -> bytes:
     """The raw packet: id (u32 LE), cmd (0..255, error bit included), data, checksum."""
-    cdef uint32_t pid
-    cdef uint8_t c
-    cdef Py_buffer view
-    any_ids(id, cmd, &pid, &c)
-    acquire(data, &view)
-    try:
-        return make_packet(pid, c, <const uint8_t *>view.buf, view.len)
-    finally:
-        PyBuffer_Release(&view)
+    return build(id, cmd, data, False)
 
 
 def encode(id, cmd, data=b"") -> bytes:
     """A packet as the text of one WebSocket message (ASCII base64 bytes, no newline)."""
-    return encode_any(id, cmd, data)
+    return build(id, cmd, data, True)
 
 
 def encode_error(id, cmd, reason) -> bytes:
@@ -360,7 +355,7 @@ def encode_error(id, cmd, reason) -> bytes:
         data = PyUnicode_AsEncodedString(reason, "utf-8", "replace")
     else:
         data = reason.encode("utf-8", "replace")
-    return encode_any(id, c, data)
+    return build(id, c, data, True)
 
 
 def unpack(raw, *, gateway=True):
