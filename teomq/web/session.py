@@ -334,8 +334,9 @@ class WebSession:
     def release_acks(self, limit: int) -> int:
         """Feed up to ``limit`` held acknowledgements to the core; returns how many were fed.
 
-        None while more than WRITE_HIGH waits unsent on the socket: the browser does not read,
-        so its credit runs out and the broker keeps (queue) or bounds (fanout backlog) the rest.
+        Nothing is fed while more than WRITE_HIGH waits unsent on the socket (a timer retries):
+        the browser does not read, so its credit runs out and the broker keeps (queue) or
+        bounds (fanout backlog) the rest.
         """
         if not self._held_acks or self.consumer is None or self.closed:
             return 0
