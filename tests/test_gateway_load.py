@@ -9,7 +9,6 @@ Deadlines are hang guards for a loaded 2-core machine, not timing assertions.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from typing import Any
 
@@ -90,6 +89,6 @@ def test_200_web_clients_get_every_value_while_a_tcp_pair_works(procs: ProcGroup
     assert done.groups() == (str(PAIR_MESSAGES), str(PAIR_MESSAGES), "0"), producer.describe()
     print(f"\n{CLIENTS} web clients x {VALUES} values = {CLIENTS * VALUES} pushes in {result['seconds']:.1f} s; "
           f"TCP pair: {PAIR_MESSAGES}/{PAIR_MESSAGES} answered")
-    stats = re.compile(r"web consumer web-\d+ connected")
-    assert not any(stats.search(line) for line in broker.proc.err_lines)  # -log-level WARNING held
+    # -log-level WARNING held: 200 sessions connecting and closing logged nothing
+    assert not [line for line in broker.proc.err_lines if " INFO " in line], broker.proc.describe()
     assert not any("Traceback" in line for line in broker.proc.err_lines), broker.proc.describe()
