@@ -126,6 +126,13 @@ def procs(tmp_path: Path) -> Iterator[ProcGroup]:
         group.cleanup()
 
 
+@pytest.fixture
+def ex(procs: ProcGroup) -> ProcGroup:
+    """``procs`` whose CLI processes can import the examples package (the repository root on the path)."""
+    procs.env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + procs.env["PYTHONPATH"]
+    return procs
+
+
 @pytest.fixture(scope="module")
 def module_procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcGroup]:
     """Like ``procs``, for processes shared by the tests of one module."""

@@ -42,13 +42,6 @@ PAGE_DEADLINE = 30_000
 VALUE_RE = re.compile(r"^\d+$")
 
 
-@pytest.fixture
-def ex(procs: ProcGroup) -> ProcGroup:
-    """CLI processes that can import the examples package (the repository root on the path)."""
-    procs.env["PYTHONPATH"] = str(REPO) + os.pathsep + procs.env["PYTHONPATH"]
-    return procs
-
-
 def _users_servers(ex: ProcGroup) -> BrokerProc:
     """The users_servers broker and its two producers (a value every 0.2 s each)."""
     broker = ex.broker(python_args=["-m", "examples.users_servers.broker"])

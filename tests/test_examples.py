@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
-
-import pytest
 
 from procs import ProcGroup
 
-REPO = Path(__file__).resolve().parent.parent
 VALUE_RE = re.compile(r"^usrser-consumer(?:-api)? got command (num_players|num_servers): (\d+)$")
-
-
-@pytest.fixture
-def ex(procs: ProcGroup) -> ProcGroup:
-    """CLI processes that can import the examples package (the repository root on the path)."""
-    procs.env["PYTHONPATH"] = str(REPO) + os.pathsep + procs.env["PYTHONPATH"]
-    return procs
 
 
 def _run(procs: ProcGroup, module: str, *argv: str, label: str):

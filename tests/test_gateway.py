@@ -193,7 +193,7 @@ def test_bad_requests_are_refused_with_the_reason(arun: Any, tmp_path: Path) -> 
         assert err.error and err.data == b"no message with token '77' is waiting for an answer"
         assert (await tab.send_to(5, "hello", "still here")).data == b"Hello still here"
         # a message over the WebSocket limit cannot be read: the library closes with 1009
-        await tab.ws.send("A" * (gw_limit(gw) + 4))
+        await tab.ws.send("A" * (gw.max_message + 4))
         with pytest.raises(websockets.ConnectionClosed):
             await tab.ws.recv()
         assert tab.ws.close_code == 1009
@@ -210,10 +210,6 @@ def test_bad_requests_are_refused_with_the_reason(arun: Any, tmp_path: Path) -> 
         await stop(broker, gw, tab)
 
     arun(main())
-
-
-def gw_limit(gw: WebGateway) -> int:
-    return 4 * ((gw.broker.max_payload + 1024 + 2) // 3)
 
 
 def test_an_answering_page_is_a_consumer_and_its_held_messages_are_redelivered(arun: Any, tmp_path: Path) -> None:

@@ -73,7 +73,6 @@ class WebGateway:
         self.share_pushes = share_pushes
         self.sessions: set[WebSession] = set()
         self.n_sessions_total = 0
-        self.n_consumers = 0
         self.n_pushes = 0
         self.n_encodes = 0
         self.n_bad = 0
@@ -94,9 +93,9 @@ class WebGateway:
         self.address_bytes = b.address.encode()
         self.routing = None if b.commands is None else {c.name.encode(): c.routing for c in b.commands}
         # a packet carries at most the broker's max_payload plus 'address,api,'; base64 is 4/3 of it
-        limit = 4 * ((b.max_payload + 1024 + 2) // 3)
+        self.max_message = 4 * ((b.max_payload + 1024 + 2) // 3)
         self._server = await serve(self._handler, self.host, self.port, process_request=self._http,
-                                   compression=None, max_size=limit, logger=ws_log)
+                                   compression=None, max_size=self.max_message, logger=ws_log)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("web gateway on http://%s:%d/ (WebSocket /ws)", self.host, self.port)
 
@@ -111,7 +110,8 @@ class WebGateway:
 
     def stats(self) -> dict[str, int]:
         """sessions (open WebSockets), consumers (of them, consuming), pushes, encodes, bad_packets, answers."""
-        return {"sessions": len(self.sessions), "consumers": self.n_consumers,
+        consumers = sum(1 for s in self.sessions if s.consumer is not None)
+        return {"sessions": len(self.sessions), "consumers": consumers,
                 "pushes": self.n_pushes, "encodes": self.n_encodes, "bad_packets": self.n_bad,
                 "answers": self.n_answers, "sessions_total": self.n_sessions_total}
 

@@ -252,7 +252,6 @@ class WebSession:
     def _consumer_conn(self) -> BrokerConnection:
         if self.consumer is None:
             self.consumer = self._connect("consumer")
-            self.gw.n_consumers += 1
             self.reading.set()
         return self.consumer
 
@@ -405,8 +404,6 @@ class WebSession:
             if conn is not None and not conn.detached:
                 conn.transport._closing = True
                 conn.connection_lost(None)
-        if self.consumer is not None:
-            self.gw.n_consumers -= 1
 
 
 def text_frame(packet: bytes) -> bytes:
