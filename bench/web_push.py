@@ -37,9 +37,9 @@ import websockets
 
 import teomq
 from teomq._core import teoproxy as tp
+from teomq.benchmark.proc_stats import proc_counters
 
 ROOT = Path(__file__).resolve().parent.parent
-TICK = os.sysconf("SC_CLK_TCK")
 
 BROKER = """
 import asyncio, logging, sys
@@ -83,8 +83,9 @@ asyncio.run(main())
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    c = proc_counters(pid)
+    assert c is not None, f"process {pid} is gone"
+    return (c["user_ns"] + c["sys_ns"]) / 1e9
 
 
 async def client(port: int, address: str) -> Any:

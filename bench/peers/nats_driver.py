@@ -168,7 +168,6 @@ class NatsProducer(ProducerSide):
         for t in list(self._tasks):
             t.cancel()
         if self._pending is not None:
-            self._pending.fail_all(ConnectionError("producer closed"))
             await self._pending.close()
         with contextlib.suppress(Exception):
             await self.nc.close()

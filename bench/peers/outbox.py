@@ -103,6 +103,8 @@ class Pending:
                 done(TimeoutError("no answer"))
 
     async def close(self) -> None:
+        """Stop the sweep; every request still outstanding fails with ConnectionError."""
+        self.fail_all(ConnectionError("producer closed"))
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task

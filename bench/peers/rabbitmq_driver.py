@@ -131,7 +131,6 @@ class RabbitProducer(ProducerSide):
         for _, batch in self._unconfirmed:
             batch.cancel()
         if self._pending is not None:
-            self._pending.fail_all(ConnectionError("producer closed"))
             await self._pending.close()
         with contextlib.suppress(Exception):
             await self.conn.close()

@@ -134,7 +134,6 @@ class RedisProducer(ProducerSide):
         self._closing = True
         await _stop_task(self._reader)
         if self._pending is not None:
-            self._pending.fail_all(ConnectionError("producer closed"))
             await self._pending.close()
             with contextlib.suppress(Exception):
                 await self.r.delete(self.reply)
