@@ -3,6 +3,7 @@
 The broker, the TCP consumer and the TCP producer are real CLI processes; the 200 browsers are
 ``websockets`` clients in this process speaking the stock teoproxy client's packets. Every client
 must receive every pushed value, in order, and the TCP pair must get every answer meanwhile.
+The pushes are paced by the slowest client (at most WINDOW values ahead of it), not by sleeps.
 Deadlines are hang guards for a loaded 2-core machine, not timing assertions.
 """
 
@@ -21,6 +22,8 @@ from teomq._core import teoproxy as tp
 CLIENTS = 200
 VALUES = 300
 PAIR_MESSAGES = 300
+#: The pusher sends a value only once every client has received all but this many of those before it.
+WINDOW = 50
 
 
 async def stock_client(port: int, address: str) -> Any:
@@ -39,12 +42,31 @@ async def stock_client(port: int, address: str) -> Any:
     return ws
 
 
-async def collect_values(ws: Any, n: int) -> list[bytes]:
+class Progress:
+    """How many values each client has received; the pusher waits on it (no sleeps)."""
+
+    def __init__(self, clients: int) -> None:
+        self.counts = [0] * clients
+        self.changed = asyncio.Condition()
+
+    async def got(self, client: int, n: int) -> None:
+        self.counts[client] = n
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def wait_all(self, n: int, timeout: float) -> None:
+        """Until every client has received at least ``n`` values (a hang guard of ``timeout`` s)."""
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(lambda: min(self.counts) >= n), timeout)
+
+
+async def collect_values(ws: Any, n: int, progress: Progress, client: int) -> list[bytes]:
     got = []
     while len(got) < n:
         p = tp.decode(await ws.recv(), gateway=False)
         assert (p.id, p.cmd, p.error) == (0, tp.PUSH, False), p
         got.append(p.data)
+        await progress.got(client, len(got))
     return got
 
 
@@ -61,17 +83,18 @@ def test_200_web_clients_get_every_value_while_a_tcp_pair_works(procs: ProcGroup
         loop = asyncio.get_running_loop()
         web_stat = rf"^stat: web sessions={CLIENTS} consumers={CLIENTS} pushes=0 encodes=0 bad_packets=0$"
         await loop.run_in_executor(None, broker.proc.wait_for_line, web_stat)  # the broker's -stat sees them
-        readers = [asyncio.ensure_future(collect_values(ws, VALUES)) for ws in clients]
+        progress = Progress(CLIENTS)
+        readers = [asyncio.ensure_future(collect_values(ws, VALUES, progress, i)) for i, ws in enumerate(clients)]
         producer_proc = procs.start("producer", "-broker", broker.endpoint, "-command", "echo",
                                     "-count", str(PAIR_MESSAGES), "-delay", "5000", "-timeout", "60",
                                     "-nomsg", "-name", "tcp-producer", label="producer")
         start = time.monotonic()
         async with teomq.Producer(broker.endpoint) as pusher:
             for i in range(VALUES):
-                pusher.publish(f"num_players/{i}".encode())
-                if i % 10 == 9:
+                if i >= WINDOW and i % 10 == 0:  # paced by the slowest client, in steps of 10 values
                     await pusher.drain()
-                    await asyncio.sleep(0.01)
+                    await progress.wait_all(i - WINDOW, 240)
+                pusher.publish(f"num_players/{i}".encode())
             got = await asyncio.wait_for(asyncio.gather(*readers), 240)
         pushed_in = time.monotonic() - start
         code = await loop.run_in_executor(None, producer_proc.wait, 240.0)
