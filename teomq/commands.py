@@ -29,7 +29,8 @@ from typing import Any
 
 from teomq._core.command_parser import CommandTable, parse_pattern
 
-__all__ = ["BROKER_COMMANDS", "Command", "CommandCall", "CommandSchema", "ROUTINGS", "parse_command_spec"]
+__all__ = ["BROKER_COMMANDS", "Command", "CommandCall", "CommandSchema", "CommandVars", "ROUTINGS",
+           "parse_command_spec"]
 
 ROUTINGS = ("fanout", "queue")
 #: Names the broker answers itself; a schema cannot use them.
@@ -57,7 +58,9 @@ class Command:
 
     @property
     def params(self) -> tuple[str, ...]:
-        """Parameter names from the pattern (Go rule: split on '/', stop at an empty part, trim '{}')."""
+        """Parameter positions of the pattern, by the Go rule (:func:`~teomq._core.command_parser.parse_pattern`):
+        one name per '/'-separated part, trimmed of white space, '{}', white space; "" for a
+        position without a var."""
         return tuple(p.decode("utf-8") for p in parse_pattern(self.pattern))
 
     def as_dict(self) -> dict[str, str]:
@@ -65,12 +68,32 @@ class Command:
                 "routing": self.routing}
 
 
+class CommandVars(dict[str, str]):
+    """A call's vars: the keys the command string set, and "" for a parameter of the command it did not.
+
+    Like the original's Go map: a string with an empty rest sets no vars at all (``len`` 0, no
+    keys), yet ``vars["data"]`` reads "" for a command whose pattern names ``data``. A name
+    the pattern does not have raises KeyError; ``in``, ``get`` and iteration see only the keys set.
+    """
+
+    __slots__ = ("names",)
+
+    def __init__(self, names: frozenset[str], items: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__(items)
+        self.names = names  #: the command's parameter names
+
+    def __missing__(self, key: str) -> str:
+        if key in self.names:
+            return ""
+        raise KeyError(key)
+
+
 @dataclass(frozen=True)
 class CommandCall:
     """A received command string, parsed with the consumer's schema."""
 
     name: str
-    vars: Mapping[str, str]
+    vars: Mapping[str, str]  #: a :class:`CommandVars`
     data: bytes
     raw: bytes = field(repr=False)
 
@@ -106,6 +129,7 @@ class CommandSchema:
                  reserve_broker_names: bool = True) -> None:
         self._reserve = reserve_broker_names
         self._commands: list[Command] = []
+        self._var_names: list[frozenset[str]] = []  # index -> the names its pattern gives vars
         self._table = CommandTable()
         for c in commands:
             self.add(c if isinstance(c, Command) else Command(**dict(c)))
@@ -119,6 +143,7 @@ class CommandSchema:
             raise ValueError(f"{command.name!r} is a broker command; choose another name")
         self._table.add(command.name, command.pattern)  # ValueError for a duplicate
         self._commands.append(command)
+        self._var_names.append(frozenset(p for p in command.params if p))
         return command
 
     @classmethod
@@ -155,10 +180,11 @@ class CommandSchema:
     def parse_indexed(self, payload: bytes | bytearray | memoryview) -> tuple[int, CommandCall]:
         """:meth:`parse`, with the command's index (its place in the order of :meth:`add`)."""
         idx, name, values, data = self._table.parse(payload)
-        params = self._table.params_of(idx)
+        params = self._table.params_of(idx)  # values is () (no vars) or one per position; b"" names no var
+        vars_ = {p.decode("utf-8", "replace"): v.decode("utf-8", "replace") for p, v in zip(params, values) if p}
         return idx, CommandCall(
             name.decode("utf-8", "replace"),
-            {p.decode("utf-8", "replace"): v.decode("utf-8", "replace") for p, v in zip(params, values)},
+            CommandVars(self._var_names[idx], vars_),
             data,
             bytes(payload),
         )

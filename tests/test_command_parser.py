@@ -1,9 +1,12 @@
-"""Command parser: the Cython core and its pure-Python twin, against the spec and against each other.
+"""Command parser: the Cython core and its pure-Python twin, against the original's rules and each other.
 
-The spec is the Go original's command scheme (UPSTREAM.md "Command scheme"); ``ref_parse`` and
-``ref_pattern`` below restate it as plainly as possible and are the third opinion in the
-property tests. Payloads are also parsed prefix by prefix, so every cut (empty rest, trailing
-slash, missing vars) is hit.
+The spec is the Go original's parser (kirill-scherba/command v2.3.6, ``ParseCommand`` and
+``ParamsSlice``), stated as 7 numbered rules in UPSTREAM.md "Command scheme". ``rule4_positions``
+and ``rules_parse`` below restate those rules one by one, in terms of the rules (a name, a map of
+vars, data), without the modules' tuple API; ``as_rules`` turns a module's result into those terms
+(checking the tuple's shape on the way). They are the third opinion in the property tests.
+Payloads are also parsed prefix by prefix, so every cut (empty rest, trailing slash, missing
+vars) is hit.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from hypothesis import strategies as st
 
 from teomq._core import command_parser as core
 from teomq._py import command_parser as twin
+from teomq.commands import Command, CommandSchema, CommandVars
 from teomq.errors import UnknownCommand
 
 IMPLS = [core, twin]
@@ -26,33 +30,78 @@ each_impl = pytest.mark.parametrize("impl", IMPLS, ids=["core", "twin"])
 VERSION_PATTERN = "{data}/{description}"
 
 
-# -- the spec, restated -------------------------------------------------------------------------
+# -- the rules, restated --------------------------------------------------------------------------
+
+#: "white space" of rule 4: Go's strings.TrimSpace trims what unicode.IsSpace says is space
+#: (the White_Space property); spelled out here by code point, not taken from the modules.
+GO_WHITE_SPACE = frozenset(map(chr, [0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B),
+                                     0x2028, 0x2029, 0x202F, 0x205F, 0x3000]))
 
 
-def ref_pattern(pattern: str) -> tuple[bytes, ...]:
-    """Go: for _, seg := range strings.Split(p, "/") { if seg == "" { break }; strings.Trim(seg, "{}") }."""
-    out = []
-    for seg in pattern.split("/"):
-        if seg == "":
-            break
-        lo, hi = 0, len(seg)
-        while lo < hi and seg[lo] in "{}":
-            lo += 1
-        while hi > lo and seg[hi - 1] in "{}":
-            hi -= 1
-        out.append(seg[lo:hi].encode("utf-8"))
-    return tuple(out)
+def trim(s: str, drop: frozenset[str] | str) -> str:
+    """``s`` without the characters of ``drop`` at both ends."""
+    lo, hi = 0, len(s)
+    while lo < hi and s[lo] in drop:
+        lo += 1
+    while hi > lo and s[hi - 1] in drop:
+        hi -= 1
+    return s[lo:hi]
 
 
-def ref_parse(table: dict[bytes, tuple[int, tuple[bytes, ...]]], payload: bytes):
-    parts = payload.split(b"/")
-    name = parts[0]
-    if name not in table:
+def rule4_positions(pattern: str) -> tuple[bytes, ...]:
+    """Rule 4: an empty pattern has no positions; otherwise one per "/"-separated part, trimmed of
+    white space, then of "{" and "}", then of white space; b"" for a part that ends up empty."""
+    if pattern == "":
+        return ()
+    names = []
+    for part in pattern.split("/"):
+        names.append(trim(trim(trim(part, GO_WHITE_SPACE), "{}"), GO_WHITE_SPACE).encode("utf-8"))
+    return tuple(names)
+
+
+def rules_parse(schema: dict[bytes, tuple[bytes, ...]], payload: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """Rules 1-3 and 5-7: ``(name, vars, data)``; ``schema`` maps a name to its positions."""
+    slash = payload.find(b"/")  # 1. split at the first "/"; no "/": the rest is empty
+    name, rest = (payload, b"") if slash < 0 else (payload[:slash], payload[slash + 1:])
+    if name not in schema:  # 2. unknown (or empty) name
         raise UnknownCommand(name)
-    index, params = table[name]
-    n = len(params)
-    vars_ = tuple(parts[1 + i] if 1 + i < len(parts) else b"" for i in range(n))
-    return index, name, vars_, b"/".join(parts[1 + n:])
+    if rest == b"":  # 3. no vars at all, no data
+        return name, {}, b""
+    positions = schema[name]
+    k = len(positions)
+    parts: list[bytes] = []  # 5. at most k + 1 parts: the first k each end at a "/"
+    start = 0
+    while len(parts) < k:
+        end = rest.find(b"/", start)
+        if end < 0:
+            break
+        parts.append(rest[start:end])
+        start = end + 1
+    parts.append(rest[start:])
+    found: dict[bytes, bytes] = {}
+    for i, pname in enumerate(positions):  # 6. a named position gets its part, or ""
+        if pname != b"":
+            found[pname] = parts[i] if i < len(parts) else b""
+    data = parts[-1] if len(parts) > k else b""  # 7. data only when there are more parts than positions
+    return name, found, data
+
+
+def as_rules(table, payload: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """``table.parse(payload)`` in the rules' terms, after checking the shape of the tuple API:
+    vars is () for an empty rest, else one bytes per position, b"" at a position without a name."""
+    index, name, values, data = table.parse(payload)
+    positions = table.params_of(index)
+    assert table.name_of(index) == name
+    assert all(type(x) is bytes for x in (name, *values, data))
+    rest_empty = payload.find(b"/") in (-1, len(payload) - 1)
+    assert len(values) == (0 if rest_empty else len(positions)), (values, positions)
+    found: dict[bytes, bytes] = {}
+    for pname, value in zip(positions, values):
+        if pname:
+            found[pname] = value
+        else:
+            assert value == b""
+    return name, found, data
 
 
 def outcome(fn, *args):
@@ -82,33 +131,55 @@ def test_module_api(impl: ModuleType) -> None:
     assert impl.name_length.__name__ == "name_length"
 
 
-# -- pattern rule -------------------------------------------------------------------------------
+def test_white_space_is_gos() -> None:
+    """Both modules trim Go's white space: not Python's, which also has U+001C..U+001F."""
+    assert set(core.WHITE_SPACE) == set(twin.WHITE_SPACE) == GO_WHITE_SPACE
+    assert {chr(c) for c in range(0x110000) if chr(c).isspace()} - GO_WHITE_SPACE == set(map(chr, range(0x1C, 0x20)))
+
+
+# -- rule 4: patterns -> parameter positions --------------------------------------------------------
 
 PATTERNS = [
     ("", ()),
     ("{data}", (b"data",)),
     ("{data}/{description}", (b"data", b"description")),
-    ("{a}//{b}", (b"a",)),
-    ("{a}/", (b"a",)),
-    ("/{a}", ()),
-    ("{{x}}", (b"x",)),
+    # empty parts keep their position, without a name (the old parser stopped at the first one)
+    ("{a}//{b}", (b"a", b"", b"b")),
+    ("{a}/", (b"a", b"")),
+    ("/{a}", (b"", b"a")),
+    ("/", (b"", b"")),
+    ("//", (b"", b"", b"")),
     ("{}", (b"",)),
-    ("{}/{b}", (b"", b"b")),
+    ("{}/{z}", (b"", b"z")),
+    ("{{}}", (b"",)),
+    ("}{", (b"",)),
+    ("{{x}}", (b"x",)),
     ("a/b", (b"a", b"b")),
     ("{a}b}", (b"a}b",)),
     ("x{y}z", (b"x{y}z",)),
     ("{é}", ("é".encode(),)),
-    ("}{", (b"",)),
+    # white space, then braces, then white space again
+    (" { x } /{y}", (b"x", b"y")),
+    (" ", (b"",)),
+    ("{ }", (b"",)),
+    ("{a}/ /{b}", (b"a", b"", b"b")),
+    ("\t{a}\t/\n{b}\r", (b"a", b"b")),
+    ("{ a b }", (b"a b",)),
+    ("{ {x} }", (b"{x}",)),
+    ("\u3000{\xa0x\u2009}\x85", (b"x",)),
+    ("\x1c{x}", ("\x1c{x".encode(),)),  # U+001C is Python's white space, not Go's
+    ("{ x\x1f}", ("x\x1f".encode(),)),
 ]
 
 
 @each_impl
-@pytest.mark.parametrize("pattern,params", PATTERNS)
+@pytest.mark.parametrize("pattern,params", PATTERNS, ids=[repr(p) for p, _ in PATTERNS])
 def test_parse_pattern(impl: ModuleType, pattern: str, params: tuple) -> None:
-    assert impl.parse_pattern(pattern) == params == ref_pattern(pattern)
+    assert impl.parse_pattern(pattern) == params == rule4_positions(pattern)
     t = impl.CommandTable()
     t.add("cmd", pattern)
     assert t.params_of(0) == params
+    assert Command("cmd", pattern=pattern).params == tuple(p.decode() for p in params)
 
 
 @each_impl
@@ -120,13 +191,77 @@ def test_parse_pattern_errors(impl: ModuleType) -> None:
         impl.parse_pattern("{\ud800}")
 
 
-# -- parsing: the examples ----------------------------------------------------------------------
+# -- UPSTREAM.md's examples and cases, rule by rule ------------------------------------------------
+
+#: (pattern, payload, vars, data) in the rules' terms; the command is named by the payload.
+UPSTREAM_CASES = [
+    # the examples of "Command scheme"
+    (VERSION_PATTERN, b"version/some_data", {b"data": b"some_data", b"description": b""}, b""),
+    (VERSION_PATTERN, b"version/a/b/c/d", {b"data": b"a", b"description": b"b"}, b"c/d"),
+    ("", b"num_players/42", {}, b"42"),
+    ("{a}//{b}", b"cmd/1/2/3/4", {b"a": b"1", b"b": b"3"}, b"4"),
+    ("{a}/", b"cmd/1/2/3", {b"a": b"1"}, b"3"),
+    (" { x } /{y}", b"cmd/1/2", {b"x": b"1", b"y": b"2"}, b""),
+    ("{}/{z}", b"cmd/1/2", {b"z": b"2"}, b""),
+    # 1 + 3: no "/" or nothing after it: no vars at all (no keys), no data
+    (VERSION_PATTERN, b"version", {}, b""),
+    (VERSION_PATTERN, b"version/", {}, b""),
+    ("", b"num_players", {}, b""),
+    ("", b"num_players/", {}, b""),
+    ("{name}", b"hello/", {}, b""),
+    ("{a}//{b}", b"cmd", {}, b""),
+    ("{}/{z}", b"cmd/", {}, b""),
+    # 1: only the first "/" splits the name off; a second one starts the rest
+    (VERSION_PATTERN, b"version//", {b"data": b"", b"description": b""}, b""),
+    ("{name}", b"hello//x", {b"name": b""}, b"x"),
+    # 5 + 6: a named position gets its part, or "" when there are fewer parts
+    ("{a}//{b}", b"cmd/1", {b"a": b"1", b"b": b""}, b""),
+    ("{a}//{b}", b"cmd/1/2", {b"a": b"1", b"b": b""}, b""),
+    ("{a}//{b}", b"cmd/1/2/3", {b"a": b"1", b"b": b"3"}, b""),
+    ("{}/{z}", b"cmd/1", {b"z": b""}, b""),
+    ("{a}/{a}", b"cmd/1/2", {b"a": b"2"}, b""),  # one map: the later position's part wins
+    ("{a}/{a}", b"cmd/1", {b"a": b""}, b""),
+    # 7: data is the last part only when there are more parts than positions
+    ("{a}/", b"cmd/1/2", {b"a": b"1"}, b""),
+    ("{a}/", b"cmd/1", {b"a": b"1"}, b""),
+    ("{a}", b"cmd/1/", {b"a": b"1"}, b""),
+    ("{a}", b"cmd/1/2/3", {b"a": b"1"}, b"2/3"),
+    ("{}/{z}", b"cmd/1/2/3/4", {b"z": b"2"}, b"3/4"),
+    ("", b"num_players/42/", {}, b"42/"),
+    ("", b"num_players//", {}, b"/"),
+    ("/", b"cmd/1/2/3", {}, b"3"),
+    (VERSION_PATTERN, b"version/a/b/", {b"data": b"a", b"description": b"b"}, b""),
+    (VERSION_PATTERN, b"version/a/b//", {b"data": b"a", b"description": b"b"}, b"/"),
+]
+
+
+@each_impl
+@pytest.mark.parametrize("pattern,payload,vars_,data", UPSTREAM_CASES,
+                         ids=[f"{pat!r}:{pay!r}" for pat, pay, _, _ in UPSTREAM_CASES])
+def test_upstream_cases(impl: ModuleType, pattern: str, payload: bytes, vars_: dict, data: bytes) -> None:
+    t = impl.CommandTable()
+    name = payload.split(b"/")[0]
+    t.add(name, pattern)
+    assert as_rules(t, payload) == (name, vars_, data)
+    assert rules_parse({name: rule4_positions(pattern)}, payload) == (name, vars_, data)
+
+
+@each_impl
+@pytest.mark.parametrize("payload", [b"", b"/", b"//", b"/x", b"/version/a"], ids=repr)
+def test_empty_name_is_not_found(impl: ModuleType, payload: bytes) -> None:
+    t = example_table(impl)
+    with pytest.raises(UnknownCommand) as info:
+        t.parse(payload)
+    assert str(info.value) == "command '' not found" and info.value.name == b""
+
+
+# -- the tuple API: exact results -----------------------------------------------------------------
 
 EXAMPLES = [
     (b"version/some_data", (0, b"version", (b"some_data", b""), b"")),
     (b"version/a/b/c/d", (0, b"version", (b"a", b"b"), b"c/d")),
-    (b"version", (0, b"version", (b"", b""), b"")),
-    (b"version/", (0, b"version", (b"", b""), b"")),
+    (b"version", (0, b"version", (), b"")),  # was (b"", b""): an empty rest sets no vars
+    (b"version/", (0, b"version", (), b"")),  # was (b"", b"")
     (b"version//", (0, b"version", (b"", b""), b"")),
     (b"version///", (0, b"version", (b"", b""), b"")),
     (b"version////", (0, b"version", (b"", b""), b"/")),
@@ -142,21 +277,35 @@ EXAMPLES = [
     (b"num_servers/7", (2, b"num_servers", (), b"7")),
     (b"hello/World", (3, b"hello", (b"World",), b"")),
     (b"hello/World/and/more", (3, b"hello", (b"World",), b"and/more")),
-    (b"hello/", (3, b"hello", (b"",), b"")),
+    (b"hello/", (3, b"hello", (), b"")),  # was (b"",)
+    (b"hello", (3, b"hello", (), b"")),  # was (b"",)
+    (b"gaps/1/2/3/4", (4, b"gaps", (b"1", b"", b"3"), b"4")),  # position 1 has no name: b"", no object
+    (b"gaps/1", (4, b"gaps", (b"1", b"", b""), b"")),
+    (b"tail/1/2/3", (5, b"tail", (b"1", b""), b"3")),
+    (b"tail/1/2", (5, b"tail", (b"1", b""), b"")),
+    (b"anon/1/2", (6, b"anon", (b"", b"2"), b"")),
+    (b"spaced/1/2/3", (7, b"spaced", (b"1", b"2"), b"3")),
 ]
 UNKNOWN = [b"", b"/", b"//", b"/x", b"cmd//", b"foo", b"Version/x", b"version\x00/x", b"num", b"num_players_",
-           b"\xff\xfe/x", b"hello\xff"]
+           b"\xff\xfe/x", b"hello\xff", b" version/x", b"version /x"]
+
+
+def examples_table(impl: ModuleType):
+    t = example_table(impl)
+    for name, pattern in (("gaps", "{a}//{b}"), ("tail", "{a}/"), ("anon", "{}/{z}"), ("spaced", " { x } /{y}")):
+        t.add(name, pattern)
+    return t
 
 
 @each_impl
 @pytest.mark.parametrize("payload,expected", EXAMPLES, ids=[repr(p) for p, _ in EXAMPLES])
 def test_parse_examples(impl: ModuleType, payload: bytes, expected: tuple) -> None:
-    t = example_table(impl)
+    t = examples_table(impl)
     got = t.parse(payload)
     assert got == expected
     assert all(type(x) is bytes for x in (got[1], *got[2], got[3]))
-    table = {t.name_of(i): (i, t.params_of(i)) for i in range(len(t))}
-    assert ref_parse(table, payload) == expected
+    schema = {t.name_of(i): t.params_of(i) for i in range(len(t))}
+    assert as_rules(t, payload) == rules_parse(schema, payload)
     for kind in (bytearray, memoryview, lambda b: memoryview(bytearray(b))):
         assert t.parse(kind(payload)) == expected
 
@@ -164,7 +313,7 @@ def test_parse_examples(impl: ModuleType, payload: bytes, expected: tuple) -> No
 @each_impl
 @pytest.mark.parametrize("payload", UNKNOWN, ids=repr)
 def test_parse_unknown(impl: ModuleType, payload: bytes) -> None:
-    t = example_table(impl)
+    t = examples_table(impl)
     name = payload.split(b"/")[0]
     with pytest.raises(UnknownCommand) as info:
         t.parse(payload)
@@ -186,6 +335,7 @@ def test_unknown_message(impl: ModuleType) -> None:
 def test_slash_only_and_empty_names(impl: ModuleType) -> None:
     t = impl.CommandTable()
     t.add("cmd", "{a}")
+    assert t.parse(b"cmd/") == (0, b"cmd", (), b"")
     assert t.parse(b"cmd//") == (0, b"cmd", (b"",), b"")
     assert t.parse(b"cmd///") == (0, b"cmd", (b"",), b"/")
     for payload in (b"/", b"//", b"", b"/cmd"):
@@ -214,7 +364,7 @@ def test_long_names(impl: ModuleType) -> None:
     long_name = bytes(range(256)).replace(b"/", b"_") * 400  # 100 KiB
     assert t.add(long_name, "{x}") == 4
     assert t.parse(long_name + b"/1/2/3") == (4, long_name, (b"1",), b"2/3")
-    assert t.parse(long_name) == (4, long_name, (b"",), b"")
+    assert t.parse(long_name) == (4, long_name, (), b"")  # was (b"",): no rest, no vars
     other = long_name[:-1] + b"!"
     for payload in (other, other + b"/x", long_name + b"!", long_name[:-1]):
         with pytest.raises(UnknownCommand) as info:
@@ -385,11 +535,52 @@ def test_ten_thousand_names(impl: ModuleType) -> None:
             assert t.find(miss) == -1
 
 
-# -- the two against each other and the spec ----------------------------------------------------
+# -- the consumer's side: CommandSchema.parse and CommandCall.vars -------------------------------
 
-ATOMS = [b"a", b"b", b"ab", b"\x00", b"\xff", b"\xc3\xa9", b"{", b"}", b"0"]
+
+def test_schema_vars_follow_the_rules() -> None:
+    schema = CommandSchema([Command("version", pattern=VERSION_PATTERN), Command("gaps", pattern="{a}//{b}"),
+                            Command("anon", pattern="{}/{z}"), Command("spaced", pattern=" { x } /{y}"),
+                            Command("num_players")])
+    cases = [
+        (b"version/some_data", {"data": "some_data", "description": ""}, b""),
+        (b"version/a/b/c/d", {"data": "a", "description": "b"}, b"c/d"),
+        (b"version", {}, b""),
+        (b"version/", {}, b""),
+        (b"gaps/1/2/3/4", {"a": "1", "b": "3"}, b"4"),
+        (b"anon/1/2", {"z": "2"}, b""),
+        (b"spaced/1/2", {"x": "1", "y": "2"}, b""),
+        (b"num_players/42", {}, b"42"),
+    ]
+    for payload, vars_, data in cases:
+        call = schema.parse(payload)
+        assert (call.name, dict(call.vars), call.data) == (payload.split(b"/")[0].decode(), vars_, data)
+        assert isinstance(call.vars, CommandVars) and call.vars == vars_ and list(call.vars) == list(vars_)
+    assert Command("gaps", pattern="{a}//{b}").params == ("a", "", "b")
+    with pytest.raises(UnknownCommand, match="^command '' not found$"):
+        schema.parse(b"/version")
+
+
+def test_schema_vars_read_like_a_go_map() -> None:
+    """No keys for an empty rest, yet a handler's ``vars["data"]`` reads "" as the original's map does."""
+    schema = CommandSchema([Command("version", pattern=VERSION_PATTERN), Command("anon", pattern="{}/{z}")])
+    bare = schema.parse(b"version").vars
+    assert len(bare) == 0 and "data" not in bare and bare.get("data") is None and list(bare) == []
+    assert bare["data"] == "" and bare["description"] == ""
+    with pytest.raises(KeyError):
+        bare["nope"]  # not a parameter of the command: a typo is not hidden
+    anon = schema.parse(b"anon/1/2").vars
+    assert dict(anon) == {"z": "2"}
+    with pytest.raises(KeyError):
+        anon[""]  # a position without a name is no var
+
+
+# -- property tests: the two against each other and against the rules -----------------------------
+
+ATOMS = [b"a", b"b", b"ab", b"\x00", b"\xff", b"\xc3\xa9", b"{", b"}", b"0", b" "]
 names_st = st.lists(st.sampled_from(ATOMS), min_size=1, max_size=4).map(b"".join)
-patterns_st = st.text(alphabet="ab{}/\u00e9", max_size=8)
+#: patterns with braces, spaces, tabs (and other white space, Go's and Python's only), empty parts, slashes
+patterns_st = st.text(alphabet=st.sampled_from("ab{} \t/\u00e9\u3000\xa0\x1c\n"), max_size=12)
 table_st = st.lists(st.tuples(st.one_of(names_st, names_st.map(lambda b: b.decode("utf-8", "replace"))),
                               patterns_st), max_size=12)
 part_st = st.lists(st.sampled_from(ATOMS + [b"/"] * 6 + [b"//"]), max_size=12).map(b"".join)
@@ -415,35 +606,68 @@ def test_twin_matches_core(entries, data) -> None:
     c, c_adds = build(core, entries)
     p, p_adds = build(twin, entries)
     assert c_adds == p_adds
-    ref: dict[bytes, tuple[int, tuple[bytes, ...]]] = {}
+    schema: dict[bytes, tuple[bytes, ...]] = {}
+    indices: dict[bytes, int] = {}
     for (name, pattern), res in zip(entries, c_adds):
         key = name.encode("utf-8") if isinstance(name, str) else name
         if res[0] == "ok":
-            assert key not in ref and res[1] == len(ref)
-            ref[key] = (res[1], ref_pattern(pattern))
+            assert key not in schema and res[1] == len(schema)
+            indices[key] = res[1]
+            schema[key] = rule4_positions(pattern)
         else:
-            assert res[1] is ValueError and key in ref
-    assert len(c) == len(p) == len(ref)
-    assert c.all_names() == p.all_names() == list(ref)
-    assert [c.params_of(i) for i in range(len(c))] == [p.params_of(i) for i in range(len(p))] \
-        == [params for _, params in ref.values()]
-    names = list(ref)
+            assert res[1] is ValueError and key in schema
+    assert len(c) == len(p) == len(schema)
+    assert c.all_names() == p.all_names() == list(schema)
+    assert [c.params_of(i) for i in range(len(c))] == [p.params_of(i) for i in range(len(p))] == list(schema.values())
+    names = list(schema)
     for _ in range(4):
         payload = data.draw(payload_st(names))
         for cut in range(len(payload) + 1):  # every prefix: empty rest, trailing "/", missing vars
             piece = payload[:cut]
-            expected = outcome(ref_parse, ref, piece)
-            assert outcome(c.parse, piece) == outcome(p.parse, piece) == expected
+            assert outcome(c.parse, piece) == outcome(p.parse, piece)
+            assert outcome(as_rules, c, piece) == outcome(as_rules, p, piece) == outcome(rules_parse, schema, piece)
             name = piece.split(b"/")[0]
             assert core.name_length(piece) == twin.name_length(piece) == len(name)
-            assert c.find(piece) == p.find(piece) == (ref[piece][0] if piece in ref else -1)
+            assert c.find(piece) == p.find(piece) == indices.get(piece, -1)
         assert outcome(c.parse, bytearray(payload)) == outcome(p.parse, memoryview(payload)) \
-            == outcome(ref_parse, ref, payload)
+            == outcome(c.parse, payload)
 
 
-@settings(max_examples=150, deadline=None)
-@given(pattern=st.text(alphabet=st.sampled_from("ab{}/\u00e9 \ud800"), max_size=16))
+#: rests made of parts that look like names, braces and white space, with runs of slashes
+rest_st = st.lists(st.sampled_from([b"1", b"ab", b"", b"{", b"}", b"{x}", b" ", b"\t", b"\xff", b"/", b"//"]),
+                   max_size=10).map(b"/".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(patterns=st.lists(patterns_st, min_size=1, max_size=6),
+       calls=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 2), rest_st), min_size=1, max_size=12))
+def test_random_patterns_and_rests_follow_the_rules(patterns: list[str], calls: list) -> None:
+    """Random patterns (braces, spaces, tabs, empty parts, slashes) and random rests: C and twin
+    agree exactly, and both say what the rules say. Commands c0..c{n-1}; c7 is never registered."""
+    schema = {f"c{i}".encode(): rule4_positions(pat) for i, pat in enumerate(patterns)}
+    tables = []
+    for impl in IMPLS:
+        t = impl.CommandTable()
+        for i, pat in enumerate(patterns):
+            assert t.add(f"c{i}", pat) == i
+            assert t.params_of(i) == schema[f"c{i}".encode()]
+        tables.append(t)
+    for which, form, rest in calls:
+        name = b"" if which == 6 else f"c{which}".encode()  # 6: the empty name
+        payload = name + (b"", b"/", b"/" + rest)[form]
+        expected = outcome(rules_parse, schema, payload)
+        c_out, p_out = (outcome(t.parse, payload) for t in tables)
+        assert c_out == p_out
+        for t in tables:
+            assert outcome(as_rules, t, payload) == expected
+        if expected[0] == "raise":  # the original's message, from the C table itself
+            assert c_out[2] == (f"command '{name.decode()}' not found",) and c_out[3] == name
+
+
+@settings(max_examples=300, deadline=None)
+@given(pattern=st.text(alphabet=st.sampled_from("ab{}/\u00e9 \t\n\x0b\x1c\x1f\x85\xa0\u2000\u200b\u3000\ud800"),
+                       max_size=16))
 def test_pattern_twin_matches_core(pattern: str) -> None:
     # a lone surrogate gives UnicodeEncodeError: the same one (type and args) from all three
     assert outcome(core.parse_pattern, pattern) == outcome(twin.parse_pattern, pattern) \
-        == outcome(ref_pattern, pattern)
+        == outcome(rule4_positions, pattern)

@@ -1,35 +1,47 @@
 # cython: language_level=3
-"""Command table and command-string parser (the Go original's command scheme; docs: UPSTREAM.md).
+"""Command table and command-string parser (the Go original's command scheme), in C.
 
-Command string schema (bytes; names are compared as bytes, no encoding is assumed)::
+The rules are the Go original's (kirill-scherba/command v2.3.6, ``ParseCommand`` and ``ParamsSlice``;
+UPSTREAM.md "Command scheme"). Bytes throughout; names are compared as bytes, no encoding is assumed.
 
-    name[/var_0/var_1/.../var_{n-1}[/data]]
+Pattern -> parameter positions (``parse_pattern``, at registration; rule 4)::
 
-    name    bytes before the first b"/" (the whole string when there is none); b"" when it starts with "/"
-    var_i   the i-th b"/"-separated part after the name, for the n params of the command's pattern;
-            b"" when the string has fewer parts
-    data    everything after the n-th var, slashes included; b"" when nothing is left
+    4. ""  -> no positions;
+       otherwise split at every "/"; each part is trimmed of white space, then of every "{" and "}"
+       at both ends, then of white space again. A part that ends up empty still holds its
+       position (it counts) but names no var: its name is b"".
 
-    i.e. parts = payload.split(b"/"); name = parts[0];
-         vars = tuple(parts[1+i] if 1+i < len(parts) else b"" for i in range(n));
-         data = b"/".join(parts[1+n:])
+    "{data}/{description}" -> (b"data", b"description")   " { x } /{y}" -> (b"x", b"y")
+    "{a}//{b}" -> (b"a", b"", b"b")   "{a}/" -> (b"a", b"")   "{}/{z}" -> (b"", b"z")   "{{x}}" -> (b"x",)
 
-Pattern rule (Go: strings.Split on "/", stop at the first empty segment, strings.Trim(seg, "{}")):
-    ""                      -> ()
-    "{data}/{description}"  -> (b"data", b"description")
-    "{a}//{b}" , "{a}/"     -> (b"a",)
-    "{{x}}" -> (b"x",)   "{}" -> (b"",)   "a/b" -> (b"a", b"b")
+    White space is Go's unicode.IsSpace set (WHITE_SPACE below): Python's str.isspace() also
+    counts U+001C..U+001F, which Go does not trim.
 
-Examples, pattern "{data}/{description}":
-    b"version/some_data"  -> vars (b"some_data", b""), data b""
-    b"version/a/b/c/d"    -> vars (b"a", b"b"),       data b"c/d"
-no pattern:
-    b"num_players/42" -> data b"42";  b"num_players" and b"num_players/" -> data b"";
-    b"num_players/42/" -> data b"42/"
-An unknown name raises UnknownCommand(name): "command '<name>' not found".
+Command string -> ``(index, name, vars, data)`` (``CommandTable.parse``; rules 1-3 and 5-7),
+for a command with k positions::
+
+    1. name = bytes before the first b"/"; rest = bytes after it (b"" when there is no b"/")
+    2. a name not in the table raises UnknownCommand(name): "command '<name>' not found"
+       (an empty name too: "command '' not found")
+    3. rest == b""  -> vars (), data b""          (no vars at all, whatever k is)
+    5. otherwise parts = rest.split(b"/", k)     (at most k + 1 parts)
+    6. vars[i] = parts[i], or b"" when there are fewer parts; b"" too for a position without a name
+    7. data = parts[k] when len(parts) > k, else b""
+
+    So ``vars`` is () or has exactly k entries, aligned with ``params_of(index)``: a consumer
+    builds its vars as {params[i]: vars[i] for each i whose params[i] is not b""}.
+
+Examples::
+
+    "{data}/{description}"  b"version/some_data" -> vars (b"some_data", b""), data b""
+                            b"version/a/b/c/d"   -> vars (b"a", b"b"),        data b"c/d"
+                            b"version", b"version/" -> vars (), data b""
+    "{a}//{b}"              rest b"1/2/3/4"      -> vars (b"1", b"", b"3"),   data b"4"   i.e. {a: 1, b: 3}
+    "{a}/"                  rest b"1/2/3"        -> vars (b"1", b""),         data b"3"   i.e. {a: 1}
+    no pattern              b"num_players/42"    -> vars (), data b"42";  b"num_players/42/" -> data b"42/"
 
 teomq/_py/command_parser.py is the pure-Python twin, error for error; tests/test_command_parser.py
-holds the two against each other and against the split() formula above.
+holds the two against each other and against a reference written from the rules.
 """
 
 cimport cython
@@ -50,10 +62,11 @@ from teomq.errors import UnknownCommand
 
 __all__ = ["CommandTable", "parse_pattern", "name_length"]
 
-# Borrowed-pointer forms of the list/bytes macros: lookup() reads the stored names without
-# touching a reference count (the cpython.* declarations take `object` and would incref/decref).
+# Borrowed-pointer forms of the list/tuple/bytes macros: lookup() and split() read the stored names
+# without touching a reference count (the cpython.* declarations take `object` and would incref/decref).
 cdef extern from "Python.h":
     PyObject *list_item "PyList_GET_ITEM"(PyObject *op, Py_ssize_t i) nogil
+    PyObject *tuple_item "PyTuple_GET_ITEM"(PyObject *op, Py_ssize_t i) nogil
     char *bytes_data "PyBytes_AS_STRING"(PyObject *op) nogil
     Py_ssize_t bytes_size "PyBytes_GET_SIZE"(PyObject *op) nogil
 
@@ -137,17 +150,21 @@ cdef str shown(bytes name):
     return name[:256].decode("utf-8", "replace") + ("..." if len(name) > 256 else "")
 
 
+#: Go's unicode.IsSpace: what strings.TrimSpace trims (str.strip() would also take U+001C..U+001F).
+WHITE_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
+              "\u2028\u2029\u202f\u205f\u3000"
+
+
 def parse_pattern(pattern) -> tuple:
-    """Param names of a pattern, by the Go rule: split on "/", stop at the first empty
-    segment, strip every leading and trailing "{" and "}". Names come back UTF-8 encoded."""
+    """Parameter positions of a pattern, by the Go rule: none for "", else one per "/"-separated
+    part, trimmed of white space, then of "{" and "}", then of white space again; b"" for a part
+    that ends up empty (a position without a var). Names come back UTF-8 encoded."""
     if not isinstance(pattern, str):
         raise TypeError(f"a pattern must be str, not '{type(pattern).__name__}'")
-    params = []
-    for seg in (<str>pattern).split("/"):
-        if not seg:
-            break
-        params.append(seg.strip("{}").encode("utf-8"))
-    return tuple(params)
+    if not pattern:
+        return ()
+    return tuple([part.strip(WHITE_SPACE).strip("{}").strip(WHITE_SPACE).encode("utf-8")
+                  for part in (<str>pattern).split("/")])
 
 
 def _name_length(payload) -> int:
@@ -272,10 +289,11 @@ cdef class CommandTable:
         return self.count
 
     def parse(self, payload) -> tuple:
-        """Parse a command string: ``(index, name, vars, data)``.
+        """Parse a command string: ``(index, name, vars, data)`` (the rules at the top).
 
-        ``payload`` is any bytes-like object; the result holds bytes only. Raises
-        UnknownCommand when the name is not registered.
+        ``vars`` is () when the rest is empty, else one entry per position of the pattern
+        (b"" for a position without a name). ``payload`` is any bytes-like object; the result
+        holds bytes only. Raises UnknownCommand when the name is not registered.
         """
         cdef Py_buffer view
         cdef const char *p
@@ -303,7 +321,8 @@ cdef class CommandTable:
         return self.names[i]
 
     def params_of(self, index) -> tuple:
-        """The param names (bytes) of command ``index``. IndexError outside 0..len-1."""
+        """The parameter positions of command ``index``: names as bytes, b"" for a position
+        without a var. IndexError outside 0..len-1."""
         i = _index(index)
         if not 0 <= i < self.count:
             raise IndexError(f"command index {i} out of range")
@@ -355,31 +374,39 @@ cdef int grow(CommandTable table) except -1:
 
 
 cdef tuple split(CommandTable table, const char *p, size_t n):
-    """The parse of p[0:n] (see the schema at the top)."""
+    """The parse of p[0:n] (the rules at the top)."""
     # pos: index of the b"/" before the next part, or n when no part is left
     cdef size_t pos = name_length(p, n)
     cdef size_t start, end
     cdef int32_t idx = table.lookup(p, pos)
     cdef int32_t k, i
     cdef const char *slash
+    cdef PyObject *params
     cdef tuple vars
     cdef object part
     if idx < 0:
         raise UnknownCommand(PyBytes_FromStringAndSize(p, pos))
+    if pos + 1 >= n:    # the rest is empty: no vars at all
+        return (idx, table.names[idx], (), EMPTY)
     k = table.nparams[idx]
+    params = list_item(<PyObject *>table.params, idx)   # borrowed: the table keeps it
     vars = PyTuple_New(k)
     for i in range(k):
-        if pos >= n:
+        if pos >= n:    # fewer parts than positions
             part = EMPTY
         else:
             start = pos + 1
             slash = <const char *>memchr(p + start, b'/', n - start) if start < n else NULL
             end = n if slash == NULL else <size_t>(slash - p)
-            part = PyBytes_FromStringAndSize(p + start, end - start)
+            # a position without a name takes its part but gets no var: no bytes object for it
+            if bytes_size(tuple_item(params, i)) == 0:
+                part = EMPTY
+            else:
+                part = PyBytes_FromStringAndSize(p + start, end - start)
             pos = end
         Py_INCREF(part)
         PyTuple_SET_ITEM(vars, i, part)
-    if pos + 1 < n:
+    if pos + 1 < n:     # a part after the k-th: data (it may hold more slashes)
         part = PyBytes_FromStringAndSize(p + pos + 1, n - pos - 1)
     else:
         part = EMPTY
