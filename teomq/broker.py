@@ -28,14 +28,17 @@ from teomq.addressbook import DEFAULT_PORT, AddressBook, default_data_dir
 from teomq.commands import BROKER_COMMANDS, Command, CommandSchema
 from teomq.errors import ProtocolError, UnknownCommand
 from teomq.identity import BrokerIdentity, welcome_signature_payload
-from teomq.protocol import DEFAULT_MAX_PAYLOAD, ApiCommand, ErrorCode, Flag, FrameType
+from teomq.protocol import CAPABILITIES, DEFAULT_MAX_PAYLOAD, FLOW_HOLD, ApiCommand, ErrorCode, Flag, FrameType
 
 log = logging.getLogger("teomq.broker")
 msg_log = logging.getLogger("teomq.broker.messages")
 
 DEFAULT_PREFETCH = 64
 _SUBSCRIBE, _UNSUBSCRIBE, _HELLO = KINDS["subscribe"], KINDS["unsubscribe"], KINDS["hello"]
+#: The most credit one consumer gets; a larger prefetch is granted as this (WELCOME says so).
 MAX_PREFETCH = 65535
+#: Seconds between the broker's summaries of refused messages (the first is logged at once).
+REFUSAL_LOG_INTERVAL = 1.0
 _ROLES = ("producer", "consumer", "both")
 
 
@@ -54,6 +57,8 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         self.peer = "?"
         self._hs_timer: asyncio.TimerHandle | None = None
         self._paused: set[str] = set()  # why reading is paused: "write", "queue"
+        self.caps: frozenset[str] = frozenset()  # capabilities the client announced in HELLO
+        self.refused_logged = 0  # n_refused already reported in a log line
 
     # -- asyncio.BaseProtocol ------------------------------------------------------------
 
@@ -75,6 +80,8 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         if self.handshaken:
             log.info("%s %s (%s) disconnected%s", self.role, self.name, self.peer,
                      f": {exc}" if exc else "")
+        if self.n_refused > self.refused_logged:
+            self.broker._log_refusals(self)
         self.detach()
         self.transport = None
 
@@ -95,6 +102,21 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         self._paused.discard(reason)
         if not self._paused and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+
+    def hold(self, on: bool) -> None:
+        """Back-pressure for a client that also consumes: its SENDs wait, its reads go on.
+
+        Pausing its reads would also stop its answers, which are what frees the room it
+        waits for. Instead its SENDs are parked in the core (bounded; past that, QUEUE_FULL),
+        and a client that announced the ``flow`` capability is told to hold them back.
+        """
+        if self.detached or on == self.hold_sends:
+            return
+        self.hold_sends = on
+        if "flow" in self.caps:
+            self.send_frame(FrameType.FLOW, FLOW_HOLD if on else 0, 0)
+        if not on and self.parked_sends:
+            asyncio.get_running_loop().call_soon(self.release_sends)
 
     # -- hooks called by the core ----------------------------------------------------------
 
@@ -179,13 +201,18 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         name = hello.get("name") or f"client@{self.peer}"
         nonce = hello.get("nonce", b"")
         prefetch = hello.get("prefetch") or DEFAULT_PREFETCH
+        caps = hello.get("caps", [])
         if not isinstance(name, str) or not isinstance(nonce, bytes) or len(nonce) > 64:
             raise ProtocolError(ErrorCode.HANDSHAKE, "HELLO name must be text and nonce at most 64 bytes")
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ProtocolError(ErrorCode.HANDSHAKE, f"bad prefetch {prefetch!r}")
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            raise ProtocolError(ErrorCode.HANDSHAKE, f"HELLO caps must be a list of names, not {caps!r:.80}")
         self._cancel_timer()
         self.name = name[:200]
         self.role = role
+        self.caps = frozenset(caps).intersection(CAPABILITIES)  # unknown ones are ignored
+        granted = min(prefetch, MAX_PREFETCH)
         b = self.broker
         welcome = {
             "v": 1,
@@ -195,15 +222,22 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
             "max_payload": b.max_payload,
             "server": f"teomq/{__version__}",
             "scheme": "basic" if b.commands is None else "command",
+            "caps": list(CAPABILITIES),
         }
+        if role != "producer":
+            welcome["prefetch"] = granted
         if b.commands is not None and hello.get("commands") is True:
             welcome["commands"] = [c.as_dict() for c in b.commands]
         # WELCOME goes out before any DELIVER that accept_hello makes possible.
         self.send_frame(FrameType.WELCOME, 0, fid, msgpack.packb(welcome))
-        self.accept_hello(role != "producer", min(prefetch, MAX_PREFETCH))
-        if role == "producer" and b._disp is not None and b._disp.backpressure:
-            self.pause_for("queue")
-        log.info("%s %s connected from %s", role, self.name, self.peer)
+        self.accept_hello(role != "producer", granted)
+        if b._disp is not None and b._disp.backpressure:
+            b.hold_back(self, True)
+        if granted < prefetch:
+            log.info("%s %s connected from %s (prefetch %d asked, %d granted: the broker's limit)",
+                     role, self.name, self.peer, prefetch, granted)
+        else:
+            log.info("%s %s connected from %s", role, self.name, self.peer)
 
     def _handshake_timeout(self) -> None:
         self._hs_timer = None
@@ -250,7 +284,8 @@ class Broker:
         port: TCP port; 0 picks a free one (read it back from ``port`` after start).
         data_dir: where the broker keeps its key (its address survives restarts).
         max_payload: largest message accepted, in bytes; larger frames are refused from their header.
-        queue_max: messages that may wait in the queue; a SEND beyond it gets a QUEUE_FULL error.
+        queue_max: messages the broker may hold, queued or in flight (fanout: every copy); a SEND
+            beyond it gets a QUEUE_FULL error. Producers are held back from 3/4 of it.
         handshake_timeout: seconds a new connection has to send its HELLO.
         backlog_max: command scheme: fanout copies a subscriber without credit may have
             waiting; past that it is a slow consumer and new copies for it are dropped
@@ -315,6 +350,7 @@ class Broker:
         if self.log_messages:
             self._disp.on_message = self._log_message
         self._disp.on_backpressure = self._backpressure
+        self._disp.on_refused = self._refused
         if self.commands is not None:
             table = CommandTable()  # the schema's commands, then the broker's own
             kinds = []
@@ -380,19 +416,49 @@ class Broker:
         return [dict(r, name=r["name"].decode("utf-8", "replace")) for r in self._disp.route_stats()]
 
     def _backpressure(self, on: bool) -> None:
-        # Only pure producers are paused: a consumer must keep reading to return its answers.
-        producers = [c for c in self._conns if c.handshaken and c.role == "producer"]
-        depth = self._disp.stats()["queue"] if self._disp is not None else 0
+        # Queued plus in-flight messages reached the high mark (or are back at the low one).
+        conns = [c for c in self._conns if c.handshaken and c.role != "consumer"]
+        held = self._disp.stats()["held"] if self._disp is not None else 0
         if on:
-            log.info("queue at %d messages (high mark): pausing reads from %d producers",
-                     depth, len(producers))
+            log.info("%d messages held, queued or in flight (high mark): holding back %d producers",
+                     held, len(conns))
         else:
-            log.info("queue down to %d messages (low mark): resuming %d producers", depth, len(producers))
-        for conn in producers:
+            log.info("%d messages held, queued or in flight (low mark): resuming %d producers",
+                     held, len(conns))
+        for conn in conns:
+            self.hold_back(conn, on)
+
+    @staticmethod
+    def hold_back(conn: BrokerConnection, on: bool) -> None:
+        """Hold back (or let go) one producing connection under back-pressure."""
+        if conn.role == "producer":  # nothing to keep reading for: TCP back-pressure
             if on:
                 conn.pause_for("queue")
             else:
                 conn.resume_for("queue")
+        elif conn.role == "both":  # its answers must keep coming: hold only its SENDs
+            conn.hold(on)
+
+    def _refused(self) -> None:
+        """The core refused a SEND (QUEUE_FULL): log it now, then at most once per interval."""
+        self._log_refusals()
+        asyncio.get_running_loop().call_later(REFUSAL_LOG_INTERVAL, self._refusal_interval_end)
+
+    def _refusal_interval_end(self) -> None:
+        if self._disp is None:
+            return
+        self._log_refusals()
+        self._disp.refusal_noted = False  # the next refusal logs at once again
+
+    def _log_refusals(self, *conns: BrokerConnection) -> None:
+        held = self._disp.stats()["held"] if self._disp is not None else 0
+        for conn in conns or self._conns:
+            new = conn.n_refused - conn.refused_logged
+            if new:
+                conn.refused_logged = conn.n_refused
+                log.warning("%s %s (%s): %d message%s refused: queue is full (%d held of -queue-max %d)",
+                            conn.role, conn.name, conn.peer, new, "" if new == 1 else "s", held,
+                            self.queue_max)
 
     def _slow_consumer(self, conn: BrokerConnection, command: bytes) -> None:
         log.warning("%s %s (%s) is slow: %d fanout copies wait for it (the -backlog-max); new copies of "

@@ -87,11 +87,16 @@ class Client:
             and the wait for running handlers on close.
         max_payload: largest payload this client sends; the effective limit is the smaller
             of this and the broker's limit from WELCOME.
+        on_refused: ``on_refused(id, error)`` for each message the broker refused that
+            nobody else hears of (a publish(); a request's caller gets the error itself),
+            e.g. a :class:`BrokerError` QUEUE_FULL. Refusals are counted in
+            ``stats["refused"]`` and logged (the first at once, then one line per second).
     """
 
     def __init__(self, broker: BrokerSpec, *, name: str | None = None, role: str = "both",
                  prefetch: int = 64, handler: Handler | None = None, timeout: float = 5.0,
-                 max_payload: int | None = None) -> None:
+                 max_payload: int | None = None,
+                 on_refused: Callable[[int, BrokerError], None] | None = None) -> None:
         if role not in _ROLES:
             raise ValueError(f"role must be one of {', '.join(_ROLES)}, not {role!r}")
         consumes = role != "producer"
@@ -120,6 +125,9 @@ class Client:
         self._handler_async = inspect.iscoroutinefunction(handler)
         self._timeout = float(timeout)
         self._max_payload = max_payload
+        if on_refused is not None and not callable(on_refused):
+            raise TypeError("on_refused must be callable")
+        self._on_refused = on_refused
         self._conn: Connection | None = None
         self._address: str | None = None
         #: Counters. Producing: sent, replies, timeouts, refused (ERROR for a message).
@@ -266,8 +274,8 @@ class Client:
     async def request(self, data: Payload, timeout: float | None = None) -> bytes:
         """Send a message and wait for its answer.
 
-        If the transport is paused (the broker reads slower than we write), waits for
-        it to resume before sending.
+        If the connection is held back (the broker reads slower than we write, or told
+        us to hold back: its queue is at the high mark), waits for it to go on first.
 
         Args:
             data: the message (str is sent UTF-8 encoded).
@@ -327,7 +335,8 @@ class Client:
     def publish(self, data: Payload) -> None:
         """Send a message fire-and-forget (NO_REPLY): no answer, no error report.
 
-        Does not wait for flow control; call :meth:`drain` between bursts.
+        Does not wait for flow control; call :meth:`drain` between bursts. A refusal by
+        the broker goes to ``on_refused`` and the log.
         """
         conn, payload, _ = self._prepare(data, None)
         conn._write(_SEND, _NO_REPLY, conn.next_id(), payload)
@@ -364,7 +373,11 @@ class Client:
         return loop.time() - start
 
     async def drain(self) -> None:
-        """Wait until the connection accepts more writes (returns at once if not paused).
+        """Send what is buffered and wait until the connection takes more.
+
+        Always yields to the event loop (so a publishing loop lets replies and pongs in),
+        and returns once the client's unsent bytes are below the transport's low mark and
+        the broker does not hold us back. Call it every few hundred publish() or send().
 
         Raises:
             ConnectionLost: the connection is closed.
@@ -498,8 +511,10 @@ class Producer(Client):
     """
 
     def __init__(self, broker: BrokerSpec, *, name: str | None = None, timeout: float = 5.0,
-                 max_payload: int | None = None) -> None:
-        super().__init__(broker, name=name, role="producer", timeout=timeout, max_payload=max_payload)
+                 max_payload: int | None = None,
+                 on_refused: Callable[[int, BrokerError], None] | None = None) -> None:
+        super().__init__(broker, name=name, role="producer", timeout=timeout, max_payload=max_payload,
+                         on_refused=on_refused)
 
 
 class Consumer(Client):
@@ -538,13 +553,14 @@ class Consumer(Client):
 
     def __init__(self, broker: BrokerSpec, handler: Handler | None = None, *, name: str | None = None,
                  prefetch: int = 64, producer: bool = False, timeout: float = 5.0,
-                 max_payload: int | None = None) -> None:
+                 max_payload: int | None = None,
+                 on_refused: Callable[[int, BrokerError], None] | None = None) -> None:
         self._fallback = handler
         self._schema = CommandSchema(reserve_broker_names=False)
         self._command_handlers: list[Callable[[CommandCall], Any]] = []
         super().__init__(broker, name=name, role="both" if producer else "consumer",
                          prefetch=prefetch, handler=handler if handler is not None else self._dispatch,
-                         timeout=timeout, max_payload=max_payload)
+                         timeout=timeout, max_payload=max_payload, on_refused=on_refused)
 
     def command(self, name: str, description: str = "", pattern: str = "", *,
                 subscribe: bool = True) -> Callable[[Callable[[CommandCall], Any]], Callable[[CommandCall], Any]]:

@@ -18,6 +18,7 @@ Wire exchange (docs/protocol.md is the full spec)::
     client -> ANSWER  id = that delivery id, flags NO_ANSWER if no answer (consumers)
     broker -> ERROR   id = related message id, or 0: fatal, the broker closes the connection
     broker -> PING    client -> PONG with the same id
+    broker -> FLOW    flags HOLD: hold SENDs back; flags 0: go on    (clients with caps ["flow"])
 
 Design notes:
 
@@ -35,9 +36,12 @@ Design notes:
   Answers arriving after that are dropped.
 - Fanout answers: :meth:`Client.collect` keeps a :class:`Collector` in the custom-timeout
   table; every REPLY with its id is added to it (not popped) until its timeout or ``expect``.
-- Flow control: ``pause_writing`` makes :meth:`Client.request` wait before sending and
-  :meth:`Client.drain` available to ``send``/``publish`` loops. Consumers keep answering
-  while paused: their unsent answers are bounded by the prefetch credit.
+- Flow control: two things hold a producing client back: ``pause_writing`` (the broker
+  reads slower than we write), and a FLOW frame with HOLD (the broker holds as many
+  messages as its high mark; sent to a client that consumes too, whose reads the broker
+  must not pause). Either makes :meth:`Client.request` wait before sending and
+  :meth:`Client.drain` wait in ``send``/``publish`` loops. Consumers keep answering
+  while held back: their unsent answers are bounded by the prefetch credit.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ from teomq._core.frame_codec import encode_frame
 from teomq.commands import Command
 from teomq.errors import AddressError, BrokerError, ConnectionLost, ProtocolError, RequestTimeout
 from teomq.identity import verify_welcome
-from teomq.protocol import MAX_PAYLOAD_LIMIT, ErrorCode, Flag, FrameType
+from teomq.protocol import FLOW_HOLD, MAX_PAYLOAD_LIMIT, ErrorCode, Flag, FrameType
 
 if TYPE_CHECKING:
     from teomq.client import Client
@@ -77,6 +81,7 @@ _PING = int(FrameType.PING)
 _PONG = int(FrameType.PONG)
 _SEND = int(FrameType.SEND)
 _ANSWER = int(FrameType.ANSWER)
+_FLOW = int(FrameType.FLOW)
 _NO_REPLY = int(Flag.NO_REPLY)
 _NO_ANSWER = int(Flag.NO_ANSWER)
 _REDELIVERED = int(Flag.REDELIVERED)
@@ -87,6 +92,8 @@ _TICK = 0.05
 #: More bytes than this before the WELCOME is a bad broker (a WELCOME carrying a command
 #: schema of 100,000 commands is about 5 MB).
 _HANDSHAKE_LIMIT = 8 << 20
+#: Seconds between log lines about messages the broker refused (the first is logged at once).
+_REFUSAL_LOG_INTERVAL = 1.0
 
 
 def to_payload(data: object) -> bytes | bytearray | memoryview:
@@ -170,8 +177,11 @@ class Connection(asyncio.Protocol):
         self._custom: dict[int, Any] = {}  # any other timeout
         self._heap: list[tuple[float, int, float]] = []  # (deadline, id, timeout)
         self._timer: asyncio.TimerHandle | None = None
-        self.paused = False
+        self._write_paused = False  # the transport is above its high mark
+        self._held = False  # the broker sent FLOW with HOLD
         self._resume: asyncio.Future[None] | None = None
+        self._refusals_unlogged = 0
+        self._refusal_timer: asyncio.TimerHandle | None = None
         self._pings: dict[int, asyncio.Future[None]] = {}
         self._next_ping = 1
         # consumer side
@@ -194,7 +204,7 @@ class Connection(asyncio.Protocol):
                 pass
         c = self._client
         hello = {"v": 1, "role": c._role, "name": c.name, "prefetch": c._prefetch,
-                 "nonce": self._nonce, "auth": None}
+                 "nonce": self._nonce, "auth": None, "caps": ["flow"]}
         if c._produces:  # only a producer needs to know which commands fan out
             hello["commands"] = True
         transport.write(encode_frame(int(FrameType.HELLO), 0, 0, msgpack.packb(hello)))  # type: ignore[attr-defined]
@@ -242,6 +252,10 @@ class Connection(asyncio.Protocol):
             fut = self._pings.pop(fid, None)
             if fut is not None and not fut.done():
                 fut.set_result(None)
+        elif ftype == _FLOW and self.address is not None:
+            self._held = bool(flags & FLOW_HOLD)
+            log.debug("broker %s: %s", "holds us back" if self._held else "lets us go on", self._endpoint)
+            self._maybe_resume()
         elif ftype == _WELCOME and self.address is None:
             self._on_welcome(payload)
         elif ftype != _PONG or self.address is None:
@@ -271,11 +285,21 @@ class Connection(asyncio.Protocol):
         into["answered"] += core.answered
         into["redelivered"] += core.redelivered
 
+    @property
+    def paused(self) -> bool:
+        """Producing is held back: by the transport (high mark) or by the broker (FLOW)."""
+        return self._write_paused or self._held
+
     def pause_writing(self) -> None:
-        self.paused = True
+        self._write_paused = True
 
     def resume_writing(self) -> None:
-        self.paused = False
+        self._write_paused = False
+        self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        if self.paused:
+            return
         if self._resume is not None:
             if not self._resume.done():
                 self._resume.set_result(None)
@@ -307,6 +331,9 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._refusal_timer is not None:
+            self._refusal_timer.cancel()
+            self._log_refusals()
         pending = self._core.take_all() + list(self._custom.items())
         self._custom.clear()
         self._buckets.clear()
@@ -382,6 +409,11 @@ class Connection(asyncio.Protocol):
         user_limit = self._client._max_payload
         self.max_send = min(limit, user_limit) if user_limit else limit
         core = self._core
+        granted = doc.get("prefetch")
+        if isinstance(granted, int) and 0 < granted < self._prefetch:
+            log.warning("broker %s granted a prefetch of %d (%d asked): its limit", address, granted,
+                        self._prefetch)
+            self._prefetch = granted
         core.set_max_payload(limit)  # frames after WELCOME are held to the broker's own limit
         core.max_send = self.max_send
         if self._handler is not None and not self._handler_async:
@@ -406,7 +438,29 @@ class Connection(asyncio.Protocol):
             if entry is not None:
                 self._complete(fid, entry, None, err)
             else:  # a publish(), or a request already timed out
-                log.debug("broker refused message %d: %s", fid, err)
+                self._refused(fid, err)
+
+    def _refused(self, fid: int, err: BrokerError) -> None:
+        """A message nobody waits for was refused: the callback, and a rate-limited log line."""
+        callback = self._client._on_refused
+        if callback is not None:
+            try:
+                callback(fid, err)
+            except Exception:
+                log.exception("on_refused callback for message %d raised", fid)
+        if self._refusal_timer is None:
+            log.warning("broker %s refused message %d: %s", self.address, fid, err)
+            self._refusal_timer = self._loop.call_later(_REFUSAL_LOG_INTERVAL, self._log_refusals)
+        else:
+            self._refusals_unlogged += 1
+
+    def _log_refusals(self) -> None:
+        self._refusal_timer = None
+        n, self._refusals_unlogged = self._refusals_unlogged, 0
+        if n:
+            log.warning("broker %s refused %d more message%s in the last %g s (stats['refused']: %d)",
+                        self.address, n, "" if n == 1 else "s", _REFUSAL_LOG_INTERVAL,
+                        self.stats["refused"])
 
     # -- producer side -------------------------------------------------------------------
 
@@ -494,13 +548,19 @@ class Connection(asyncio.Protocol):
                 log.exception("send() callback for message %d raised", mid)
 
     async def drain(self) -> None:
-        """Wait until the transport accepts writes again (flow control)."""
+        """Write what is buffered now, yield, and wait while held back (flow control)."""
         if self._closing:
             raise self._lost()
-        if self.paused:
+        if len(self._wbuf):
+            self._flush()  # a publish loop that never yields would otherwise never send
+        if not self.paused:
+            await asyncio.sleep(0)  # let replies, pongs and FLOW frames in
+        while self.paused and not self._closing:
             if self._resume is None:
                 self._resume = self._loop.create_future()
             await asyncio.shield(self._resume)
+        if self._closing:
+            raise self._lost()
 
     # -- consumer side -------------------------------------------------------------------
 

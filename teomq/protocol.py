@@ -38,9 +38,10 @@ class FrameType(enum.IntEnum):
     ERROR = 7  # either way, id = the related id or 0, payload msgpack {code, reason}
     PING = 8  # either way, id echoed in PONG
     PONG = 9
+    FLOW = 10  # broker -> client that announced the "flow" capability: flags HOLD (1) or 0 (go on)
 
 
-MAX_FRAME_TYPE = 9
+MAX_FRAME_TYPE = 10
 
 
 class Flag(enum.IntFlag):
@@ -49,6 +50,12 @@ class Flag(enum.IntFlag):
     NO_ANSWER = 0x2  # ANSWER: the consumer acknowledges without an answer
     REDELIVERED = 0x4  # DELIVER: an earlier delivery of this message was not answered
     API = 0x8  # SEND: payload is [u8 API command][data], answered by the broker itself
+
+
+#: FLOW flag: hold SENDs back until a FLOW without it comes (answers, pings keep flowing).
+FLOW_HOLD = 0x1
+#: Capabilities a client may announce in HELLO ("caps"); the broker names those it speaks in WELCOME.
+CAPABILITIES = ("flow",)
 
 
 class ErrorCode(enum.IntEnum):

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import re
-import socket
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -22,8 +20,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from procs import DONE_RE, HANG_GUARD, LOOP_KINDS, ProcGroup, parse_stat
-from teomq._core.crc32c import crc32c
+from procs import DONE_RE, LOOP_KINDS, ProcGroup, parse_stat
+from rawwire import RawConn, hello, raw_frame
 from teomq._core.frame_codec import FrameDecoder, encode_frame
 from teomq.broker import Broker
 from teomq.protocol import DEFAULT_MAX_PAYLOAD, ErrorCode, FrameType as T
@@ -37,68 +35,10 @@ GOOD_DELAY_US = 10_000  # ~3 s of steady traffic while the bad clients come and 
 # -- raw frames -----------------------------------------------------------------------------------
 
 
-def raw_frame(ftype: int, flags: int, fid: int, payload: bytes = b"", *, length: int | None = None,
-              crc: int | None = None) -> bytes:
-    """A frame built field by field; the codec refuses to encode invalid ones (e.g. type 42)."""
-    header = struct.pack("<2sBBHHQI", b"TQ", 1, ftype, flags, 0, fid, len(payload) if length is None else length)
-    if crc is None:
-        crc = crc32c(payload, crc32c(header))
-    return header + struct.pack("<I", crc) + payload
-
-
-def hello(role: str = "producer", name: str = "raw", **extra: Any) -> bytes:
-    doc = {"v": 1, "role": role, "name": name, "prefetch": 0 if role == "producer" else 4,
-           "nonce": os.urandom(16), "auth": None}
-    doc.update(extra)
-    return encode_frame(T.HELLO, 0, 0, msgpack.packb(doc))
-
-
 def corrupted_send() -> bytes:
     frame = bytearray(encode_frame(T.SEND, 0, 1, b"Hello wold #0!"))
     frame[-1] ^= 0x01  # a payload bit flipped after the CRC was computed
     return bytes(frame)
-
-
-class RawConn:
-    """A blocking TCP socket to the broker with a frame decoder on the receiving side."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD)
-        self.local = "127.0.0.1:%d" % self.sock.getsockname()[1]  # the broker's name for this peer
-        self.decoder = FrameDecoder(DEFAULT_MAX_PAYLOAD)
-        self.frames: list[tuple[int, int, int, bytes]] = []
-        self.eof = False
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _recv(self) -> None:
-        try:
-            data = self.sock.recv(65536)
-        except socket.timeout:
-            raise AssertionError(f"no data and no EOF from the broker within {HANG_GUARD:g} s") from None
-        except ConnectionResetError as e:
-            raise AssertionError(f"broker reset the connection instead of closing it: {e}") from None
-        if not data:
-            self.eof = True
-        else:
-            self.frames.extend(self.decoder.feed(data))
-
-    def read_until_eof(self) -> list[tuple[int, int, int, bytes]]:
-        while not self.eof:
-            self._recv()
-        assert self.decoder.buffered == 0, "EOF in the middle of a frame"
-        return self.frames
-
-    def read_frame(self) -> tuple[int, int, int, bytes]:
-        """The next frame; fails on EOF."""
-        while not self.frames:
-            assert not self.eof, "broker closed the connection"
-            self._recv()
-        return self.frames.pop(0)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def error_doc(frame: tuple[int, int, int, bytes]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from teomq._core import frame_codec as core
 from teomq._py import frame_codec as twin
 from teomq._py.crc32c import crc32c
 from teomq.errors import ProtocolError
-from teomq.protocol import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, ErrorCode, Flag, FrameType
+from teomq.protocol import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, MAX_FRAME_TYPE, ErrorCode, Flag, FrameType
 
 CODECS = [core, twin]
 CODEC_IDS = ["core", "twin"]
@@ -36,7 +36,7 @@ Frame = tuple  # (type, flags, id, payload)
 
 def frames_st(max_payload: int = 4096, max_frames: int = 8) -> st.SearchStrategy[list[Frame]]:
     frame = st.tuples(
-        st.integers(1, 9),
+        st.integers(1, MAX_FRAME_TYPE),
         st.integers(0, 0xFFFF),
         st.integers(0, U64_MAX),
         st.binary(max_size=max_payload),
@@ -113,7 +113,7 @@ def spec_header_verdict(header: bytes, max_payload: int) -> int | None:
     magic, version, ftype, _flags, reserved, _fid, length, _crc = HEADER.unpack(header)
     if magic != b"TQ" or version != 1 or reserved != 0:
         return ErrorCode.BAD_FRAME
-    if not 1 <= ftype <= 9:
+    if not 1 <= ftype <= 10:  # the spec (docs/protocol.md): types 1..10
         return ErrorCode.UNKNOWN_TYPE
     if length > max_payload:
         return ErrorCode.TOO_LARGE
@@ -186,7 +186,7 @@ def test_write_buffer_is_reusable(codec):
 
 BAD_ADD_ARGS = [
     pytest.param((0, 0, 0), ValueError, id="type 0"),
-    pytest.param((10, 0, 0), ValueError, id="type 10"),
+    pytest.param((MAX_FRAME_TYPE + 1, 0, 0), ValueError, id="type past the last"),
     pytest.param((-1, 0, 0), ValueError, id="type -1"),
     pytest.param((255, 0, 0), ValueError, id="type 255"),
     pytest.param((3, -1, 0), ValueError, id="flags -1"),
@@ -335,7 +335,7 @@ def test_nonzero_reserved(reserved):
 
 
 def test_unknown_types():
-    for ftype in [0, *range(10, 256)]:
+    for ftype in [0, *range(MAX_FRAME_TYPE + 1, 256)]:
         assert_refused(whole(raw_frame(ftype, 0, 1, b"abc")), ErrorCode.UNKNOWN_TYPE)
 
 
@@ -425,7 +425,7 @@ def flip_verdict(frames: list[Frame], stream: bytes, pos: int, mask: int, max_pa
     if off in (0, 1, 2, 6, 7):  # magic, version, reserved
         return k, ErrorCode.BAD_FRAME
     if off == 3:
-        return k, ErrorCode.BAD_CHECKSUM if 1 <= stream[pos] ^ mask <= 9 else ErrorCode.UNKNOWN_TYPE
+        return k, ErrorCode.BAD_CHECKSUM if 1 <= stream[pos] ^ mask <= MAX_FRAME_TYPE else ErrorCode.UNKNOWN_TYPE
     if 16 <= off < 20:
         length = len(frames[k][3]) ^ (mask << (8 * (off - 16)))
         if length > max_payload:

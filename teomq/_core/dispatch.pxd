@@ -47,6 +47,14 @@ cdef class CoreConnection:
     cdef bint unlisted
     cdef bint slow                   # its backlog reached backlog_max: new copies are dropped
     cdef readonly uint64_t slow_dropped   # fanout copies dropped because its backlog was full
+    # flow control without pausing reads (role both: its answers must keep coming): while
+    # hold_sends is set, whole SEND frames are parked here, in order, and accepted later
+    cdef public bint hold_sends
+    cdef char *parked
+    cdef size_t parked_len
+    cdef size_t parked_cap
+    cdef readonly uint32_t n_parked
+    cdef readonly uint64_t n_refused      # its SENDs refused QUEUE_FULL
 
     cdef int _process(self) except -1
     cdef int _mark_dirty(self) except -1
@@ -55,6 +63,7 @@ cdef class CoreConnection:
     cdef void _clear_out(self) noexcept
     cdef int _reserve(self, size_t pos, size_t total) except -1
     cdef void _shrink(self) noexcept
+    cdef int _park(self, const char *frame, size_t total, FrameHeader *h) except -1
 
 
 cdef class Dispatcher:
@@ -71,7 +80,9 @@ cdef class Dispatcher:
     cdef object scheduler      # callable(callback): run callback once, later in this loop pass
     cdef object flush_cb
     cdef public object on_message   # None, or callable(conn, msg_id, payload) per accepted message
-    cdef public object on_backpressure  # None, or callable(bool): queue above its high mark / back at low
+    cdef public object on_backpressure  # None, or callable(bool): held messages above the high mark / back at low
+    cdef public object on_refused       # None, or callable(): a SEND was refused since refusal_noted was cleared
+    cdef public bint refusal_noted      # set when on_refused is called; the control plane clears it
     cdef readonly size_t queue_high
     cdef readonly size_t queue_low
     cdef readonly bint backpressure
@@ -85,6 +96,7 @@ cdef class Dispatcher:
     cdef readonly uint64_t n_refused
     cdef readonly uint64_t n_unknown_answers
     cdef readonly uint64_t n_inflight
+    cdef readonly uint64_t n_copies_inflight  # of them, fanout copies (not counted toward queue_max)
     # command mode (table is None in the basic scheme)
     cdef readonly CommandTable table
     cdef list routes             # route index -> Route
@@ -113,6 +125,8 @@ cdef class Dispatcher:
     cdef int drain_routes(self) except -1
     cdef int drop_subs(self, CoreConnection conn) except -1
     cdef size_t queued(self) noexcept
+    cdef size_t held(self) noexcept
+    cdef int refuse(self, CoreConnection conn, uint64_t fid) except -1
     cdef int on_command_hook(self, CoreConnection conn, int kind, FrameHeader *h,
                              const char *p, size_t n) except -1
     cdef int32_t _route_index(self, name) except -2

@@ -47,6 +47,7 @@ from teomq.errors import ProtocolError
 
 cdef size_t READ_CHUNK = 65536        # free space offered to each read
 cdef size_t READ_KEEP = 1 << 20       # a read buffer above this shrinks back once empty
+cdef size_t PARK_MIN = 4 << 20        # parked SENDs a connection may have (or two of the largest frames)
 # API command numbers of SEND frames flagged API (the original's 129 and 130)
 cdef enum:
     API_HELLO = 129
@@ -86,6 +87,7 @@ cdef class CoreConnection:
         self.fd = -1
         self.subs = NULL
         self.backlog = None
+        self.parked = NULL
         disp.next_gen += 1
         self.gen = disp.next_gen
         if disp.free_slots:
@@ -98,6 +100,7 @@ cdef class CoreConnection:
     def __dealloc__(self):
         free(self.rbuf)
         free(self.subs)
+        free(self.parked)
 
     # -- read path ------------------------------------------------------------------------
 
@@ -184,6 +187,68 @@ cdef class CoreConnection:
             self.rbuf = nb
             self.rcap = READ_CHUNK
 
+    # -- SENDs held back (hold_sends) -------------------------------------------------------
+
+    cdef int _park(self, const char *frame, size_t total, FrameHeader *h) except -1:
+        # Keep a verified SEND frame whole, in arrival order, for release_sends(). Bounded:
+        # a peer that ignores FLOW (or has none) is refused past the bound, not buffered.
+        cdef size_t limit = 2 * (HEADER_SIZE + <size_t>self.disp.max_payload)
+        if limit < PARK_MIN:
+            limit = PARK_MIN
+        if self.parked_len + total > limit:
+            return self.disp.refuse(self, h.fid)
+        if self.parked == NULL:
+            self.parked = <char *>malloc(READ_CHUNK)
+            if self.parked == NULL:
+                raise MemoryError()
+            self.parked_cap = READ_CHUNK
+        grow_buffer(&self.parked, &self.parked_cap, self.parked_len + total)
+        memcpy(self.parked + self.parked_len, frame, total)
+        self.parked_len += total
+        self.n_parked += 1
+        return 0
+
+    def release_sends(self):
+        """Accept the parked SENDs, in order, until hold_sends is set again; then deliver."""
+        cdef Dispatcher disp = self.disp
+        cdef FrameHeader h
+        cdef char *buf = self.parked
+        cdef size_t n = self.parked_len
+        cdef size_t cap = self.parked_cap
+        cdef size_t pos = 0
+        cdef size_t total
+        self.parked = NULL          # taken over: what accept() parks again starts a new buffer
+        self.parked_len = 0
+        self.parked_cap = 0
+        try:
+            while pos < n and not self.hold_sends and not self.detached:
+                parse_header(buf + pos, &h, disp.max_payload)  # verified when it was parked
+                total = HEADER_SIZE + <size_t>h.length
+                pos += total
+                self.n_parked -= 1
+                disp.accept(self, &h, buf + pos - h.length)
+        finally:
+            if pos < n and not self.detached:
+                # held again: the rest goes back in front of anything parked meanwhile
+                memmove(buf, buf + pos, n - pos)
+                n -= pos
+                if self.parked_len:
+                    grow_buffer(&buf, &cap, n + self.parked_len)
+                    memcpy(buf + n, self.parked, self.parked_len)
+                    free(self.parked)
+                self.parked = buf
+                self.parked_len = n + self.parked_len
+                self.parked_cap = cap
+            else:
+                free(buf)
+            disp.pump()
+            disp.schedule_flush()
+
+    @property
+    def parked_sends(self) -> int:
+        """SENDs held back, not yet accepted."""
+        return self.n_parked
+
     # -- output ---------------------------------------------------------------------------
 
     cdef int _mark_dirty(self) except -1:
@@ -249,6 +314,8 @@ cdef class CoreConnection:
             return
         self.detached = True
         self.fd = -1
+        self.parked_len = 0         # never accepted: the client never had them confirmed
+        self.n_parked = 0
         if self.consumer:
             self.consumer = False
             disp.consumers -= 1
@@ -352,6 +419,21 @@ cdef class Dispatcher:
     cdef size_t queued(self) noexcept:
         return self.queue.count + self.n_route_queued
 
+    cdef size_t held(self) noexcept:
+        # Every message the broker holds for a producer: waiting or in flight. The one thing
+        # queue_max bounds (and the high and low marks of back-pressure watch). Fanout copies
+        # belong to their subscribers and are bounded per subscriber (prefetch, backlog_max).
+        return self.queue.count + self.n_route_queued + self.n_inflight - self.n_copies_inflight
+
+    cdef int refuse(self, CoreConnection conn, uint64_t fid) except -1:
+        self.n_refused += 1
+        conn.n_refused += 1
+        conn._add_error(E_QUEUE_FULL, fid, ERR_QUEUE_FULL)
+        if not self.refusal_noted and self.on_refused is not None:
+            self.refusal_noted = True   # one call until the control plane has logged it
+            self.on_refused()
+        return 0
+
     cdef int accept(self, CoreConnection conn, FrameHeader *h, const char *payload) except -1:
         if self.table is not None or h.flags & F_API:
             return self.accept_command(conn, h, payload)
@@ -363,10 +445,11 @@ cdef class Dispatcher:
         # the basic queue (route -1) or a command route. Refused at the bound: QUEUE_FULL.
         cdef Msg m
         cdef Route r
-        if self.queued() >= self.queue.max_items:
-            self.n_refused += 1
-            conn._add_error(E_QUEUE_FULL, h.fid, ERR_QUEUE_FULL)
-            return 0
+        if conn.hold_sends or conn.parked_len:
+            # held back (role both, held messages at the high mark): the whole frame waits
+            return conn._park(p + n - h.length - HEADER_SIZE, HEADER_SIZE + <size_t>h.length, h)
+        if self.held() >= self.queue.max_items:
+            return self.refuse(conn, h.fid)
         m.data = payload_new(n)
         if m.data == NULL:
             raise MemoryError()
@@ -393,7 +476,7 @@ cdef class Dispatcher:
             else:
                 self.route_fanout(r, &m)
         self.n_in += 1
-        if not self.backpressure and self.queued() >= self.queue_high:
+        if not self.backpressure and self.held() >= self.queue_high:
             self.backpressure = True
             if self.on_backpressure is not None:
                 self.on_backpressure(True)
@@ -530,12 +613,16 @@ cdef class Dispatcher:
         f.next = self.free_flight
         self.free_flight = idx
         self.n_inflight -= 1
+        if f.msg.copy:
+            self.n_copies_inflight -= 1
 
     cdef int deliver(self, CoreConnection conn, Msg *m) except -1:
         cdef uint64_t did
         cdef int32_t idx = self.flight_alloc()
         cdef Flight *f = &self.flights[idx]
         f.msg = m[0]
+        if m.copy:
+            self.n_copies_inflight += 1
         f.consumer = conn.slot
         f.prev = conn.fl_tail
         f.next = -1
@@ -776,7 +863,7 @@ cdef class Dispatcher:
             self.deliver(c, &m)
             if c.credit > 0:
                 self.ready_push(c)
-        if self.backpressure and self.queued() <= self.queue_low:
+        if self.backpressure and self.held() <= self.queue_low:
             self.backpressure = False
             if self.on_backpressure is not None:
                 self.on_backpressure(False)
@@ -924,6 +1011,7 @@ cdef class Dispatcher:
             "refused": self.n_refused,
             "unknown_answers": self.n_unknown_answers,
             "queue": self.queued(),
+            "held": self.held(),
             "inflight": self.n_inflight,
             "consumers": self.consumers,
             "backpressure": int(self.backpressure),

@@ -23,7 +23,8 @@ cdef enum FrameType:
     T_ERROR = 7
     T_PING = 8
     T_PONG = 9
-    T_MAX = 9
+    T_FLOW = 10          # broker -> client that announced "flow": flags 1 hold SENDs back, 0 go on
+    T_MAX = 10
 
 cdef enum FrameFlag:
     F_NO_REPLY = 0x1
