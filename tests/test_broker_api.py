@@ -20,20 +20,11 @@ import teomq
 from teomq import BrokerError, ConnectionLost
 from teomq._core.frame_codec import FrameDecoder, encode_frame
 from teomq.protocol import DEFAULT_MAX_PAYLOAD, ErrorCode, FrameType
+from waiting import until
 
 pytestmark = pytest.mark.usefixtures("teomq_home")
 
 LONG = 30.0  # request timeouts: far beyond anything these tests wait for
-
-
-async def until(pred: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Poll ``pred`` until true; a hang guard for a loaded machine, not a timing assertion."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"gave up after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def make_broker(tmp_path: Path, **kw: Any) -> teomq.Broker:

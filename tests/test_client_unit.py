@@ -17,7 +17,6 @@ from typing import Any
 
 import msgpack
 import pytest
-import uvloop
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,34 +25,7 @@ from teomq.client import Client, Consumer, Producer, _to_payload
 from teomq.errors import AddressError, BrokerError, ConnectionLost, RequestTimeout
 from teomq.identity import BrokerIdentity
 from teomq.protocol import DEFAULT_MAX_PAYLOAD, ErrorCode, Flag, FrameType as T
-
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.SelectorEventLoop,
-    "uvloop": uvloop.new_event_loop,
-}
-
-
-@pytest.fixture(params=sorted(LOOPS))
-def run(request: pytest.FixtureRequest) -> Callable[[Any], Any]:
-    factory = LOOPS[request.param]
-
-    def runner(coro: Any) -> Any:
-        with asyncio.Runner(loop_factory=factory) as r:
-            loop = r.get_loop()
-            assert isinstance(loop, uvloop.Loop) == (request.param == "uvloop")
-            return r.run(asyncio.wait_for(coro, 30))  # a hang guard, not a timing assertion
-
-    return runner
-
-
-async def until(pred: Callable[[], bool], what: str = "condition") -> None:
-    """Poll ``pred`` (generous deadline: a hang guard for a loaded machine)."""
-    for _ in range(2000):
-        if pred():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"gave up waiting for {what}")
-
+from waiting import until
 
 def echo(conn: PeerConn, flags: int, fid: int, payload: bytes) -> None:
     if not flags & Flag.NO_REPLY:
@@ -166,7 +138,7 @@ def free_port() -> int:
 # --- producing ----------------------------------------------------------------------------
 
 
-def test_request_round_trip_and_hello(run):
+def test_request_round_trip_and_hello(arun):
     async def main():
         async with Peer() as peer:
             async with Producer(peer.spec, name="p1") as p:
@@ -190,10 +162,10 @@ def test_request_round_trip_and_hello(run):
                     assert await p.request(b"x") == b"re:x"
             assert len({h["nonce"] for h in peer.hellos}) == 3
 
-    run(main())
+    arun(main())
 
 
-def test_many_in_flight_matched_by_id(run):
+def test_many_in_flight_matched_by_id(arun):
     n = 300
 
     def reverse_batch(conn, flags, fid, payload):
@@ -208,10 +180,10 @@ def test_many_in_flight_matched_by_id(run):
             assert got == [b"re:m%d" % i for i in range(n)]
             assert sorted(fid for _, fid, _ in peer.sends) == list(range(1, n + 1))
 
-    run(main())
+    arun(main())
 
 
-def test_frames_of_one_pass_go_out_in_one_write(run):
+def test_frames_of_one_pass_go_out_in_one_write(arun):
     async def main():
         async with Peer() as peer, Producer(peer.spec) as p:
             for _ in range(100):
@@ -224,10 +196,10 @@ def test_frames_of_one_pass_go_out_in_one_write(run):
             assert {flags for flags, _, _ in peer.sends} == {Flag.NO_REPLY}
             assert p.pending == 0
 
-    run(main())
+    arun(main())
 
 
-def test_send_callback_called_exactly_once(run):
+def test_send_callback_called_exactly_once(arun):
     def script(conn, flags, fid, payload):
         (hold if payload.startswith(b"hold") else echo)(conn, flags, fid, payload)
 
@@ -254,10 +226,10 @@ def test_send_callback_called_exactly_once(run):
             with pytest.raises(TypeError):
                 p.send(b"x", None)  # type: ignore[arg-type]
 
-    run(main())
+    arun(main())
 
 
-def test_timeouts_default_and_custom(run):
+def test_timeouts_default_and_custom(arun):
     async def main():
         async with Peer(on_send=hold) as peer, Producer(peer.spec, timeout=0.2) as p:
             with pytest.raises(RequestTimeout, match="within 0.2 s"):
@@ -267,9 +239,12 @@ def test_timeouts_default_and_custom(run):
             # a long custom timeout outlives waves of default ones
             long = asyncio.ensure_future(p.request(b"long", timeout=30))
             short = []
-            for _ in range(3):
+            conn = p._conn
+            for _ in range(3):  # three waves, each in a deadline bucket of its own
+                last = conn._core.next_id + 19
                 short += [asyncio.ensure_future(p.request(b"s")) for _ in range(20)]
-                await asyncio.sleep(0.06)
+                await until(lambda: conn._core.next_id > last, "the wave sent")
+                await until(lambda: conn._bucket_last >= last, "a tick bucketing the wave")
             results = await asyncio.gather(*short, return_exceptions=True)
             assert all(isinstance(r, RequestTimeout) for r in results)
             assert not long.done() and p.pending == 1
@@ -279,10 +254,10 @@ def test_timeouts_default_and_custom(run):
             with pytest.raises(ValueError):
                 await p.request(b"x", timeout=0)
 
-    run(main())
+    arun(main())
 
 
-def test_cancelled_request_is_forgotten(run):
+def test_cancelled_request_is_forgotten(arun):
     def script(conn, flags, fid, payload):
         (hold if payload == b"x" else echo)(conn, flags, fid, payload)
 
@@ -297,10 +272,10 @@ def test_cancelled_request_is_forgotten(run):
             peer.release()
             assert await p.request(b"y") == b"re:y"  # after the dropped late answer
 
-    run(main())
+    arun(main())
 
 
-def test_queue_full_fails_only_that_request(run):
+def test_queue_full_fails_only_that_request(arun):
     def script(conn, flags, fid, payload):
         if payload == b"full":
             conn.error(fid, ErrorCode.QUEUE_FULL, "queue is full: message not accepted")
@@ -318,10 +293,10 @@ def test_queue_full_fails_only_that_request(run):
             assert len(got) == 1 and isinstance(got[0][2], BrokerError) and got[0][1] is None
             assert p.connected and p.pending == 0
 
-    run(main())
+    arun(main())
 
 
-def test_connection_lost_fails_every_pending_request(run):
+def test_connection_lost_fails_every_pending_request(arun):
     def script(conn, flags, fid, payload):
         hold(conn, flags, fid, payload)
         if len(conn.peer.held) == 5:
@@ -346,10 +321,10 @@ def test_connection_lost_fails_every_pending_request(run):
                 p.publish(b"after")
             await p.close()  # idempotent after a loss
 
-    run(main())
+    arun(main())
 
 
-def test_fatal_error_frame_closes_connection(run):
+def test_fatal_error_frame_closes_connection(arun):
     def script(conn, flags, fid, payload):
         conn.error(0, ErrorCode.SHUTDOWN, "broker is stopping")
         conn.transport.close()
@@ -361,10 +336,10 @@ def test_fatal_error_frame_closes_connection(run):
             assert isinstance(ei.value.__cause__, BrokerError)
             assert ei.value.__cause__.code == ErrorCode.SHUTDOWN
 
-    run(main())
+    arun(main())
 
 
-def test_unexpected_frame_from_broker_is_fatal(run):
+def test_unexpected_frame_from_broker_is_fatal(arun):
     async def main():
         async with Peer(after_welcome=[(T.SEND, 0, 9, b"?")]) as peer:
             p = Producer(peer.spec)
@@ -374,18 +349,18 @@ def test_unexpected_frame_from_broker_is_fatal(run):
             await until(lambda: peer.errors, "the client's ERROR")
             assert peer.errors[0]["code"] == ErrorCode.NOT_ALLOWED
 
-    run(main())
+    arun(main())
 
 
-def test_ping_is_answered(run):
+def test_ping_is_answered(arun):
     async def main():
         async with Peer(after_welcome=[(T.PING, 0, 77, b"")]) as peer, Producer(peer.spec):
             await until(lambda: peer.pongs == [77], "PONG 77")
 
-    run(main())
+    arun(main())
 
 
-def test_payload_limit_from_welcome_and_local(run):
+def test_payload_limit_from_welcome_and_local(arun):
     async def main():
         def ok(conn, flags, fid, payload):
             conn.send(T.REPLY, 0, fid, b"ok")
@@ -407,10 +382,10 @@ def test_payload_limit_from_welcome_and_local(run):
                 with pytest.raises(ValueError, match="limit of 10"):
                     await p.request(b"x" * 11)
 
-    run(main())
+    arun(main())
 
 
-def test_broker_held_to_its_own_payload_limit(run):
+def test_broker_held_to_its_own_payload_limit(arun):
     def too_big(conn, flags, fid, payload):
         conn.send(T.REPLY, 0, fid, b"y" * 1001)
 
@@ -421,10 +396,10 @@ def test_broker_held_to_its_own_payload_limit(run):
             await until(lambda: peer.errors, "the client's ERROR")
             assert peer.errors[0]["code"] == ErrorCode.TOO_LARGE
 
-    run(main())
+    arun(main())
 
 
-def test_flow_control_request_waits_for_resume(run):
+def test_flow_control_request_waits_for_resume(arun):
     async def main():
         async with Peer() as peer, Producer(peer.spec) as p:
             await until(lambda: peer.conns, "peer connection")
@@ -437,39 +412,39 @@ def test_flow_control_request_waits_for_resume(run):
                 await asyncio.sleep(0)
             assert p._conn.paused
             task = asyncio.ensure_future(p.request(b"after", timeout=30))
-            await asyncio.sleep(0.05)
+            await until(lambda: p._conn._resume is not None, "the request waiting for resume")
             assert not task.done() and p.pending == 0  # waiting for resume, not sent
             drain = asyncio.ensure_future(p.drain())
             peer.conns[0].transport.resume_reading()
             assert await task == b"re:after"
             await drain
 
-    run(main())
+    arun(main())
 
 
 # --- connecting ---------------------------------------------------------------------------
 
 
-def test_wrong_expected_address(run):
+def test_wrong_expected_address(arun):
     async def main():
         async with Peer() as peer:
             other = BrokerIdentity.generate().address
             with pytest.raises(AddressError, match=f"expected {other}"):
                 await Producer(f"{other}@127.0.0.1:{peer.port}").connect()
 
-    run(main())
+    arun(main())
 
 
-def test_bad_welcome_signature(run):
+def test_bad_welcome_signature(arun):
     async def main():
         async with Peer(sign_nonce=lambda n: bytes(16)) as peer:
             with pytest.raises(AddressError, match="does not verify"):
                 await Producer(peer.spec).connect()
 
-    run(main())
+    arun(main())
 
 
-def test_hello_refused(run):
+def test_hello_refused(arun):
     def refuse(conn, hello):
         conn.error(0, ErrorCode.HANDSHAKE, "unknown client")
         conn.transport.close()
@@ -480,10 +455,10 @@ def test_hello_refused(run):
                 await Producer(peer.spec).connect()
             assert ei.value.code == ErrorCode.HANDSHAKE
 
-    run(main())
+    arun(main())
 
 
-def test_no_welcome_and_refused_connection(run):
+def test_no_welcome_and_refused_connection(arun):
     async def main():
         async with Peer(on_hello=lambda conn, hello: None) as peer:
             with pytest.raises(ConnectionLost, match="no WELCOME within 0.5 s"):
@@ -492,7 +467,7 @@ def test_no_welcome_and_refused_connection(run):
         with pytest.raises(ConnectionLost, match=f"cannot connect to broker at 127.0.0.1:{port}"):
             await Producer(("127.0.0.1", port)).connect()
 
-    run(main())
+    arun(main())
 
 
 def test_misuse_is_reported():
@@ -515,7 +490,7 @@ def deliveries(*payloads: bytes, first: int = 100) -> list[tuple[int, int, int, 
     return [(T.DELIVER, 0, first + i, pl) for i, pl in enumerate(payloads)]
 
 
-def test_consumer_sync_handler(run):
+def test_consumer_sync_handler(arun):
     frames = deliveries(b"a", b"b", b"c")
     frames[1] = (T.DELIVER, Flag.REDELIVERED, 101, b"b")
 
@@ -532,7 +507,7 @@ def test_consumer_sync_handler(run):
             with pytest.raises(RuntimeError, match="cannot produce"):
                 await c.request(b"x")
 
-    run(main())
+    arun(main())
 
 
 RESULTS: dict[bytes, Any] = {
@@ -557,7 +532,7 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("kind", ["sync", "async", "returns-awaitable"])
-def test_consumer_answer_normalisation_and_errors(run, kind, caplog):
+def test_consumer_answer_normalisation_and_errors(arun, kind, caplog):
     def sync_handler(data: bytes) -> Any:
         if data == b"raise":
             raise RuntimeError("boom")
@@ -579,7 +554,7 @@ def test_consumer_answer_normalisation_and_errors(run, kind, caplog):
             assert c.stats["received"] == 8 and c.stats["answered"] == 5 and c.stats["errors"] == 3
 
     with caplog.at_level(logging.ERROR, logger="teomq.consumer"):
-        run(main())
+        arun(main())
     messages = [r.getMessage() for r in caplog.records if r.name == "teomq.consumer"]
     assert any("delivery 107: handler raised" in m for m in messages)
     assert any(r.exc_info and "boom" in str(r.exc_info[1]) for r in caplog.records)
@@ -587,7 +562,7 @@ def test_consumer_answer_normalisation_and_errors(run, kind, caplog):
     assert any("over the limit of 1000" in m for m in messages)
 
 
-def test_async_handlers_bounded_by_prefetch(run):
+def test_async_handlers_bounded_by_prefetch(arun):
     frames = deliveries(*(b"m%d" % i for i in range(10)))
 
     async def main():
@@ -610,10 +585,10 @@ def test_async_handlers_bounded_by_prefetch(run):
             assert peak == 4
             assert sorted(peer.answers) == [(0, 100 + i, b"M%d" % i) for i in range(10)]
 
-    run(main())
+    arun(main())
 
 
-def test_close_lets_running_handlers_answer(run):
+def test_close_lets_running_handlers_answer(arun):
     async def main():
         gate = asyncio.Event()
         started = asyncio.Event()
@@ -635,10 +610,10 @@ def test_close_lets_running_handlers_answer(run):
             await until(lambda: peer.answers, "the ANSWER")
             assert peer.answers == [(0, 100, b"done")]
 
-    run(main())
+    arun(main())
 
 
-def test_consumer_that_also_produces(run):
+def test_consumer_that_also_produces(arun):
     async def main():
         async with Peer(after_welcome=deliveries(b"d")) as peer:
             async with Consumer(peer.spec, lambda d: d, producer=True, prefetch=2) as c:
@@ -647,7 +622,7 @@ def test_consumer_that_also_produces(run):
             assert peer.hellos[0]["role"] == "both" and peer.hellos[0]["prefetch"] == 2
             assert peer.answers == [(0, 100, b"d")]
 
-    run(main())
+    arun(main())
 
 
 # --- pure functions -----------------------------------------------------------------------

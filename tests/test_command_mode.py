@@ -25,7 +25,8 @@ from teomq import BrokerError, UnknownCommand
 from teomq._core.frame_codec import FrameDecoder, encode_frame
 from teomq.commands import BROKER_COMMANDS, Command, CommandCall, CommandSchema, parse_command_spec
 from teomq.protocol import DEFAULT_MAX_PAYLOAD, ErrorCode, Flag, FrameType
-from test_broker_api import LONG, assert_idle, make_broker, spec, until
+from test_broker_api import LONG, assert_idle, make_broker, spec
+from waiting import until
 
 pytestmark = pytest.mark.usefixtures("teomq_home")
 
@@ -432,10 +433,11 @@ def test_fanout_to_a_slow_prefetch_1_consumer_keeps_every_copy_in_order(arun: An
     async def main() -> None:
         async with command_broker(tmp_path) as broker:
             slow, fast = Recorder("slow"), Recorder("fast")
+            gate = asyncio.Event()
 
             async def sluggish(data: bytes) -> bytes:
                 slow.got.append(data)
-                await asyncio.sleep(0.002)
+                await gate.wait()  # holds its one credit until every copy is waiting for it
                 return slow.answer(data)
 
             sc = teomq.Consumer(spec(broker), sluggish, name="slow", prefetch=1)
@@ -444,7 +446,11 @@ def test_fanout_to_a_slow_prefetch_1_consumer_keeps_every_copy_in_order(arun: An
             fc = await consumer_for(broker, fast, "a")
             async with teomq.Producer(spec(broker), name="p", timeout=LONG) as producer:
                 texts = [f"a/{i}" for i in range(40)]
-                results = await asyncio.gather(*(producer.collect(t, expect=2) for t in texts))
+                collecting = [asyncio.ensure_future(producer.collect(t, expect=2)) for t in texts]
+                await until(lambda: len(fast.got) == 40, "the fast consumer's 40 copies")
+                assert len(slow.got) == 1 and broker.stats()["backlog"] == 39  # kept for the slow one
+                gate.set()
+                results = await asyncio.gather(*collecting)
                 for t, got in zip(texts, results):
                     assert sorted(got) == [f"fast: {t}".encode(), f"slow: {t}".encode()]
             assert slow.got == fast.got == [t.encode() for t in texts]
