@@ -294,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("bench", help="benchmark a broker end to end (rpc, publish, drain)",
                        description=bench.DESCRIPTION, allow_abbrev=False)
     )
+    # listed here for --help; main() hands everything after "example" to teomq.example_cli
+    sub.add_parser("example", add_help=False,
+                   help="run one of the original's example programs: teomq example NAME ROLE [flags] "
+                   "(teomq example --help lists them)")
     return parser
 
 
@@ -302,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``teomq``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["example"]:  # the example's own flags follow: its parser, not ours, reads them
+        from teomq.example_cli import main as example_main
+
+        return example_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.subcommand == "bench":  # runs its own processes and loops: no logging set-up, no loop here
         from teomq.benchmark.command import run as run_bench

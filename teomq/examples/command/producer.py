@@ -1,6 +1,6 @@
 """The command example's producer: it sends ``version/some_data`` and prints every answer with its time.
 
-    python -m examples.command.producer -broker=<address> [-delay=1000000] [-timeout=5]
+    teomq example command producer -broker=<address> [-delay=1000000] [-timeout=5]
 
 ``version`` is a fanout command: every subscribed consumer answers, so the producer
 collects answers until its timeout, as the original's command-mode producer does.
@@ -12,10 +12,11 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
 
-from examples._common import Pending, main, parser, say
 from teomq import Producer
+from teomq.examples._common import Pending, parser, run_example, say
 
 
 async def produce(args: argparse.Namespace) -> None:
@@ -37,5 +38,11 @@ async def produce(args: argparse.Namespace) -> None:
             await asyncio.sleep(args.delay / 1e6)
 
 
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run the producer with ``argv`` (default: the command line) until Ctrl+C."""
+    return run_example(produce, parser("Command example producer: sends version/some_data.", prog=prog, producer=True),
+                       argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main(produce, parser("Command example producer: sends version/some_data.", producer=True)))
+    sys.exit(main())

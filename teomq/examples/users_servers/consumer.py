@@ -1,7 +1,7 @@
 """The users_servers example's consumer: it logs num_players and num_servers and answers version.
 
-    python -m examples.users_servers.consumer -broker=<address>
-    python -m examples.users_servers.consumer -broker=<address> -api    # as consumer_api -api
+    teomq example users_servers consumer -broker=<address>
+    teomq example users_servers consumer -broker=<address> -api    # as consumer_api -api
 
 Without ``-api`` it subscribes with the client's subscribe() (``subscribe/<cmd>``); with
 ``-api`` it goes through the broker's API commands as the original's consumer_api does:
@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
-from examples._common import main, parser, run_consumer, say
 from teomq import Consumer
 from teomq.commands import CommandCall
+from teomq.examples._common import parser, run_consumer, run_example, say
 
 APP_VERSION = "0.0.1"
 
@@ -49,5 +50,11 @@ async def consume(args: argparse.Namespace) -> None:
         await run_consumer(consumer, args.stat)
 
 
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run the consumer with ``argv`` (default: the command line) until Ctrl+C."""
+    return run_example(consume, parser("users_servers consumer: logs num_players and num_servers.", prog=prog,
+                                       api=True), argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main(consume, parser("users_servers consumer: logs num_players and num_servers.", api=True)))
+    sys.exit(main())

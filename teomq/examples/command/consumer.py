@@ -1,16 +1,17 @@
 """The command example's consumer: it handles ``version`` and answers ``version: <v>, data: <data>``.
 
-    python -m examples.command.consumer -broker=<address>
+    teomq example command consumer -broker=<address>
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
-from examples._common import main, parser, run_consumer, say
 from teomq import Consumer
 from teomq.commands import CommandCall
+from teomq.examples._common import parser, run_consumer, run_example, say
 
 APP_VERSION = "0.0.1"
 
@@ -30,5 +31,10 @@ async def consume(args: argparse.Namespace) -> None:
         await run_consumer(consumer, args.stat)
 
 
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run the consumer with ``argv`` (default: the command line) until Ctrl+C."""
+    return run_example(consume, parser("Command example consumer: answers the version command.", prog=prog), argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main(consume, parser("Command example consumer: answers the version command.")))
+    sys.exit(main())

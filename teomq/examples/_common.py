@@ -17,9 +17,10 @@ from teomq.loops import run
 log = logging.getLogger("teomq.examples")
 
 
-def parser(description: str, *, producer: bool = False, api: bool = False) -> argparse.ArgumentParser:
+def parser(description: str, *, prog: str | None = None, producer: bool = False,
+           api: bool = False) -> argparse.ArgumentParser:
     """The example programs' flags, in the Go original's single-dash form (``-broker=X``) or ``--broker X``."""
-    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     flag(p, "broker", required=True, metavar="BROKER",
          help="broker address (from the broker's first line), <address>@host:port, host:port or :port")
     flag(p, "name", default=None, help="this application's short name (default: the program's)")
@@ -36,8 +37,8 @@ def parser(description: str, *, producer: bool = False, api: bool = False) -> ar
     return p
 
 
-def main(build: Callable[[argparse.Namespace], Awaitable[None]], p: argparse.ArgumentParser,
-         argv: Sequence[str] | None = None) -> int:
+def run_example(build: Callable[[argparse.Namespace], Awaitable[None]], p: argparse.ArgumentParser,
+                argv: Sequence[str] | None = None) -> int:
     """Parse flags and run ``build(args)`` on uvloop until it returns or Ctrl+C / SIGTERM."""
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,7 +1,7 @@
 """The users_servers example's producer: it sends ``<command>/<1..100>`` every ``-delay`` microseconds.
 
-    python -m examples.users_servers.producer -broker=<address> -name=producer-1 -command=num_servers
-    python -m examples.users_servers.producer -broker=<address> -name=producer-2 -command=num_players
+    teomq example users_servers producer -broker=<address> -name=producer-1 -command=num_servers
+    teomq example users_servers producer -broker=<address> -name=producer-2 -command=num_players
 
 Each is a fanout command; the producer prints every consumer's answer as it comes.
 """
@@ -12,10 +12,11 @@ import argparse
 import asyncio
 import random
 import sys
+from collections.abc import Sequence
 
-from examples._common import Pending, main, parser, say
 from teomq import Producer
 from teomq.argtypes import flag
+from teomq.examples._common import Pending, parser, run_example, say
 
 
 async def produce(args: argparse.Namespace) -> None:
@@ -35,12 +36,17 @@ async def produce(args: argparse.Namespace) -> None:
             await asyncio.sleep(args.delay / 1e6)
 
 
-def build_parser():  # noqa: ANN201 - argparse
-    p = parser("users_servers producer: sends num_players or num_servers values.", producer=True)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = parser("users_servers producer: sends num_players or num_servers values.", prog=prog, producer=True)
     flag(p, "command", choices=("num_players", "num_servers"), default="num_players",
          help="the command to send (default: %(default)s)")
     return p
 
 
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run the producer with ``argv`` (default: the command line) until Ctrl+C."""
+    return run_example(produce, build_parser(prog), argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main(produce, build_parser()))
+    sys.exit(main())
