@@ -1,7 +1,7 @@
 """The web consumer in a real browser: Playwright driving Debian's chromium against real processes.
 
-The broker (``python -m examples.users_servers.broker``, its web port on ``:0``) and both
-producers run through the real CLI; the browser opens the page the broker serves. Three flows:
+The broker (``python -m teomq.examples.users_servers.broker``, its web port on ``:0``) and both
+producers run through the real CLI; the browser opens the page the broker serves. The flows:
 
 - ``/examples/users_servers/`` with ``/teomq.js``: connection state, live values, hello,
   the browser as a consumer in ``/stats``, and the consumer gone once the page is closed.
@@ -9,6 +9,9 @@ producers run through the real CLI; the browser opens the page the broker serves
   own (no teomq.js), in the order of the original ``client.js``.
 - a page that consumes with ``teomq.js``'s ``consume()``: it answers a queue command, and the
   message it holds when it is closed goes to a TCP consumer (REDELIVERED).
+- a page of another origin (a tiny HTTP server on another port): its WebSocket to the broker is
+  refused (403) and it cannot read ``/info``, while the broker's own page works; a broker started
+  with ``-web-origin`` for that origin lets it in, teomq.js imported from the broker included.
 
 Neither Playwright nor chromium is optional here: if one is missing the tests FAIL (CI installs
 both). The screenshot goes to ``test-output/`` at the repository root (``TEOMQ_TEST_OUTPUT``
@@ -17,12 +20,15 @@ moves it). Deadlines are hang guards for a loaded 2-core machine, not timing ass
 
 from __future__ import annotations
 
+import http.client
+import http.server
+import importlib.util
 import json
 import os
 import re
-import time
+import threading
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,12 +48,16 @@ PAGE_DEADLINE = 30_000
 VALUE_RE = re.compile(r"^\d+$")
 
 
+#: The example programs' package: teomq.examples where the examples live in teomq, else the top-level examples.
+EXAMPLES = "teomq.examples" if importlib.util.find_spec("teomq.examples") else "examples"
+
+
 def _users_servers(ex: ProcGroup) -> BrokerProc:
     """The users_servers broker and its two producers (a value every 0.2 s each)."""
-    broker = ex.broker(python_args=["-m", "examples.users_servers.broker"])
+    broker = ex.broker(python_args=["-m", f"{EXAMPLES}.users_servers.broker"])
     for i, cmd in ((1, "num_servers"), (2, "num_players")):
         ex.start(f"-broker={broker.address}", f"-name=producer-{i}", f"-command={cmd}", "-delay=200000",
-                 "-nomsg", label=f"producer-{i}", python_args=["-m", "examples.users_servers.producer"])
+                 "-nomsg", label=f"producer-{i}", python_args=["-m", f"{EXAMPLES}.users_servers.producer"])
     return broker
 
 
@@ -56,15 +66,17 @@ def _stats(port: int) -> dict[str, Any]:
         return json.load(response)
 
 
-def _wait_stats(port: int, pred: Callable[[dict[str, Any]], bool], what: str, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = _stats(port)
-        if pred(stats):
-            return stats
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout:g} s waiting for {what}; /stats: {stats}")
-        time.sleep(0.2)
+def _closed_sessions(broker: BrokerProc, n: int = 1) -> dict[str, Any]:
+    """Wait until the broker logged ``n`` WebSocket sessions as gone; then /stats.
+
+    The gateway logs a session's end after its consumer left the broker (its held messages
+    requeued), so the counters read after the line are those of after the close."""
+    broker.proc.wait_until(lambda out, err: sum(1 for line in err if _SESSION_GONE.search(line)) >= n,
+                           f"{n} web session(s) to end")
+    return _stats(broker.web_port)
+
+
+_SESSION_GONE = re.compile(r"INFO teomq\.web: web-\d+ \(web \S+\) disconnected")
 
 
 def _output_dir() -> Path:
@@ -148,16 +160,15 @@ def test_web_consumer_page(ex: ProcGroup) -> None:
 
         page.close()
         context.close()
-        _wait_stats(port, lambda s: s["broker"]["consumers"] == base and s["gateway"]["sessions"] == 0
-                    and s["gateway"]["consumers"] == 0, "the page's consumer to go")
+        stats = _closed_sessions(broker)
+        assert (stats["broker"]["consumers"], stats["gateway"]["sessions"], stats["gateway"]["consumers"]) == \
+            (base, 0, 0), stats
     assert broker.proc.alive, broker.proc.describe()
 
 
 #: The original client's flow in raw packets, written here independently of teomq.js. It runs
 #: as an ES module in the page and leaves what it saw in ``window.teoproxy``.
-STOCK_CLIENT = """
-const { url, broker } = window.teoproxyConfig;
-const seen = (window.teoproxy = { answers: [], pushes: [], bad: [], done: false });
+PACKETS = """
 const utf8 = new TextEncoder(), text = new TextDecoder();
 
 function pack(id, cmd, data) {
@@ -175,7 +186,11 @@ function unpack(message) {
   const id = (buf[0] | (buf[1] << 8) | (buf[2] << 16) | (buf[3] << 24)) >>> 0;
   return { id, cmd: buf[4], data: text.decode(buf.slice(5, -1)), ok: sum === buf[buf.length - 1] };
 }
+"""
 
+STOCK_CLIENT = PACKETS + """
+const { url, broker } = window.teoproxyConfig;
+const seen = (window.teoproxy = { answers: [], pushes: [], bad: [], done: false });
 const ws = new WebSocket(url);
 const waiting = new Map();
 let lastId = 0;
@@ -236,7 +251,7 @@ def test_stock_teoproxy_client(ex: ProcGroup) -> None:
         assert gateway["bad_packets"] == 0, gateway
         assert not problems, problems
         page.close()
-    _wait_stats(port, lambda s: s["gateway"]["sessions"] == 0, "the socket to close")
+    assert _closed_sessions(broker)["gateway"]["sessions"] == 0
 
 
 #: A page that consumes with teomq.js and answers only what ends in "/answer"; it holds the rest.
@@ -275,10 +290,161 @@ def test_an_answering_page_answers_and_its_held_message_is_redelivered_when_it_c
         assert (stats["inflight"], stats["consumers"]) == (1, 1), stats
         assert not problems, problems
         page.close()
-    _wait_stats(port, lambda s: s["broker"]["consumers"] == 0 and s["broker"]["queue"] == 1,
-                "the closed page's message back in the queue")
+    stats = _closed_sessions(broker)["broker"]  # the closed page's message is back in the queue
+    assert (stats["consumers"], stats["queue"]) == (0, 1), stats
     ex.start("consumer", f"-broker={broker.endpoint}", "-subscribe", "jobs", "-name", "c1", label="c1")
     held.wait_for_line(r"^p2 got answer: Answer to jobs/hold$")
     assert held.wait() == 0, held.describe()
     stats = _stats(port)["broker"]
     assert (stats["redelivered"], stats["inflight"], stats["queue"]) == (1, 0, 0), stats
+
+
+# -- other origins -------------------------------------------------------------------------------
+
+#: What a page of another site tries: read /info, open the broker's /ws, Connect and hello on it.
+#: It leaves what happened in ``window.probe``.
+PROBE = PACKETS + """
+const { url, info, broker } = window.probeConfig;
+const probe = (window.probe = { info: null, opened: false, closeCode: null, answers: [], done: false });
+try {
+  probe.info = (await (await fetch(info)).json()).address;
+} catch (error) {
+  probe.info = `error: ${error.name}`;  // TypeError: the browser would not let this page read it
+}
+const ws = new WebSocket(url);
+const waiting = new Map();
+ws.onmessage = (event) => {
+  const p = unpack(event.data);
+  probe.answers.push([p.id, p.cmd, p.data]);
+  waiting.get(p.id)?.(p);
+};
+probe.opened = await new Promise((resolve) => {
+  ws.onopen = () => resolve(true);
+  ws.onclose = (event) => { probe.closeCode = event.code; resolve(false); };
+});
+const ask = (id, cmd, data) => new Promise((resolve) => { waiting.set(id, resolve); ws.send(pack(id, cmd, data)); });
+if (probe.opened) {
+  await ask(1, 1, "");
+  await ask(2, 5, `${broker},hello,${location.origin}`);
+  ws.close(1000);
+}
+probe.done = true;
+"""
+
+#: The same page with teomq.js imported from the broker (needs CORS) and the broker's address from its /info.
+#: teomq.js says it is teomq.js at Connect, so a packet the gateway cannot read gets an error packet
+#: (cmd 0) that reaches its onerror (it is sent on the client's own socket here, to have one).
+TEOMQ_JS_PROBE = """
+const { module, url } = window.probeConfig;
+const { TeomqClient } = await import(module);
+const mq = new TeomqClient({ url, reconnectDelay: 60000 });
+await mq.connect();
+window.teomqErrors = [];
+mq.onerror = (error) => window.teomqErrors.push(error.message);
+window.teomqAnswer = await mq.call("hello", "teomq.js elsewhere");
+mq._ws.send("not base64!");
+await mq.call("hello", "after");  // answered after the error packet: the socket keeps order
+mq.close();
+window.teomqDone = true;
+"""
+
+OTHER_PAGE = b"<!doctype html><meta charset=utf-8><title>another site</title><p>another site</p>"
+
+
+@contextmanager
+def _other_site() -> Iterator[int]:
+    """A tiny HTTP server on another port (so another origin) serving one page; yields its port."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(OTHER_PAGE)))
+            self.end_headers()
+            self.wfile.write(OTHER_PAGE)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _probe(browser: Any, page_url: str, web_port: int, address: str) -> dict[str, Any]:
+    """Open ``page_url`` and run PROBE in it against the broker's web port."""
+    page = browser.new_page()
+    try:
+        page.goto(page_url)
+        page.evaluate("config => { window.probeConfig = config; }",
+                      {"url": f"ws://127.0.0.1:{web_port}/ws", "info": f"http://127.0.0.1:{web_port}/info",
+                       "broker": address})
+        page.add_script_tag(type="module", content=PROBE)
+        page.wait_for_function("() => window.probe && window.probe.done", timeout=PAGE_DEADLINE)
+        return page.evaluate("() => window.probe")
+    finally:
+        page.close()
+
+
+def _get_info(port: int, host: str) -> tuple[int, bytes]:
+    """GET /info with ``Host: host`` (what a DNS-rebinding page's request carries)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("GET", "/info", skip_host=True)
+        conn.putheader("Host", host)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_a_page_of_another_origin_is_refused_and_the_brokers_own_page_works(procs: ProcGroup) -> None:
+    broker = procs.broker()
+    port = broker.web_port
+    with _other_site() as other, _chromium() as browser:
+        foreign = _probe(browser, f"http://127.0.0.1:{other}/", port, broker.address)
+        assert foreign["opened"] is False and foreign["closeCode"] == 1006, foreign  # the handshake failed
+        assert foreign["answers"] == [] and foreign["info"] == "error: TypeError", foreign
+        broker.proc.wait_for_line(rf"WARNING teomq\.web: refused /ws from origin 'http://127\.0\.0\.1:{other}' "
+                                  r"\(peer 127\.0\.0\.1:\d+\)", stderr=True)
+        own = _probe(browser, f"http://127.0.0.1:{port}/info", port, broker.address)
+        assert own["opened"] is True and own["info"] == broker.address, own
+        assert own["answers"] == [[1, 1, "Connected to Teonet"], [2, 5, f"Hello http://127.0.0.1:{port}"]], own
+    # a DNS-rebinding page's requests name its own host: refused
+    for host in (f"rebound.example:{port}", f"127.0.0.1:{other}"):
+        status, body = _get_info(port, host)
+        assert (status, body) == (403, b"forbidden: this host name is not one this port answers to\n"), host
+    assert _get_info(port, f"localhost:{port}")[0] == 200
+    gateway = _stats(port)["gateway"]
+    assert (gateway["forbidden"], gateway["sessions_total"]) == (3, 1), gateway
+
+
+def test_web_origin_admits_a_page_of_that_origin(procs: ProcGroup) -> None:
+    with _other_site() as other, _chromium() as browser:
+        origin = f"http://127.0.0.1:{other}"
+        broker = procs.broker("-web-origin", origin)
+        port = broker.web_port
+        probe = _probe(browser, f"{origin}/", port, broker.address)
+        assert probe["opened"] is True and probe["info"] == broker.address, probe
+        assert probe["answers"] == [[1, 1, "Connected to Teonet"], [2, 5, f"Hello {origin}"]], probe
+        # teomq.js imported from the broker by that page: the module, /info and /ws all let it in
+        page = browser.new_page()
+        problems = _watch(page)
+        page.goto(f"{origin}/")
+        page.evaluate("config => { window.probeConfig = config; }",
+                      {"module": f"http://127.0.0.1:{port}/teomq.js", "url": f"ws://127.0.0.1:{port}/ws"})
+        page.add_script_tag(type="module", content=TEOMQ_JS_PROBE)
+        page.wait_for_function("() => window.teomqDone === true", timeout=PAGE_DEADLINE)
+        assert page.evaluate("() => window.teomqAnswer") == "Hello teomq.js elsewhere"
+        errors = page.evaluate("() => window.teomqErrors")
+        assert len(errors) == 1 and errors[0].startswith("bad base64"), errors
+        assert not problems, problems
+        page.close()
+    assert not [line for line in broker.proc.err_lines if "refused" in line], broker.proc.describe()
+    assert _stats(port)["gateway"]["forbidden"] == 0

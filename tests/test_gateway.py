@@ -1,7 +1,9 @@
 """The WebSocket gateway (teomq.web) in process: a real Broker and WebGateway, real sockets.
 
-Browsers are played by ``websockets`` clients speaking raw teoproxy packets; producers and
-consumers on the TCP side are teomq clients. Every test runs on the stdlib loop and on uvloop.
+Browsers are played by ``websockets`` clients speaking raw teoproxy packets (and raw HTTP
+requests, for the Origin and Host checks); producers and consumers on the TCP side are teomq
+clients. Every in-process test runs on the stdlib loop and on uvloop; the flags and warnings
+of the web port are tested through the real CLI.
 Packets the original's client.js sends are built from the spec (docs/gateway.md) and the
 answers are checked byte for byte. Waits are hang guards, never timing assertions.
 """
@@ -21,6 +23,7 @@ import websockets
 import teomq
 from teomq._py import teoproxy as tp
 from teomq.commands import Command
+from procs import ProcGroup
 from teomq.web import WebGateway
 from test_broker_api import LONG, make_broker, spec, until
 
@@ -74,6 +77,10 @@ class Page:
 
     async def error(self) -> tp.Packet:
         return await self.next(lambda p: p.error, "error packet")
+
+    async def identify(self) -> None:
+        """Say this page is teomq.js (Connect with data ``teomq.js``), as teomq.js does."""
+        assert (await self.call(0, tp.CONNECT, "teomq.js")).data == b"Connected to Teonet"
 
 
 async def started(tmp_path: Path, commands: list[Command] | None = SCHEMA, **kw: Any) -> tuple[teomq.Broker, WebGateway]:
@@ -136,36 +143,45 @@ def test_the_stock_teoproxy_client_sequence(arun: Any, tmp_path: Path) -> None:
     arun(main())
 
 
-BAD = [
+def _bad_checksum() -> str:
+    """A Connect packet (id 7) with its checksum off by one."""
+    raw = bytearray(tp.pack(7, tp.CONNECT))
+    raw[-1] = (raw[-1] + 1) & 0xFF
+    return base64.b64encode(bytes(raw)).decode()
+
+
+#: Packets that are no request: no (id, cmd) of a valid request can be read from them.
+UNDECODABLE = [
     ("binary", b"\x00\x01binary", 0, 0, "binary frames are not accepted"),
     ("bad-base64", "not base64!", 0, 0, "bad base64"),
     ("not-ascii", "AAAA\u00e9", 0, 0, "bad base64: the text is not ASCII"),
     ("bad-padding", "AAAAAQ", 0, 0, "bad base64"),
     ("empty", "", 0, 0, "not enough data: 0 bytes"),
     ("short", tp.encode(0, 1)[:4].decode(), 0, 0, "not enough data: 3 bytes"),
-    ("checksum", None, 7, tp.CONNECT, "wrong checksum"),
+    ("checksum", _bad_checksum(), 7, tp.CONNECT, "wrong checksum"),
     ("cmd-0", tp.encode(9, 0, b"x").decode(), 9, 0, "unknown command 0"),
     ("cmd-7", tp.encode(9, 7, b"x").decode(), 9, 7, "unknown command 7"),
     ("cmd-127", tp.encode(9, 127).decode(), 9, 127, "unknown command 127"),
     ("error-bit", tp.encode_error(9, tp.CONNECT, "hi").decode(), 9, tp.CONNECT, "error packets are sent by the gateway"),
-    ("sendto-data", tp.encode(3, tp.SEND_TO, b"no commas").decode(), 3, tp.SEND_TO, "wrong command data: no commas"),
-    ("stream-data", tp.encode(3, tp.STREAM, b"nocomma").decode(), 3, tp.STREAM, "wrong command data: nocomma"),
-    ("peer", tp.encode(3, tp.CONNECT_TO, b"someone-else").decode(), 3, tp.CONNECT_TO, "unknown peer 'someone-else'"),
+    ("error-push", tp.encode_error(0, 0, "hi").decode(), 0, 0, "unknown command 0"),
 ]
+#: Requests that were read (id, cmd) but cannot be served: answered with their own id and cmd.
+BAD_REQUESTS = [
+    ("sendto-data", tp.encode(3, tp.SEND_TO, b"no commas").decode(), 3, tp.SEND_TO, "wrong command data: no commas"),
+    ("stream-data", tp.encode(4, tp.STREAM, b"nocomma").decode(), 4, tp.STREAM, "wrong command data: nocomma"),
+    ("peer", tp.encode(5, tp.CONNECT_TO, b"someone-else").decode(), 5, tp.CONNECT_TO, "unknown peer 'someone-else'"),
+]
+BAD = UNDECODABLE + BAD_REQUESTS
 
 
 @pytest.mark.parametrize("name,message,pid,cmd,reason", BAD, ids=[b[0] for b in BAD])
-def test_a_bad_packet_gets_an_error_packet_and_the_socket_stays(arun: Any, tmp_path: Path, name: str,
-                                                                 message: Any, pid: int, cmd: int,
-                                                                 reason: str) -> None:
-    if message is None:  # a Connect packet with its checksum off by one
-        raw = bytearray(tp.pack(7, tp.CONNECT))
-        raw[-1] = (raw[-1] + 1) & 0xFF
-        message = base64.b64encode(bytes(raw)).decode()
-
+def test_a_teomq_js_page_gets_an_error_packet_for_each_bad_packet_and_the_socket_stays(
+        arun: Any, tmp_path: Path, name: str, message: Any, pid: int, cmd: int, reason: str) -> None:
+    """A session that said it is teomq.js gets every error, with the id and cmd read (else 0)."""
     async def main() -> None:
         broker, gw = await started(tmp_path)
         tab = await page(gw)
+        await tab.identify()
         await tab.ws.send(message)
         err = await tab.error()
         assert (err.id, err.cmd) == (pid, cmd & 0x7F), err
@@ -174,6 +190,76 @@ def test_a_bad_packet_gets_an_error_packet_and_the_socket_stays(arun: Any, tmp_p
         # the same socket still works
         assert (await tab.call(11, tp.CONNECT)).data == b"Connected to Teonet"
         await stop(broker, gw, tab)
+
+    arun(main())
+
+
+def test_a_stock_page_never_gets_an_error_packet_with_cmd_0(arun: Any, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """client.js takes every cmd-0 packet for a push: packets that are no request are logged and
+    counted, nothing is sent back (as teoproxy); bad requests get errors with their own id and cmd."""
+    async def main() -> None:
+        broker, gw = await started(tmp_path)
+        tab = await page(gw)
+        for _, message, *_ in BAD:
+            await tab.ws.send(message)
+        # the gateway handles a socket's messages in order: an answer to any of them comes before this one
+        assert (await tab.call(11, tp.CONNECT)).data == b"Connected to Teonet"
+        assert [(p.id, p.cmd, p.error) for p in tab.inbox] == [(pid, cmd, True) for _, _, pid, cmd, _ in BAD_REQUESTS]
+        assert all(p.data.decode().startswith(b[4]) for p, b in zip(tab.inbox, BAD_REQUESTS)), tab.inbox
+        assert not [p for p in map(lambda t: tp.decode(t, gateway=False), tab.raw) if p.cmd == 0]
+        assert gw.stats()["bad_packets"] == len(BAD)
+        lines = [r.getMessage() for r in caplog.records if r.name == "teomq.web" and r.levelname == "WARNING"]
+        assert sum("bad packet" in m and "nothing sent back" in m for m in lines) == len(UNDECODABLE), lines
+        # the socket still serves requests
+        assert (await tab.send_to(12, "hello", "still here")).data == b"Hello still here"
+        await stop(broker, gw, tab)
+
+    arun(main())
+
+
+def test_broker_errors_that_answer_no_request_reach_only_a_teomq_js_page(arun: Any, tmp_path: Path) -> None:
+    """The broker's SHUTDOWN ERROR answers no SendTo: a stock page gets nothing but the close, teomq.js the error."""
+    async def main() -> None:
+        broker, gw = await started(tmp_path)
+        stock, js = await page(gw), await page(gw)
+        await js.identify()
+        for tab in (stock, js):
+            await tab.call(1, tp.NEW_API_CLIENT, broker.address)  # a producer connection in the broker
+            assert (await tab.send_to(2, "msg", "Consumer")).data == b"OK"  # and a consumer one
+        await broker.close()
+        for tab in (stock, js):
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await tab.next(lambda p: False, "the socket to close")
+            assert tab.ws.close_code == 1001
+        assert stock.inbox == []
+        assert js.inbox == [tp.Packet(0, 0, b"broker is shutting down", True)] * 2  # one per connection
+        await gw.close()
+
+    arun(main())
+
+
+def test_no_error_text_tells_the_broker_address_to_a_page_that_did_not_name_it(arun: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        broker, gw = await started(tmp_path)
+        addr = broker.address
+        tabs = [await page(gw), await page(gw)]
+        await tabs[1].identify()
+        for tab in tabs:
+            for pid, cmd, data in ((1, tp.CONNECT_TO, "x"), (2, tp.NEW_API_CLIENT, "x"),
+                                   (3, tp.STREAM, "x,num_players"), (4, tp.SEND_TO, "x,hello,me"),
+                                   (5, tp.SEND_TO, "x,msg,Consumer"), (6, tp.SEND_TO, "x,send,q/1"),
+                                   (7, tp.SEND_TO, "x,nope,1"), (8, tp.CONNECT_TO, ""), (9, tp.SEND_TO, "x"),
+                                   (10, tp.STREAM, "x")):
+                err = await tab.call(pid, cmd, data)
+                assert err.error, err
+            for _, message, *_ in BAD:
+                await tab.ws.send(message)
+            await tab.call(11, tp.CONNECT)
+            assert tab.raw and not [t for t in tab.raw if addr.encode() in base64.b64decode(t)], tab.raw
+        assert len(tabs[1].raw) > len(tabs[0].raw)  # teomq.js got the errors of the undecodable packets too
+        await stop(broker, gw, *tabs)
 
     arun(main())
 
@@ -410,3 +496,181 @@ def test_http_pages_info_and_stats(arun: Any, tmp_path: Path) -> None:
         await stop(broker, gw)
 
     arun(main())
+
+
+# -- origins and hosts ---------------------------------------------------------------------------
+
+_UPGRADE = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13")]
+
+
+async def raw_get(port: int, path: str, headers: list[tuple[str, str]], host: str = "127.0.0.1"
+                  ) -> tuple[int, dict[str, str], bytes]:
+    """GET ``path`` with exactly ``headers`` (no Host unless given): status, headers, body."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\n".encode()
+                     + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers) + b"\r\n")
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        fields = dict(line.split(": ", 1) for line in head[1:] if line)
+        body = await reader.readexactly(int(fields.get("Content-Length", 0)))
+        return int(head[0].split()[1]), fields, body
+    finally:
+        writer.close()
+
+
+def _refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "teomq.web" and r.levelname == "WARNING"
+            and r.getMessage().startswith("refused ")]
+
+
+def test_a_websocket_is_accepted_only_from_the_ports_own_origins(arun: Any, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """No Origin (no browser), the port's own origins and those given: 101; any other: 403 and a log line."""
+    async def main() -> None:
+        broker, gw = await started(tmp_path)
+        await gw.close()
+        gw = WebGateway(broker, port=0, origins=["http://app.example:3000", "https://secure.example/"])
+        await gw.start()
+        port = gw.port
+        admitted = [[], [("Origin", f"http://127.0.0.1:{port}")], [("Origin", f"http://localhost:{port}")],
+                    [("Origin", f"http://[::1]:{port}")], [("Origin", f"http://LocalHost:{port}")],
+                    [("Origin", "http://app.example:3000")], [("Origin", "https://secure.example")],
+                    [("Origin", "https://secure.example:443")]]
+        for origin in admitted:
+            status, _, _ = await raw_get(port, "/ws", [("Host", f"127.0.0.1:{port}"), *_UPGRADE, *origin])
+            assert status == 101, origin
+        foreign = [f"http://evil.example:{port}", f"http://127.0.0.1:{port + 1}", f"https://127.0.0.1:{port}",
+                   "null", "http://app.example:3001", "http://app.example", "https://app.example:3000",
+                   f"http://127.0.0.1.evil.example:{port}", f"http://127.0.0.1:{port}@evil.example", "garbage"]
+        for origin in foreign:
+            status, fields, body = await raw_get(port, "/ws", [("Host", f"127.0.0.1:{port}"), *_UPGRADE,
+                                                               ("Origin", origin)])
+            assert (status, fields["Content-Type"]) == (403, "text/plain; charset=utf-8"), origin
+            assert body == b"forbidden: this origin may not open a WebSocket on this port\n"
+            assert broker.address.encode() not in body
+            line = _refusals(caplog)[-1]
+            assert line.startswith(f"refused /ws from origin {origin!r} (peer 127.0.0.1:"), line
+        # two Origin headers, one of them our own: refused too
+        status, _, _ = await raw_get(port, "/ws", [("Host", f"127.0.0.1:{port}"), *_UPGRADE,
+                                                   ("Origin", f"http://127.0.0.1:{port}"), ("Origin", "http://evil")])
+        assert status == 403
+        assert gw.stats()["forbidden"] == len(foreign) + 1 == len(_refusals(caplog))
+        assert gw.stats()["sessions_total"] == len(admitted)
+        # what the websockets client sees; an admitted page works
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(f"ws://127.0.0.1:{port}/ws", origin=f"http://evil.example:{port}")
+        assert refused.value.response.status_code == 403
+        tab = Page(await websockets.connect(f"ws://localhost:{port}/ws", origin=f"http://localhost:{port}"),
+                   broker.address)
+        assert (await tab.send_to(1, "hello", "own origin")).data == b"Hello own origin"
+        await stop(broker, gw, tab)
+
+    arun(main())
+
+
+def test_the_http_endpoints_answer_only_the_ports_own_hosts(arun: Any, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A DNS-rebinding page names its own host: every path but /ws checks Host; given origins' hosts
+    count, and their pages may read the answers (CORS)."""
+    async def main() -> None:
+        broker, gw = await started(tmp_path)
+        await gw.close()
+        gw = WebGateway(broker, port=0, origins=["http://app.example:3000", "https://secure.example"])
+        await gw.start()
+        port = gw.port
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LOCALHOST:{port}",
+                     "app.example:3000", "secure.example", "secure.example:443"):
+            status, _, body = await raw_get(port, "/info", [("Host", host)])
+            assert status == 200 and json.loads(body)["address"] == broker.address, host
+        refused = [[("Host", f"evil.example:{port}")], [("Host", "127.0.0.1")], [("Host", f"127.0.0.1:{port + 1}")],
+                   [("Host", "app.example")], [("Host", f"127.0.0.1:{port}/x")], [],
+                   [("Host", f"127.0.0.1:{port}"), ("Host", "evil.example")]]
+        for headers in refused:
+            for path in ("/info", "/stats", "/teomq.js", "/", "/examples/users_servers/", "/nothing"):
+                status, _, body = await raw_get(port, path, headers)
+                assert (status, body) == (403, b"forbidden: this host name is not one this port answers to\n"), \
+                    (headers, path)
+            line = _refusals(caplog)[-1]
+            assert line.startswith("refused /nothing from Host ") and "(peer 127.0.0.1:" in line, line
+        assert "Host 'evil.example:" in _refusals(caplog)[0] and "Host (none)" in "".join(_refusals(caplog))
+        assert gw.stats()["forbidden"] == 6 * len(refused)
+        # CORS: a page of a given origin may read; the port's own pages need nothing; others get nothing
+        own = [("Host", f"127.0.0.1:{port}")]
+        for origin, allowed in (("http://app.example:3000", "http://app.example:3000"),
+                                (f"http://127.0.0.1:{port}", None), (f"http://evil.example:{port}", None)):
+            for path in ("/info", "/teomq.js"):
+                status, fields, _ = await raw_get(port, path, [*own, ("Origin", origin)])
+                assert (status, fields.get("Access-Control-Allow-Origin")) == (200, allowed), (origin, path)
+        await stop(broker, gw)
+
+    arun(main())
+
+
+def test_the_web_host_is_one_of_the_own_origins_and_star_allows_all(arun: Any, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        broker = make_broker(tmp_path, commands=SCHEMA)
+        await broker.start()
+        gw = WebGateway(broker, host="127.0.0.2", port=0)
+        await gw.start()
+        own = f"127.0.0.2:{gw.port}"
+        assert (await raw_get(gw.port, "/ws", [("Host", own), *_UPGRADE, ("Origin", f"http://{own}")],
+                              host="127.0.0.2"))[0] == 101
+        assert (await raw_get(gw.port, "/info", [("Host", own)], host="127.0.0.2"))[0] == 200
+        assert (await raw_get(gw.port, "/info", [("Host", f"127.0.0.3:{gw.port}")], host="127.0.0.2"))[0] == 403
+        assert not [r for r in caplog.records if "every origin" in r.getMessage()]
+        await gw.close()
+
+        gw = WebGateway(broker, port=0, origins=["*"])
+        await gw.start()
+        warnings = [r.getMessage() for r in caplog.records
+                    if r.levelname == "WARNING" and "every origin" in r.getMessage()]
+        assert warnings == [f"web port open to every origin (-web-origin *): any web page, from any site, opened in "
+                            f"a browser that reaches port {gw.port} can read and send this broker's messages"]
+        status, fields, _ = await raw_get(gw.port, "/info", [("Host", "rebound.example"),
+                                                              ("Origin", "http://x.example")])
+        assert status == 200 and fields["Access-Control-Allow-Origin"] == "http://x.example"
+        tab = Page(await websockets.connect(f"ws://127.0.0.1:{gw.port}/ws", origin="http://x.example"), broker.address)
+        assert (await tab.send_to(1, "hello", "anyone")).data == b"Hello anyone"
+        assert gw.stats()["forbidden"] == 0
+        await stop(broker, gw, tab)
+
+    arun(main())
+
+
+def test_bad_origins_are_refused_by_the_gateway() -> None:
+    for bad in ("", "127.0.0.1:8094", "ftp://x", "http://", "http://x/path", "http://x?q", "http://u@x",
+                "http://x:99999"):
+        with pytest.raises(ValueError, match="bad web origin"):
+            WebGateway(None, origins=[bad])  # type: ignore[arg-type]
+
+
+def test_cli_web_origin_and_the_warnings_at_start(procs: ProcGroup) -> None:
+    """Through the real CLI: -web-origin (repeatable, '*'), a bad one, and the no-authentication warnings."""
+    quiet = procs.broker("-web-origin", "http://app.example:3000", "-web-origin", "https://secure.example")
+    port = quiet.web_port
+    with_origin = asyncio.run(_ws_status(port, "http://app.example:3000"))
+    foreign = asyncio.run(_ws_status(port, "http://evil.example:3000"))
+    assert (with_origin, foreign) == (101, 403)
+    quiet.proc.wait_for_line(r"WARNING teomq\.web: refused /ws from origin 'http://evil\.example:3000' "
+                             r"\(peer 127\.0\.0\.1:\d+\): ", stderr=True)
+    assert not [line for line in quiet.proc.err_lines if "no authentication" in line or "every origin" in line]
+
+    star = procs.broker("-web-origin", "*")
+    star.proc.wait_for_line(r"WARNING teomq\.web: web port open to every origin \(-web-origin \*\)", stderr=True)
+    assert asyncio.run(_ws_status(star.web_port, "http://evil.example:3000")) == 101
+
+    bad = procs.start("broker", "-listen", ":0", "-web", ":0", "-web-origin", "ftp://x", label="bad")
+    assert bad.wait() == 2
+    assert any("bad web origin 'ftp://x'" in line for line in bad.err_lines), bad.describe()
+
+    wide = procs.broker("-listen", "0.0.0.0:0", "-web", "0.0.0.0:0")
+    for flag_name, port_of in (("-listen", wide.port), ("-web", wide.web_port)):
+        wide.proc.wait_for_line(rf"WARNING teomq\.cli: {flag_name} 0\.0\.0\.0:{port_of} is reachable from other "
+                                r"machines and there is no authentication yet", stderr=True)
+
+
+async def _ws_status(port: int, origin: str) -> int:
+    status, _, _ = await raw_get(port, "/ws", [("Host", f"127.0.0.1:{port}"), *_UPGRADE, ("Origin", origin)])
+    return status

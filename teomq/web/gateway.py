@@ -9,6 +9,14 @@ library on the broker's own event loop::
     /info                       JSON: the broker's address, scheme and commands
     /stats                      JSON: the broker's counters, the gateway's, per command
 
+Only the web port's own pages may use it: a WebSocket handshake whose ``Origin`` is not one of
+the port's origins (``http://127.0.0.1:PORT``, ``http://localhost:PORT``, ``http://[::1]:PORT``,
+``http://HOST:PORT`` of its own host, and those given as ``origins``) gets 403, and so does an
+HTTP request whose ``Host`` is not one of those hosts (a DNS-rebinding page names its own host).
+A client that sends no ``Origin`` is no browser page and is let in. ``PORT`` is the port the
+gateway listens on, never one read from the request. Pages of an origin given in ``origins`` get
+``Access-Control-Allow-Origin`` on the HTTP answers (to import /teomq.js, read /info).
+
 Pushes to many browsers cost one encode: a Stream push (id 0, cmd 0) depends only on the
 message, and a server's WebSocket frame is unmasked, so the push's whole frame (base64 text
 and frame header) is built once per message per loop pass and the same bytes go to every
@@ -23,8 +31,10 @@ import http
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
@@ -51,6 +61,44 @@ _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=
 ACK_BUDGET = 2048
 _HASHED = 4096  # messages up to this size key the push cache themselves; larger ones by CRC32C
 _ROUTES = {"/": "/examples/users_servers/", "/examples/users_servers": "/examples/users_servers/"}
+#: The hosts every web port answers to (with its own host and port); see ``WebGateway``.
+OWN_HOSTS = ("127.0.0.1", "localhost", "::1")
+ANY_ORIGIN = "*"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_TEXT = "text/plain; charset=utf-8"
+
+
+def _origin_key(text: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an origin ``scheme://host[:port]``, host lower case; None if it is not one."""
+    try:
+        u = urlsplit(text)
+        port = u.port
+    except ValueError:
+        return None
+    if (u.scheme not in _DEFAULT_PORTS or not u.hostname or u.username is not None or u.password is not None
+            or u.path not in ("", "/") or u.query or u.fragment or "?" in text or "#" in text):
+        return None
+    return u.scheme, u.hostname, _DEFAULT_PORTS[u.scheme] if port is None else port
+
+
+def _host_key(text: str) -> tuple[str, int | None] | None:
+    """(host, port or None) of a ``Host`` header value, host lower case; None if it is not one."""
+    try:
+        u = urlsplit("http://" + text)
+        port = u.port
+    except ValueError:
+        return None
+    if not u.hostname or u.username is not None or u.path or u.query or u.fragment or "?" in text or "#" in text:
+        return None
+    return u.hostname, port
+
+
+def parse_origin(text: str) -> str:
+    """A ``-web-origin`` value: ``*``, or an origin ``http(s)://host[:port]`` (no path); ValueError if not."""
+    text = text.strip()
+    if text == ANY_ORIGIN or _origin_key(text) is not None:
+        return text.rstrip("/")
+    raise ValueError(f"bad web origin {text!r}: expected http://HOST[:PORT], https://HOST[:PORT] or *")
 
 
 class WebGateway:
@@ -62,13 +110,22 @@ class WebGateway:
         prefetch: credit of each browser consumer (messages pushed and not yet acknowledged).
         share_pushes: encode a Stream push once for every socket that gets it in a loop pass
             (default); False encodes it per socket (only for measuring what sharing saves).
+        origins: origins (``http(s)://host[:port]``) allowed besides the port's own, whose hosts
+            the HTTP endpoints then answer to too; ``"*"`` allows every origin and host (logged
+            as a warning at start). ValueError if one is not an origin.
     """
 
     def __init__(self, broker: Broker, host: str = "127.0.0.1", port: int = DEFAULT_WEB_PORT, *,
-                 prefetch: int = 64, share_pushes: bool = True) -> None:
+                 prefetch: int = 64, share_pushes: bool = True, origins: Sequence[str] = ()) -> None:
         self.broker = broker
         self.host = host
         self.port = port
+        self.origins = [parse_origin(o) for o in origins]
+        self.any_origin = ANY_ORIGIN in self.origins
+        self._extra_origins = {k for k in map(_origin_key, self.origins) if k is not None}
+        self._own_origins: set[tuple[str, str, int]] = set()
+        self._allowed_origins: set[tuple[str, str, int]] = set()
+        self._allowed_hosts: set[tuple[str, int | None]] = set()
         self.prefetch = prefetch
         self.share_pushes = share_pushes
         self.sessions: set[WebSession] = set()
@@ -77,6 +134,7 @@ class WebGateway:
         self.n_encodes = 0
         self.n_bad = 0
         self.n_answers = 0
+        self.n_forbidden = 0
         self._pushes: dict[bytes | int, tuple[bytes, bytes]] = {}  # pushes encoded this loop pass
         self._waiting: set[WebSession] = set()
         self._ack_waiting: dict[WebSession, None] = {}  # sessions with acks to feed, in order
@@ -97,7 +155,25 @@ class WebGateway:
         self._server = await serve(self._handler, self.host, self.port, process_request=self._http,
                                    compression=None, max_size=self.max_message, logger=ws_log)
         self.port = self._server.sockets[0].getsockname()[1]
+        self._allow()
         log.info("web gateway on http://%s:%d/ (WebSocket /ws)", self.host, self.port)
+        if self.any_origin:
+            log.warning("web port open to every origin (-web-origin *): any web page, from any site, opened "
+                        "in a browser that reaches port %d can read and send this broker's messages", self.port)
+
+    def _allow(self) -> None:
+        """The origins and hosts the port answers to, now that its port is known."""
+        own = {h.lower().strip("[]") for h in (*OWN_HOSTS, self.host)}
+        self._own_origins = {("http", h, self.port) for h in own}
+        self._allowed_origins = self._own_origins | self._extra_origins
+        hosts: set[tuple[str, int | None]] = {(h, self.port) for h in own}
+        if self.port == 80:
+            hosts |= {(h, None) for h in own}
+        for scheme, h, port in self._extra_origins:
+            hosts.add((h, port))
+            if port == _DEFAULT_PORTS[scheme]:
+                hosts.add((h, None))
+        self._allowed_hosts = hosts
 
     async def close(self) -> None:
         if self._server is None:
@@ -109,11 +185,12 @@ class WebGateway:
             self._sweeper.cancel()
 
     def stats(self) -> dict[str, int]:
-        """sessions (open WebSockets), consumers (of them, consuming), pushes, encodes, bad_packets, answers."""
+        """sessions (open WebSockets), consumers (of them, consuming), pushes, encodes, bad_packets, answers,
+        sessions_total, forbidden (requests answered 403: a foreign Origin or Host)."""
         consumers = sum(1 for s in self.sessions if s.consumer is not None)
         return {"sessions": len(self.sessions), "consumers": consumers,
                 "pushes": self.n_pushes, "encodes": self.n_encodes, "bad_packets": self.n_bad,
-                "answers": self.n_answers, "sessions_total": self.n_sessions_total}
+                "answers": self.n_answers, "sessions_total": self.n_sessions_total, "forbidden": self.n_forbidden}
 
     # -- pushes ------------------------------------------------------------------------------
 
@@ -208,20 +285,54 @@ class WebGateway:
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
+        origins = request.headers.get_all("Origin")
         if path == "/ws":
-            return None  # the WebSocket handshake
+            if origins == [] or self._origin_allowed(origins):
+                return None  # the WebSocket handshake
+            return self._refuse(connection, request, f"origin {_shown(origins)}",
+                                "this origin may not open a WebSocket on this port")
+        if not self._host_allowed(request.headers.get_all("Host")):
+            return self._refuse(connection, request, f"Host {_shown(request.headers.get_all('Host'))}",
+                                "this host name is not one this port answers to")
+        cors = self._cors(origins)
         if path in _ROUTES:
-            return _response(302, "text/plain; charset=utf-8", b"", ("Location", _ROUTES[path]))
+            return _response(302, _TEXT, b"", ("Location", _ROUTES[path]), *cors)
         if path == "/info":
-            return _json(self.info())
+            return _json(self.info(), *cors)
         if path == "/stats":
             return _json({"broker": self.broker.stats(), "gateway": self.stats(),
-                          "commands": self.broker.command_stats()})
+                          "commands": self.broker.command_stats()}, *cors)
         file = _static_file(path)
         if file is None:
-            return _response(404, "text/plain; charset=utf-8", f"not found: {path}\n".encode())
+            return _response(404, _TEXT, f"not found: {path}\n".encode(), *cors)
         return _response(200, _TYPES.get(file.suffix, "application/octet-stream"), file.read_bytes(),
-                         ("Cache-Control", "no-cache"))
+                         ("Cache-Control", "no-cache"), *cors)
+
+    def _origin_allowed(self, origins: list[str]) -> bool:
+        if len(origins) != 1:
+            return False
+        return self.any_origin or _origin_key(origins[0]) in self._allowed_origins
+
+    def _cors(self, origins: list[str]) -> tuple[tuple[str, str], ...]:
+        """The CORS headers that let a page of an origin allowed with ``origins`` read the answer
+        (teomq.js imported from here, /info); none for the port's own pages and foreign ones."""
+        if not self._origin_allowed(origins) or _origin_key(origins[0]) in self._own_origins:
+            return ()
+        return ("Access-Control-Allow-Origin", origins[0]), ("Vary", "Origin")
+
+    def _host_allowed(self, hosts: list[str]) -> bool:
+        if self.any_origin:
+            return True
+        return len(hosts) == 1 and _host_key(hosts[0]) in self._allowed_hosts
+
+    def _refuse(self, connection: ServerConnection, request: Request, what: str, reason: str) -> Response:
+        """403 with a short reason, and a WARNING line naming what was refused and who asked."""
+        self.n_forbidden += 1
+        peer = connection.remote_address
+        where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        log.warning("refused %s from %s (peer %s): %s (-web-origin adds origins)",
+                    _text(request.path), what, where, reason)
+        return _response(403, _TEXT, f"forbidden: {reason}\n".encode())
 
     def info(self) -> dict[str, Any]:
         b = self.broker
@@ -237,8 +348,20 @@ def _response(status: int, content_type: str, body: bytes, *extra: tuple[str, st
     return Response(status, http.HTTPStatus(status).phrase, headers, body)
 
 
-def _json(obj: Any) -> Response:
-    return _response(200, "application/json", json.dumps(obj).encode(), ("Cache-Control", "no-store"))
+def _json(obj: Any, *extra: tuple[str, str]) -> Response:
+    return _response(200, "application/json", json.dumps(obj).encode(), ("Cache-Control", "no-store"), *extra)
+
+
+def _text(value: str, limit: int = 200) -> str:
+    """``value`` as shown in a log line: printable, at most ``limit`` characters."""
+    shown = value[:limit] + ("..." if len(value) > limit else "")
+    return shown.encode("unicode_escape").decode("ascii")
+
+
+def _shown(values: list[str]) -> str:
+    if not values:
+        return "(none)"
+    return ", ".join(repr(_text(v)) for v in values[:3]) + (" ..." if len(values) > 3 else "")
 
 
 def _static_file(path: str) -> Path | None:

@@ -14,13 +14,20 @@ teoproxy commands (``docs/gateway.md`` is the full description):
 =============  =================================  =============================================
 cmd            data                               answer (same id and cmd)
 =============  =================================  =============================================
-1 Connect      -                                  ``Connected to Teonet``
+1 Connect      - (``teomq.js``: see below)        ``Connected to Teonet``
 2 Disconnect   -                                  empty
 3 ConnectTo    broker address                     ``connected to peer <address>``
 4 NewApiClient broker address                     ``connected to peer <address> api``
 5 SendTo       ``address,api,payload``            the broker's answer(s)
 6 Stream       ``address,name``                   empty; then pushes of ``name/...`` (id 0, cmd 0)
 =============  =================================  =============================================
+
+The original's client.js takes every packet with cmd 0 for a Stream push, so a stock session
+never gets an error packet with cmd 0: a packet that is no valid request (nothing to answer
+with its id and cmd) is logged and counted, and nothing is sent back, as the original proxy
+does; an ERROR frame of the broker that answers no SendTo is logged. A session whose Connect
+carries the data ``teomq.js`` (what teomq.js sends; Connect has no data in the original protocol)
+gets those as error packets with id 0 / cmd 0 (or the id and cmd read), for its ``onerror``.
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ ANSWER_TIMEOUT = 5.0
 WRITE_HIGH = 1 << 20
 _API_HELLO = (b"hello", str(int(ApiCommand.HELLO)).encode())
 _API_MSG = (b"msg", str(int(ApiCommand.MSG)).encode())
+#: Connect's data from teomq.js (optionally followed by "/" and anything): the session may get cmd-0 errors.
+TEOMQ_JS = b"teomq.js"
 
 
 class VirtualTransport(asyncio.Transport):
@@ -115,6 +124,7 @@ class WebSession:
         self.producer: BrokerConnection | None = None
         self.consumer: BrokerConnection | None = None
         self.answering = False  # pushes carry a token the page answers with (teomq.js consume())
+        self.teomq_js = False  # said it is teomq.js (Connect data): gets error packets with cmd 0 too
         self.tokens: dict[int, int] = {}  # token -> delivery id
         self._next_token = 0
         self.pending: dict[int, _Pending] = {}  # our SEND id -> the SendTo it answers
@@ -131,16 +141,16 @@ class WebSession:
     def on_message(self, message: str | bytes) -> None:
         """One WebSocket message from the browser."""
         if isinstance(message, bytes):
-            self._bad(BadPacket("binary frames are not accepted: send each packet base64-encoded "
-                                "in a text frame"))
+            self._undecodable(BadPacket("binary frames are not accepted: send each packet base64-encoded "
+                                        "in a text frame"))
             return
         try:
             p = tp.decode(message)
         except BadPacket as e:
-            self._bad(e)
+            self._undecodable(e)
             return
         if p.error:
-            self._bad(BadPacket("error packets are sent by the gateway, not to it", p.id, p.cmd))
+            self._undecodable(BadPacket("error packets are sent by the gateway, not to it", p.id, p.cmd))
             return
         try:
             self._command(p)
@@ -150,6 +160,8 @@ class WebSession:
     def _command(self, p: Any) -> None:
         cmd = p.cmd
         if cmd == tp.CONNECT:
+            if p.data == TEOMQ_JS or p.data.startswith(TEOMQ_JS + b"/"):
+                self.teomq_js = True
             self._answer(p, b"Connected to Teonet")
         elif cmd == tp.DISCONNECT:
             self._answer(p, b"")
@@ -198,9 +210,8 @@ class WebSession:
             self._send(p, self._producer(), api + b"/" + payload if payload else api)
 
     def _peer(self, p: Any, address: bytes) -> bytes:
-        if address != self.gw.address_bytes:
-            raise BadPacket(f"unknown peer '{_text(address)}': this gateway serves broker "
-                            f"{self.gw.broker.address}", p.id, p.cmd)
+        if address != self.gw.address_bytes:  # the reason must not tell the address to a page that did not know it
+            raise BadPacket(f"unknown peer '{_text(address)}': not the broker this gateway serves", p.id, p.cmd)
         return address
 
     def _consume(self, p: Any, *, answering: bool) -> None:
@@ -318,10 +329,12 @@ class WebSession:
         entry = self.pending.pop(fid, None)
         if entry is not None:
             out.append(text_frame(tp.encode_error(entry.pid, tp.SEND_TO, reason)))
-        else:
+        else:  # answers no SendTo: only a teomq.js session can take an error packet with cmd 0
             if code != ErrorCode.SHUTDOWN:
-                log.warning("%s (%s): broker error %d: %s", self.name, self.peer, code, reason)
-            out.append(text_frame(tp.encode_error(0, 0, reason)))
+                log.warning("%s (%s): broker error %d: %s%s", self.name, self.peer, code, reason,
+                            "" if self.teomq_js else " (not sent: a stock teoproxy client takes cmd 0 for a push)")
+            if self.teomq_js:
+                out.append(text_frame(tp.encode_error(0, 0, reason)))
 
     def _ack(self, dids: list[int]) -> None:
         # Acknowledgements return credit, and credit brings the next deliveries: they are fed
@@ -381,9 +394,19 @@ class WebSession:
         self.write([text_frame(tp.encode(p.id, p.cmd, data))])
 
     def _bad(self, e: BadPacket) -> None:
+        """A request that was read (its id and cmd) but cannot be served: answered by an error packet."""
         self.gw.n_bad += 1
         log.warning("%s (%s): bad packet: %s", self.name, self.peer, e.reason)
         self.write([text_frame(tp.encode_error(e.id, e.cmd, e.reason))])
+
+    def _undecodable(self, e: BadPacket) -> None:
+        """A packet that is no request (no id and cmd to answer): logged and counted; an error packet
+        (cmd 0 or the cmd read) goes only to teomq.js, as the original proxy sends nothing."""
+        self.gw.n_bad += 1
+        log.warning("%s (%s): bad packet: %s%s", self.name, self.peer, e.reason,
+                    "" if self.teomq_js else " (nothing sent back, as teoproxy does)")
+        if self.teomq_js:
+            self.write([text_frame(tp.encode_error(e.id, e.cmd, e.reason))])
 
     # -- ending ------------------------------------------------------------------------------
 

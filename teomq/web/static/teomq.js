@@ -24,6 +24,13 @@ export const Command = Object.freeze({
 /** Bit 7 of the cmd byte: the packet is an error and its data is the reason. */
 export const ERROR_BIT = 0x80;
 
+/**
+ * The data of our Connect packet. The gateway then sends this session error packets that answer
+ * no request (id 0, cmd 0: a bad packet, a broker error) too; a stock teoproxy client, which
+ * takes every cmd 0 packet for a Stream push, never gets those. (Connect has no data in teoproxy.)
+ */
+export const TEOMQ_JS = "teomq.js";
+
 const utf8 = new TextEncoder();
 const fromUtf8 = new TextDecoder();
 const toBytes = (data) => (typeof data === "string" ? utf8.encode(data) : data);
@@ -96,7 +103,7 @@ export class TeomqClient {
   }
 
   /**
-   * Connect (Connect, ConnectTo, NewApiClient), then send the consumer mode, the streams and the
+   * Connect (Connect with data TEOMQ_JS, ConnectTo, NewApiClient), then send the consumer mode, the streams and the
    * subscriptions again. A lost connection is tried again every `reconnectDelay` ms until close().
    * @returns {Promise<void>} resolves once connected; rejects only if close() comes first
    */
@@ -194,7 +201,7 @@ export class TeomqClient {
         ws.onopen = resolve;
         ws.onerror = () => reject(new Error(`cannot connect to ${this.url}`));
       });
-      await this._request(Command.Connect);
+      await this._request(Command.Connect, TEOMQ_JS); // says it is teomq.js: error packets with cmd 0 are welcome
       await this._request(Command.ConnectTo, this.broker);
       await this._request(Command.NewApiClient, this.broker);
       this._consumer = false;
