@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
+import ipaddress
 import logging
 import os
 import random
@@ -121,6 +122,25 @@ def _command_names(text: str) -> list[str]:
     return names
 
 
+def _web_origin(text: str) -> str:
+    from teomq.web.gateway import parse_origin
+
+    try:
+        return parse_origin(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _is_loopback(host: str) -> bool:
+    """True for localhost and loopback IP addresses (what only this machine can reach)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _command_name(text: str) -> str:
     name = text.strip()
     if not name or "/" in name:
@@ -201,6 +221,9 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
     flag(parser, "web", type=parse_listen, default=f"127.0.0.1:{DEFAULT_WEB_PORT}", metavar="HOST:PORT",
           help="web port: the teoproxy-compatible WebSocket gateway on /ws and the web consumer page; "
           "':PORT' means 127.0.0.1, port 0 any free port (default: %(default)s)")
+    flag(parser, "web-origin", type=_web_origin, action="append", default=[], metavar="URL",
+          help="let pages of this origin (http(s)://HOST[:PORT]) use the web port too, besides its own "
+          "(127.0.0.1, localhost, [::1] and the -web host at its port); repeatable; '*' lets every page in")
     _bool_flag(parser, "noweb", "don't serve the web port (default: off)")
     _add_common(parser, "message received (logged on stderr)")
     parser.set_defaults(func=_broker)
@@ -451,7 +474,7 @@ async def _broker(args: argparse.Namespace) -> int:
     if not args.noweb:
         from teomq.web import WebGateway
 
-        web = WebGateway(broker, *args.web)
+        web = WebGateway(broker, *args.web, origins=args.web_origin)
         try:
             await web.start()
         except OSError as e:
@@ -464,6 +487,14 @@ async def _broker(args: argparse.Namespace) -> int:
         _emit(f"teomq broker listening on {_endpoint(broker.host, broker.port)}")
         if web is not None:
             _emit(f"teomq web consumer on http://{_endpoint(web.host, web.port)}/ (WebSocket /ws)")
+        bound = [("-listen", broker.host, broker.port)]
+        if web is not None:
+            bound.append(("-web", web.host, web.port))
+        for what, bound_host, bound_port in bound:
+            if not _is_loopback(bound_host):
+                log.warning("%s %s is reachable from other machines and there is no authentication yet: "
+                            "anyone who reaches it can read and send this broker's messages",
+                            what, _endpoint(bound_host, bound_port))
 
         def more_lines() -> list[str]:
             lines = command_lines(broker.command_stats()) if schema is not None else []
