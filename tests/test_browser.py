@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import http.client
 import http.server
-import importlib.util
 import json
 import os
 import re
@@ -48,16 +47,12 @@ PAGE_DEADLINE = 30_000
 VALUE_RE = re.compile(r"^\d+$")
 
 
-#: The example programs' package: teomq.examples where the examples live in teomq, else the top-level examples.
-EXAMPLES = "teomq.examples" if importlib.util.find_spec("teomq.examples") else "examples"
-
-
 def _users_servers(ex: ProcGroup) -> BrokerProc:
     """The users_servers broker and its two producers (a value every 0.2 s each)."""
-    broker = ex.broker(python_args=["-m", f"{EXAMPLES}.users_servers.broker"])
+    broker = ex.broker(python_args=["-m", "teomq.examples.users_servers.broker"])
     for i, cmd in ((1, "num_servers"), (2, "num_players")):
         ex.start(f"-broker={broker.address}", f"-name=producer-{i}", f"-command={cmd}", "-delay=200000",
-                 "-nomsg", label=f"producer-{i}", python_args=["-m", f"{EXAMPLES}.users_servers.producer"])
+                 "-nomsg", label=f"producer-{i}", python_args=["-m", "teomq.examples.users_servers.producer"])
     return broker
 
 
