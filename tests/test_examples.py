@@ -56,6 +56,8 @@ def test_users_servers_example(procs: ProcGroup) -> None:
     for proc in (*producers, consumer, api):
         assert proc.terminate() == 0, proc.describe()
         assert not any("Traceback" in line for line in proc.err_lines), proc.describe()
+    for proc in producers:  # stopped with answers still being collected: dropped, not errors
+        assert not [line for line in proc.lines if " error: " in line], proc.describe()
 
 
 def test_command_example(procs: ProcGroup) -> None:
@@ -69,6 +71,7 @@ def test_command_example(procs: ProcGroup) -> None:
     answer = r"^\d\d:\d\d:\d\d\.\d{6} command-producer #1 answer in [\d.]+ ms: version: 0\.0\.1, data: some_data$"
     producer.wait_for_count(answer, 2)  # one answer from each consumer
     assert producer.terminate() == 0, producer.describe()
+    assert not [line for line in producer.lines if " error: " in line], producer.describe()
 
 
 def test_example_help_lists_every_example_and_role(tmp_path: Path) -> None:

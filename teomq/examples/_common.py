@@ -82,11 +82,22 @@ async def run_consumer(consumer: Any, stat: bool) -> None:
 
 
 class Pending:
-    """A producer example's collect() calls in flight; an error is reported, never lost."""
+    """A producer example's collect() calls in flight; an error is reported, never lost.
+
+    Used as ``async with Producer(...) as producer, Pending(name) as pending:``: when the
+    program stops, what is still being collected is cancelled, not reported as an error.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.tasks: set[asyncio.Future[list[bytes]]] = set()
+
+    async def __aenter__(self) -> Pending:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in list(self.tasks):
+            task.cancel()
 
     def start(self, collect: Awaitable[list[bytes]]) -> None:
         task = asyncio.ensure_future(collect)

@@ -21,9 +21,8 @@ from teomq.examples._common import Pending, parser, run_example, say
 
 async def produce(args: argparse.Namespace) -> None:
     name = args.name or "command-producer"
-    async with Producer(args.broker, name=name, timeout=args.timeout) as producer:
+    async with Producer(args.broker, name=name, timeout=args.timeout) as producer, Pending(name) as pending:
         n = 0
-        pending = Pending(name)
         while True:
             n += 1
             sent = time.perf_counter()

@@ -21,8 +21,7 @@ from teomq.examples._common import Pending, parser, run_example, say
 
 async def produce(args: argparse.Namespace) -> None:
     name = args.name or "producer"
-    async with Producer(args.broker, name=name, timeout=args.timeout) as producer:
-        pending = Pending(name)
+    async with Producer(args.broker, name=name, timeout=args.timeout) as producer, Pending(name) as pending:
         while True:
             message = f"{args.command}/{random.randint(1, 100)}"
             if not args.nomsg:
