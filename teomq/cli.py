@@ -207,7 +207,8 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
     flag(parser, "max-payload", type=int_at_least(1, MAX_PAYLOAD_LIMIT), default=DEFAULT_MAX_PAYLOAD,
           metavar="BYTES", help="largest message or answer accepted, in bytes (default: %(default)s)")
     flag(parser, "queue-max", type=int_at_least(1), default=1_000_000, metavar="N",
-          help="most messages held in the queue; more are refused with QUEUE_FULL (default: %(default)s)")
+          help="most messages the broker holds, queued or in flight; producers are held back from 3/4 of it "
+          "and a SEND past it is refused with QUEUE_FULL (default: %(default)s)")
     flag(parser, "command", type=_command_spec, action="append", default=[], metavar="NAME[/PATTERN][:ROUTING]",
           help="run the command scheme with this command (repeatable): ROUTING fanout (every subscriber, "
           "the default) or queue (one subscriber, round robin); PATTERN such as {data}/{description} "
