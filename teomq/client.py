@@ -295,7 +295,8 @@ class Client:
             try:
                 await asyncio.wait_for(conn.drain(), timeout)
             except asyncio.TimeoutError:
-                raise RequestTimeout(f"broker did not read for {timeout:g} s; message not sent") from None
+                raise RequestTimeout(f"held back by flow control for {timeout:g} s (the broker did not read, "
+                                     "or its bound is reached); message not sent") from None
             if conn._closing:
                 raise conn._lost()
         fut = conn._loop.create_future()
