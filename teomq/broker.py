@@ -28,6 +28,7 @@ from teomq.addressbook import DEFAULT_PORT, AddressBook, default_data_dir
 from teomq.commands import BROKER_COMMANDS, Command, CommandSchema
 from teomq.errors import ProtocolError, UnknownCommand
 from teomq.identity import BrokerIdentity, welcome_signature_payload
+from teomq.transports import direct_socket
 from teomq.protocol import CAPABILITIES, DEFAULT_MAX_PAYLOAD, FLOW_HOLD, ApiCommand, ErrorCode, Flag, FrameType
 
 log = logging.getLogger("teomq.broker")
@@ -69,7 +70,8 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.set_socket(sock.fileno())
+            if direct_socket(transport) is not None:  # never past TLS or a wrapping transport
+                self.set_socket(sock.fileno())
         self.broker._conns.add(self)
         loop = asyncio.get_running_loop()
         self._hs_timer = loop.call_later(self.broker.handshake_timeout, self._handshake_timeout)
@@ -182,6 +184,15 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
                     exc.reason, exc.code)
         self._close_with_error(exc.code, exc.reason)
 
+    def on_internal_error(self, exc: BaseException) -> None:
+        # A bug of ours, not bad input: the frame it failed on is consumed, the connection is
+        # closed (what it held goes back to its queue), everyone else is served on.
+        self.broker._errors += 1
+        log.error("closing connection %s (%s %s): internal error while handling its frame",
+                  self.peer, self.role, self.name, exc_info=exc)
+        self._close_with_error(ErrorCode.INTERNAL, "the broker failed to handle a frame of this "
+                               "connection (logged at the broker); closing")
+
     # -- control plane ---------------------------------------------------------------------
 
     def _hello(self, fid: int, payload: bytes) -> None:
@@ -194,7 +205,8 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         if not isinstance(hello, dict):
             raise ProtocolError(ErrorCode.HANDSHAKE, "HELLO payload is not a msgpack map")
         if hello.get("v") != 1:
-            raise ProtocolError(ErrorCode.HANDSHAKE, f"unsupported HELLO version {hello.get('v')!r}")
+            raise ProtocolError(ErrorCode.HANDSHAKE, f"unsupported HELLO version {hello.get('v')!r}: this broker "
+                                f"(teomq/{__version__}) speaks protocol version 1")
         role = hello.get("role", "producer")
         if role not in _ROLES:
             raise ProtocolError(ErrorCode.HANDSHAKE, f"unknown role {role!r}")

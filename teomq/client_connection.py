@@ -63,6 +63,7 @@ from teomq._core.frame_codec import encode_frame
 from teomq.commands import Command
 from teomq.errors import AddressError, BrokerError, ConnectionLost, ProtocolError, RequestTimeout
 from teomq.identity import verify_welcome
+from teomq.transports import direct_socket
 from teomq.protocol import FLOW_HOLD, MAX_PAYLOAD_LIMIT, ErrorCode, Flag, FrameType
 
 if TYPE_CHECKING:
@@ -199,9 +200,10 @@ class Connection(asyncio.Protocol):
         if sock is not None:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._core.set_socket(sock.fileno())
             except (OSError, AttributeError):
                 pass
+            if direct_socket(transport) is not None:  # never past TLS or a wrapping transport
+                self._core.set_socket(sock.fileno())
         c = self._client
         hello = {"v": 1, "role": c._role, "name": c.name, "prefetch": c._prefetch,
                  "nonce": self._nonce, "auth": None, "caps": ["flow"]}

@@ -69,6 +69,7 @@ class ErrorCode(enum.IntEnum):
     SHUTDOWN = 8  # the broker is stopping
     NOT_ALLOWED = 9  # frame type not valid in this direction or state, or a request the sender may not make
     UNKNOWN_COMMAND = 10  # SEND refused: not a command of the broker's schema (message not accepted)
+    INTERNAL = 11  # the broker failed to handle a frame of this connection (a bug, logged there): closed
 
 
 class ApiCommand(enum.IntEnum):
@@ -80,5 +81,6 @@ class ApiCommand(enum.IntEnum):
 
 #: Error codes after which the sender of the bad frame is disconnected.
 FATAL_CODES = frozenset(
-    {ErrorCode.BAD_FRAME, ErrorCode.BAD_CHECKSUM, ErrorCode.TOO_LARGE, ErrorCode.UNKNOWN_TYPE, ErrorCode.HANDSHAKE}
+    {ErrorCode.BAD_FRAME, ErrorCode.BAD_CHECKSUM, ErrorCode.TOO_LARGE, ErrorCode.UNKNOWN_TYPE, ErrorCode.HANDSHAKE,
+     ErrorCode.INTERNAL}
 )

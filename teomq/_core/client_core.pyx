@@ -29,7 +29,6 @@ from teomq._core.frame_codec cimport (
     as_u64,
 )
 
-from asyncio import InvalidStateError
 
 
 @cython.final
@@ -205,8 +204,8 @@ cdef class ClientCore(FrameDecoder):
             if self.is_future[slot]:
                 try:
                     entry.set_result(payload)
-                except InvalidStateError:
-                    pass    # cancelled meanwhile
+                except Exception:
+                    pass    # cancelled meanwhile (a future's only error here: InvalidStateError)
             else:
                 try:
                     entry(h.fid, payload, None)

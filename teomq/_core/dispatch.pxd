@@ -16,6 +16,14 @@ cdef struct Flight:
     bint used
 
 
+# A connection's state, in one place (asyncpg's ProtocolState is the model): every
+# transition is in CoreConnection (accept_hello, detach); Python reads it as `state`.
+cdef enum ConnState:
+    S_NEW = 0          # no HELLO yet: every frame goes to on_control
+    S_READY = 1        # handshake done: frames are handled in C
+    S_CLOSED = 2       # detached: nothing more is read, written or delivered
+
+
 cdef class CoreConnection:
     cdef Dispatcher disp
     cdef readonly uint32_t slot
@@ -26,9 +34,8 @@ cdef class CoreConnection:
     cdef size_t rcap
     cdef WriteBuffer out
     cdef bint dirty
-    cdef readonly bint handshaken
+    cdef readonly int state          # a ConnState
     cdef readonly bint consumer
-    cdef readonly bint detached
     cdef readonly int32_t credit
     cdef readonly int32_t prefetch
     cdef int32_t fl_head

@@ -117,6 +117,10 @@ cdef class CoreConnection:
             self._process()
         except ProtocolError as exc:
             self.on_protocol_error(exc)
+        except Exception as exc:
+            # a hook (or the core itself) failed: the frame was consumed; the rest of this read
+            # and the connection go, and what it held is requeued: nothing half-done is kept
+            self.on_internal_error(exc)
         finally:
             self.disp.pump()
             self.disp.schedule_flush()
@@ -128,7 +132,7 @@ cdef class CoreConnection:
         cdef size_t total
         cdef const char *payload
         try:
-            while not self.detached and self.rlen - pos >= HEADER_SIZE:
+            while self.state != S_CLOSED and self.rlen - pos >= HEADER_SIZE:
                 parse_header(self.rbuf + pos, &h, disp.max_payload)
                 total = HEADER_SIZE + <size_t>h.length
                 if self.rlen - pos < total:
@@ -139,7 +143,10 @@ cdef class CoreConnection:
                     break
                 verify_crc(self.rbuf + pos, h.length)
                 payload = self.rbuf + pos + HEADER_SIZE
-                if not self.handshaken or h.ftype == T_HELLO or h.ftype == T_ERROR:
+                # The frame counts as handled before it is: whatever a hook below raises, it is
+                # never handled twice (the finally drops it with the rest of the handled bytes).
+                pos += total
+                if self.state != S_READY or h.ftype == T_HELLO or h.ftype == T_ERROR:
                     # rare: let Python decide; it may close us (detached) or accept the hello
                     self.on_control(h.ftype, h.flags, h.fid,
                                     PyBytes_FromStringAndSize(payload, h.length))
@@ -153,10 +160,9 @@ cdef class CoreConnection:
                 elif h.ftype == T_PONG:
                     pass
                 else:
-                    # WELCOME, DELIVER, REPLY come only from a broker: refuse this frame, keep the connection
+                    # WELCOME, DELIVER, REPLY, FLOW come only from a broker: refuse this frame, keep the connection
                     self._add_error(E_NOT_ALLOWED, h.fid, ERR_NOT_ALLOWED)
-                pos += total
-            if self.rlen - pos < HEADER_SIZE and not self.detached:
+            if self.rlen - pos < HEADER_SIZE and self.state != S_CLOSED:
                 check_partial(self.rbuf + pos, self.rlen - pos)
         finally:
             # drop what was handled, even when a bad frame stopped us
@@ -221,14 +227,14 @@ cdef class CoreConnection:
         self.parked_len = 0
         self.parked_cap = 0
         try:
-            while pos < n and not self.hold_sends and not self.detached:
+            while pos < n and not self.hold_sends and self.state != S_CLOSED:
                 parse_header(buf + pos, &h, disp.max_payload)  # verified when it was parked
                 total = HEADER_SIZE + <size_t>h.length
                 pos += total
                 self.n_parked -= 1
                 disp.accept(self, &h, buf + pos - h.length)
         finally:
-            if pos < n and not self.detached:
+            if pos < n and self.state != S_CLOSED:
                 # held again: the rest goes back in front of anything parked meanwhile
                 memmove(buf, buf + pos, n - pos)
                 n -= pos
@@ -292,9 +298,9 @@ cdef class CoreConnection:
 
     def accept_hello(self, bint consumer, int prefetch):
         """Mark the handshake done; a consumer starts with ``prefetch`` credits."""
-        if self.handshaken:
+        if self.state != S_NEW:
             raise protocol_error(E_HANDSHAKE, "second HELLO on one connection")
-        self.handshaken = True
+        self.state = S_READY
         if consumer:
             if prefetch < 1:
                 raise ValueError("a consumer needs a prefetch of at least 1")
@@ -310,9 +316,9 @@ cdef class CoreConnection:
         Idempotent. Messages it held go back to the head of the queue in delivery order.
         """
         cdef Dispatcher disp = self.disp
-        if self.detached:
+        if self.state == S_CLOSED:
             return
-        self.detached = True
+        self.state = S_CLOSED
         self.fd = -1
         self.parked_len = 0         # never accepted: the client never had them confirmed
         self.n_parked = 0
@@ -332,6 +338,18 @@ cdef class CoreConnection:
 
     def on_protocol_error(self, exc):
         self.detach()
+
+    def on_internal_error(self, exc):
+        """A hook raised something other than ProtocolError while this connection's frame was handled."""
+        self.detach()
+
+    @property
+    def handshaken(self) -> bool:
+        return self.state == S_READY
+
+    @property
+    def detached(self) -> bool:
+        return self.state == S_CLOSED
 
     def on_command(self, int kind, fid, flags, data):
         """A SEND the broker answers itself (kind: a RouteKind, CMD_UNKNOWN or CMD_UNKNOWN_API).
@@ -890,7 +908,7 @@ cdef class Dispatcher:
             c.dirty = False
             if c.out.length == 0:
                 continue
-            if c.detached or c.transport is None:
+            if c.state == S_CLOSED or c.transport is None:
                 c._clear_out()
                 continue
             c._write_out()
@@ -935,7 +953,7 @@ cdef class Dispatcher:
         r = <Route>self.routes[idx]
         if r.kind != R_FANOUT and r.kind != R_QUEUE:
             return -2
-        if not conn.consumer or conn.detached:
+        if not conn.consumer or conn.state == S_CLOSED:
             raise ValueError("only a connected consumer can subscribe")
         for i in range(conn.nsubs):
             if self.subtab.items[conn.subs[i]].route == idx:
