@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -64,7 +64,7 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
     # -- asyncio.BaseProtocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # a stream's: a socket's or a web session's
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         sock = transport.get_extra_info("socket")
@@ -150,7 +150,7 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
 
     def _subscription(self, on: bool, fid: int, flags: int, name: bytes) -> None:
         verb = "subscribe" if on else "unsubscribe"
-        disp = self.broker._disp
+        disp = cast(Dispatcher, self.broker._disp)  # set by start(), before any connection
         if not self.consumer:
             self._refuse(fid, ErrorCode.NOT_ALLOWED,
                          f"only a consumer can {verb}: connect with role consumer or both")
@@ -226,11 +226,12 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         self.caps = frozenset(caps).intersection(CAPABILITIES)  # unknown ones are ignored
         granted = min(prefetch, MAX_PREFETCH)
         b = self.broker
+        identity = cast(BrokerIdentity, b.identity)  # set by start(), before any connection
         welcome = {
             "v": 1,
             "address": b.address,
-            "pubkey": b.identity.public_key,
-            "sig": b.identity.sign(welcome_signature_payload(nonce)),
+            "pubkey": identity.public_key,
+            "sig": identity.sign(welcome_signature_payload(nonce)),
             "max_payload": b.max_payload,
             "server": f"teomq/{__version__}",
             "scheme": "basic" if b.commands is None else "command",
