@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 from websockets.frames import Frame, Opcode
@@ -425,7 +425,7 @@ class WebSession:
             self._ack_timer.cancel()
         for conn in (self.consumer, self.producer):
             if conn is not None and not conn.detached:
-                conn.transport._closing = True
+                cast(VirtualTransport, conn.transport)._closing = True  # a session's connections have one
                 conn.connection_lost(None)
 
 
