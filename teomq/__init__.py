@@ -6,6 +6,8 @@ control plane (sessions, subscriptions, commands, timers, CLI) is asyncio.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
 from teomq.errors import (  # noqa: E402
@@ -18,6 +20,11 @@ from teomq.errors import (  # noqa: E402
     TeomqError,
     UnknownCommand,
 )
+
+if TYPE_CHECKING:  # at run time __getattr__ below imports them on first use
+    from teomq.broker import Broker
+    from teomq.client import Client, Consumer, Producer
+    from teomq.commands import Command, CommandCall, CommandSchema
 
 __all__ = [
     "__version__",
@@ -39,7 +46,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     # Broker and clients import the compiled core; load them on first use.
     if name == "Broker":
         from teomq.broker import Broker

@@ -54,7 +54,7 @@ import os
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 
@@ -361,7 +361,7 @@ class Connection(asyncio.Protocol):
         if self._closing:
             self._wbuf.take()
         else:
-            self._core.write_out(self._transport)
+            self._core.write_out(cast(asyncio.Transport, self._transport))  # set while not closing
 
     def _fail(self, reason: str, cause: BaseException | None, error_code: int = 0) -> None:
         """Close the connection for a fatal reason; pending requests get ConnectionLost."""
@@ -599,7 +599,7 @@ class Connection(asyncio.Protocol):
         try:
             if awaitable is None:
                 awaitable = self._handler(payload)  # type: ignore[misc]
-            task = asyncio.ensure_future(awaitable)  # type: ignore[arg-type]
+            task = asyncio.ensure_future(awaitable)
         except Exception as exc:
             self._reject(did, "handler raised", exc)
             return

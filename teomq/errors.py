@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Self
+
 
 class TeomqError(Exception):
     """Base class of every teomq error."""
@@ -18,7 +20,7 @@ class ProtocolError(TeomqError):
         self.code = int(code)
         self.reason = reason
 
-    def __reduce__(self):  # keep picklable with two arguments
+    def __reduce__(self) -> tuple[type[Self], tuple[int, str]]:  # keep picklable with two arguments
         return (type(self), (self.code, self.reason))
 
 
@@ -59,7 +61,7 @@ class UnknownCommand(TeomqError, LookupError):
         shown = self.name[:256].decode("utf-8", "replace") + ("..." if len(self.name) > 256 else "")
         super().__init__(f"command '{shown}' not found")
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[Self], tuple[bytes]]:
         return (type(self), (self.name,))
 
 
@@ -76,5 +78,5 @@ class BadPacket(TeomqError, ValueError):
         self.id = int(id)
         self.cmd = int(cmd)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[Self], tuple[str, int, int]]:
         return (type(self), (self.reason, self.id, self.cmd))

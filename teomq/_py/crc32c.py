@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import operator
 import struct
+from typing import TYPE_CHECKING, SupportsIndex, cast
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 __all__ = ["crc32c", "crc32c_software", "hardware"]
 
@@ -50,7 +54,7 @@ def byte_view(data: object) -> memoryview:
     way: TypeError for objects without the buffer protocol (including None), BufferError for
     non-contiguous buffers, ValueError for buffers of more than one dimension or wider items.
     """
-    mv = memoryview(data)
+    mv = memoryview(cast("ReadableBuffer", data))  # anything else: memoryview's TypeError, as the core's
     if not mv.c_contiguous:
         raise BufferError("memoryview: underlying buffer is not C-contiguous")
     if mv.ndim != 1:
@@ -61,7 +65,7 @@ def byte_view(data: object) -> memoryview:
     return mv if mv.format == "B" else mv.cast("B")
 
 
-def _u32(value: object) -> int:
+def _u32(value: SupportsIndex) -> int:
     value = operator.index(value)
     if value < 0:
         raise OverflowError("can't convert negative value to unsigned int")

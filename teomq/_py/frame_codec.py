@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import operator
 import struct
+from typing import SupportsIndex
 
 from teomq.errors import ProtocolError
 from teomq.protocol import HEADER_SIZE, MAGIC, MAX_FRAME_TYPE, VERSION, ErrorCode, FrameType
@@ -40,14 +41,14 @@ _U32_MAX = (1 << 32) - 1
 _U64_MAX = (1 << 64) - 1
 
 
-def _c_int(value: object) -> int:
+def _c_int(value: SupportsIndex) -> int:
     value = operator.index(value)
     if not _INT_MIN <= value <= _INT_MAX:
         raise OverflowError("value too large to convert to int")
     return value
 
 
-def _c_unsigned(value: object, limit: int, ctype: str) -> int:
+def _c_unsigned(value: SupportsIndex, limit: int, ctype: str) -> int:
     value = operator.index(value)
     if value < 0:
         raise OverflowError(f"can't convert negative value to {ctype}")
@@ -56,7 +57,7 @@ def _c_unsigned(value: object, limit: int, ctype: str) -> int:
     return value
 
 
-def _encode(ftype: object, flags: object, fid: object, payload: object) -> bytes:
+def _encode(ftype: SupportsIndex, flags: SupportsIndex, fid: SupportsIndex, payload: object) -> bytes:
     """Validate like the core's ``WriteBuffer.add`` and return the encoded frame."""
     ftype = operator.index(ftype)
     flags = operator.index(flags)

@@ -34,6 +34,7 @@ def machine_info(loop: str) -> dict[str, Any]:
                     break
     except OSError:
         pass
+    usable: int | None
     try:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

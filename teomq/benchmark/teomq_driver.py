@@ -140,8 +140,8 @@ class _TeomqProducer(ProducerSide):
         if mode == "request":
             self.request = self._request_task  # type: ignore[method-assign]
 
-    @property  # type: ignore[override]
-    def refused(self) -> int:
+    @property
+    def refused(self) -> int:  # type: ignore[override]  # a read-only view of the base's attribute
         return int(self._client.stats["refused"])
 
     def request(self, payload: bytes, done: Done) -> None:
@@ -255,8 +255,8 @@ class _TeomqConsumer(ConsumerSide):
         self._client = client
         self._stats = client.stats
 
-    @property  # type: ignore[override]
-    def count(self) -> int:
+    @property
+    def count(self) -> int:  # type: ignore[override]  # a read-only view of the base's attribute
         return self._stats["received"]
 
     async def close(self) -> None:
