@@ -1,0 +1,44 @@
+"""Type stub of the compiled teomq._core.routes (routes.pyx): command routes of the broker."""
+
+from typing import final
+
+from teomq._core.ring_queue import MsgRing
+
+#: RouteKind by name, for the control plane (Dispatcher.set_schema takes these values)
+KINDS: dict[str, int]
+
+@final
+class Route:
+    """One command of the broker's schema: its waiting queue and its subscribers."""
+
+    def __init__(self, index: int, name: bytes, kind: int) -> None: ...
+    @property
+    def index(self) -> int: ...
+    @property
+    def name(self) -> bytes: ...
+    @property
+    def kind(self) -> int: ...
+    @property
+    def waiting(self) -> MsgRing:
+        """Messages no subscriber could take yet (FIFO)."""
+    @property
+    def nmembers(self) -> int: ...
+    @property
+    def n_in(self) -> int:
+        """Messages routed here."""
+    @property
+    def n_out(self) -> int:
+        """Deliveries made from here."""
+    @property
+    def queued(self) -> int: ...
+    @property
+    def routing(self) -> str:
+        """"fanout", "queue" or "broker"."""
+
+@final
+class SubTable:
+    """All subscriptions, in one array with a free list; ids are stable while used."""
+
+    def __init__(self) -> None: ...
+    @property
+    def used(self) -> int: ...
