@@ -59,7 +59,7 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         self._hs_timer: asyncio.TimerHandle | None = None
         self._paused: set[str] = set()  # why reading is paused: "write", "queue"
         self.caps: frozenset[str] = frozenset()  # capabilities the client announced in HELLO
-        self.refused_logged = 0  # n_refused already reported in a log line
+        self.refused_logged = (0, 0)  # (n_refused, n_refused_parked) already reported in a log line
 
     # -- asyncio.BaseProtocol ------------------------------------------------------------
 
@@ -82,8 +82,11 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         if self.handshaken:
             log.info("%s %s (%s) disconnected%s", self.role, self.name, self.peer,
                      f": {exc}" if exc else "")
-        if self.n_refused > self.refused_logged:
+        if (self.n_refused, self.n_refused_parked) != self.refused_logged:
             self.broker._log_refusals(self)
+        if self.parked_sends:  # held back, never accepted: the client had no answer or PONG for them
+            log.warning("%s %s (%s) closed with %d frames held back, not accepted (nothing of them was "
+                        "confirmed)", self.role, self.name, self.peer, self.parked_sends)
         self.detach()
         self.transport = None
 
@@ -106,11 +109,12 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def hold(self, on: bool) -> None:
-        """Back-pressure for a client that also consumes: its SENDs wait, its reads go on.
+        """Back-pressure on this connection's SENDs: they wait, unaccepted, in order.
 
-        Pausing its reads would also stop its answers, which are what frees the room it
-        waits for. Instead its SENDs are parked in the core (bounded; past that, QUEUE_FULL),
-        and a client that announced the ``flow`` capability is told to hold them back.
+        Its SENDs (and PINGs after them) are parked in the core (bounded; past that,
+        QUEUE_FULL), and a client that announced the ``flow`` capability is told to hold
+        them back. A pure producer's reads are paused as well (Broker.hold_back); the reads
+        of a client that also consumes go on, since its answers free the room it waits for.
         """
         if self.detached or on == self.hold_sends:
             return
@@ -297,8 +301,9 @@ class Broker:
         port: TCP port; 0 picks a free one (read it back from ``port`` after start).
         data_dir: where the broker keeps its key (its address survives restarts).
         max_payload: largest message accepted, in bytes; larger frames are refused from their header.
-        queue_max: messages the broker may hold, queued or in flight (fanout: every copy); a SEND
-            beyond it gets a QUEUE_FULL error. Producers are held back from 3/4 of it.
+        queue_max: messages the broker may hold, queued or in flight (fanout copies are bounded per
+            subscriber instead); a SEND beyond it gets a QUEUE_FULL error. Producers are held back
+            from 3/4 of it.
         handshake_timeout: seconds a new connection has to send its HELLO.
         backlog_max: command scheme: fanout copies a subscriber without credit may have
             waiting; past that it is a slow consumer and new copies for it are dropped
@@ -444,13 +449,13 @@ class Broker:
     @staticmethod
     def hold_back(conn: BrokerConnection, on: bool) -> None:
         """Hold back (or let go) one producing connection under back-pressure."""
-        if conn.role == "producer":  # nothing to keep reading for: TCP back-pressure
+        # The rest of the read that crossed the high mark is parked too, not refused.
+        conn.hold(on)
+        if conn.role == "producer":  # nothing to keep reading for: TCP back-pressure as well
             if on:
                 conn.pause_for("queue")
             else:
                 conn.resume_for("queue")
-        elif conn.role == "both":  # its answers must keep coming: hold only its SENDs
-            conn.hold(on)
 
     def _refused(self) -> None:
         """The core refused a SEND (QUEUE_FULL): log it now, then at most once per interval."""
@@ -466,12 +471,16 @@ class Broker:
     def _log_refusals(self, *conns: BrokerConnection) -> None:
         held = self._disp.stats()["held"] if self._disp is not None else 0
         for conn in conns or self._conns:
-            new = conn.n_refused - conn.refused_logged
-            if new:
-                conn.refused_logged = conn.n_refused
+            full, parked = conn.n_refused - conn.refused_logged[0], conn.n_refused_parked - conn.refused_logged[1]
+            conn.refused_logged = (conn.n_refused, conn.n_refused_parked)
+            if full:
                 log.warning("%s %s (%s): %d message%s refused: queue is full (%d held of -queue-max %d)",
-                            conn.role, conn.name, conn.peer, new, "" if new == 1 else "s", held,
+                            conn.role, conn.name, conn.peer, full, "" if full == 1 else "s", held,
                             self.queue_max)
+            if parked:
+                log.warning("%s %s (%s): %d message%s refused: held back, and its parked messages reached "
+                            "their bound (%d held of -queue-max %d)", conn.role, conn.name, conn.peer,
+                            parked, "" if parked == 1 else "s", held, self.queue_max)
 
     def _slow_consumer(self, conn: BrokerConnection, command: bytes) -> None:
         log.warning("%s %s (%s) is slow: %d fanout copies wait for it (the -backlog-max); new copies of "

@@ -130,11 +130,12 @@ class Client:
         self._on_refused = on_refused
         self._conn: Connection | None = None
         self._address: str | None = None
-        #: Counters. Producing: sent, replies, timeouts, refused (ERROR for a message).
+        #: Counters. Producing: sent, replies, timeouts, refused (ERROR for a message), held_back
+        #: (times the broker held this client back with FLOW; its SENDs waited in the client).
         #: Consuming: received, answered (incl. None -> NO_ANSWER), errors (handler raised
         #: or returned a bad answer; acknowledged with NO_ANSWER), redelivered.
         self._subscriptions: dict[str, None] = {}  # ordered set
-        self._counts: dict[str, int] = dict.fromkeys(("sent", "replies", "timeouts", "refused",
+        self._counts: dict[str, int] = dict.fromkeys(("sent", "replies", "timeouts", "refused", "held_back",
                                                       "received", "answered", "errors", "redelivered"), 0)
         self._stats_view = _StatsView(self)
 

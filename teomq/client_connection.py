@@ -180,6 +180,7 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False  # the transport is above its high mark
         self._held = False  # the broker sent FLOW with HOLD
+        self._deferred: list[tuple[int, int, int, bytes]] = []  # SENDs and PINGs made while held
         self._resume: asyncio.Future[None] | None = None
         self._refusals_unlogged = 0
         self._refusal_timer: asyncio.TimerHandle | None = None
@@ -257,6 +258,10 @@ class Connection(asyncio.Protocol):
         elif ftype == _FLOW and self.address is not None:
             self._held = bool(flags & FLOW_HOLD)
             log.debug("broker %s: %s", "holds us back" if self._held else "lets us go on", self._endpoint)
+            if self._held:
+                self.stats["held_back"] += 1
+            elif self._deferred:
+                self._release_deferred()
             self._maybe_resume()
         elif ftype == _WELCOME and self.address is None:
             self._on_welcome(payload)
@@ -325,7 +330,7 @@ class Connection(asyncio.Protocol):
             else:
                 self.welcome.set_exception(self._lost())
         if self._resume is not None and not self._resume.done():
-            self._resume.set_exception(self._lost())
+            self._resume.set_result(None)  # drain() sees _closing and raises ConnectionLost itself
         for fut in self._pings.values():
             if not fut.done():
                 fut.set_exception(self._lost())
@@ -336,6 +341,11 @@ class Connection(asyncio.Protocol):
         if self._refusal_timer is not None:
             self._refusal_timer.cancel()
             self._log_refusals()
+        unsent = sum(1 for f in self._deferred if f[0] == _SEND and f[1] & _NO_REPLY)
+        if unsent:
+            log.warning("%d publish()ed messages held back by the broker were never sent (%s)", unsent,
+                        self._endpoint)
+        self._deferred.clear()
         pending = self._core.take_all() + list(self._custom.items())
         self._custom.clear()
         self._buckets.clear()
@@ -351,6 +361,11 @@ class Connection(asyncio.Protocol):
 
     def _write(self, ftype: int, flags: int, fid: int, payload: Any) -> None:
         """Encode one frame; it goes out with this loop pass's single write."""
+        if self._held and (ftype == _SEND or ftype == _PING):
+            # held back by the broker: SENDs wait here (answers do not), and a PING after them
+            # stays after them, so its PONG still means "everything before it was handled"
+            self._deferred.append((ftype, flags, fid, payload if type(payload) is bytes else bytes(payload)))
+            return
         self._wbuf.add(ftype, flags, fid, payload)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -362,6 +377,16 @@ class Connection(asyncio.Protocol):
             self._wbuf.take()
         else:
             self._core.write_out(cast(asyncio.Transport, self._transport))  # set while not closing
+
+    def _release_deferred(self) -> None:
+        """The broker let us go on: what was made while held goes out, in order, this pass."""
+        deferred, self._deferred = self._deferred, []
+        add = self._wbuf.add
+        for ftype, flags, fid, payload in deferred:
+            add(ftype, flags, fid, payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     def _fail(self, reason: str, cause: BaseException | None, error_code: int = 0) -> None:
         """Close the connection for a fatal reason; pending requests get ConnectionLost."""
@@ -468,6 +493,13 @@ class Connection(asyncio.Protocol):
 
     def submit(self, payload: bytes, entry: Any, is_future: bool) -> int:
         """Send a request with the default timeout: the hot path of request() and send()."""
+        if self._held:  # rare: tracked now, sent when the broker lets us go on
+            mid = self._core.register(entry, is_future)
+            self._deferred.append((_SEND, 0, mid, payload))
+            self.stats["sent"] += 1
+            if self._timer is None:
+                self._timer = self._loop.call_later(_TICK, self._tick)
+            return mid
         mid = self._core.submit(payload, entry, is_future)
         if self._timer is None:
             self._timer = self._loop.call_later(_TICK, self._tick)

@@ -8,6 +8,7 @@ assertion.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ import msgpack
 import pytest
 
 import teomq
-from teomq import BrokerError, ConnectionLost
+from teomq import ConnectionLost
 from teomq._core.frame_codec import FrameDecoder, encode_frame
 from teomq.protocol import DEFAULT_MAX_PAYLOAD, ErrorCode, FrameType
 from waiting import until
@@ -64,28 +65,48 @@ def test_request_answer(arun: Any, tmp_path: Path) -> None:
     arun(main())
 
 
-def test_queue_bound_refuses_then_delivers(arun: Any, tmp_path: Path) -> None:
+def test_queue_bound_holds_back_then_delivers(arun: Any, tmp_path: Path) -> None:
     async def main() -> None:
         async with make_broker(tmp_path, queue_max=5) as broker:
             async with teomq.Producer(spec(broker), timeout=LONG) as producer:
                 tasks = [asyncio.ensure_future(producer.request(f"m{n}")) for n in range(1, 9)]
-                await until(lambda: sum(t.done() for t in tasks) == 3, "three refusals")
-                # one connection, frames handled in order: the last three found the queue full
-                for t in tasks[5:]:
-                    assert t.done() and isinstance(t.exception(), BrokerError)
-                    assert t.exception().code == ErrorCode.QUEUE_FULL
-                assert not any(t.done() for t in tasks[:5])
+                # one read of 8 SENDs: accepted up to the high mark (4 of 5), the rest of the
+                # read parked in order, not refused, and the producer's reads paused
+                await until(lambda: broker.stats()["backpressure"] == 1, "the high mark")
+                await until(lambda: sum(c.parked_sends for c in broker._conns) == 4, "four parked")
                 s = broker.stats()
-                assert (s["queue"], s["in"], s["refused"]) == (5, 5, 3)
-                assert producer.stats["refused"] == 3
-                # the 5 accepted ones are answered once a consumer comes
+                assert (s["queue"], s["in"], s["refused"]) == (4, 4, 0)
+                assert not any(t.done() for t in tasks)
+                # a consumer drains the queue: the parked ones are accepted in order, all answered
                 async with teomq.Consumer(spec(broker), lambda d: d.upper(), name="late"):
-                    answers = await asyncio.gather(*tasks[:5])
-                assert answers == [f"M{n}".encode() for n in range(1, 6)]
-                # and with room again the queue takes new messages
+                    answers = await asyncio.gather(*tasks)
+                assert answers == [f"M{n}".encode() for n in range(1, 9)]
+                assert producer.stats["refused"] == 0 and broker.stats()["refused"] == 0
                 async with teomq.Consumer(spec(broker), lambda d: d.upper(), name="late2"):
                     assert await producer.request("m9") == b"M9"
             assert_idle(broker)
+
+    arun(main())
+
+
+def test_a_send_past_the_bound_is_refused(arun: Any, tmp_path: Path) -> None:
+    # Only a connection that is not held back can meet the bound itself: a consumer (never held
+    # back, its answers must flow) that also sends.
+    async def main() -> None:
+        async with make_broker(tmp_path, queue_max=2) as broker:
+            loop = asyncio.get_running_loop()
+            reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+            hello = {"v": 1, "role": "consumer", "name": "c", "prefetch": 1, "nonce": os.urandom(16), "auth": None}
+            writer.write(encode_frame(FrameType.HELLO, 0, 0, msgpack.packb(hello))
+                         + b"".join(encode_frame(FrameType.SEND, 0, i, b"x") for i in range(1, 5)))
+            decoder, frames = FrameDecoder(DEFAULT_MAX_PAYLOAD), []
+            deadline = loop.time() + LONG
+            while sum(f[0] == FrameType.ERROR for f in frames) < 2 and loop.time() < deadline:
+                frames += decoder.feed(await asyncio.wait_for(reader.read(65536), LONG))
+            errors = [msgpack.unpackb(f[3]) for f in frames if f[0] == FrameType.ERROR]
+            assert [e["code"] for e in errors] == [ErrorCode.QUEUE_FULL] * 2
+            assert broker.stats()["refused"] == 2 and broker.stats()["held"] == 2
+            writer.close()
 
     arun(main())
 

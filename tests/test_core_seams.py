@@ -100,6 +100,7 @@ class Peer(asyncio.Protocol):
         self.decoder = FrameDecoder(DEFAULT_MAX_PAYLOAD)
         self.frames: list[tuple[int, int, int, bytes]] = []
         self.transport: asyncio.Transport | None = None
+        self.on_pong: Any = None  # called as each PONG arrives
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -108,6 +109,8 @@ class Peer(asyncio.Protocol):
         self.received += len(data)
         for frame in self.decoder.feed(data):
             self.frames.append(frame)
+            if frame[0] == T.PONG and self.on_pong is not None:
+                self.on_pong()
             if self.answer and frame[0] == T.DELIVER:
                 assert self.transport is not None
                 self.transport.write(encode_frame(T.ANSWER, 0, frame[2], frame[3][::-1]))
@@ -224,10 +227,15 @@ def test_a_client_without_capabilities_is_served_as_before(arun: Any, tmp_path: 
             assert welcome["caps"] == ["flow"] and welcome["prefetch"] == 64
             assert both.transport is not None and consumer.transport is not None
             consumer.transport.pause_reading()  # answers stop: held messages reach the bound
-            both.transport.write(b"".join(encode_frame(T.SEND, 0, i, b"m%d" % i) for i in range(1, 201)))
+            at_pong: list[int] = []
+            both.on_pong = lambda: at_pong.append(broker.stats()["in"])
+            both.transport.write(b"".join(encode_frame(T.SEND, 0, i, b"m%d" % i) for i in range(1, 201))
+                                 + encode_frame(T.PING, 0, 77))
             await until(lambda: broker.stats()["backpressure"] == 1, "the high mark")
+            assert not at_pong  # the PING waits behind the parked SENDs
             consumer.transport.resume_reading()
             await until(lambda: len(both.of(T.REPLY)) == 200, "every message answered once let go")
+            assert at_pong == [200]  # its PONG came once every SEND before it was accepted
             assert not both.of(T.FLOW) and not both.of(T.ERROR)
             assert sorted(f[2] for f in both.of(T.REPLY)) == list(range(1, 201))
             flow = await peer(broker.port, "both", caps=["flow", "no-such-cap"])

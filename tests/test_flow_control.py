@@ -17,13 +17,14 @@ import re
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from procs import HANG_GUARD, ProcGroup, parse_stat
 from rawwire import RawConn, hello
 from teomq._core.frame_codec import encode_frame
 from teomq.broker import MAX_PREFETCH
-from teomq.protocol import FrameType as T
+from teomq.protocol import ErrorCode, FrameType as T
 
 pytestmark = pytest.mark.integration
 
@@ -53,15 +54,17 @@ def test_drain_sends_as_the_loop_runs_and_ping_confirms_all(procs: ProcGroup) ->
     assert growth < 64, f"client RSS grew {growth:.0f} MiB for {n * size >> 20} MiB published"
 
 
-def test_role_both_is_held_back_not_refused(procs: ProcGroup) -> None:
-    n = 20_000  # ten times the bound, through a handler slower than the publisher
-    broker = procs.broker("-nomsg", "-queue-max", "2000", "-log-level", "INFO")
-    client = procs.start(CLIENTS, "both", broker.endpoint, str(n), "100", label="both", python_args=[])
+@pytest.mark.parametrize("n, size", [(20_000, 100), (1_000, 65536)], ids=["small", "64KiB"])
+def test_role_both_is_held_back_not_refused(procs: ProcGroup, n: int, size: int) -> None:
+    # More than the bound, through a handler slower than the publisher; at 64 KiB, 64 MiB in
+    # all: four times what the broker would park for a client that did not hold back.
+    broker = procs.broker("-nomsg", "-queue-max", "2000" if size < 1000 else "200", "-log-level", "INFO")
+    client = procs.start(CLIENTS, "both", broker.endpoint, str(n), str(size), label="both", python_args=[])
     client.wait_for_line(r"^done$", timeout=240)
     assert client.wait() == 0, client.describe()
     out = script_output(client)
     assert out["refused"] == "0" and out["callbacks"] == "0"
-    assert int(out["long_drains"]) > 0  # drain() did wait: the broker held it back
+    assert int(out["held_back"]) > 0  # the broker's FLOW HOLD came, and the client heeded it
     assert int(out["received"]) == n
     broker.proc.wait_for_line(r"\(high mark\): holding back 1 producers", stderr=True)
     broker.proc.wait_for_line(r"\(low mark\): resuming 1 producers", stderr=True)
@@ -123,19 +126,21 @@ def test_in_flight_counts_against_queue_max(procs: ProcGroup) -> None:
 
 def test_client_that_ignores_backpressure_is_refused_and_logged(procs: ProcGroup) -> None:
     # A role "both" client without the flow capability (an older client) cannot be told to
-    # hold back; its SENDs past the bound are parked (bounded), then refused, never buffered.
+    # hold back; its SENDs past the bound are parked (64 MiB per connection), then refused.
     broker = procs.broker("-nomsg", "-queue-max", "1000")
-    conn, sent = _send_flood(broker.port, "both", 20_000, b"w" * 1024, seconds=20)
-    assert sent == 20_000
+    conn, sent = _send_flood(broker.port, "both", 10_000, b"w" * 8192, seconds=30)  # 80 MiB
+    assert sent == 10_000
     conn.sock.settimeout(HANG_GUARD)
-    refused = 0
-    while refused < 1:
+    while True:
         ftype, _flags, fid, payload = conn.read_frame()
+        assert ftype != T.FLOW  # it did not announce the flow capability
         if ftype == T.ERROR:
-            refused += 1
+            err = msgpack.unpackb(payload)
+            assert err["code"] == ErrorCode.QUEUE_FULL and err["reason"].startswith("held back"), err
+            break
     broker.proc.wait_for_line(
         rf"WARNING teomq\.broker: both flood-both \({re.escape(conn.local)}\): \d+ messages? refused: "
-        r"queue is full \(\d+ held of -queue-max 1000\)", stderr=True)
+        r"held back, and its parked messages reached their bound \(\d+ held of -queue-max 1000\)", stderr=True)
     conn.close()
 
 
@@ -151,3 +156,30 @@ def test_client_logs_a_prefetch_cut_to_the_limit(procs: ProcGroup, caplog: pytes
     with caplog.at_level(logging.WARNING, logger="teomq.client"):
         asyncio.run(main())
     assert f"granted a prefetch of {MAX_PREFETCH} ({MAX_PREFETCH + 1} asked)" in caplog.text
+
+
+def test_a_hung_consumer_does_not_stall_every_producer(procs: ProcGroup) -> None:
+    # queue_max 100: high mark 75, low 18. A consumer holding 30 unanswered deliveries keeps
+    # the broker above the low mark for good; producers still go on once the queue has drained.
+    import teomq
+
+    broker = procs.broker("-nomsg", "-queue-max", "100")
+    hog = RawConn(broker.port)
+    hog.send(hello(role="consumer", name="hung", prefetch=30))
+    hog.welcome()
+
+    async def main() -> dict[str, int]:
+        async with teomq.Consumer(broker.endpoint, lambda d: d, name="healthy", prefetch=4) as healthy:
+            async with teomq.Producer(broker.endpoint, name="p", timeout=HANG_GUARD) as producer:
+                for i in range(2000):
+                    producer.publish(b"job %d" % i)
+                    if i % 50 == 49:
+                        await producer.drain()
+                await producer.ping()
+                while healthy.stats["received"] < 2000 - 30:
+                    await asyncio.sleep(0.01)
+                return {"refused": producer.stats["refused"], "received": healthy.stats["received"]}
+
+    got = asyncio.run(asyncio.wait_for(main(), HANG_GUARD))
+    assert got == {"refused": 0, "received": 2000 - 30}
+    hog.close()

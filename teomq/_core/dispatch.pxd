@@ -61,7 +61,8 @@ cdef class CoreConnection:
     cdef size_t parked_len
     cdef size_t parked_cap
     cdef readonly uint32_t n_parked
-    cdef readonly uint64_t n_refused      # its SENDs refused QUEUE_FULL
+    cdef readonly uint64_t n_refused      # its SENDs refused QUEUE_FULL: the bound reached
+    cdef readonly uint64_t n_refused_parked   # ... or its parked SENDs over their bound
 
     cdef int _process(self) except -1
     cdef int _mark_dirty(self) except -1
@@ -92,6 +93,8 @@ cdef class Dispatcher:
     cdef public bint refusal_noted      # set when on_refused is called; the control plane clears it
     cdef readonly size_t queue_high
     cdef readonly size_t queue_low
+    cdef readonly size_t queue_mid      # low < mid < high: see pump()
+    cdef readonly size_t parked_bytes   # SEND frames parked by held-back connections, all together
     cdef readonly bint backpressure
     cdef readonly uint32_t max_payload
     cdef readonly int32_t consumers
@@ -133,7 +136,7 @@ cdef class Dispatcher:
     cdef int drop_subs(self, CoreConnection conn) except -1
     cdef size_t queued(self) noexcept
     cdef size_t held(self) noexcept
-    cdef int refuse(self, CoreConnection conn, uint64_t fid) except -1
+    cdef int refuse(self, CoreConnection conn, uint64_t fid, bint parked) except -1
     cdef int on_command_hook(self, CoreConnection conn, int kind, FrameHeader *h,
                              const char *p, size_t n) except -1
     cdef int32_t _route_index(self, name) except -2

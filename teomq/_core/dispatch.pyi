@@ -49,7 +49,10 @@ class CoreConnection:
     def n_parked(self) -> int: ...
     @property
     def n_refused(self) -> int:
-        """Its SENDs refused QUEUE_FULL."""
+        """Its SENDs refused QUEUE_FULL: the bound reached."""
+    @property
+    def n_refused_parked(self) -> int:
+        """Its SENDs refused QUEUE_FULL: held back, and its parked SENDs over their bound."""
     def get_buffer(self, sizehint: int) -> memoryview: ...
     def buffer_updated(self, nbytes: int) -> None: ...
     def release_sends(self) -> None:
@@ -115,6 +118,12 @@ class Dispatcher:
     def queue_high(self) -> int: ...
     @property
     def queue_low(self) -> int: ...
+    @property
+    def queue_mid(self) -> int:
+        """Between queue_low and queue_high (see pump())."""
+    @property
+    def parked_bytes(self) -> int:
+        """SEND frames parked by held-back connections, all together."""
     @property
     def backpressure(self) -> bool: ...
     @property

@@ -92,8 +92,9 @@ class VirtualTransport(asyncio.Transport):
             self._session.on_broker_close(self._conn)
 
     def pause_reading(self) -> None:
-        # The broker pauses pure producers while its queue is full. A page that also consumes
-        # keeps being read, as a TCP client with role "both" is: its answers free the queue.
+        # At the high mark the broker parks this connection's SENDs and pauses its reads. A
+        # page that also consumes keeps being read (its answers free the room; what it sends
+        # meanwhile waits, parked, as a TCP client's with role "both" does).
         if self._session.consumer is None:
             self._session.reading.clear()
 
