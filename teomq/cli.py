@@ -457,7 +457,7 @@ async def _broker(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             _fail(f"teomq broker: bad command schema: {e}")
             return 1
-        log.info("command scheme, %d commands: %s", len(schema), ", ".join(
+        log.info("command scheme, %d command%s: %s", len(schema), "" if len(schema) == 1 else "s", ", ".join(
             f"{c.name} ({c.routing}{', ' + c.pattern if c.pattern else ''})" for c in schema))
     broker = Broker(host, port, data_dir=args.data_dir, max_payload=args.max_payload, queue_max=args.queue_max,
                     log_messages=not args.nomsg, commands=schema, backlog_max=args.backlog_max)
