@@ -38,10 +38,11 @@ Design notes:
   table; every REPLY with its id is added to it (not popped) until its timeout or ``expect``.
 - Flow control: two things hold a producing client back: ``pause_writing`` (the broker
   reads slower than we write), and a FLOW frame with HOLD (the broker holds as many
-  messages as its high mark; sent to a client that consumes too, whose reads the broker
-  must not pause). Either makes :meth:`Client.request` wait before sending and
-  :meth:`Client.drain` wait in ``send``/``publish`` loops. Consumers keep answering
-  while held back: their unsent answers are bounded by the prefetch credit.
+  messages as its high mark). While held by FLOW, SENDs and PINGs wait in ``_deferred``,
+  in order, and go out when FLOW without HOLD comes; answers go on (a client that also
+  consumes frees the room it waits for). Either makes :meth:`Client.request` wait before
+  sending and :meth:`Client.drain` wait in ``send``/``publish`` loops. Unsent answers are
+  bounded by the prefetch credit.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ from teomq._core.frame_codec import encode_frame
 from teomq.commands import Command
 from teomq.errors import AddressError, BrokerError, ConnectionLost, ProtocolError, RequestTimeout
 from teomq.identity import verify_welcome
-from teomq.transports import direct_socket
 from teomq.protocol import FLOW_HOLD, MAX_PAYLOAD_LIMIT, ErrorCode, Flag, FrameType
+from teomq.transports import direct_socket
 
 if TYPE_CHECKING:
     from teomq.client import Client
