@@ -436,13 +436,13 @@ class Broker:
     def _backpressure(self, on: bool) -> None:
         # Queued plus in-flight messages reached the high mark (or are back at the low one).
         conns = [c for c in self._conns if c.handshaken and c.role != "consumer"]
-        held = self._disp.stats()["held"] if self._disp is not None else 0
+        s = self._disp.stats() if self._disp is not None else {"held": 0, "queue": 0}
         if on:
             log.info("%d messages held, queued or in flight (high mark): holding back %d producers",
-                     held, len(conns))
+                     s["held"], len(conns))
         else:
-            log.info("%d messages held, queued or in flight (low mark): resuming %d producers",
-                     held, len(conns))
+            log.info("%d messages held, %d of them queued (low mark, or the queues down to it with half "
+                     "the bound free): resuming %d producers", s["held"], s["queue"], len(conns))
         for conn in conns:
             self.hold_back(conn, on)
 
