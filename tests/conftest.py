@@ -50,7 +50,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if problems:
         pytest.exit(
             "the compiled teomq core was not loaded:\n  " + "\n  ".join(problems) +
-            "\nBuild it with `pip install .` or `python setup.py build_ext --inplace`, "
+            "\nBuild it with `pip install -e '.[test]'` (ci/test.sh) or, after that, "
+            "`python setup.py build_ext --inplace`, "
             "or set TEOMQ_ALLOW_PURE=1 to run the tests without it.",
             returncode=pytest.ExitCode.USAGE_ERROR,
         )
