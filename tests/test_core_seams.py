@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import teomq
 from teomq._core.frame_codec import FrameDecoder, encode_frame
 from teomq.broker import BrokerConnection
 from teomq.protocol import DEFAULT_MAX_PAYLOAD, ErrorCode, FrameType as T
+from rawwire import hello
 from test_broker_api import LONG, make_broker, spec
 from waiting import until
 
@@ -119,17 +119,14 @@ class Peer(asyncio.Protocol):
         return [f for f in self.frames if f[0] == ftype]
 
 
-def raw_hello(role: str, **extra: Any) -> bytes:
-    doc = {"v": 1, "role": role, "name": f"raw-{role}", "prefetch": 64 if role != "producer" else 0,
-           "nonce": os.urandom(16), "auth": None, **extra}
-    return encode_frame(T.HELLO, 0, 0, msgpack.packb(doc))
-
-
-async def peer(port: int, role: str, answer: bool = False, **hello: Any) -> Peer:
+async def peer(port: int, role: str, answer: bool = False, **extra: Any) -> Peer:
     loop = asyncio.get_running_loop()
     _, p = await loop.create_connection(lambda: Peer(answer), "127.0.0.1", port)
     assert p.transport is not None
-    p.transport.write(raw_hello(role, **hello))
+    extra.setdefault("name", f"raw-{role}")
+    if role != "producer":
+        extra.setdefault("prefetch", 64)
+    p.transport.write(hello(role, **extra))
     await until(lambda: p.of(T.WELCOME), f"the {role}'s WELCOME")
     return p
 
@@ -195,19 +192,19 @@ def test_a_raising_hello_hook_closes_only_that_connection(arun: Any, tmp_path: P
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     real = BrokerConnection._hello
 
-    def hello(self: BrokerConnection, fid: int, payload: bytes) -> None:
+    def exploding_hello(self: BrokerConnection, fid: int, payload: bytes) -> None:
         if b"explode" in payload:
             raise KeyError("a bug in the HELLO handler")
         real(self, fid, payload)
 
-    monkeypatch.setattr(BrokerConnection, "_hello", hello)
+    monkeypatch.setattr(BrokerConnection, "_hello", exploding_hello)
 
     async def main() -> None:
         async with make_broker(tmp_path) as broker:
             loop = asyncio.get_running_loop()
             _, p = await loop.create_connection(lambda: Peer(False), "127.0.0.1", broker.port)
             assert p.transport is not None
-            p.transport.write(raw_hello("producer", name="explode") + encode_frame(T.SEND, 0, 1, b"x"))
+            p.transport.write(hello("producer", name="explode") + encode_frame(T.SEND, 0, 1, b"x"))
             await until(lambda: p.of(T.ERROR), "the ERROR frame")
             assert msgpack.unpackb(p.of(T.ERROR)[0][3])["code"] == ErrorCode.INTERNAL
             assert not p.of(T.WELCOME) and broker.stats()["in"] == 0
