@@ -29,7 +29,8 @@ directives = {
     "embedsignature": True,
 }
 
-MODULES = ["crc32c", "frame_codec", "ring_queue", "dispatch", "client_core", "command_parser", "routes", "teoproxy"]
+MODULES = ["crc32c", "frame_codec", "writer", "slots", "ring_queue", "store", "routes", "command_parser",
+           "endpoint", "scheduler", "dispatch", "connection", "inproc", "client_core", "teoproxy"]
 
 
 def say(line: str) -> None:

@@ -1,7 +1,7 @@
 """The broker's control plane: listening socket, handshakes, timers, logging, shutdown.
 
 Message traffic never passes through this module: each connection is a
-:class:`teomq._core.dispatch.CoreConnection` whose read path (``get_buffer`` /
+:class:`teomq._core.connection.CoreConnection` whose read path (``get_buffer`` /
 ``buffer_updated``) runs in the Cython core. Python is called for a connection's HELLO,
 an ERROR frame a client sends, bad input, the handshake timer, flow control and, in
 command mode, the commands the broker answers itself (subscribe, unsubscribe, hello, an
@@ -21,14 +21,15 @@ import msgpack
 
 from teomq import __version__
 from teomq._core.command_parser import CommandTable
-from teomq._core.dispatch import CMD_UNKNOWN, CMD_UNKNOWN_API, CoreConnection, Dispatcher
+from teomq._core.connection import CoreConnection
+from teomq._core.dispatch import CMD_UNKNOWN, CMD_UNKNOWN_API, Dispatcher
 from teomq._core.routes import KINDS
 from teomq._core.frame_codec import encode_frame
 from teomq.addressbook import DEFAULT_PORT, AddressBook, default_data_dir
 from teomq.commands import BROKER_COMMANDS, Command, CommandSchema
 from teomq.errors import ProtocolError, UnknownCommand
 from teomq.identity import BrokerIdentity, welcome_signature_payload
-from teomq.transports import direct_socket
+from teomq.transports import socket_writer
 from teomq.protocol import CAPABILITIES, DEFAULT_MAX_PAYLOAD, FLOW_HOLD, ApiCommand, ErrorCode, Flag, FrameType
 
 log = logging.getLogger("teomq.broker")
@@ -38,6 +39,10 @@ DEFAULT_PREFETCH = 64
 _SUBSCRIBE, _UNSUBSCRIBE, _HELLO = KINDS["subscribe"], KINDS["unsubscribe"], KINDS["hello"]
 #: The most credit one consumer gets; a larger prefetch is granted as this (WELCOME says so).
 MAX_PREFETCH = 65535
+#: longest session id a HELLO may give (the id a client keeps for the life of its object)
+MAX_SESSION = 128
+#: Seconds between the dispatcher's clock ticks (Dispatcher.tick: leases, later deadlines).
+TICK_INTERVAL = 0.25
 #: Seconds between the broker's summaries of refused messages (the first is logged at once).
 REFUSAL_LOG_INTERVAL = 1.0
 _ROLES = ("producer", "consumer", "both")
@@ -70,8 +75,7 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if direct_socket(transport) is not None:  # never past TLS or a wrapping transport
-                self.set_socket(sock.fileno())
+        self.set_writer(socket_writer(transport))  # None past TLS or a wrapping transport
         self.broker._conns.add(self)
         loop = asyncio.get_running_loop()
         self._hs_timer = loop.call_later(self.broker.handshake_timeout, self._handshake_timeout)
@@ -224,6 +228,15 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
             raise ProtocolError(ErrorCode.HANDSHAKE, f"bad prefetch {prefetch!r}")
         if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
             raise ProtocolError(ErrorCode.HANDSHAKE, f"HELLO caps must be a list of names, not {caps!r:.80}")
+        session = hello.get("session")
+        if isinstance(session, str):
+            session = session.encode()
+        if session is not None and (not isinstance(session, bytes) or not 0 < len(session) <= MAX_SESSION):
+            raise ProtocolError(ErrorCode.HANDSHAKE, f"HELLO session must be text or bytes of 1..{MAX_SESSION}")
+        disp = cast(Dispatcher, self.broker._disp)  # set by start(), before any connection
+        if session is not None and disp.session_of(session) is not None:
+            # a session lives as long as its connection, and one connection has it at a time
+            raise ProtocolError(ErrorCode.HANDSHAKE, "this session is already connected")
         self._cancel_timer()
         self.name = name[:200]
         self.role = role
@@ -240,6 +253,7 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
             "server": f"teomq/{__version__}",
             "scheme": "basic" if b.commands is None else "command",
             "caps": list(CAPABILITIES),
+            "session": session is not None,
         }
         if role != "producer":
             welcome["prefetch"] = granted
@@ -248,6 +262,8 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         # WELCOME goes out before any DELIVER that accept_hello makes possible.
         self.send_frame(FrameType.WELCOME, 0, fid, msgpack.packb(welcome))
         self.accept_hello(role != "producer", granted)
+        if session is not None:
+            disp.bind_session(self, session)
         if b._disp is not None and b._disp.backpressure:
             b.hold_back(self, True)
         if granted < prefetch:
@@ -356,6 +372,7 @@ class Broker:
         self._conns: set[BrokerConnection] = set()
         self._errors = 0
         self._book: AddressBook | None = None
+        self._ticker: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """Load (or create) the key, listen, and record the address."""
@@ -384,10 +401,17 @@ class Broker:
             lambda: BrokerConnection(disp, self), self.host, self.port, reuse_address=True)
         bound = self._server.sockets[0].getsockname()
         self.host, self.port = bound[0], bound[1]
+        self._tick()  # the dispatcher's clock is the loop's, moved on by one timer
         if self.record_address:
             self._book = AddressBook()
             self._book.record(self.address, _reachable_host(self.host), self.port)
         log.info("broker %s listening on %s:%d", self.address, self.host, self.port)
+
+    def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._disp is not None:
+            self._disp.tick(loop.time())
+        self._ticker = loop.call_later(TICK_INTERVAL, self._tick)
 
     async def serve_forever(self) -> None:
         """Serve until close() is called or the task is cancelled."""
@@ -407,6 +431,9 @@ class Broker:
             return
         server, self._server = self._server, None
         server.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
         for conn in list(self._conns):
             conn._close_with_error(ErrorCode.SHUTDOWN, "broker is shutting down")
         await server.wait_closed()

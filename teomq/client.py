@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import math
 import os
+import secrets
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Union
@@ -128,6 +129,9 @@ class Client:
         if on_refused is not None and not callable(on_refused):
             raise TypeError("on_refused must be callable")
         self._on_refused = on_refused
+        #: this client's producer session, sent in HELLO: answers are routed to it (an
+        #: unguessable id for the client object's life; a session lives as long as its connection)
+        self.session: str = secrets.token_urlsafe(16)
         self._conn: Connection | None = None
         self._address: str | None = None
         #: Counters. Producing: sent, replies, timeouts, refused (ERROR for a message), held_back

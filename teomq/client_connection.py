@@ -65,7 +65,7 @@ from teomq.commands import Command
 from teomq.errors import AddressError, BrokerError, ConnectionLost, ProtocolError, RequestTimeout
 from teomq.identity import verify_welcome
 from teomq.protocol import FLOW_HOLD, MAX_PAYLOAD_LIMIT, ErrorCode, Flag, FrameType
-from teomq.transports import direct_socket
+from teomq.transports import socket_writer
 
 if TYPE_CHECKING:
     from teomq.client import Client
@@ -204,11 +204,11 @@ class Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except (OSError, AttributeError):
                 pass
-            if direct_socket(transport) is not None:  # never past TLS or a wrapping transport
-                self._core.set_socket(sock.fileno())
+        # the HELLO below goes through the transport: the writer asks it once before going around it
+        self._core.set_writer(socket_writer(transport, backlog=True))  # None past TLS or a wrapping transport
         c = self._client
         hello = {"v": 1, "role": c._role, "name": c.name, "prefetch": c._prefetch,
-                 "nonce": self._nonce, "auth": None, "caps": ["flow"]}
+                 "nonce": self._nonce, "auth": None, "caps": ["flow"], "session": c.session}
         if c._produces:  # only a producer needs to know which commands fan out
             hello["commands"] = True
         transport.write(encode_frame(int(FrameType.HELLO), 0, 0, msgpack.packb(hello)))  # type: ignore[attr-defined]

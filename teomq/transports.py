@@ -1,11 +1,12 @@
-"""Which transports the core may write to directly.
+"""Which transports the core may write to directly, and the writer that does.
 
-The core's write path (``WriteBuffer.write_to``) writes to a connection's socket itself while
-the transport holds nothing of ours, and hands the transport the rest. That is only right
-when the transport is the socket: under TLS, or any transport that wraps another (a proxy,
-a test's recorder, the web gateway's virtual transports), bytes written to the fd would
-bypass it. So the fd is handed to the core only for the plain stream transports of asyncio
-and uvloop, named here; every other transport gets every byte through ``write()``.
+The core is sans-IO: it encodes frames into a WriteBuffer. The protocol layer owns the one
+writer (``teomq._core.writer.SocketWriter``) that send()s them to a connection's socket while
+the transport holds nothing of ours, handing the transport the rest. That is only right when
+the transport is the socket: under TLS, or any transport that wraps another (a proxy, a
+test's recorder, the web gateway's virtual transports), bytes written to the fd would bypass
+it. So a writer is made only for the plain stream transports of asyncio and uvloop, named
+here; every other transport gets every byte through ``write()``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import socket
 
-__all__ = ["direct_socket"]
+from teomq._core.writer import SocketWriter
+
+__all__ = ["direct_socket", "socket_writer"]
 
 #: (module, class name) of the transports that are a plain TCP or Unix socket.
 _PLAIN = frozenset({
@@ -30,3 +33,12 @@ def direct_socket(transport: asyncio.BaseTransport) -> socket.socket | None:
         return None
     sock = transport.get_extra_info("socket")
     return sock if sock is not None and sock.fileno() >= 0 else None
+
+
+def socket_writer(transport: asyncio.BaseTransport, *, backlog: bool = False) -> SocketWriter | None:
+    """The writer for ``transport``'s socket, or None when the core must not go around it.
+
+    ``backlog``: bytes went through the transport already (ask it once before writing direct).
+    """
+    sock = direct_socket(transport)
+    return None if sock is None else SocketWriter(sock.fileno(), backlog)

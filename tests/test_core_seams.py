@@ -5,7 +5,9 @@
 - a hook that raises while a frame is handled leaves the connection consistent: the frame is
   consumed once, the connection is closed with ERROR INTERNAL, what it held is requeued, and
   everyone else is served on;
-- a client that announces no capabilities (a HELLO of before ``caps``) is served as before.
+- a client that announces no capabilities (a HELLO of before ``caps``) is served as before;
+- answers go to the producer's session (the id its HELLO gives); one connection has a session
+  at a time, and a session lives as long as its connection.
 """
 
 from __future__ import annotations
@@ -237,5 +239,53 @@ def test_a_client_without_capabilities_is_served_as_before(arun: Any, tmp_path: 
             assert sorted(f[2] for f in both.of(T.REPLY)) == list(range(1, 201))
             flow = await peer(broker.port, "both", caps=["flow", "no-such-cap"])
             assert msgpack.unpackb(flow.of(T.WELCOME)[0][3])["caps"] == ["flow"]
+
+    arun(main())
+
+
+def test_a_session_is_held_by_one_connection_at_a_time(arun: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_broker(tmp_path) as broker:
+            consumer = await peer(broker.port, "consumer", answer=True)
+            first = await peer(broker.port, "producer", session="s-42")
+            assert msgpack.unpackb(first.of(T.WELCOME)[0][3])["session"] is True
+            loop = asyncio.get_running_loop()
+            _, second = await loop.create_connection(lambda: Peer(False), "127.0.0.1", broker.port)
+            assert second.transport is not None and first.transport is not None
+            second.transport.write(hello("producer", name="raw-second", session="s-42"))
+            await until(lambda: second.of(T.ERROR), "the second HELLO's refusal")
+            err = msgpack.unpackb(second.of(T.ERROR)[0][3])
+            assert err["code"] == ErrorCode.HANDSHAKE and "session is already connected" in err["reason"]
+            assert not second.of(T.WELCOME)
+            await until(lambda: second.transport is None or second.transport.is_closing(), "closed")
+            # the first keeps its session: its answers come to it
+            first.transport.write(encode_frame(T.SEND, 0, 5, b"ping"))
+            await until(lambda: first.of(T.REPLY), "the first producer's answer")
+            assert first.of(T.REPLY)[0][2:] == (5, b"gnip")
+            first.transport.close()
+            await until(lambda: broker.stats()["connections"] == 1, "the first gone")
+            # its session ended with its connection: the name is free again
+            third = await peer(broker.port, "producer", session="s-42")
+            assert msgpack.unpackb(third.of(T.WELCOME)[0][3])["session"] is True
+            nameless = await peer(broker.port, "producer")  # no session: served as before
+            assert msgpack.unpackb(nameless.of(T.WELCOME)[0][3])["session"] is False
+            assert nameless.transport is not None and consumer.transport is not None
+            nameless.transport.write(encode_frame(T.SEND, 0, 6, b"abc"))
+            await until(lambda: nameless.of(T.REPLY), "the nameless producer's answer")
+
+    arun(main())
+
+
+def test_a_bad_session_is_refused(arun: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_broker(tmp_path) as broker:
+            loop = asyncio.get_running_loop()
+            for bad in ("", "x" * 129, 42):
+                _, p = await loop.create_connection(lambda: Peer(False), "127.0.0.1", broker.port)
+                assert p.transport is not None
+                p.transport.write(hello("producer", session=bad))
+                await until(lambda: p.of(T.ERROR), f"session {bad!r:.20} refused")
+                err = msgpack.unpackb(p.of(T.ERROR)[0][3])
+                assert err["code"] == ErrorCode.HANDSHAKE and "session" in err["reason"], err
 
     arun(main())

@@ -25,8 +25,9 @@ subscribe/unsubscribe, msg/ and API frames, slow fanout subscribers), flushed in
 
 A failure prints the falsifying steps; replay them by calling the machine's methods in order.
 
-The Dispatcher has no ``tick(now)`` (no timers in the core) when this was written: when it
-gets one, it becomes a rule here.
+``BasicMachine`` also runs the clock (``Dispatcher.tick(now)``) with or without a lease: a
+delivery unanswered for the lease goes back to the head of the queue, flagged REDELIVERED, and
+its consumer gets that credit back only with a later (refused) answer for it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from teomq._core.command_parser import CommandTable
-from teomq._core.dispatch import CMD_UNKNOWN, CMD_UNKNOWN_API, CoreConnection, Dispatcher
+from teomq._core.connection import CoreConnection
+from teomq._core.dispatch import CMD_UNKNOWN, CMD_UNKNOWN_API, Dispatcher
 from teomq._core.frame_codec import FrameDecoder, encode_frame
 from teomq._core.routes import KINDS
 from teomq.errors import ProtocolError
@@ -102,7 +104,7 @@ class FakeConn(CoreConnection):
         self.cid = cid
         self.auto_hold = auto_hold
         self.transport = FakeTransport()
-        self.set_socket(-1)
+        self.set_writer(None)  # no socket: every byte through the fake transport
         self.commands: list[tuple[int, int, bytes]] = []  # on_command calls: (kind, id, data)
         self.client_errors: list[bytes] = []
         self.protocol_errors: list[int] = []
@@ -199,6 +201,8 @@ class Conn:
         self.copies: set[int] = set()        # fanout messages it got a copy of (one each)
         self.slow = False
         self.client_errors = 0
+        self.lapsed = 0                      # deliveries whose lease expired, credit not back yet
+        self.when: dict[int, float] = {}     # delivery id -> the clock when it was delivered
 
 
 def _key_of(payload: bytes) -> int:
@@ -242,6 +246,8 @@ class DispatchMachine(RuleBasedStateMachine):
         self.n_out_seen = 0   # DELIVERs written and decoded
         self.n_out_lost = 0   # DELIVERs made but dropped unwritten with their consumer
         self.n_parked = self.n_parked_pings = 0
+        self.clock = 0.0      # the core's clock: moved only by tick()
+        self.n_expired = 0
 
     def teardown(self) -> None:
         # what a run reached (pytest --hypothesis-show-statistics)
@@ -504,6 +510,8 @@ class DispatchMachine(RuleBasedStateMachine):
         def model():
             self.n_unknown_answers += 1
             self.exp_errors[(cm.cid, ErrorCode.UNKNOWN_ID, did)] += 1
+            if cm.lapsed:  # a late answer for an expired delivery: its credit comes back
+                cm.lapsed -= 1
 
         self._feed(cm, [(encode_frame(FrameType.ANSWER, 0, did, b"late"), model)])
         self._end()
@@ -545,6 +553,7 @@ class DispatchMachine(RuleBasedStateMachine):
         assert s["unknown_answers"] == self.n_unknown_answers
         assert s["dropped"] == self.n_dropped
         assert s["unknown_commands"] == self.n_unknown_commands
+        assert s["expired"] == self.n_expired
         live = self.live()
         assert s["consumers"] == sum(c.consumer for c in live)
         assert s["connections"] == len(live)
@@ -561,7 +570,8 @@ class DispatchMachine(RuleBasedStateMachine):
             assert c.consumer == cm.consumer and not c.detached
             assert len(cm.held) <= cm.prefetch, f"conn {cm.cid} holds {len(cm.held)} > prefetch {cm.prefetch}"
             assert c.inflight <= cm.prefetch, f"conn {cm.cid}: {c.inflight} in flight > prefetch {cm.prefetch}"
-            assert c.credit + c.inflight == cm.prefetch, (cm.cid, c.credit, c.inflight, cm.prefetch)
+            assert c.lapsed == cm.lapsed
+            assert c.credit + c.inflight + c.lapsed == cm.prefetch, (cm.cid, c.credit, c.inflight, c.lapsed, cm.prefetch)
             assert c.parked_sends == len(cm.parked)
             assert c.n_refused == cm.n_refused
             assert c.commands == self.exp_commands[cm.cid]
@@ -584,9 +594,11 @@ class DispatchMachine(RuleBasedStateMachine):
 class BasicMachine(DispatchMachine):
     """The basic scheme: one queue, round robin, flushed inline or when this test says."""
 
-    @initialize(queue_max=queue_maxes, deferred=st.booleans(), auto_hold=st.booleans(), first=first_conns)
-    def start(self, queue_max, deferred, auto_hold, first):
-        self._setup(queue_max, deferred, auto_hold)
+    @initialize(queue_max=queue_maxes, deferred=st.booleans(), auto_hold=st.booleans(), first=first_conns,
+                lease=st.sampled_from([0.0, 1.0]))
+    def start(self, queue_max, deferred, auto_hold, first, lease):
+        self._setup(queue_max, deferred, auto_hold, lease=lease)
+        self.lease = lease
         self.unseen: list[int] = []  # queued, or delivered and not yet seen: in order if order_known
         self.order_known = True
         self.fresh_max = -1          # seq of the last message seen delivered for the first time
@@ -697,9 +709,11 @@ class BasicMachine(DispatchMachine):
                     last = position[key]
                 delivered.append(key)
                 cm.held[did] = (key, False)
+                cm.when[did] = self.clock
                 self.live_dids.add(did)
                 self.n_out_seen += 1
-                assert len(cm.held) <= cm.prefetch, f"conn {cid} holds {len(cm.held)} > prefetch {cm.prefetch}"
+                assert len(cm.held) + cm.lapsed <= cm.prefetch, \
+                    f"conn {cid} holds {len(cm.held)} (and {cm.lapsed} lapsed) > prefetch {cm.prefetch}"
         if self.order_known and not partial:
             assert set(delivered) == set(before[:len(delivered)]), \
                 f"delivered {delivered}, not the head of the queue {before}"
@@ -777,6 +791,36 @@ class BasicMachine(DispatchMachine):
             self._model_detach(cm, own, others)
         self._end()
 
+    @precondition(lambda self: self.quiescent())  # every DELIVER seen: the model knows when each was made
+    @rule(advance=st.sampled_from([0.25, 0.5, 1.0, 2.5]))
+    def tick(self, advance):
+        """The clock moves on: with a lease, deliveries unanswered for it go back to the head
+        of the queue (each consumer's newest first, consumers in slot order), flagged
+        REDELIVERED; their consumer's credit stays spent."""
+        self.clock += advance
+        for cm in sorted(self.live(), key=lambda c: c.conn.slot):
+            if not self.lease:
+                break
+            gone = [did for did in cm.held if cm.when[did] + self.lease <= self.clock]
+            assert gone == list(cm.held)[:len(gone)], "deliveries expire oldest first"
+            keys = []
+            for did in gone:
+                key, _ = cm.held.pop(did)
+                self.live_dids.discard(did)
+                self.stale_dids.append(did)
+                self.msgs[key].requeued = True
+                keys.append(key)
+            cm.lapsed += len(gone)
+            self.n_expired += len(gone)
+            self.n_redelivered += len(gone)
+            self.unseen = keys + self.unseen
+        if self.lease:
+            event("tick with a lease")
+        self.disp.tick(self.clock)
+        self.observe()
+        self._model_pump()
+        self._end()
+
     # -- invariants -----------------------------------------------------------------------
 
     @invariant()
@@ -789,10 +833,10 @@ class BasicMachine(DispatchMachine):
             assert s["queue"] == len(self.unseen), (s, self.unseen)
             if self.unseen:
                 # nothing waits while a consumer has credit
-                idle = [c.cid for c in self.live() if c.consumer and len(c.held) < c.prefetch]
+                idle = [c.cid for c in self.live() if c.consumer and len(c.held) + c.lapsed < c.prefetch]
                 assert not idle, f"{len(self.unseen)} queued while conns {idle} have credit"
                 for c in self.live():
-                    assert c.conn.credit == c.prefetch - len(c.held)
+                    assert c.conn.credit == c.prefetch - len(c.held) - c.lapsed
             else:
                 self.order_known = True
 

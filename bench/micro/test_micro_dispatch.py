@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from teomq._core.dispatch import CoreConnection, Dispatcher
+from teomq._core.connection import CoreConnection
+from teomq._core.dispatch import Dispatcher
 from teomq._core.frame_codec import FrameDecoder, encode_frame
 
 SEND, DELIVER, ANSWER, REPLY = 3, 4, 5, 6

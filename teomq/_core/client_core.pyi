@@ -7,6 +7,7 @@ from typing import SupportsIndex, TypeAlias, final
 from _typeshed import ReadableBuffer
 
 from teomq._core.frame_codec import FrameDecoder, WriteBuffer
+from teomq._core.writer import SocketWriter
 
 #: What the core resolves per REPLY: a Future gets ``set_result(answer)``, a send() callback
 #: is called ``(id, answer, None)``.
@@ -60,8 +61,10 @@ class ClientCore(FrameDecoder):
         """Remove and return every tracked ``(id, entry)``, in id order (connection lost)."""
     def feed(self, data: ReadableBuffer) -> None:  # type: ignore[override]  # handles frames, lists none
         """Handle every complete frame of ``data`` (one socket read). Raises ProtocolError."""
-    def set_socket(self, fd: int) -> None:
-        """Let write_out() send to this socket directly (-1: always through the transport)."""
+    @property
+    def writer(self) -> SocketWriter | None: ...
+    def set_writer(self, writer: SocketWriter | None) -> None:
+        """Let write_out() send to the socket through ``writer`` (None: always the transport)."""
     def write_out(self, transport: asyncio.WriteTransport) -> None:
         """Write the output buffer: one send(), the transport only for what the socket refuses."""
     def poison(self, exc: BaseException) -> None:

@@ -28,6 +28,7 @@ from teomq._core.frame_codec cimport (
     F_REDELIVERED, FrameDecoder, FrameHeader, T_ANSWER, T_DELIVER, T_REPLY, T_SEND, WriteBuffer,
     as_u64,
 )
+from teomq._core.writer cimport SocketWriter, write_out
 
 
 
@@ -35,8 +36,7 @@ from teomq._core.frame_codec cimport (
 cdef class ClientCore(FrameDecoder):
 
     cdef readonly WriteBuffer wbuf
-    cdef int fd                     # the socket, written directly while the transport holds nothing
-    cdef bint backlog               # the transport holds bytes of ours
+    cdef readonly SocketWriter writer   # None: every byte goes through the transport
     # pending: slot = id & mask; entries[slot] is an owned reference or NULL
     cdef PyObject **entries
     cdef uint64_t *ids
@@ -57,7 +57,7 @@ cdef class ClientCore(FrameDecoder):
     cdef readonly uint64_t redelivered
 
     def __cinit__(self, max_payload, on_frame, on_result, on_callback_error):
-        self.fd = -1
+        self.writer = None
         self.mask = 255
         self.entries = <PyObject **>calloc(self.mask + 1, sizeof(PyObject *))
         self.ids = <uint64_t *>malloc((self.mask + 1) * sizeof(uint64_t))
@@ -231,15 +231,18 @@ cdef class ClientCore(FrameDecoder):
         self.on_frame(h.ftype, h.flags, h.fid, payload)
         return 0
 
-    def set_socket(self, int fd):
-        """Let write_out() send to this socket directly (-1: always through the transport)."""
-        self.fd = fd
-        self.backlog = True  # the HELLO went through the transport: ask it once before going around it
+    def set_writer(self, SocketWriter writer):
+        """Let write_out() send to the socket through ``writer`` (None: always the transport).
+
+        The protocol layer makes one only for a plain socket transport (transports.socket_writer),
+        with ``backlog=True``: the HELLO went through the transport, so it is asked once first.
+        """
+        self.writer = writer
 
     def write_out(self, transport):
         """Write the output buffer: one send(), the transport only for what the socket refuses."""
         if self.wbuf.length:
-            self.wbuf.write_to(self.fd, &self.backlog, transport)
+            write_out(self.writer, self.wbuf, transport)
 
     def poison(self, exc):
         """Stop handling input (the owner is closing the connection for ``exc``)."""

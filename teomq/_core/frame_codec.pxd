@@ -115,8 +115,7 @@ cdef class WriteBuffer:
                                 size_t n, const Received *r) except -1
     cdef int add_in_place(self, uint8_t ftype, uint16_t flags, uint64_t fid,
                           const char *payload, size_t n, const Received *r) except -1
-    cdef int _segments(self, void *iov) noexcept
-    cdef int _write_gather(self, int fd, bint *backlog, object transport) except -1
+    cdef int _segments(self, void *iov) noexcept     # its bytes as iovecs (up to 2 * EXT_MAX + 1)
+    cdef bytes take_rest(self, size_t sent)
     cdef bytes take_bytes(self)
-    cdef int write_to(self, int fd, bint *backlog, object transport) except -1
     cdef void clear(self) noexcept

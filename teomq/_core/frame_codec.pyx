@@ -21,26 +21,13 @@ version are checked as soon as their bytes arrive, before the rest of the header
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy, memmove, memset
+from libc.string cimport memcpy, memmove
 
 cdef extern from "sys/uio.h" nogil:
     struct iovec:
         void *iov_base
         size_t iov_len
 
-cdef extern from "sys/socket.h" nogil:
-    struct msghdr:
-        void *msg_name
-        int msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    ssize_t send(int fd, const void *buf, size_t n, int flags)
-    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
-    int MSG_DONTWAIT
-    int MSG_NOSIGNAL
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from teomq._core.crc32c cimport (
@@ -164,14 +151,6 @@ cdef void note_received(const char *frame, uint32_t length, Received *r) noexcep
         r.shift = 0
 
 
-class _Keep:
-    """A transport stand-in for take_bytes(): keeps what is written."""
-    data = b""
-
-    def write(self, data):
-        self.data = data
-
-
 @cython.final
 cdef class WriteBuffer:
     """Reusable output buffer: frames are encoded straight into it; take() hands the bytes out."""
@@ -231,7 +210,7 @@ cdef class WriteBuffer:
     cdef int add_in_place(self, uint8_t ftype, uint16_t flags, uint64_t fid,
                           const char *payload, size_t n, const Received *r) except -1:
         """A forwarded frame whose payload is not copied: the header goes into the buffer and
-        the payload is written from where it is (sendmsg) by the next write_to(). Caller must
+        the payload is written from where it is (writer.pyx: sendmsg) at the next write. Caller must
         have r.shift != 0 and n_ext < EXT_MAX, and keep the payload valid until the buffer is
         written or cleared."""
         if self.ext == NULL:
@@ -265,36 +244,23 @@ cdef class WriteBuffer:
             k += 1
         return k
 
-    cdef int _write_gather(self, int fd, bint *backlog, object transport) except -1:
-        # One sendmsg() of everything; what the socket does not take is copied into one bytes
-        # for the transport (the in-place payloads need not outlive this call).
+    cdef bytes take_rest(self, size_t sent):
+        """Everything after the first ``sent`` bytes of its segments, as one bytes; the
+        buffer is empty after (the in-place payloads need not outlive this call)."""
         cdef iovec iov[2 * EXT_MAX + 1]
-        cdef msghdr mh
-        cdef int k = self._segments(iov), i
-        cdef size_t total = 0, skip, take
-        cdef ssize_t n = 0
+        cdef int k, i
+        cdef size_t total = 0, skip = sent, take
         cdef bytes rest
         cdef char *dst
+        if self.n_ext == 0:
+            rest = PyBytes_FromStringAndSize(self.buf + sent, self.length - sent)
+            self.length = 0
+            return rest
+        k = self._segments(iov)
         for i in range(k):
             total += iov[i].iov_len
-        if fd >= 0:
-            if backlog[0] and transport.get_write_buffer_size() == 0:
-                backlog[0] = False
-            if not backlog[0]:
-                memset(&mh, 0, sizeof(mh))
-                mh.msg_iov = iov
-                mh.msg_iovlen = k
-                with nogil:
-                    n = sendmsg(fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL)
-                if n < 0:
-                    n = 0
-                if <size_t>n == total:
-                    self.clear()
-                    return 0
-            backlog[0] = True
-        rest = PyBytes_FromStringAndSize(NULL, total - n)
+        rest = PyBytes_FromStringAndSize(NULL, total - sent)
         dst = PyBytes_AS_STRING(rest)
-        skip = <size_t>n
         for i in range(k):
             if skip >= iov[i].iov_len:
                 skip -= iov[i].iov_len
@@ -304,48 +270,10 @@ cdef class WriteBuffer:
             dst += take
             skip = 0
         self.clear()
-        transport.write(rest)
-        return 0
-
-    cdef int write_to(self, int fd, bint *backlog, object transport) except -1:
-        """Write everything and empty the buffer: send() straight to fd while the transport
-        holds nothing of ours (no bytes object, no copy); what the socket does not take goes to
-        the transport, which owns ordering until it reports an empty buffer (*backlog tracks
-        that). fd < 0: always through the transport. In-place payloads go with one sendmsg()."""
-        cdef size_t length = self.length
-        cdef ssize_t n = 0
-        cdef bytes rest
-        if self.n_ext:
-            return self._write_gather(fd, backlog, transport)
-        if fd >= 0:
-            if backlog[0] and transport.get_write_buffer_size() == 0:
-                backlog[0] = False
-            if not backlog[0]:
-                with nogil:
-                    n = send(fd, self.buf, length, MSG_DONTWAIT | MSG_NOSIGNAL)
-                if n < 0:
-                    n = 0  # EAGAIN, or an error the transport will meet and report itself
-                if <size_t>n == length:
-                    self.length = 0
-                    return 0
-            backlog[0] = True
-        rest = PyBytes_FromStringAndSize(self.buf + n, length - n)
-        # empty first: a transport may add to this buffer from write() (the web gateway's
-        # virtual transports feed acknowledgements back into the core, which delivers more)
-        self.length = 0
-        transport.write(rest)
-        return 0
+        return rest
 
     cdef bytes take_bytes(self):
-        cdef bytes out
-        cdef bint no_fd_backlog = True
-        if self.n_ext:  # what the socket would get: through a sink that keeps it
-            sink = _Keep()
-            self._write_gather(-1, &no_fd_backlog, sink)
-            return sink.data
-        out = PyBytes_FromStringAndSize(self.buf, self.length)
-        self.length = 0
-        return out
+        return self.take_rest(0)
 
     cdef void clear(self) noexcept:
         self.length = 0

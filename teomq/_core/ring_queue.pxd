@@ -35,9 +35,10 @@ cdef struct Msg:
     char *data
     uint32_t length
     uint16_t flags       # SEND flags as received (NO_REPLY); REDELIVERED added on requeue
-    uint32_t producer    # slot of the producing connection in the dispatcher's table
-    uint32_t producer_gen  # that slot's generation when the message arrived
+    uint32_t attempt     # deliveries made so far (the first delivery is attempt 1)
+    uint64_t session     # handle of the producer's session: where its answer goes
     uint64_t msg_id      # the producer's own message id
+    uint64_t seq         # the broker's sequence number, from Store.append
     Received rx          # checksum facts of the SEND it came in (payload forwarded, not re-read)
     int32_t route        # command route index (command mode), -1 for the basic queue
     bint copy            # a fanout copy: meant for one subscriber, never handed to another

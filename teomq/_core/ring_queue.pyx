@@ -100,9 +100,10 @@ cdef class MsgRing:
             memcpy(m.data, &view[0], n)
         m.length = <uint32_t>n
         m.flags = 0
-        m.producer = 0
-        m.producer_gen = 0
+        m.attempt = 0
+        m.session = 0
         m.msg_id = mid
+        m.seq = 0
         m.rx.shift = 0
         m.route = -1
         m.copy = False

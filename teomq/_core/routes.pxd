@@ -1,6 +1,7 @@
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 
 from teomq._core.ring_queue cimport MsgRing
+from teomq._core.slots cimport Slots
 
 
 # What a command name in the broker's schema leads to.
@@ -18,9 +19,6 @@ cdef struct Sub:
     uint64_t conn       # the consumer: gen << 32 | slot
     int32_t route
     int32_t pos         # index in its route's members array
-    uint32_t gen        # bumped when freed, so stale ready-ring entries never match
-    int32_t next_free
-    bint used
     bint listed         # has an entry in its route's ready ring
 
 
@@ -52,7 +50,7 @@ cdef class Route:
     cdef int32_t *members             # sub ids of its subscribers
     cdef readonly int32_t nmembers
     cdef int32_t mcap
-    cdef U64Ring ready                # (sub gen << 32 | sub id) of subscribers that had credit (queue routes)
+    cdef U64Ring ready                # sub handles (slots.pxd) of subscribers that had credit (queue routes)
     cdef bint pending                 # in the dispatcher's list of routes to drain
     cdef readonly uint64_t n_in       # messages routed here
     cdef readonly uint64_t n_out      # deliveries made from here
@@ -61,10 +59,9 @@ cdef class Route:
 
 
 cdef class SubTable:
-    """All subscriptions, in one array with a free list; ids are stable while used."""
+    """All subscriptions, in one array indexed by a slot table; ids are stable while used."""
     cdef Sub *items
-    cdef int32_t cap
-    cdef int32_t free_head
-    cdef readonly int32_t used
+    cdef int32_t cap                  # records allocated (t.cap once grown to it)
+    cdef Slots t
     cdef int32_t alloc(self, uint64_t conn, int32_t route) except -1
     cdef void release(self, int32_t sid) noexcept

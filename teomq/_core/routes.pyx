@@ -7,8 +7,10 @@ index of its subscribers, so routing a message costs the same however many
 subscriptions other commands have:
 
 - fanout: the route's members array, one copy per member;
-- queue: a ring of (sub generation << 32 | sub id) of subscribers that had credit when
-  listed; an entry whose generation no longer matches (unsubscribed) is skipped.
+- queue: a ring of the handles (slots.pxd) of subscriptions that had credit when listed; an
+  entry whose generation no longer matches (unsubscribed) is skipped.
+
+The basic scheme is one such queue route (index 0, no name) every consumer subscribes to.
 
 The dispatcher (dispatch.pyx) owns the logic; this module only keeps the structures.
 """
@@ -18,6 +20,7 @@ from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 
 from teomq._core.ring_queue cimport MsgRing
+from teomq._core.slots cimport slots_free, slots_init, slots_put, slots_take
 
 # Command queues are bounded by the dispatcher's total (queue_max), not one by one.
 cdef size_t ROUTE_QUEUE_MAX = (<size_t>1) << 32
@@ -115,45 +118,35 @@ cdef class Route:
 cdef class SubTable:
 
     def __cinit__(self):
-        self.cap = 0
-        self.items = NULL
-        self.free_head = -1
+        slots_init(&self.t, 64, 0x40000000)
+        self.items = <Sub *>malloc(self.t.cap * sizeof(Sub))
+        if self.items == NULL:
+            raise MemoryError()
 
     def __dealloc__(self):
         free(self.items)
+        slots_free(&self.t)
 
     cdef int32_t alloc(self, uint64_t conn, int32_t route) except -1:
-        cdef int32_t sid, i, old = self.cap
+        cdef int32_t sid = slots_take(&self.t)
         cdef Sub *n
-        if self.free_head < 0:
-            if old >= 0x40000000:
-                raise MemoryError("subscription table is full")
-            n = <Sub *>realloc(self.items, (2 * old if old else 64) * sizeof(Sub))
+        if self.t.cap > self.cap:
+            n = <Sub *>realloc(self.items, self.t.cap * sizeof(Sub))
             if n == NULL:
+                slots_put(&self.t, sid)
                 raise MemoryError()
             self.items = n
-            self.cap = 2 * old if old else 64
-            for i in range(old, self.cap):
-                self.items[i].used = False
-                self.items[i].gen = 1
-                self.items[i].next_free = i + 1 if i + 1 < self.cap else -1
-            self.free_head = old
-        sid = self.free_head
-        self.free_head = self.items[sid].next_free
-        self.items[sid].used = True
+            self.cap = self.t.cap
         self.items[sid].listed = False
         self.items[sid].conn = conn
         self.items[sid].route = route
-        self.used += 1
         return sid
 
     cdef void release(self, int32_t sid) noexcept:
-        cdef Sub *s = &self.items[sid]
-        s.used = False
-        s.listed = False
-        s.gen += 1
-        if s.gen == 0:
-            s.gen = 1
-        s.next_free = self.free_head
-        self.free_head = sid
-        self.used -= 1
+        self.items[sid].listed = False
+        slots_put(&self.t, sid)
+
+    @property
+    def used(self) -> int:
+        """Subscriptions in use."""
+        return self.t.used

@@ -1,0 +1,64 @@
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from teomq._core.frame_codec cimport FrameHeader, Received, WriteBuffer
+from teomq._core.ring_queue cimport Msg, MsgRing
+
+
+# An endpoint's state, in one place (asyncpg's ProtocolState is the model): every transition
+# is in CoreConnection.accept_hello / Scheduler.ready and Scheduler.release; Python reads `state`.
+cdef enum ConnState:
+    S_NEW = 0          # no HELLO yet: every frame goes to on_control
+    S_READY = 1        # handshake done: frames are handled in C
+    S_CLOSED = 2       # detached: nothing more is read, written or delivered
+
+
+cdef class Outbox:
+    """The endpoints with output to hand over, flushed once per loop pass."""
+    cdef list dirty
+    cdef bint scheduled
+    cdef object scheduler      # callable(callback): run callback once, later in this loop pass
+    cdef object flush_cb
+    cdef int schedule(self) except -1
+
+
+cdef class Endpoint:
+    """What the scheduler knows of a peer: a wire connection (connection.pyx) or an
+    in-process endpoint (inproc.pyx). Subclasses say how a delivery, a reply and an error
+    reach it, and write their output at flush time."""
+    cdef Outbox outbox
+    cdef readonly uint32_t slot       # in the scheduler's endpoint table
+    cdef readonly uint32_t gen
+    cdef readonly uint64_t session    # handle of its producer session (0 until ready)
+    cdef readonly object session_name # the name its HELLO gave the session, or None
+    cdef readonly int state           # a ConnState
+    cdef readonly bint consumer
+    cdef readonly int32_t credit
+    cdef readonly int32_t prefetch
+    cdef readonly uint32_t inflight
+    cdef readonly uint32_t lapsed     # deliveries whose lease expired: credit it gets back as it answers
+    cdef int32_t fl_head              # its flights, in delivery order
+    cdef int32_t fl_tail
+    cdef bint framed                  # its SENDs arrive in checksummed frames (their CRC can be forwarded)
+    cdef bint dirty
+    # command mode: its subscriptions (sub ids), its fanout copies waiting for credit, and
+    # whether some of its subscriptions lost their place in a ready ring
+    cdef int32_t *subs
+    cdef int32_t nsubs
+    cdef int32_t subs_cap
+    cdef MsgRing backlog
+    cdef bint unlisted
+    cdef bint slow                    # its backlog reached backlog_max: new copies are dropped
+    cdef readonly uint64_t slow_dropped
+    # held back (a connection of role both at the high mark): its SENDs wait, whole, in order
+    cdef public bint hold_sends
+    cdef size_t parked_len
+    cdef readonly uint64_t n_refused        # its SENDs refused QUEUE_FULL: the bound reached
+    cdef readonly uint64_t n_refused_parked # ... or its parked SENDs over their bound
+
+    cdef int _mark_dirty(self) except -1
+    cdef int take(self, Msg *m, uint64_t did) except -1
+    cdef int reply(self, uint64_t msg_id, const char *p, size_t n, const Received *rx) except -1
+    cdef int _add_error(self, int code, uint64_t fid, bytes payload) except -1
+    cdef int _park(self, const char *frame, size_t total, FrameHeader *h) except -1
+    cdef int _flush(self) except -1
+    cdef void _clear_out(self) noexcept

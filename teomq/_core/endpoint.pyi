@@ -1,0 +1,57 @@
+"""Type stub of the compiled teomq._core.endpoint (endpoint.pyx): what the scheduler delivers
+to (a wire connection or an in-process endpoint) and the outbox flushed once per loop pass."""
+
+from collections.abc import Callable
+from typing import final
+
+@final
+class Outbox:
+    """The endpoints with output to hand over, flushed once per loop pass."""
+
+    def __init__(self, scheduler: Callable[[Callable[[], object]], object] | None = None) -> None: ...
+    def set_scheduler(self, scheduler: Callable[[Callable[[], object]], object] | None) -> None: ...
+    def flush(self) -> None:
+        """Hand every endpoint's pending output over: one write per endpoint per loop pass."""
+
+class Endpoint:
+    """A peer as the scheduler sees it: slot, state, session, credit, flights, subscriptions."""
+
+    @property
+    def slot(self) -> int: ...
+    @property
+    def gen(self) -> int: ...
+    @property
+    def session(self) -> int:
+        """Handle of its producer session (0 until ready)."""
+    @property
+    def session_name(self) -> bytes | None:
+        """The name its HELLO gave the session, or None."""
+    @property
+    def state(self) -> int:
+        """0 no HELLO yet, 1 handshake done, 2 detached."""
+    @property
+    def consumer(self) -> bool: ...
+    @property
+    def credit(self) -> int: ...
+    @property
+    def prefetch(self) -> int: ...
+    @property
+    def inflight(self) -> int: ...
+    @property
+    def lapsed(self) -> int:
+        """Deliveries whose lease expired: credit it gets back as it answers."""
+    @property
+    def slow_dropped(self) -> int:
+        """Fanout copies dropped because its backlog was full."""
+    #: while set, whole SEND frames are parked in the core, in order, and accepted later
+    hold_sends: bool
+    @property
+    def n_refused(self) -> int:
+        """Its SENDs refused QUEUE_FULL: the bound reached."""
+    @property
+    def n_refused_parked(self) -> int:
+        """Its SENDs refused QUEUE_FULL: held back, and its parked SENDs over their bound."""
+    @property
+    def handshaken(self) -> bool: ...
+    @property
+    def detached(self) -> bool: ...

@@ -1,0 +1,83 @@
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
+
+from teomq._core.endpoint cimport Endpoint, Outbox
+from teomq._core.frame_codec cimport Received
+from teomq._core.ring_queue cimport Msg, MsgRing
+from teomq._core.routes cimport Route, SubTable
+from teomq._core.slots cimport Slots
+from teomq._core.store cimport Store
+
+
+cdef struct Flight:
+    # A message delivered to a consumer and not yet answered. Its delivery id is the flight
+    # slot's handle; msg carries the broker sequence number, the attempt and the session.
+    Msg msg
+    uint32_t consumer      # endpoint slot of the consumer holding it
+    int32_t prev           # per-consumer list, in delivery order; -1 ends it
+    int32_t next
+    double deadline        # lease deadline on the scheduler's clock (tick); 0: no lease
+
+
+cdef class Scheduler:
+    # endpoints (wire connections and in-process endpoints) by slot
+    cdef list conns
+    cdef Slots eslots
+    # producer sessions by slot: where answers go
+    cdef list sess_ep
+    cdef Slots sslots
+    cdef readonly Store store
+    cdef readonly Outbox outbox
+    cdef Flight *flights
+    cdef int32_t flights_cap
+    cdef Slots fslots
+    # routes: index 0 is the basic scheme's queue; in command mode one per command
+    cdef list routes
+    cdef SubTable subtab
+    cdef list pending_routes     # routes that may deliver waiting messages now
+    cdef readonly bint basic     # the basic scheme: every consumer takes from route 0
+    cdef dict session_names      # a session's name (HELLO) -> its endpoint, while connected
+    cdef readonly double lease   # seconds a delivery may stay unanswered (0: no lease)
+    cdef readonly double now     # the clock, as of the last tick()
+    cdef readonly int32_t consumers
+    cdef readonly size_t n_route_queued   # waiting in routes (count toward queue_max)
+    cdef readonly size_t n_backlog        # fanout copies in consumers' backlogs
+    cdef readonly size_t backlog_max
+    cdef public object on_slow_consumer   # None, or callable(endpoint, route name): a backlog got full
+    cdef readonly uint64_t n_out
+    cdef readonly uint64_t n_answered
+    cdef readonly uint64_t n_orphaned
+    cdef readonly uint64_t n_redelivered
+    cdef readonly uint64_t n_expired
+    cdef readonly uint64_t n_unknown_answers
+    cdef readonly uint64_t n_inflight
+    cdef readonly uint64_t n_copies_inflight
+    cdef readonly uint64_t n_dropped
+
+    cdef int register(self, Endpoint e, Outbox outbox) except -1
+    cdef Endpoint live(self, uint64_t handle)
+    cdef int open_session(self, Endpoint e) except -1
+    cdef int ready(self, Endpoint e, bint consumer, int32_t prefetch) except -1
+    cdef int release(self, Endpoint e) except -1
+    cdef int deliver(self, Endpoint c, Msg *m) except -1
+    cdef int answer(self, Endpoint c, uint64_t fid, uint16_t flags, const char *p, size_t n,
+                    const Received *rx) except -1
+    cdef int32_t flight_alloc(self) except -1
+    cdef void flight_release(self, int32_t idx) noexcept
+    cdef void flight_unlink(self, Endpoint c, int32_t idx) noexcept
+    cdef int requeue(self, Endpoint c, int32_t idx) except -1
+    cdef int requeue_all(self, Endpoint c) except -1
+    cdef int route_msg(self, Route r, Msg *m) except -1
+    cdef int route_queue(self, Route r, Msg *m) except -1
+    cdef int route_fanout(self, Route r, Msg *m) except -1
+    cdef int deliver_to_sub(self, Route r, int32_t sid, Msg *m) except -1
+    cdef Endpoint sub_conn(self, int32_t sid)
+    cdef int mark_pending(self, Route r) except -1
+    cdef MsgRing new_backlog(self)
+    cdef int32_t take_ready(self, Route r) except -2
+    cdef int list_sub(self, int32_t sid) except -1
+    cdef int add_sub(self, Endpoint c, int32_t idx) except -1
+    cdef int remove_sub(self, Endpoint c, int32_t i) except -1
+    cdef int serve(self, Endpoint c) except -1
+    cdef int drain_routes(self) except -1
+    cdef int drop_subs(self, Endpoint c) except -1
+    cdef int expire(self, Endpoint c) except -1

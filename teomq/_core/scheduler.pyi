@@ -1,0 +1,54 @@
+"""Type stub of the compiled teomq._core.scheduler (scheduler.pyx): one scheduler for every
+route (the basic scheme's queue is route 0), flights with leases, answers to sessions."""
+
+from collections.abc import Callable
+from typing import Any
+
+from teomq._core.endpoint import Outbox
+from teomq._core.store import Store
+
+class Scheduler:
+    """Routes, subscriptions, flights and the endpoint and session tables."""
+
+    def __init__(self, *args: Any, backlog_max: int = 10000, lease: float = 0.0, **kwargs: Any) -> None: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def outbox(self) -> Outbox: ...
+    @property
+    def basic(self) -> bool:
+        """The basic scheme: every consumer takes from route 0."""
+    @property
+    def lease(self) -> float:
+        """Seconds a delivery may stay unanswered (0: no lease)."""
+    @property
+    def now(self) -> float:
+        """The clock, as of the last tick()."""
+    @property
+    def consumers(self) -> int: ...
+    @property
+    def n_route_queued(self) -> int: ...
+    @property
+    def n_backlog(self) -> int: ...
+    @property
+    def backlog_max(self) -> int: ...
+    #: a consumer's fanout backlog got full: ``on_slow_consumer(endpoint, route name)``
+    on_slow_consumer: Callable[[Any, bytes], object] | None
+    @property
+    def n_out(self) -> int: ...
+    @property
+    def n_answered(self) -> int: ...
+    @property
+    def n_orphaned(self) -> int: ...
+    @property
+    def n_redelivered(self) -> int: ...
+    @property
+    def n_expired(self) -> int: ...
+    @property
+    def n_unknown_answers(self) -> int: ...
+    @property
+    def n_inflight(self) -> int: ...
+    @property
+    def n_copies_inflight(self) -> int: ...
+    @property
+    def n_dropped(self) -> int: ...

@@ -1,0 +1,492 @@
+# cython: language_level=3
+"""The scheduler: one for every route, the basic scheme's queue included.
+
+A route (routes.pyx) is what a message is sent to: in the basic scheme the one implicit
+queue route (index 0, every consumer subscribes to it); in command mode one per command of
+the schema, queue (round robin, at least once) or fanout (a copy to every subscriber).
+Whatever has no taker waits in its route, FIFO; a consumer with credit is listed in the
+ready ring of each queue route it subscribes to.
+
+A delivery is a Flight: the Msg (broker sequence number, attempt, producer session), the
+consumer holding it and its lease deadline. Its delivery id is the flight slot's handle
+(slots.pxd), so a stale or forged id never matches. An answer goes to the producer's
+session, not to a connection; today a session lives as long as its connection.
+
+Nothing here knows frames or sockets: an Endpoint (endpoint.pyx) takes deliveries, replies
+and errors in its own way.
+"""
+
+cimport cython
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+
+from teomq._core.endpoint cimport S_CLOSED, S_NEW, S_READY
+from teomq._core.frame_codec cimport E_UNKNOWN_ID, F_NO_ANSWER, F_NO_REPLY, F_REDELIVERED
+from teomq._core.ring_queue cimport payload_release
+from teomq._core.routes cimport R_FANOUT, R_QUEUE, Sub, u64ring_pop, u64ring_push
+from teomq._core.slots cimport (
+    slots_find, slots_free, slots_handle, slots_init, slots_put, slots_take, slots_used,
+)
+
+import msgpack
+
+cdef int32_t SLOTS_MAX = 0x40000000
+cdef bytes ERR_UNKNOWN_ID = msgpack.packb(
+    {"code": E_UNKNOWN_ID, "reason": "answer for a delivery this connection does not hold"})
+
+
+cdef class Scheduler:
+
+    def __cinit__(self, *args, size_t backlog_max=10000, double lease=0.0, **kwargs):
+        if backlog_max < 1:
+            raise ValueError("backlog_max must be at least 1")
+        if not lease >= 0.0:
+            raise ValueError("lease must be 0 (none) or a positive number of seconds")
+        self.conns = []
+        self.sess_ep = []
+        self.session_names = {}
+        self.store = Store()
+        slots_init(&self.eslots, 64, SLOTS_MAX)
+        slots_init(&self.sslots, 64, SLOTS_MAX)
+        slots_init(&self.fslots, 256, SLOTS_MAX)
+        self.flights_cap = self.fslots.cap
+        self.flights = <Flight *>malloc(self.flights_cap * sizeof(Flight))
+        if self.flights == NULL:
+            raise MemoryError()
+        self.routes = [Route(0, b"", R_QUEUE)]
+        self.basic = True
+        self.subtab = SubTable()
+        self.pending_routes = []
+        self.backlog_max = backlog_max
+        self.lease = lease
+
+    def __dealloc__(self):
+        cdef int32_t i
+        if self.flights != NULL:
+            for i in range(self.flights_cap):
+                if slots_used(&self.fslots, i):   # (not store.done: GC may have cleared store)
+                    payload_release(self.flights[i].msg.data)
+            free(self.flights)
+        slots_free(&self.eslots)
+        slots_free(&self.sslots)
+        slots_free(&self.fslots)
+
+    # -- endpoints and sessions -----------------------------------------------------------
+
+    cdef int register(self, Endpoint e, Outbox outbox) except -1:
+        cdef int32_t slot = slots_take(&self.eslots)
+        while len(self.conns) < self.eslots.cap:
+            self.conns.append(None)
+        self.conns[slot] = e
+        e.slot = <uint32_t>slot
+        e.gen = self.eslots.gen[slot]
+        e.outbox = outbox
+        return 0
+
+    cdef Endpoint live(self, uint64_t handle):
+        cdef int32_t i = slots_find(&self.eslots, handle)
+        return None if i < 0 else <Endpoint>self.conns[i]
+
+    cdef int open_session(self, Endpoint e) except -1:
+        cdef int32_t s = slots_take(&self.sslots)
+        while len(self.sess_ep) < self.sslots.cap:
+            self.sess_ep.append(None)
+        self.sess_ep[s] = e
+        e.session = slots_handle(&self.sslots, s)
+        return 0
+
+    cdef int ready(self, Endpoint e, bint consumer, int32_t prefetch) except -1:
+        # the handshake is done: a session for its answers, and a consumer's credit
+        if consumer and prefetch < 1:
+            raise ValueError("a consumer needs a prefetch of at least 1")
+        e.state = S_READY
+        self.open_session(e)
+        if consumer:
+            e.consumer = True
+            e.prefetch = prefetch
+            e.credit = prefetch
+            self.consumers += 1
+            if self.basic:
+                self.add_sub(e, 0)
+        return 0
+
+    cdef int release(self, Endpoint e) except -1:
+        # e is gone: what it held goes back (in delivery order, to the head of its route),
+        # its fanout copies and subscriptions go with it, its slot and session are freed
+        cdef int32_t s
+        if e.state == S_CLOSED:
+            return 0
+        e.state = S_CLOSED
+        if e.consumer:
+            e.consumer = False
+            self.consumers -= 1
+        self.requeue_all(e)
+        self.drop_subs(e)
+        self.conns[e.slot] = None
+        slots_put(&self.eslots, <int32_t>e.slot)
+        if e.session:
+            s = slots_find(&self.sslots, e.session)
+            if s >= 0:
+                self.sess_ep[s] = None
+                slots_put(&self.sslots, s)
+        if e.session_name is not None and self.session_names.get(e.session_name) is e:
+            del self.session_names[e.session_name]
+        e._clear_out()
+        return 0
+
+    # -- flights --------------------------------------------------------------------------
+
+    cdef int32_t flight_alloc(self) except -1:
+        cdef int32_t idx = slots_take(&self.fslots)
+        cdef Flight *nf
+        if self.fslots.cap > self.flights_cap:
+            nf = <Flight *>realloc(self.flights, self.fslots.cap * sizeof(Flight))
+            if nf == NULL:
+                slots_put(&self.fslots, idx)
+                raise MemoryError()
+            self.flights = nf
+            self.flights_cap = self.fslots.cap
+        self.n_inflight += 1
+        return idx
+
+    cdef void flight_release(self, int32_t idx) noexcept:
+        if self.flights[idx].msg.copy:
+            self.n_copies_inflight -= 1
+        slots_put(&self.fslots, idx)
+        self.n_inflight -= 1
+
+    cdef void flight_unlink(self, Endpoint c, int32_t idx) noexcept:
+        cdef Flight *f = &self.flights[idx]
+        if f.prev >= 0:
+            self.flights[f.prev].next = f.next
+        else:
+            c.fl_head = f.next
+        if f.next >= 0:
+            self.flights[f.next].prev = f.prev
+        else:
+            c.fl_tail = f.prev
+        c.inflight -= 1
+
+    cdef int deliver(self, Endpoint c, Msg *m) except -1:
+        cdef int32_t idx = self.flight_alloc()
+        cdef Flight *f = &self.flights[idx]
+        f.msg = m[0]
+        f.msg.attempt += 1
+        if m.copy:
+            self.n_copies_inflight += 1
+        f.consumer = c.slot
+        f.deadline = self.now + self.lease if self.lease > 0.0 else 0.0
+        f.prev = c.fl_tail
+        f.next = -1
+        if c.fl_tail >= 0:
+            self.flights[c.fl_tail].next = idx
+        else:
+            c.fl_head = idx
+        c.fl_tail = idx
+        c.inflight += 1
+        c.credit -= 1
+        if c.credit <= 0:
+            c.unlisted = True      # its ready-ring entries may be dropped from now on
+        self.n_out += 1
+        return c.take(&f.msg, slots_handle(&self.fslots, idx))
+
+    cdef int answer(self, Endpoint c, uint64_t fid, uint16_t flags, const char *p, size_t n,
+                    const Received *rx) except -1:
+        # c answers delivery fid: the answer goes to the producer's session, the flight ends,
+        # c gets its credit back
+        cdef int32_t idx = slots_find(&self.fslots, fid)
+        cdef int32_t s
+        cdef Flight *f
+        if idx < 0 or self.flights[idx].consumer != c.slot:
+            self.n_unknown_answers += 1
+            if c.lapsed:
+                # a late answer for a delivery whose lease expired: refused, and c's credit back
+                c.lapsed -= 1
+                c.credit += 1
+                self.serve(c)
+            return c._add_error(E_UNKNOWN_ID, fid, ERR_UNKNOWN_ID)
+        f = &self.flights[idx]
+        self.flight_unlink(c, idx)
+        if not (f.msg.flags & F_NO_REPLY) and not (flags & F_NO_ANSWER):
+            s = slots_find(&self.sslots, f.msg.session)
+            if s >= 0:
+                (<Endpoint>self.sess_ep[s]).reply(f.msg.msg_id, p, n, rx)
+                self.n_answered += 1
+            else:
+                self.n_orphaned += 1   # its producer is gone: answered into nothing
+        self.store.done(&f.msg)
+        self.flight_release(idx)
+        if c.consumer:
+            c.credit += 1
+            self.serve(c)
+        return 0
+
+    cdef int requeue(self, Endpoint c, int32_t idx) except -1:
+        # a flight c no longer holds goes back: to the head of its route, flagged redelivered;
+        # a fanout copy (c's alone) goes with c when c is gone, or to the head of c's backlog
+        cdef Flight *f = &self.flights[idx]
+        cdef Route r
+        f.msg.flags |= F_REDELIVERED
+        if f.msg.copy:
+            if c.state == S_CLOSED:
+                self.store.done(&f.msg)
+                self.n_dropped += 1
+            else:
+                if c.backlog is None:
+                    c.backlog = self.new_backlog()
+                c.backlog.push_front(&f.msg)
+                self.n_backlog += 1
+                self.n_redelivered += 1
+        else:
+            r = <Route>self.routes[f.msg.route]
+            r.waiting.push_front(&f.msg)
+            self.n_route_queued += 1
+            self.mark_pending(r)
+            self.n_redelivered += 1
+        self.flight_release(idx)
+        return 0
+
+    cdef int requeue_all(self, Endpoint c) except -1:
+        # newest first onto the heads, so each route's head ends in delivery order
+        cdef int32_t idx = c.fl_tail
+        cdef int32_t prev
+        while idx >= 0:
+            prev = self.flights[idx].prev
+            self.requeue(c, idx)
+            idx = prev
+        c.fl_head = -1
+        c.fl_tail = -1
+        c.inflight = 0
+        return 0
+
+    cdef int expire(self, Endpoint c) except -1:
+        # c's deliveries whose lease ran out by now go back, newest first onto the heads (as
+        # requeue_all: each route's head ends in delivery order); c's credit does not come back
+        # with them (it comes back as c answers: see answer())
+        cdef int32_t idx = c.fl_head
+        cdef int32_t last = -1
+        cdef int32_t prev
+        cdef double deadline
+        while idx >= 0:
+            deadline = self.flights[idx].deadline
+            if deadline == 0.0 or deadline > self.now:
+                break
+            last = idx
+            idx = self.flights[idx].next
+        idx = last
+        while idx >= 0:
+            prev = self.flights[idx].prev
+            self.flight_unlink(c, idx)
+            c.lapsed += 1
+            self.n_expired += 1
+            self.requeue(c, idx)
+            idx = prev
+        return 0
+
+    # -- routes ---------------------------------------------------------------------------
+
+    cdef int route_msg(self, Route r, Msg *m) except -1:
+        r.n_in += 1
+        if r.kind == R_QUEUE:
+            return self.route_queue(r, m)
+        return self.route_fanout(r, m)
+
+    cdef int route_queue(self, Route r, Msg *m) except -1:
+        # One subscriber with credit, round robin; otherwise the route's own queue (FIFO:
+        # while it holds anything, newcomers wait behind it).
+        cdef int32_t sid
+        if r.waiting.count == 0:
+            sid = self.take_ready(r)
+            if sid >= 0:
+                return self.deliver_to_sub(r, sid, m)
+        r.waiting.push_back(m)
+        self.n_route_queued += 1
+        return 0
+
+    cdef int deliver_to_sub(self, Route r, int32_t sid, Msg *m) except -1:
+        # to the consumer of a subscription take_ready() gave, which goes back to the tail
+        # of the ready ring while it has credit (round robin)
+        cdef Endpoint c = self.sub_conn(sid)
+        self.deliver(c, m)
+        r.n_out += 1
+        if c.credit > 0:
+            self.list_sub(sid)
+        return 0
+
+    cdef int route_fanout(self, Route r, Msg *m) except -1:
+        # A copy to every subscriber, sharing one payload block; a subscriber without
+        # credit keeps its copies in its backlog, in order, up to backlog_max: past that it
+        # is a slow consumer and new copies for it are dropped (the others are not held up).
+        # No subscriber: the route's queue.
+        cdef int32_t i
+        cdef Endpoint c
+        if r.nmembers == 0:
+            r.waiting.push_back(m)
+            self.n_route_queued += 1
+            return 0
+        m.copy = True
+        self.store.share(m, r.nmembers - 1)
+        for i in range(r.nmembers):
+            c = self.sub_conn(r.members[i])
+            if c.credit > 0 and (c.backlog is None or c.backlog.count == 0):
+                self.deliver(c, m)
+                r.n_out += 1
+            elif c.backlog is not None and c.backlog.count >= self.backlog_max:
+                self.store.done(m)
+                self.n_dropped += 1
+                c.slow_dropped += 1
+                if not c.slow:
+                    c.slow = True
+                    if self.on_slow_consumer is not None:
+                        self.on_slow_consumer(c, r.name)
+            else:
+                if c.backlog is None:
+                    c.backlog = self.new_backlog()
+                c.backlog.push_back(m)
+                self.n_backlog += 1
+        return 0
+
+    cdef int32_t take_ready(self, Route r) except -2:
+        # The next listed subscriber whose consumer has credit, or -1. Entries of
+        # unsubscribed subs (generation changed) and of consumers without credit are dropped.
+        cdef int32_t sid
+        cdef Endpoint c
+        while r.ready.count:
+            sid = slots_find(&self.subtab.t, u64ring_pop(&r.ready))
+            if sid < 0:
+                continue
+            self.subtab.items[sid].listed = False
+            c = self.sub_conn(sid)
+            if c.credit > 0:
+                return sid
+            c.unlisted = True
+        return -1
+
+    cdef int list_sub(self, int32_t sid) except -1:
+        cdef Route r = <Route>self.routes[self.subtab.items[sid].route]
+        self.subtab.items[sid].listed = True
+        u64ring_push(&r.ready, slots_handle(&self.subtab.t, sid))
+        if r.waiting.count:
+            self.mark_pending(r)
+        return 0
+
+    cdef int mark_pending(self, Route r) except -1:
+        # r may deliver waiting messages now: drain_routes() (from pump) will try
+        if not r.pending:
+            r.pending = True
+            self.pending_routes.append(r)
+        return 0
+
+    cdef Endpoint sub_conn(self, int32_t sid):
+        # the consumer of a subscription in use (subscriptions end before their endpoint)
+        return <Endpoint>self.conns[<uint32_t>(self.subtab.items[sid].conn & 0xFFFFFFFFu)]
+
+    cdef MsgRing new_backlog(self):
+        # a consumer's fanout backlog: bounded by backlog_max in route_fanout, not by the ring
+        return MsgRing(16, <size_t>1 << 32)
+
+    cdef int add_sub(self, Endpoint c, int32_t idx) except -1:
+        # c subscribes to route idx (not yet subscribed to it)
+        cdef Route r = <Route>self.routes[idx]
+        cdef int32_t *ns
+        cdef int32_t sid
+        if c.nsubs == c.subs_cap:
+            ns = <int32_t *>realloc(c.subs, (2 * c.subs_cap + 4) * sizeof(int32_t))
+            if ns == NULL:
+                raise MemoryError()
+            c.subs = ns
+            c.subs_cap = 2 * c.subs_cap + 4
+        sid = self.subtab.alloc((<uint64_t>c.gen << 32) | c.slot, idx)
+        c.subs[c.nsubs] = sid
+        c.nsubs += 1
+        r.add_member(sid, self.subtab.items)
+        if r.kind == R_QUEUE:
+            if c.credit > 0:
+                self.list_sub(sid)
+            else:
+                c.unlisted = True
+        elif r.waiting.count:
+            self.mark_pending(r)
+        return 0
+
+    cdef int remove_sub(self, Endpoint c, int32_t i) except -1:
+        # c's i-th subscription ends; its copies still waiting for credit are withdrawn too
+        cdef int32_t sid = c.subs[i]
+        cdef int32_t idx = self.subtab.items[sid].route
+        cdef MsgRing kept
+        cdef Msg m
+        (<Route>self.routes[idx]).remove_member(sid, self.subtab.items)
+        self.subtab.release(sid)
+        c.nsubs -= 1
+        c.subs[i] = c.subs[c.nsubs]
+        if c.backlog is not None and c.backlog.count:
+            kept = self.new_backlog()
+            while c.backlog.pop_front(&m):
+                if m.route == idx:
+                    self.store.done(&m)
+                    self.n_backlog -= 1
+                else:
+                    kept.push_back(&m)
+            c.backlog = kept
+        return 0
+
+    cdef int serve(self, Endpoint c) except -1:
+        # c has credit again: its fanout backlog first, then its place in the ready rings of
+        # the queue routes it subscribes to (only if it lost it: O(1) in the steady state).
+        cdef Msg m
+        cdef int32_t i
+        cdef Sub *s
+        while c.credit > 0 and c.backlog is not None and c.backlog.pop_front(&m):
+            self.n_backlog -= 1
+            self.deliver(c, &m)
+            (<Route>self.routes[m.route]).n_out += 1
+        if c.slow and (c.backlog is None or c.backlog.count <= self.backlog_max // 2):
+            c.slow = False
+        if c.credit > 0 and c.unlisted:
+            c.unlisted = False
+            for i in range(c.nsubs):
+                s = &self.subtab.items[c.subs[i]]
+                if not s.listed and (<Route>self.routes[s.route]).kind == R_QUEUE:
+                    self.list_sub(c.subs[i])
+        return 0
+
+    cdef int drain_routes(self) except -1:
+        # Routes whose waiting messages may now have takers (a subscriber came or got credit).
+        cdef Route r
+        cdef Msg m
+        cdef int32_t sid
+        while self.pending_routes:
+            r = <Route>self.pending_routes.pop()
+            r.pending = False
+            while r.waiting.count:
+                if r.kind == R_QUEUE:
+                    sid = self.take_ready(r)
+                    if sid < 0:
+                        break
+                    r.waiting.pop_front(&m)
+                    self.n_route_queued -= 1
+                    self.deliver_to_sub(r, sid, &m)
+                else:
+                    if r.nmembers == 0:
+                        break
+                    r.waiting.pop_front(&m)
+                    self.n_route_queued -= 1
+                    self.route_fanout(r, &m)
+        return 0
+
+    cdef int drop_subs(self, Endpoint c) except -1:
+        # c is going: its subscriptions end, its fanout copies go with it.
+        cdef Msg m
+        cdef int32_t i
+        cdef int32_t sid
+        if c.backlog is not None:
+            while c.backlog.pop_front(&m):
+                self.store.done(&m)
+                self.n_backlog -= 1
+                self.n_dropped += 1
+        for i in range(c.nsubs):
+            sid = c.subs[i]
+            (<Route>self.routes[self.subtab.items[sid].route]).remove_member(sid, self.subtab.items)
+            self.subtab.release(sid)
+        c.nsubs = 0
+        return 0

@@ -1,0 +1,57 @@
+from libc.stdint cimport int32_t, uint32_t, uint64_t
+
+# The one generation-tagged slot table of the core: connections (and in-process endpoints),
+# producer sessions, flights and subscriptions each keep their records in an array indexed
+# by a slot of one of these. A handle is ``generation << 32 | slot``; the generation changes
+# whenever the slot is released, so a stale or forged handle never matches a new tenant.
+# The records themselves live in the owner's array, which grows with ``cap``.
+
+cdef enum:
+    SLOT_USED = -2          # next[i] of a slot in use (anything >= -1 is a free-list link)
+
+cdef struct Slots:
+    uint32_t *gen           # generation of each slot, never 0
+    int32_t *next           # free-list link, or SLOT_USED
+    int32_t cap
+    int32_t free_head
+    int32_t used
+    int32_t limit           # cap never grows past this
+
+cdef int slots_init(Slots *t, int32_t cap, int32_t limit) except -1
+cdef int slots_grow(Slots *t) except -1
+cdef void slots_free(Slots *t) noexcept
+
+
+cdef inline int32_t slots_take(Slots *t) except -1:
+    # A free slot, marked used (the table doubles when none is free: the owner then grows
+    # its own records to t.cap before touching them).
+    cdef int32_t i
+    if t.free_head < 0:
+        slots_grow(t)
+    i = t.free_head
+    t.free_head = t.next[i]
+    t.next[i] = SLOT_USED
+    t.used += 1
+    return i
+
+cdef inline void slots_put(Slots *t, int32_t i) noexcept:
+    # Release a used slot: its generation moves on, so every handle to it goes stale.
+    t.gen[i] += 1
+    if t.gen[i] == 0:
+        t.gen[i] = 1
+    t.next[i] = t.free_head
+    t.free_head = i
+    t.used -= 1
+
+cdef inline uint64_t slots_handle(const Slots *t, int32_t i) noexcept:
+    return (<uint64_t>t.gen[i] << 32) | <uint32_t>i
+
+cdef inline int32_t slots_find(const Slots *t, uint64_t handle) noexcept:
+    # The slot of a live handle, or -1 (out of range, free, or an older generation).
+    cdef uint32_t i = <uint32_t>(handle & 0xFFFFFFFFu)
+    if i >= <uint32_t>t.cap or t.next[i] != SLOT_USED or t.gen[i] != <uint32_t>(handle >> 32):
+        return -1
+    return <int32_t>i
+
+cdef inline bint slots_used(const Slots *t, int32_t i) noexcept:
+    return t.next[i] == SLOT_USED

@@ -1,0 +1,11 @@
+"""Type stub of the compiled teomq._core.store (store.pyx): the store seam under the queues."""
+
+class Store:
+    """Where accepted messages are kept (today: in memory); append numbers each one."""
+
+    @property
+    def last_seq(self) -> int:
+        """Sequence number of the latest message appended."""
+    @property
+    def n_held(self) -> int:
+        """Payload blocks held (a fanout message is one)."""
