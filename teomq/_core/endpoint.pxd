@@ -1,3 +1,4 @@
+cimport cython
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from teomq._core.frame_codec cimport FrameHeader, Received, WriteBuffer
@@ -18,6 +19,7 @@ cdef class Outbox:
     cdef bint scheduled
     cdef object scheduler      # callable(callback): run callback once, later in this loop pass
     cdef object flush_cb
+    @cython.final
     cdef int schedule(self) except -1
 
 
@@ -55,6 +57,7 @@ cdef class Endpoint:
     cdef readonly uint64_t n_refused        # its SENDs refused QUEUE_FULL: the bound reached
     cdef readonly uint64_t n_refused_parked # ... or its parked SENDs over their bound
 
+    @cython.final
     cdef int _mark_dirty(self) except -1
     cdef int take(self, Msg *m, uint64_t did) except -1
     cdef int reply(self, uint64_t msg_id, const char *p, size_t n, const Received *rx) except -1

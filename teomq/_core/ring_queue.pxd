@@ -40,7 +40,7 @@ cdef struct Msg:
     uint64_t msg_id      # the producer's own message id
     uint64_t seq         # the broker's sequence number, from Store.append
     Received rx          # checksum facts of the SEND it came in (payload forwarded, not re-read)
-    int32_t route        # command route index (command mode), -1 for the basic queue
+    int32_t route        # its route: 0 the basic scheme's queue, else the command's index
     bint copy            # a fanout copy: meant for one subscriber, never handed to another
 
 

@@ -105,7 +105,7 @@ cdef class MsgRing:
         m.msg_id = mid
         m.seq = 0
         m.rx.shift = 0
-        m.route = -1
+        m.route = 0
         m.copy = False
         return 0
 

@@ -12,7 +12,7 @@ subscriptions other commands have:
 
 The basic scheme is one such queue route (index 0, no name) every consumer subscribes to.
 
-The dispatcher (dispatch.pyx) owns the logic; this module only keeps the structures.
+The scheduler (scheduler.pyx) owns the logic; this module only keeps the structures.
 """
 
 cimport cython

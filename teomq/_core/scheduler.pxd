@@ -1,3 +1,4 @@
+cimport cython
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 
 from teomq._core.endpoint cimport Endpoint, Outbox
@@ -53,31 +54,58 @@ cdef class Scheduler:
     cdef readonly uint64_t n_copies_inflight
     cdef readonly uint64_t n_dropped
 
+    @cython.final
     cdef int register(self, Endpoint e, Outbox outbox) except -1
+    @cython.final
     cdef Endpoint live(self, uint64_t handle)
+    @cython.final
     cdef int open_session(self, Endpoint e) except -1
+    @cython.final
     cdef int ready(self, Endpoint e, bint consumer, int32_t prefetch) except -1
+    @cython.final
     cdef int release(self, Endpoint e) except -1
+    @cython.final
     cdef int deliver(self, Endpoint c, Msg *m) except -1
+    @cython.final
     cdef int answer(self, Endpoint c, uint64_t fid, uint16_t flags, const char *p, size_t n,
                     const Received *rx) except -1
+    @cython.final
     cdef int32_t flight_alloc(self) except -1
+    @cython.final
     cdef void flight_release(self, int32_t idx) noexcept
+    @cython.final
     cdef void flight_unlink(self, Endpoint c, int32_t idx) noexcept
+    @cython.final
     cdef int requeue(self, Endpoint c, int32_t idx) except -1
+    @cython.final
     cdef int requeue_all(self, Endpoint c) except -1
+    @cython.final
     cdef int route_msg(self, Route r, Msg *m) except -1
+    @cython.final
     cdef int route_queue(self, Route r, Msg *m) except -1
+    @cython.final
     cdef int route_fanout(self, Route r, Msg *m) except -1
+    @cython.final
     cdef int deliver_to_sub(self, Route r, int32_t sid, Msg *m) except -1
+    @cython.final
     cdef Endpoint sub_conn(self, int32_t sid)
+    @cython.final
     cdef int mark_pending(self, Route r) except -1
+    @cython.final
     cdef MsgRing new_backlog(self)
+    @cython.final
     cdef int32_t take_ready(self, Route r) except -2
+    @cython.final
     cdef int list_sub(self, int32_t sid) except -1
+    @cython.final
     cdef int add_sub(self, Endpoint c, int32_t idx) except -1
+    @cython.final
     cdef int remove_sub(self, Endpoint c, int32_t i) except -1
+    @cython.final
     cdef int serve(self, Endpoint c) except -1
+    @cython.final
     cdef int drain_routes(self) except -1
+    @cython.final
     cdef int drop_subs(self, Endpoint c) except -1
+    @cython.final
     cdef int expire(self, Endpoint c) except -1
