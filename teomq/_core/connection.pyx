@@ -19,7 +19,8 @@ from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
-from teomq._core.endpoint cimport S_CLOSED, S_NEW, S_READY
+from teomq._core.dispatch cimport accept
+from teomq._core.endpoint cimport S_CLOSED, S_NEW, S_READY, mark_dirty
 from teomq._core.frame_codec cimport (
     E_HANDSHAKE, E_NOT_ALLOWED, EXT_MAX, F_REDELIVERED, HEADER_SIZE, T_ANSWER, T_DELIVER, T_ERROR,
     T_HELLO, T_PING, T_PONG, T_REPLY, T_SEND, Received, check_partial, grow_buffer, parse_header,
@@ -120,7 +121,7 @@ cdef class CoreConnection(Endpoint):
                     self.on_control(h.ftype, h.flags, h.fid,
                                     PyBytes_FromStringAndSize(payload, h.length))
                 elif h.ftype == T_SEND:
-                    disp.accept(self, &h, payload)
+                    accept(disp, self, &h, payload)
                 elif h.ftype == T_ANSWER:
                     note_received(payload - HEADER_SIZE, h.length, &rx)  # its CRC is forwarded
                     disp.answer(self, h.fid, h.flags, payload, h.length, &rx)
@@ -129,7 +130,7 @@ cdef class CoreConnection(Endpoint):
                         self._park(payload - HEADER_SIZE, total, &h)
                     else:
                         self.out.add_frame(T_PONG, 0, h.fid, payload, h.length)
-                        self._mark_dirty()
+                        mark_dirty(self)
                 elif h.ftype == T_PONG:
                     pass
                 else:
@@ -210,9 +211,9 @@ cdef class CoreConnection(Endpoint):
                 self.n_parked -= 1
                 if h.ftype == T_PING:
                     self.out.add_frame(T_PONG, 0, h.fid, buf + pos - h.length, h.length)
-                    self._mark_dirty()
+                    mark_dirty(self)
                 else:
-                    disp.accept(self, &h, buf + pos - h.length)
+                    accept(disp, self, &h, buf + pos - h.length)
         finally:
             if pos < n and self.state != S_CLOSED:
                 # held again: the rest goes back in front of anything parked meanwhile
@@ -247,18 +248,18 @@ cdef class CoreConnection(Endpoint):
             self.out.add_in_place(T_DELIVER, m.flags & F_REDELIVERED, did, m.data, m.length, &m.rx)
         else:
             self.out.add_forward(T_DELIVER, m.flags & F_REDELIVERED, did, m.data, m.length, &m.rx)
-        return self._mark_dirty()
+        return mark_dirty(self)
 
     cdef int reply(self, uint64_t msg_id, const char *p, size_t n, const Received *rx) except -1:
         if rx == NULL:
             self.out.add_frame(T_REPLY, 0, msg_id, p, n)
         else:
             self.out.add_forward(T_REPLY, 0, msg_id, p, n, rx)
-        return self._mark_dirty()
+        return mark_dirty(self)
 
     cdef int _add_error(self, int code, uint64_t fid, bytes payload) except -1:
         self.out.add_frame(T_ERROR, 0, fid, payload, len(payload))
-        return self._mark_dirty()
+        return mark_dirty(self)
 
     cdef int _flush(self) except -1:
         if self.out.length == 0:
@@ -276,7 +277,7 @@ cdef class CoreConnection(Endpoint):
     def send_frame(self, ftype, flags, fid, payload=b""):
         """Queue a frame to this connection (written with the next flush)."""
         self.out.add(ftype, flags, fid, payload)
-        self._mark_dirty()
+        mark_dirty(self)
         self.disp.schedule_flush()
 
     def set_writer(self, SocketWriter writer):

@@ -2,7 +2,7 @@ from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 
 from teomq._core.command_parser cimport CommandTable
 from teomq._core.endpoint cimport Endpoint
-from teomq._core.frame_codec cimport FrameHeader
+from teomq._core.frame_codec cimport F_API, F_NO_REPLY, FrameHeader
 from teomq._core.scheduler cimport Scheduler
 
 
@@ -24,7 +24,6 @@ cdef class Dispatcher(Scheduler):
     # command mode (table is None in the basic scheme)
     cdef readonly CommandTable table
 
-    cdef int accept(self, Endpoint conn, FrameHeader *h, const char *payload) except -1
     cdef int enqueue(self, Endpoint conn, FrameHeader *h, const char *p, size_t n,
                      uint16_t flags, int32_t route) except -1
     cdef int accept_command(self, Endpoint conn, FrameHeader *h, const char *payload) except -1
@@ -36,3 +35,11 @@ cdef class Dispatcher(Scheduler):
     cdef int32_t _route_index(self, name) except -2
     cdef int pump(self) except -1
     cdef int schedule_flush(self) except -1
+
+
+cdef inline int accept(Dispatcher d, Endpoint conn, FrameHeader *h, const char *payload) except -1:
+    # A SEND of conn's, verified: into the basic queue, or through the command lookup
+    # (command mode, or an API SEND). Inline: every SEND of every read comes here.
+    if d.table is not None or h.flags & F_API:
+        return d.accept_command(conn, h, payload)
+    return d.enqueue(conn, h, payload, h.length, h.flags & F_NO_REPLY, 0)

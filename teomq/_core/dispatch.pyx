@@ -23,6 +23,7 @@ from teomq._core.frame_codec cimport (
 )
 from teomq._core.ring_queue cimport Msg
 from teomq._core.routes cimport R_FANOUT, R_HELLO, R_MSG, R_QUEUE, Route
+from teomq._core.store cimport store_append
 
 import msgpack
 
@@ -85,24 +86,20 @@ cdef class Dispatcher(Scheduler):
             self.on_refused()
         return 0
 
-    # -- accepting ------------------------------------------------------------------------
-
-    cdef int accept(self, Endpoint conn, FrameHeader *h, const char *payload) except -1:
-        if self.table is not None or h.flags & F_API:
-            return self.accept_command(conn, h, payload)
-        return self.enqueue(conn, h, payload, h.length, h.flags & F_NO_REPLY, 0)
+    # -- accepting (accept() is inline in dispatch.pxd) -----------------------------------
 
     cdef int enqueue(self, Endpoint conn, FrameHeader *h, const char *p, size_t n,
                      uint16_t flags, int32_t route) except -1:
         # Accept p[0:n] (all of the SEND's payload, or the part after a command prefix) into
         # route ``route``. Refused at the bound: QUEUE_FULL.
         cdef Msg m
+        cdef Route r
         if conn.hold_sends or conn.parked_len:
             # held back (role both, held messages at the high mark): the whole frame waits
             return conn._park(p + n - h.length - HEADER_SIZE, HEADER_SIZE + <size_t>h.length, h)
         if self.held() >= self.queue_max:
             return self.refuse(conn, h.fid, False)
-        self.store.append(&m, p, n)
+        store_append(self.store, &m, p, n)
         m.flags = flags
         m.attempt = 0
         m.session = conn.session
@@ -113,7 +110,12 @@ cdef class Dispatcher(Scheduler):
             note_received(p - HEADER_SIZE, h.length, &m.rx)
         else:
             m.rx.shift = 0          # a stripped or unframed payload: its CRC is computed afresh
-        self.route_msg(<Route>self.routes[route], &m)
+        r = <Route>self.routes[route]
+        r.n_in += 1
+        if r.kind == R_QUEUE:
+            self.route_queue(r, &m)
+        else:
+            self.route_fanout(r, &m)
         self.n_in += 1
         if not self.backpressure and self.held() >= self.queue_high:
             self.backpressure = True

@@ -57,11 +57,17 @@ cdef class Endpoint:
     cdef readonly uint64_t n_refused        # its SENDs refused QUEUE_FULL: the bound reached
     cdef readonly uint64_t n_refused_parked # ... or its parked SENDs over their bound
 
-    @cython.final
-    cdef int _mark_dirty(self) except -1
     cdef int take(self, Msg *m, uint64_t did) except -1
     cdef int reply(self, uint64_t msg_id, const char *p, size_t n, const Received *rx) except -1
     cdef int _add_error(self, int code, uint64_t fid, bytes payload) except -1
     cdef int _park(self, const char *frame, size_t total, FrameHeader *h) except -1
     cdef int _flush(self) except -1
     cdef void _clear_out(self) noexcept
+
+
+cdef inline int mark_dirty(Endpoint e) except -1:
+    # e has output: listed once in its outbox until the next flush (inline: per message)
+    if not e.dirty:
+        e.dirty = True
+        e.outbox.dirty.append(e)
+    return 0

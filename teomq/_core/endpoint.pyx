@@ -61,12 +61,6 @@ cdef class Endpoint:
     def __dealloc__(self):
         free(self.subs)
 
-    cdef int _mark_dirty(self) except -1:
-        if not self.dirty:
-            self.dirty = True
-            self.outbox.dirty.append(self)
-        return 0
-
     # -- how output reaches the peer: the subclass's --------------------------------------
 
     cdef int take(self, Msg *m, uint64_t did) except -1:

@@ -17,7 +17,8 @@ consumers (the web gateway, dead-letter inspection, management), not for the wir
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
-from teomq._core.endpoint cimport S_CLOSED, S_READY
+from teomq._core.dispatch cimport accept
+from teomq._core.endpoint cimport S_CLOSED, S_READY, mark_dirty
 from teomq._core.frame_codec cimport (
     E_NOT_ALLOWED, F_NO_ANSWER, F_NO_REPLY, F_REDELIVERED, FrameHeader, Received, T_DELIVER, T_ERROR,
     T_REPLY, T_SEND, as_u64, protocol_error,
@@ -56,15 +57,15 @@ cdef class InprocEndpoint(Endpoint):
     cdef int take(self, Msg *m, uint64_t did) except -1:
         self.pending.append((T_DELIVER, m.flags & F_REDELIVERED, did,
                              PyBytes_FromStringAndSize(m.data, m.length)))
-        return self._mark_dirty()
+        return mark_dirty(self)
 
     cdef int reply(self, uint64_t msg_id, const char *p, size_t n, const Received *rx) except -1:
         self.pending.append((T_REPLY, 0, msg_id, PyBytes_FromStringAndSize(p, n)))
-        return self._mark_dirty()
+        return mark_dirty(self)
 
     cdef int _add_error(self, int code, uint64_t fid, bytes payload) except -1:
         self.pending.append((T_ERROR, 0, fid, payload))
-        return self._mark_dirty()
+        return mark_dirty(self)
 
     cdef int _flush(self) except -1:
         cdef list items = self.pending
@@ -99,7 +100,7 @@ cdef class InprocEndpoint(Endpoint):
         h.flags = F_NO_REPLY if no_reply else 0
         h.fid = as_u64(msg_id)
         h.length = <uint32_t>PyBytes_GET_SIZE(data)
-        self.disp.accept(self, &h, PyBytes_AS_STRING(data))
+        accept(self.disp, self, &h, PyBytes_AS_STRING(data))
         self.disp.pump()
         self.disp.schedule_flush()
 

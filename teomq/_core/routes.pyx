@@ -20,7 +20,7 @@ from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 
 from teomq._core.ring_queue cimport MsgRing
-from teomq._core.slots cimport slots_free, slots_init, slots_put, slots_take
+from teomq._core.slots cimport slots_free, slots_init, slots_put, slots_take_into
 
 # Command queues are bounded by the dispatcher's total (queue_max), not one by one.
 cdef size_t ROUTE_QUEUE_MAX = (<size_t>1) << 32
@@ -122,21 +122,14 @@ cdef class SubTable:
         self.items = <Sub *>malloc(self.t.cap * sizeof(Sub))
         if self.items == NULL:
             raise MemoryError()
+        self.cap = self.t.cap
 
     def __dealloc__(self):
         free(self.items)
         slots_free(&self.t)
 
     cdef int32_t alloc(self, uint64_t conn, int32_t route) except -1:
-        cdef int32_t sid = slots_take(&self.t)
-        cdef Sub *n
-        if self.t.cap > self.cap:
-            n = <Sub *>realloc(self.items, self.t.cap * sizeof(Sub))
-            if n == NULL:
-                slots_put(&self.t, sid)
-                raise MemoryError()
-            self.items = n
-            self.cap = self.t.cap
+        cdef int32_t sid = slots_take_into(&self.t, <void **>&self.items, &self.cap, sizeof(Sub))
         self.items[sid].listed = False
         self.items[sid].conn = conn
         self.items[sid].route = route

@@ -72,31 +72,23 @@ cdef class Scheduler:
     @cython.final
     cdef int32_t flight_alloc(self) except -1
     @cython.final
-    cdef void flight_release(self, int32_t idx) noexcept
-    @cython.final
-    cdef void flight_unlink(self, Endpoint c, int32_t idx) noexcept
-    @cython.final
     cdef int requeue(self, Endpoint c, int32_t idx) except -1
     @cython.final
     cdef int requeue_all(self, Endpoint c) except -1
-    @cython.final
-    cdef int route_msg(self, Route r, Msg *m) except -1
     @cython.final
     cdef int route_queue(self, Route r, Msg *m) except -1
     @cython.final
     cdef int route_fanout(self, Route r, Msg *m) except -1
     @cython.final
-    cdef int deliver_to_sub(self, Route r, int32_t sid, Msg *m) except -1
-    @cython.final
-    cdef Endpoint sub_conn(self, int32_t sid)
+    cdef int deliver_to_sub(self, Route r, int32_t sid, Endpoint c, Msg *m) except -1
     @cython.final
     cdef int mark_pending(self, Route r) except -1
     @cython.final
     cdef MsgRing new_backlog(self)
     @cython.final
-    cdef int32_t take_ready(self, Route r) except -2
+    cdef Endpoint take_ready(self, Route r, int32_t *sid)
     @cython.final
-    cdef int list_sub(self, int32_t sid) except -1
+    cdef int list_sub(self, Route r, int32_t sid) except -1
     @cython.final
     cdef int add_sub(self, Endpoint c, int32_t idx) except -1
     @cython.final

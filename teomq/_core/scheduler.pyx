@@ -23,9 +23,10 @@ from libc.stdlib cimport free, malloc, realloc
 from teomq._core.endpoint cimport S_CLOSED, S_NEW, S_READY
 from teomq._core.frame_codec cimport E_UNKNOWN_ID, F_NO_ANSWER, F_NO_REPLY, F_REDELIVERED
 from teomq._core.ring_queue cimport payload_release
+from teomq._core.store cimport store_done
 from teomq._core.routes cimport R_FANOUT, R_QUEUE, Sub, u64ring_pop, u64ring_push
 from teomq._core.slots cimport (
-    slots_find, slots_free, slots_handle, slots_init, slots_put, slots_take, slots_used,
+    slots_find, slots_free, slots_handle, slots_init, slots_put, slots_take, slots_take_into, slots_used,
 )
 
 import msgpack
@@ -33,6 +34,40 @@ import msgpack
 cdef int32_t SLOTS_MAX = 0x40000000
 cdef bytes ERR_UNKNOWN_ID = msgpack.packb(
     {"code": E_UNKNOWN_ID, "reason": "answer for a delivery this connection does not hold"})
+
+
+cdef int _fit(list records, int32_t cap) except -1:
+    # a slot table's Python records (endpoints, sessions) grown to its cap, with None
+    while len(records) < cap:
+        records.append(None)
+    return 0
+
+
+cdef inline Endpoint sub_conn(Scheduler s, int32_t sid):
+    # the consumer of a subscription in use (subscriptions end before their endpoint)
+    return <Endpoint>s.conns[<uint32_t>(s.subtab.items[sid].conn & 0xFFFFFFFFu)]
+
+
+cdef inline void flight_release(Scheduler s, int32_t idx) noexcept:
+    # the flight's slot is free again; its delivery id goes stale
+    if s.flights[idx].msg.copy:
+        s.n_copies_inflight -= 1
+    slots_put(&s.fslots, idx)
+    s.n_inflight -= 1
+
+
+cdef inline void flight_unlink(Scheduler s, Endpoint c, int32_t idx) noexcept:
+    # take flight idx out of c's list of flights (delivery order)
+    cdef Flight *f = &s.flights[idx]
+    if f.prev >= 0:
+        s.flights[f.prev].next = f.next
+    else:
+        c.fl_head = f.next
+    if f.next >= 0:
+        s.flights[f.next].prev = f.prev
+    else:
+        c.fl_tail = f.prev
+    c.inflight -= 1
 
 
 cdef class Scheduler:
@@ -75,8 +110,7 @@ cdef class Scheduler:
 
     cdef int register(self, Endpoint e, Outbox outbox) except -1:
         cdef int32_t slot = slots_take(&self.eslots)
-        while len(self.conns) < self.eslots.cap:
-            self.conns.append(None)
+        _fit(self.conns, self.eslots.cap)
         self.conns[slot] = e
         e.slot = <uint32_t>slot
         e.gen = self.eslots.gen[slot]
@@ -89,8 +123,7 @@ cdef class Scheduler:
 
     cdef int open_session(self, Endpoint e) except -1:
         cdef int32_t s = slots_take(&self.sslots)
-        while len(self.sess_ep) < self.sslots.cap:
-            self.sess_ep.append(None)
+        _fit(self.sess_ep, self.sslots.cap)
         self.sess_ep[s] = e
         e.session = slots_handle(&self.sslots, s)
         return 0
@@ -137,35 +170,10 @@ cdef class Scheduler:
     # -- flights --------------------------------------------------------------------------
 
     cdef int32_t flight_alloc(self) except -1:
-        cdef int32_t idx = slots_take(&self.fslots)
-        cdef Flight *nf
-        if self.fslots.cap > self.flights_cap:
-            nf = <Flight *>realloc(self.flights, self.fslots.cap * sizeof(Flight))
-            if nf == NULL:
-                slots_put(&self.fslots, idx)
-                raise MemoryError()
-            self.flights = nf
-            self.flights_cap = self.fslots.cap
+        cdef int32_t idx = slots_take_into(&self.fslots, <void **>&self.flights, &self.flights_cap,
+                                           sizeof(Flight))
         self.n_inflight += 1
         return idx
-
-    cdef void flight_release(self, int32_t idx) noexcept:
-        if self.flights[idx].msg.copy:
-            self.n_copies_inflight -= 1
-        slots_put(&self.fslots, idx)
-        self.n_inflight -= 1
-
-    cdef void flight_unlink(self, Endpoint c, int32_t idx) noexcept:
-        cdef Flight *f = &self.flights[idx]
-        if f.prev >= 0:
-            self.flights[f.prev].next = f.next
-        else:
-            c.fl_head = f.next
-        if f.next >= 0:
-            self.flights[f.next].prev = f.prev
-        else:
-            c.fl_tail = f.prev
-        c.inflight -= 1
 
     cdef int deliver(self, Endpoint c, Msg *m) except -1:
         cdef int32_t idx = self.flight_alloc()
@@ -206,7 +214,7 @@ cdef class Scheduler:
                 self.serve(c)
             return c._add_error(E_UNKNOWN_ID, fid, ERR_UNKNOWN_ID)
         f = &self.flights[idx]
-        self.flight_unlink(c, idx)
+        flight_unlink(self, c, idx)
         if not (f.msg.flags & F_NO_REPLY) and not (flags & F_NO_ANSWER):
             s = slots_find(&self.sslots, f.msg.session)
             if s >= 0:
@@ -214,11 +222,12 @@ cdef class Scheduler:
                 self.n_answered += 1
             else:
                 self.n_orphaned += 1   # its producer is gone: answered into nothing
-        self.store.done(&f.msg)
-        self.flight_release(idx)
+        store_done(self.store, &f.msg)
+        flight_release(self, idx)
         if c.consumer:
             c.credit += 1
-            self.serve(c)
+            if c.unlisted or c.backlog is not None:   # else nothing for serve() to do
+                self.serve(c)
         return 0
 
     cdef int requeue(self, Endpoint c, int32_t idx) except -1:
@@ -229,7 +238,7 @@ cdef class Scheduler:
         f.msg.flags |= F_REDELIVERED
         if f.msg.copy:
             if c.state == S_CLOSED:
-                self.store.done(&f.msg)
+                store_done(self.store, &f.msg)
                 self.n_dropped += 1
             else:
                 if c.backlog is None:
@@ -243,7 +252,7 @@ cdef class Scheduler:
             self.n_route_queued += 1
             self.mark_pending(r)
             self.n_redelivered += 1
-        self.flight_release(idx)
+        flight_release(self, idx)
         return 0
 
     cdef int requeue_all(self, Endpoint c) except -1:
@@ -276,7 +285,7 @@ cdef class Scheduler:
         idx = last
         while idx >= 0:
             prev = self.flights[idx].prev
-            self.flight_unlink(c, idx)
+            flight_unlink(self, c, idx)
             c.lapsed += 1
             self.n_expired += 1
             self.requeue(c, idx)
@@ -285,32 +294,26 @@ cdef class Scheduler:
 
     # -- routes ---------------------------------------------------------------------------
 
-    cdef int route_msg(self, Route r, Msg *m) except -1:
-        r.n_in += 1
-        if r.kind == R_QUEUE:
-            return self.route_queue(r, m)
-        return self.route_fanout(r, m)
-
     cdef int route_queue(self, Route r, Msg *m) except -1:
         # One subscriber with credit, round robin; otherwise the route's own queue (FIFO:
         # while it holds anything, newcomers wait behind it).
         cdef int32_t sid
+        cdef Endpoint c
         if r.waiting.count == 0:
-            sid = self.take_ready(r)
-            if sid >= 0:
-                return self.deliver_to_sub(r, sid, m)
+            c = self.take_ready(r, &sid)
+            if c is not None:
+                return self.deliver_to_sub(r, sid, c, m)
         r.waiting.push_back(m)
         self.n_route_queued += 1
         return 0
 
-    cdef int deliver_to_sub(self, Route r, int32_t sid, Msg *m) except -1:
-        # to the consumer of a subscription take_ready() gave, which goes back to the tail
-        # of the ready ring while it has credit (round robin)
-        cdef Endpoint c = self.sub_conn(sid)
+    cdef int deliver_to_sub(self, Route r, int32_t sid, Endpoint c, Msg *m) except -1:
+        # to c, the consumer of the subscription sid take_ready() gave, which goes back to the
+        # tail of the ready ring while it has credit (round robin)
         self.deliver(c, m)
         r.n_out += 1
         if c.credit > 0:
-            self.list_sub(sid)
+            self.list_sub(r, sid)
         return 0
 
     cdef int route_fanout(self, Route r, Msg *m) except -1:
@@ -327,12 +330,12 @@ cdef class Scheduler:
         m.copy = True
         self.store.share(m, r.nmembers - 1)
         for i in range(r.nmembers):
-            c = self.sub_conn(r.members[i])
+            c = sub_conn(self, r.members[i])
             if c.credit > 0 and (c.backlog is None or c.backlog.count == 0):
                 self.deliver(c, m)
                 r.n_out += 1
             elif c.backlog is not None and c.backlog.count >= self.backlog_max:
-                self.store.done(m)
+                store_done(self.store, m)
                 self.n_dropped += 1
                 c.slow_dropped += 1
                 if not c.slow:
@@ -346,24 +349,24 @@ cdef class Scheduler:
                 self.n_backlog += 1
         return 0
 
-    cdef int32_t take_ready(self, Route r) except -2:
-        # The next listed subscriber whose consumer has credit, or -1. Entries of
-        # unsubscribed subs (generation changed) and of consumers without credit are dropped.
-        cdef int32_t sid
+    cdef Endpoint take_ready(self, Route r, int32_t *sid):
+        # The consumer of the next listed subscription (its id in *sid) that has credit, or
+        # None. Entries of unsubscribed subs (generation changed) and of consumers without
+        # credit are dropped.
         cdef Endpoint c
         while r.ready.count:
-            sid = slots_find(&self.subtab.t, u64ring_pop(&r.ready))
-            if sid < 0:
+            sid[0] = slots_find(&self.subtab.t, u64ring_pop(&r.ready))
+            if sid[0] < 0:
                 continue
-            self.subtab.items[sid].listed = False
-            c = self.sub_conn(sid)
+            self.subtab.items[sid[0]].listed = False
+            c = sub_conn(self, sid[0])
             if c.credit > 0:
-                return sid
+                return c
             c.unlisted = True
-        return -1
+        return None
 
-    cdef int list_sub(self, int32_t sid) except -1:
-        cdef Route r = <Route>self.routes[self.subtab.items[sid].route]
+    cdef int list_sub(self, Route r, int32_t sid) except -1:
+        # put subscription sid (of route r) at the tail of r's ready ring
         self.subtab.items[sid].listed = True
         u64ring_push(&r.ready, slots_handle(&self.subtab.t, sid))
         if r.waiting.count:
@@ -376,10 +379,6 @@ cdef class Scheduler:
             r.pending = True
             self.pending_routes.append(r)
         return 0
-
-    cdef Endpoint sub_conn(self, int32_t sid):
-        # the consumer of a subscription in use (subscriptions end before their endpoint)
-        return <Endpoint>self.conns[<uint32_t>(self.subtab.items[sid].conn & 0xFFFFFFFFu)]
 
     cdef MsgRing new_backlog(self):
         # a consumer's fanout backlog: bounded by backlog_max in route_fanout, not by the ring
@@ -402,7 +401,7 @@ cdef class Scheduler:
         r.add_member(sid, self.subtab.items)
         if r.kind == R_QUEUE:
             if c.credit > 0:
-                self.list_sub(sid)
+                self.list_sub(r, sid)
             else:
                 c.unlisted = True
         elif r.waiting.count:
@@ -423,7 +422,7 @@ cdef class Scheduler:
             kept = self.new_backlog()
             while c.backlog.pop_front(&m):
                 if m.route == idx:
-                    self.store.done(&m)
+                    store_done(self.store, &m)
                     self.n_backlog -= 1
                 else:
                     kept.push_back(&m)
@@ -436,6 +435,7 @@ cdef class Scheduler:
         cdef Msg m
         cdef int32_t i
         cdef Sub *s
+        cdef Route r
         while c.credit > 0 and c.backlog is not None and c.backlog.pop_front(&m):
             self.n_backlog -= 1
             self.deliver(c, &m)
@@ -446,8 +446,10 @@ cdef class Scheduler:
             c.unlisted = False
             for i in range(c.nsubs):
                 s = &self.subtab.items[c.subs[i]]
-                if not s.listed and (<Route>self.routes[s.route]).kind == R_QUEUE:
-                    self.list_sub(c.subs[i])
+                if not s.listed:
+                    r = <Route>self.routes[s.route]
+                    if r.kind == R_QUEUE:
+                        self.list_sub(r, c.subs[i])
         return 0
 
     cdef int drain_routes(self) except -1:
@@ -455,17 +457,18 @@ cdef class Scheduler:
         cdef Route r
         cdef Msg m
         cdef int32_t sid
+        cdef Endpoint c
         while self.pending_routes:
             r = <Route>self.pending_routes.pop()
             r.pending = False
             while r.waiting.count:
                 if r.kind == R_QUEUE:
-                    sid = self.take_ready(r)
-                    if sid < 0:
+                    c = self.take_ready(r, &sid)
+                    if c is None:
                         break
                     r.waiting.pop_front(&m)
                     self.n_route_queued -= 1
-                    self.deliver_to_sub(r, sid, &m)
+                    self.deliver_to_sub(r, sid, c, &m)
                 else:
                     if r.nmembers == 0:
                         break
@@ -481,7 +484,7 @@ cdef class Scheduler:
         cdef int32_t sid
         if c.backlog is not None:
             while c.backlog.pop_front(&m):
-                self.store.done(&m)
+                store_done(self.store, &m)
                 self.n_backlog -= 1
                 self.n_dropped += 1
         for i in range(c.nsubs):

@@ -19,6 +19,7 @@ cdef struct Slots:
 
 cdef int slots_init(Slots *t, int32_t cap, int32_t limit) except -1
 cdef int slots_grow(Slots *t) except -1
+cdef int slots_fit(Slots *t, int32_t slot, void **records, int32_t *records_cap, size_t size) except -1
 cdef void slots_free(Slots *t) noexcept
 
 
@@ -32,6 +33,15 @@ cdef inline int32_t slots_take(Slots *t) except -1:
     t.free_head = t.next[i]
     t.next[i] = SLOT_USED
     t.used += 1
+    return i
+
+cdef inline int32_t slots_take_into(Slots *t, void **records, int32_t *records_cap,
+                                    size_t size) except -1:
+    # slots_take() for an owner whose records (``size`` bytes each) are in one array: it is
+    # grown to the table's cap when the table grew
+    cdef int32_t i = slots_take(t)
+    if t.cap > records_cap[0]:
+        slots_fit(t, i, records, records_cap, size)
     return i
 
 cdef inline void slots_put(Slots *t, int32_t i) noexcept:

@@ -56,6 +56,17 @@ cdef int slots_grow(Slots *t) except -1:
     return 0
 
 
+cdef int slots_fit(Slots *t, int32_t slot, void **records, int32_t *records_cap, size_t size) except -1:
+    # grow an owner's record array to t.cap; on failure the slot just taken is given back
+    cdef void *n = realloc(records[0], <size_t>t.cap * size)
+    if n == NULL:
+        slots_put(t, slot)
+        raise MemoryError()
+    records[0] = n
+    records_cap[0] = t.cap
+    return 0
+
+
 cdef void slots_free(Slots *t) noexcept:
     free(t.gen)
     free(t.next)

@@ -1,6 +1,7 @@
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memcpy
 
-from teomq._core.ring_queue cimport Msg
+from teomq._core.ring_queue cimport Msg, payload_new, payload_release
 
 
 cdef class Store:
@@ -8,10 +9,35 @@ cdef class Store:
 
     The seam under the queues: accepting a message is ``append``, which gives it the broker's
     sequence number; a message the broker is done with (answered, or dropped with its
-    subscriber) is ``done``. A durable store overrides both (and recovers what it holds).
+    subscriber) is ``done``. A durable store subclasses this, overrides the three methods and
+    sets ``hooked`` (the dispatcher calls the in-memory store inline: store_append/store_done).
     """
     cdef readonly uint64_t last_seq     # sequence number of the latest message appended
-    cdef readonly uint64_t n_held       # payload blocks held (a fanout message is one)
+    cdef bint hooked                    # a subclass overrides append/share/done
     cdef int append(self, Msg *m, const char *p, size_t n) except -1
     cdef int share(self, Msg *m, size_t copies) except -1
     cdef void done(self, Msg *m) noexcept
+
+
+cdef inline int mem_append(Store s, Msg *m, const char *p, size_t n) except -1:
+    # the in-memory store's append: the payload copied once into a new block, numbered
+    m.data = payload_new(n)
+    if m.data == NULL:
+        raise MemoryError()
+    if n:
+        memcpy(m.data, p, n)
+    m.length = <uint32_t>n
+    s.last_seq += 1
+    m.seq = s.last_seq
+    return 0
+
+cdef inline int store_append(Store s, Msg *m, const char *p, size_t n) except -1:
+    if s.hooked:
+        return s.append(m, p, n)
+    return mem_append(s, m, p, n)
+
+cdef inline void store_done(Store s, Msg *m) noexcept:
+    if s.hooked:
+        s.done(m)
+    else:
+        payload_release(m.data)

@@ -6,6 +6,3 @@ class Store:
     @property
     def last_seq(self) -> int:
         """Sequence number of the latest message appended."""
-    @property
-    def n_held(self) -> int:
-        """Payload blocks held (a fanout message is one)."""

@@ -5,28 +5,18 @@ Today's store keeps payloads in memory, in refcounted blocks (ring_queue.pxd: pa
 ``append`` copies the payload once from the read buffer into a new block and gives the Msg
 the next broker sequence number; ``share`` adds references for fanout copies (one block,
 one sequence number, however many subscribers); ``done`` drops one reference. The durable
-store (a segment log) will subclass Store and override these three.
+store (a segment log) will subclass Store, override these three and set ``hooked``; until a
+store is hooked the dispatcher runs the in-memory ones inline (store.pxd: store_append,
+store_done), so the seam costs no call per message.
 """
 
-from libc.stdint cimport uint32_t, uint64_t
-from libc.string cimport memcpy
-
-from teomq._core.ring_queue cimport payload_new, payload_ref, payload_release, PAYLOAD_HEAD
+from teomq._core.ring_queue cimport payload_ref
 
 
 cdef class Store:
 
     cdef int append(self, Msg *m, const char *p, size_t n) except -1:
-        m.data = payload_new(n)
-        if m.data == NULL:
-            raise MemoryError()
-        if n:
-            memcpy(m.data, p, n)
-        m.length = <uint32_t>n
-        self.last_seq += 1
-        m.seq = self.last_seq
-        self.n_held += 1
-        return 0
+        return mem_append(self, m, p, n)
 
     cdef int share(self, Msg *m, size_t copies) except -1:
         # ``copies`` more holders of m's payload (fanout): each calls done() once
@@ -36,7 +26,4 @@ cdef class Store:
         return 0
 
     cdef void done(self, Msg *m) noexcept:
-        cdef uint64_t *count = <uint64_t *>(m.data - PAYLOAD_HEAD)
-        if count[0] == 1:
-            self.n_held -= 1
         payload_release(m.data)
