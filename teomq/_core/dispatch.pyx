@@ -13,6 +13,7 @@ the back-pressure edges, and one flush per loop pass (Outbox, endpoint.pyx).
 """
 
 cimport cython
+from cpython.ref cimport PyObject
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 
@@ -23,6 +24,7 @@ from teomq._core.frame_codec cimport (
 )
 from teomq._core.ring_queue cimport Msg
 from teomq._core.routes cimport R_FANOUT, R_HELLO, R_MSG, R_QUEUE, Route
+from teomq._core.slots cimport list_item
 from teomq._core.store cimport store_append
 
 import msgpack
@@ -93,7 +95,7 @@ cdef class Dispatcher(Scheduler):
         # Accept p[0:n] (all of the SEND's payload, or the part after a command prefix) into
         # route ``route``. Refused at the bound: QUEUE_FULL.
         cdef Msg m
-        cdef Route r
+        cdef PyObject *r
         if conn.hold_sends or conn.parked_len:
             # held back (role both, held messages at the high mark): the whole frame waits
             return conn._park(p + n - h.length - HEADER_SIZE, HEADER_SIZE + <size_t>h.length, h)
@@ -110,12 +112,12 @@ cdef class Dispatcher(Scheduler):
             note_received(p - HEADER_SIZE, h.length, &m.rx)
         else:
             m.rx.shift = 0          # a stripped or unframed payload: its CRC is computed afresh
-        r = <Route>self.routes[route]
-        r.n_in += 1
-        if r.kind == R_QUEUE:
-            self.route_queue(r, &m)
+        r = list_item(<PyObject *>self.routes, route)   # borrowed: the routes list holds it
+        (<Route>r).n_in += 1
+        if (<Route>r).kind == R_QUEUE:
+            self.route_queue(<Route>r, &m)
         else:
-            self.route_fanout(r, &m)
+            self.route_fanout(<Route>r, &m)
         self.n_in += 1
         if not self.backpressure and self.held() >= self.queue_high:
             self.backpressure = True

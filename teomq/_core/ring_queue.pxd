@@ -32,15 +32,16 @@ cdef inline void payload_release(char *p) noexcept nogil:
 
 cdef struct Msg:
     # One accepted message. Whoever holds the Msg holds one reference to data (payload_new).
+    # Fields in this order: 64 bytes, no padding (a copy is one cache line).
     char *data
-    uint32_t length
-    uint16_t flags       # SEND flags as received (NO_REPLY); REDELIVERED added on requeue
-    uint32_t attempt     # deliveries made so far (the first delivery is attempt 1)
     uint64_t session     # handle of the producer's session: where its answer goes
     uint64_t msg_id      # the producer's own message id
     uint64_t seq         # the broker's sequence number, from Store.append
-    Received rx          # checksum facts of the SEND it came in (payload forwarded, not re-read)
+    uint32_t length
+    uint32_t attempt     # deliveries made so far (the first delivery is attempt 1)
     int32_t route        # its route: 0 the basic scheme's queue, else the command's index
+    Received rx          # checksum facts of the SEND it came in (payload forwarded, not re-read)
+    uint16_t flags       # SEND flags as received (NO_REPLY); REDELIVERED added on requeue
     bint copy            # a fanout copy: meant for one subscriber, never handed to another
 
 

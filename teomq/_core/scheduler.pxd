@@ -80,15 +80,9 @@ cdef class Scheduler:
     @cython.final
     cdef int route_fanout(self, Route r, Msg *m) except -1
     @cython.final
-    cdef int deliver_to_sub(self, Route r, int32_t sid, Endpoint c, Msg *m) except -1
-    @cython.final
     cdef int mark_pending(self, Route r) except -1
     @cython.final
     cdef MsgRing new_backlog(self)
-    @cython.final
-    cdef Endpoint take_ready(self, Route r, int32_t *sid)
-    @cython.final
-    cdef int list_sub(self, Route r, int32_t sid) except -1
     @cython.final
     cdef int add_sub(self, Endpoint c, int32_t idx) except -1
     @cython.final

@@ -17,17 +17,19 @@ and errors in its own way.
 """
 
 cimport cython
+from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 
 from teomq._core.endpoint cimport S_CLOSED, S_NEW, S_READY
 from teomq._core.frame_codec cimport E_UNKNOWN_ID, F_NO_ANSWER, F_NO_REPLY, F_REDELIVERED
 from teomq._core.ring_queue cimport payload_release
-from teomq._core.store cimport store_done
 from teomq._core.routes cimport R_FANOUT, R_QUEUE, Sub, u64ring_pop, u64ring_push
 from teomq._core.slots cimport (
-    slots_find, slots_free, slots_handle, slots_init, slots_put, slots_take, slots_take_into, slots_used,
+    list_item, slots_find, slots_free, slots_handle, slots_init, slots_put, slots_take, slots_take_into,
+    slots_used,
 )
+from teomq._core.store cimport store_done
 
 import msgpack
 
@@ -68,6 +70,44 @@ cdef inline void flight_unlink(Scheduler s, Endpoint c, int32_t idx) noexcept:
     else:
         c.fl_tail = f.prev
     c.inflight -= 1
+
+
+# -- the queue routes' round robin (module functions, inline: per delivery) -----------------
+
+cdef inline PyObject *take_ready(Scheduler s, Route r, int32_t *sid) noexcept:
+    # The consumer of the next listed subscription of r (its id in *sid) that has credit, or
+    # NULL; borrowed: the endpoint list holds it. Entries of unsubscribed subs (generation
+    # changed) and of consumers without credit are dropped.
+    cdef PyObject *c
+    while r.ready.count:
+        sid[0] = slots_find(&s.subtab.t, u64ring_pop(&r.ready))
+        if sid[0] < 0:
+            continue
+        s.subtab.items[sid[0]].listed = False
+        c = list_item(<PyObject *>s.conns, <Py_ssize_t>(s.subtab.items[sid[0]].conn & 0xFFFFFFFFu))
+        if (<Endpoint>c).credit > 0:
+            return c
+        (<Endpoint>c).unlisted = True
+    return NULL
+
+
+cdef inline int list_sub(Scheduler s, Route r, int32_t sid) except -1:
+    # put subscription sid (of route r) at the tail of r's ready ring
+    s.subtab.items[sid].listed = True
+    u64ring_push(&r.ready, slots_handle(&s.subtab.t, sid))
+    if r.waiting.count:
+        s.mark_pending(r)
+    return 0
+
+
+cdef inline int deliver_to_sub(Scheduler s, Route r, int32_t sid, PyObject *c, Msg *m) except -1:
+    # to c, the consumer of the subscription sid take_ready() gave, which goes back to the
+    # tail of the ready ring while it has credit (round robin)
+    s.deliver(<Endpoint>c, m)
+    r.n_out += 1
+    if (<Endpoint>c).credit > 0:
+        list_sub(s, r, sid)
+    return 0
 
 
 cdef class Scheduler:
@@ -218,7 +258,7 @@ cdef class Scheduler:
         if not (f.msg.flags & F_NO_REPLY) and not (flags & F_NO_ANSWER):
             s = slots_find(&self.sslots, f.msg.session)
             if s >= 0:
-                (<Endpoint>self.sess_ep[s]).reply(f.msg.msg_id, p, n, rx)
+                (<Endpoint>list_item(<PyObject *>self.sess_ep, s)).reply(f.msg.msg_id, p, n, rx)
                 self.n_answered += 1
             else:
                 self.n_orphaned += 1   # its producer is gone: answered into nothing
@@ -298,22 +338,13 @@ cdef class Scheduler:
         # One subscriber with credit, round robin; otherwise the route's own queue (FIFO:
         # while it holds anything, newcomers wait behind it).
         cdef int32_t sid
-        cdef Endpoint c
+        cdef PyObject *c
         if r.waiting.count == 0:
-            c = self.take_ready(r, &sid)
-            if c is not None:
-                return self.deliver_to_sub(r, sid, c, m)
+            c = take_ready(self, r, &sid)
+            if c != NULL:
+                return deliver_to_sub(self, r, sid, c, m)
         r.waiting.push_back(m)
         self.n_route_queued += 1
-        return 0
-
-    cdef int deliver_to_sub(self, Route r, int32_t sid, Endpoint c, Msg *m) except -1:
-        # to c, the consumer of the subscription sid take_ready() gave, which goes back to the
-        # tail of the ready ring while it has credit (round robin)
-        self.deliver(c, m)
-        r.n_out += 1
-        if c.credit > 0:
-            self.list_sub(r, sid)
         return 0
 
     cdef int route_fanout(self, Route r, Msg *m) except -1:
@@ -349,30 +380,6 @@ cdef class Scheduler:
                 self.n_backlog += 1
         return 0
 
-    cdef Endpoint take_ready(self, Route r, int32_t *sid):
-        # The consumer of the next listed subscription (its id in *sid) that has credit, or
-        # None. Entries of unsubscribed subs (generation changed) and of consumers without
-        # credit are dropped.
-        cdef Endpoint c
-        while r.ready.count:
-            sid[0] = slots_find(&self.subtab.t, u64ring_pop(&r.ready))
-            if sid[0] < 0:
-                continue
-            self.subtab.items[sid[0]].listed = False
-            c = sub_conn(self, sid[0])
-            if c.credit > 0:
-                return c
-            c.unlisted = True
-        return None
-
-    cdef int list_sub(self, Route r, int32_t sid) except -1:
-        # put subscription sid (of route r) at the tail of r's ready ring
-        self.subtab.items[sid].listed = True
-        u64ring_push(&r.ready, slots_handle(&self.subtab.t, sid))
-        if r.waiting.count:
-            self.mark_pending(r)
-        return 0
-
     cdef int mark_pending(self, Route r) except -1:
         # r may deliver waiting messages now: drain_routes() (from pump) will try
         if not r.pending:
@@ -401,7 +408,7 @@ cdef class Scheduler:
         r.add_member(sid, self.subtab.items)
         if r.kind == R_QUEUE:
             if c.credit > 0:
-                self.list_sub(r, sid)
+                list_sub(self, r, sid)
             else:
                 c.unlisted = True
         elif r.waiting.count:
@@ -449,7 +456,7 @@ cdef class Scheduler:
                 if not s.listed:
                     r = <Route>self.routes[s.route]
                     if r.kind == R_QUEUE:
-                        self.list_sub(r, c.subs[i])
+                        list_sub(self, r, c.subs[i])
         return 0
 
     cdef int drain_routes(self) except -1:
@@ -457,18 +464,18 @@ cdef class Scheduler:
         cdef Route r
         cdef Msg m
         cdef int32_t sid
-        cdef Endpoint c
+        cdef PyObject *c
         while self.pending_routes:
             r = <Route>self.pending_routes.pop()
             r.pending = False
             while r.waiting.count:
                 if r.kind == R_QUEUE:
-                    c = self.take_ready(r, &sid)
-                    if c is None:
+                    c = take_ready(self, r, &sid)
+                    if c == NULL:
                         break
                     r.waiting.pop_front(&m)
                     self.n_route_queued -= 1
-                    self.deliver_to_sub(r, sid, c, &m)
+                    deliver_to_sub(self, r, sid, c, &m)
                 else:
                     if r.nmembers == 0:
                         break

@@ -1,3 +1,4 @@
+from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 
 # The one generation-tagged slot table of the core: connections (and in-process endpoints),
@@ -65,3 +66,9 @@ cdef inline int32_t slots_find(const Slots *t, uint64_t handle) noexcept:
 
 cdef inline bint slots_used(const Slots *t, int32_t i) noexcept:
     return t.next[i] == SLOT_USED
+
+
+# The owners that keep Python records (endpoints, sessions, routes) keep them in a list indexed
+# by slot: a per-message lookup borrows the record (PyList_GET_ITEM, no reference counting).
+cdef extern from "Python.h":
+    PyObject *list_item "PyList_GET_ITEM" (PyObject *lst, Py_ssize_t i) nogil
