@@ -15,13 +15,13 @@ consumers (the web gateway, dead-letter inspection, management), not for the wir
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint32_t, uint64_t
 
 from teomq._core.dispatch cimport accept
 from teomq._core.endpoint cimport S_CLOSED, S_READY, mark_dirty
 from teomq._core.frame_codec cimport (
     E_NOT_ALLOWED, F_NO_ANSWER, F_NO_REPLY, F_REDELIVERED, FrameHeader, Received, T_DELIVER, T_ERROR,
-    T_REPLY, T_SEND, as_u64, protocol_error,
+    T_REPLY, T_SEND, as_u64,
 )
 from teomq._core.ring_queue cimport Msg
 

@@ -16,7 +16,7 @@ The scheduler (scheduler.pyx) owns the logic; this module only keeps the structu
 """
 
 cimport cython
-from libc.stdint cimport int32_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 
 from teomq._core.ring_queue cimport MsgRing

@@ -16,15 +16,14 @@ Nothing here knows frames or sockets: an Endpoint (endpoint.pyx) takes deliverie
 and errors in its own way.
 """
 
-cimport cython
 from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 
-from teomq._core.endpoint cimport S_CLOSED, S_NEW, S_READY
+from teomq._core.endpoint cimport S_CLOSED, S_READY
 from teomq._core.frame_codec cimport E_UNKNOWN_ID, F_NO_ANSWER, F_NO_REPLY, F_REDELIVERED
 from teomq._core.ring_queue cimport payload_release
-from teomq._core.routes cimport R_FANOUT, R_QUEUE, Sub, u64ring_pop, u64ring_push
+from teomq._core.routes cimport R_QUEUE, Sub, u64ring_pop, u64ring_push
 from teomq._core.slots cimport (
     list_item, slots_find, slots_free, slots_handle, slots_init, slots_put, slots_take, slots_take_into,
     slots_used,
