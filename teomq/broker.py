@@ -36,6 +36,8 @@ log = logging.getLogger("teomq.broker")
 msg_log = logging.getLogger("teomq.broker.messages")
 
 DEFAULT_PREFETCH = 64
+#: Most consecutive messages of one queue a consumer takes before the next one's turn.
+DEFAULT_DISPATCH_RUN = 16
 _SUBSCRIBE, _UNSUBSCRIBE, _HELLO = KINDS["subscribe"], KINDS["unsubscribe"], KINDS["hello"]
 #: The most credit one consumer gets; a larger prefetch is granted as this (WELCOME says so).
 MAX_PREFETCH = 65535
@@ -330,7 +332,10 @@ class Broker:
             :class:`~teomq.commands.Command` objects). With one, the broker runs the command
             scheme: every message must be a command of the schema (else UNKNOWN_COMMAND),
             consumers subscribe per command and each command routes by its ``routing``.
-            Without one (None), the basic scheme: one queue, round robin.
+            Without one (None), the basic scheme: one queue, its consumers served in runs.
+        dispatch_run: most consecutive messages of one queue a consumer takes (bounded by its
+            free credit) before the next consumer with credit gets its run; 1 is a per-message
+            round robin. See docs/protocol.md, "Which consumer gets a message".
     """
 
     def __init__(
@@ -346,6 +351,7 @@ class Broker:
         record_address: bool = True,
         commands: CommandSchema | list[Command] | None = None,
         backlog_max: int = 10_000,
+        dispatch_run: int = DEFAULT_DISPATCH_RUN,
     ) -> None:
         if not 0 < max_payload < 1 << 31:
             raise ValueError("max_payload must be between 1 and 2**31 - 1 bytes")
@@ -353,7 +359,10 @@ class Broker:
             raise ValueError("queue_max must be at least 1")
         if backlog_max < 1:
             raise ValueError("backlog_max must be at least 1")
+        if dispatch_run < 1:
+            raise ValueError("dispatch_run must be at least 1")
         self.backlog_max = backlog_max
+        self.dispatch_run = dispatch_run
         self.host = host
         self.port = port
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -380,7 +389,8 @@ class Broker:
         self.identity = BrokerIdentity.load_or_create(self.data_dir)
         self.address = self.identity.address
         self._disp = Dispatcher(max_payload=self.max_payload, queue_max=self.queue_max,
-                                scheduler=loop.call_soon, backlog_max=self.backlog_max)
+                                scheduler=loop.call_soon, backlog_max=self.backlog_max,
+                                run=self.dispatch_run)
         self._disp.on_slow_consumer = self._slow_consumer
         if self.log_messages:
             self._disp.on_message = self._log_message

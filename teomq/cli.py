@@ -211,8 +211,11 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
           "and a SEND past it is refused with QUEUE_FULL (default: %(default)s)")
     flag(parser, "command", type=_command_spec, action="append", default=[], metavar="NAME[/PATTERN][:ROUTING]",
           help="run the command scheme with this command (repeatable): ROUTING fanout (every subscriber, "
-          "the default) or queue (one subscriber, round robin); PATTERN such as {data}/{description} "
+          "the default) or queue (one subscriber, in runs); PATTERN such as {data}/{description} "
           "(e.g. -command num_players -command version/{data}/{description}:fanout)")
+    flag(parser, "dispatch-run", type=int_at_least(1), default=16, metavar="N",
+          help="most consecutive messages of one queue a consumer takes (fewer if its free credit is less) "
+          "before the next consumer gets its run; 1 is a per-message round robin (default: %(default)s)")
     flag(parser, "backlog-max", type=int_at_least(1), default=10_000, metavar="N",
           help="command scheme: most fanout copies waiting for one subscriber; past it that slow consumer "
           "loses new copies instead of holding up the others (default: %(default)s)")
@@ -460,7 +463,8 @@ async def _broker(args: argparse.Namespace) -> int:
         log.info("command scheme, %d command%s: %s", len(schema), "" if len(schema) == 1 else "s", ", ".join(
             f"{c.name} ({c.routing}{', ' + c.pattern if c.pattern else ''})" for c in schema))
     broker = Broker(host, port, data_dir=args.data_dir, max_payload=args.max_payload, queue_max=args.queue_max,
-                    log_messages=not args.nomsg, commands=schema, backlog_max=args.backlog_max)
+                    log_messages=not args.nomsg, commands=schema, backlog_max=args.backlog_max,
+                    dispatch_run=args.dispatch_run)
     try:
         await broker.start()
     except (OSError, TeomqError, ValueError) as e:

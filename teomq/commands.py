@@ -11,7 +11,7 @@ A :class:`Command` has a name, a description, an optional parameter pattern such
 
 - ``fanout`` (the original's behaviour): every subscribed consumer gets the message; the
   producer collects every answer until its timeout (:meth:`teomq.Client.collect`);
-- ``queue``: one subscribed consumer gets it, round robin, at least once (like the basic
+- ``queue``: one subscribed consumer gets it, in runs (see -dispatch-run), at least once (like the basic
   scheme); the producer gets one answer (:meth:`teomq.Client.request`).
 
 The parser (split into name, vars and data) is :class:`teomq._core.command_parser.CommandTable`,

@@ -175,9 +175,18 @@ def test_answer_for_a_departed_producer_is_orphaned(arun: Any, tmp_path: Path) -
     arun(main())
 
 
-def test_round_robin_over_three_consumers(arun: Any, tmp_path: Path) -> None:
+def runs_of(n: int, names: str, run: int) -> dict[str, list[bytes]]:
+    """Messages 0..n-1 in turns of ``run`` over consumers with credit to spare, in ring order."""
+    got: dict[str, list[bytes]] = {c: [] for c in names}
+    for i in range(n):
+        got[names[i // run % len(names)]].append(f"{i}".encode())
+    return got
+
+
+@pytest.mark.parametrize("run", [16, 1, 7])
+def test_runs_over_three_consumers(arun: Any, tmp_path: Path, run: int) -> None:
     async def main() -> None:
-        async with make_broker(tmp_path) as broker:
+        async with make_broker(tmp_path, dispatch_run=run) as broker:
             # holding consumers: the order of DELIVERs is the broker's choice alone
             release = asyncio.Event()
             seen: dict[str, list[bytes]] = {"a": [], "b": [], "c": []}
@@ -190,15 +199,17 @@ def test_round_robin_over_three_consumers(arun: Any, tmp_path: Path) -> None:
                 return handle
 
             consumers = [teomq.Consumer(spec(broker), holder(n), name=n, prefetch=64) for n in seen]
-            for c in consumers:
+            for c in consumers:  # one after the other: the ready ring has them in this order
                 await c.start()
             async with teomq.Producer(spec(broker), timeout=LONG) as producer:
-                tasks = [asyncio.ensure_future(producer.request(f"{i}")) for i in range(30)]
-                await until(lambda: sum(map(len, seen.values())) == 30, "30 deliveries")
-                assert {n: len(v) for n, v in seen.items()} == {"a": 10, "b": 10, "c": 10}
+                tasks = [asyncio.ensure_future(producer.request(f"{i}")) for i in range(100)]
+                await until(lambda: sum(map(len, seen.values())) == 100, "100 deliveries")
+                # runs of `run` consecutive messages, each consumer in turn (1: round robin)
+                assert seen == runs_of(100, "abc", run)
                 release.set()
                 answers = await asyncio.gather(*tasks)
-                assert sorted(answers) == [b"a"] * 10 + [b"b"] * 10 + [b"c"] * 10
+                owner = {d: n for n, v in seen.items() for d in v}
+                assert answers == [owner[f"{i}".encode()].encode() for i in range(100)]
             for c in consumers:
                 await c.close()
 

@@ -189,25 +189,25 @@ def test_collect_ends_at_its_timeout_with_what_came(arun: Any, tmp_path: Path) -
     arun(main())
 
 
-def test_queue_command_round_robin_answers_each_message_once(arun: Any, tmp_path: Path) -> None:
+def test_queue_command_runs_answer_each_message_once(arun: Any, tmp_path: Path) -> None:
     async def main() -> None:
         async with command_broker(tmp_path) as broker:
             release = asyncio.Event()
             recs = [Recorder(n, release) for n in ("x", "y", "z")]
             consumers = [await consumer_for(broker, r, "b") for r in recs]
             async with teomq.Producer(spec(broker), name="p", timeout=LONG) as producer:
-                texts = [f"b/{i}" for i in range(30)]
+                texts = [f"b/{i}" for i in range(48)]
                 tasks = [asyncio.ensure_future(producer.request(t)) for t in texts]
-                await until(lambda: sum(len(r.got) for r in recs) == 30, "30 deliveries")
-                # holding consumers: the split is the broker's round robin alone
-                assert [len(r.got) for r in recs] == [10, 10, 10]
+                await until(lambda: sum(len(r.got) for r in recs) == 48, "48 deliveries")
+                # holding consumers: the split is the broker's alone, a run of 16 (-dispatch-run) each in turn
+                assert [r.got for r in recs] == [[t.encode() for t in texts[i:i + 16]] for i in (0, 16, 32)]
                 release.set()
                 answers = await asyncio.gather(*tasks)
                 owner = {d: r.name for r in recs for d in r.got}
                 assert answers == [f"{owner[t.encode()]}: {t}".encode() for t in texts]
                 assert sorted(d for r in recs for d in r.got) == sorted(t.encode() for t in texts)
             s = broker.stats()
-            assert (s["in"], s["out"], s["answered"], s["redelivered"]) == (30, 30, 30, 0), s
+            assert (s["in"], s["out"], s["answered"], s["redelivered"]) == (48, 48, 48, 0), s
             for c in consumers:
                 await c.close()
             assert_idle(broker)
@@ -252,13 +252,14 @@ def test_unsubscribe_stops_deliveries(arun: Any, tmp_path: Path, name: str) -> N
             assert lc.subscriptions == [name]
             assert broker.stats()["subscriptions"] == 2
             async with teomq.Producer(spec(broker), name="p", timeout=LONG) as producer:
-                before = [f"{name}/before{i}" for i in range(6)]
+                # a fanout copy to each; a queue command's messages in runs of 16, one each
+                before = [f"{name}/before{i}" for i in range(6 if name == "a" else 32)]
                 if name == "a":
                     await asyncio.gather(*(producer.collect(t, expect=2) for t in before))
                     assert leaver.got == stayer.got == [t.encode() for t in before]
                 else:
                     await asyncio.gather(*(producer.request(t) for t in before))
-                    assert len(leaver.got) == len(stayer.got) == 3  # round robin
+                    assert len(leaver.got) == len(stayer.got) == 16  # one run each
                 await lc.unsubscribe(name)
                 assert lc.subscriptions == []
                 await lc.unsubscribe(name)  # again: OK, nothing to end

@@ -36,6 +36,7 @@ class Dispatcher(Scheduler):
         scheduler: Callable[[Callable[[], object]], object] | None = None,
         backlog_max: int = 10000,
         lease: float = 0.0,
+        run: int = 16,
     ) -> None: ...
     #: per accepted message, when set: ``on_message(conn, msg_id, payload)``
     on_message: Callable[[Any, int, bytes], object] | None

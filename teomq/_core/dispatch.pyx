@@ -49,7 +49,7 @@ cdef class Dispatcher(Scheduler):
     """The broker's shared state: endpoints, routes, flights, the bound, output to flush."""
 
     def __cinit__(self, *, uint32_t max_payload=1 << 20, size_t queue_max=1000000,
-                  scheduler=None, size_t backlog_max=10000, double lease=0.0):
+                  scheduler=None, size_t backlog_max=10000, double lease=0.0, int32_t run=16):
         if queue_max < 1:
             raise ValueError("queue_max must be at least 1")
         self.queue_max = queue_max

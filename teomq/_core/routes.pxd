@@ -7,7 +7,7 @@ from teomq._core.slots cimport Slots
 # What a command name in the broker's schema leads to.
 cdef enum RouteKind:
     R_FANOUT = 1        # every subscriber gets a copy
-    R_QUEUE = 2         # one subscriber, round robin, at least once
+    R_QUEUE = 2         # one subscriber, in runs (scheduler.pyx), at least once
     R_SUBSCRIBE = 3     # broker command: subscribe/<cmd>
     R_UNSUBSCRIBE = 4   # broker command: unsubscribe/<cmd>
     R_HELLO = 5         # broker API command 129: answers "Hello <data>"
@@ -51,6 +51,7 @@ cdef class Route:
     cdef readonly int32_t nmembers
     cdef int32_t mcap
     cdef U64Ring ready                # sub handles (slots.pxd) of subscribers that had credit (queue routes)
+    cdef int32_t run_left             # deliveries left in the run of the ready ring's head (0: none begun)
     cdef bint pending                 # in the dispatcher's list of routes to drain
     cdef readonly uint64_t n_in       # messages routed here
     cdef readonly uint64_t n_out      # deliveries made from here

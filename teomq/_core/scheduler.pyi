@@ -10,7 +10,8 @@ from teomq._core.store import Store
 class Scheduler:
     """Routes, subscriptions, flights and the endpoint and session tables."""
 
-    def __init__(self, *args: Any, backlog_max: int = 10000, lease: float = 0.0, **kwargs: Any) -> None: ...
+    def __init__(self, *args: Any, backlog_max: int = 10000, lease: float = 0.0, run: int = 16,
+                 **kwargs: Any) -> None: ...
     @property
     def store(self) -> Store: ...
     @property
@@ -21,6 +22,9 @@ class Scheduler:
     @property
     def lease(self) -> float:
         """Seconds a delivery may stay unanswered (0: no lease)."""
+    @property
+    def run(self) -> int:
+        """Most consecutive messages of a queue route one consumer takes (its free credit bounds it too)."""
     @property
     def now(self) -> float:
         """The clock, as of the last tick()."""

@@ -3,7 +3,7 @@
 
 A route (routes.pyx) is what a message is sent to: in the basic scheme the one implicit
 queue route (index 0, every consumer subscribes to it); in command mode one per command of
-the schema, queue (round robin, at least once) or fanout (a copy to every subscriber).
+the schema, queue (one consumer at a time, in runs; at least once) or fanout (a copy to every subscriber).
 Whatever has no taker waits in its route, FIFO; a consumer with credit is listed in the
 ready ring of each queue route it subscribes to.
 
@@ -71,22 +71,34 @@ cdef inline void flight_unlink(Scheduler s, Endpoint c, int32_t idx) noexcept:
     c.inflight -= 1
 
 
-# -- the queue routes' round robin (module functions, inline: per delivery) -----------------
+# -- the queue routes' runs (module functions, inline: per delivery) ------------------------
+#
+# The head of a queue route's ready ring takes a run of consecutive messages: at most
+# min(its free credit when the run begins, Scheduler.run); then it goes to the tail (while it
+# has credit) and the next consumer's run begins. So a consumer with more free credit takes
+# longer runs, one without credit none, and a read of many messages becomes a few writes of
+# many messages each. With run 1 this is the per-message round robin.
 
 cdef inline PyObject *take_ready(Scheduler s, Route r, int32_t *sid) noexcept:
-    # The consumer of the next listed subscription of r (its id in *sid) that has credit, or
-    # NULL; borrowed: the endpoint list holds it. Entries of unsubscribed subs (generation
-    # changed) and of consumers without credit are dropped.
+    # The consumer at the head of r's ready ring (its subscription id in *sid), if it has
+    # credit, or NULL; borrowed: the endpoint list holds it. The head stays in the ring until
+    # its run ends (deliver_to_sub). Entries of unsubscribed subs (generation changed) and of
+    # consumers without credit are dropped.
     cdef PyObject *c
+    cdef int32_t i
     while r.ready.count:
-        sid[0] = slots_find(&s.subtab.t, u64ring_pop(&r.ready))
-        if sid[0] < 0:
-            continue
-        s.subtab.items[sid[0]].listed = False
-        c = list_item(<PyObject *>s.conns, <Py_ssize_t>(s.subtab.items[sid[0]].conn & 0xFFFFFFFFu))
-        if (<Endpoint>c).credit > 0:
-            return c
-        (<Endpoint>c).unlisted = True
+        i = slots_find(&s.subtab.t, r.ready.items[r.ready.head])
+        if i >= 0:
+            c = list_item(<PyObject *>s.conns, <Py_ssize_t>(s.subtab.items[i].conn & 0xFFFFFFFFu))
+            if (<Endpoint>c).credit > 0:
+                if r.run_left <= 0:   # its run begins
+                    r.run_left = (<Endpoint>c).credit if (<Endpoint>c).credit < s.run else s.run
+                sid[0] = i
+                return c
+            s.subtab.items[i].listed = False
+            (<Endpoint>c).unlisted = True
+        u64ring_pop(&r.ready)
+        r.run_left = 0
     return NULL
 
 
@@ -100,18 +112,26 @@ cdef inline int list_sub(Scheduler s, Route r, int32_t sid) except -1:
 
 
 cdef inline int deliver_to_sub(Scheduler s, Route r, int32_t sid, PyObject *c, Msg *m) except -1:
-    # to c, the consumer of the subscription sid take_ready() gave, which goes back to the
-    # tail of the ready ring while it has credit (round robin)
+    # to c, the ready ring's head take_ready() gave (subscription sid); when its run ends it
+    # goes to the tail while it has credit
     s.deliver(<Endpoint>c, m)
     r.n_out += 1
-    if (<Endpoint>c).credit > 0:
-        list_sub(s, r, sid)
+    r.run_left -= 1
+    if r.run_left <= 0 or (<Endpoint>c).credit <= 0:
+        u64ring_pop(&r.ready)
+        r.run_left = 0
+        if (<Endpoint>c).credit > 0:
+            u64ring_push(&r.ready, slots_handle(&s.subtab.t, sid))
+        else:
+            s.subtab.items[sid].listed = False
     return 0
 
 
 cdef class Scheduler:
 
-    def __cinit__(self, *args, size_t backlog_max=10000, double lease=0.0, **kwargs):
+    def __cinit__(self, *args, size_t backlog_max=10000, double lease=0.0, int32_t run=16, **kwargs):
+        if run < 1:
+            raise ValueError("run must be at least 1")
         if backlog_max < 1:
             raise ValueError("backlog_max must be at least 1")
         if not lease >= 0.0:
@@ -133,6 +153,7 @@ cdef class Scheduler:
         self.pending_routes = []
         self.backlog_max = backlog_max
         self.lease = lease
+        self.run = run
 
     def __dealloc__(self):
         cdef int32_t i
@@ -334,7 +355,7 @@ cdef class Scheduler:
     # -- routes ---------------------------------------------------------------------------
 
     cdef int route_queue(self, Route r, Msg *m) except -1:
-        # One subscriber with credit, round robin; otherwise the route's own queue (FIFO:
+        # The subscriber whose run it is; otherwise the route's own queue (FIFO:
         # while it holds anything, newcomers wait behind it).
         cdef int32_t sid
         cdef PyObject *c
