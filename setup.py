@@ -29,7 +29,7 @@ directives = {
     "embedsignature": True,
 }
 
-MODULES = ["crc32c", "frame_codec", "writer", "slots", "ring_queue", "store", "routes", "command_parser",
+MODULES = ["crc32c", "frame_codec", "writer", "msglog", "slots", "ring_queue", "store", "routes", "command_parser",
            "endpoint", "scheduler", "dispatch", "connection", "inproc", "client_core", "teoproxy"]
 
 

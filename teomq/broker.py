@@ -23,6 +23,7 @@ from teomq import __version__
 from teomq._core.command_parser import CommandTable
 from teomq._core.connection import CoreConnection
 from teomq._core.dispatch import CMD_UNKNOWN, CMD_UNKNOWN_API, Dispatcher
+from teomq._core.msglog import MessageLog
 from teomq._core.routes import KINDS
 from teomq._core.frame_codec import encode_frame
 from teomq.addressbook import DEFAULT_PORT, AddressBook, default_data_dir
@@ -241,6 +242,7 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
             raise ProtocolError(ErrorCode.HANDSHAKE, "this session is already connected")
         self._cancel_timer()
         self.name = name[:200]
+        self.log_name = _one_line(self.name).encode("utf-8", "replace")
         self.role = role
         self.caps = frozenset(caps).intersection(CAPABILITIES)  # unknown ones are ignored
         granted = min(prefetch, MAX_PREFETCH)
@@ -297,6 +299,13 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
         transport.close()
 
 
+def _one_line(text: str) -> str:
+    """``text`` as one line of a log: backslash, CR, LF and other controls escaped."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return text.encode("unicode_escape").decode("ascii")
+
+
 def _error_text(payload: bytes) -> str:
     try:
         err = msgpack.unpackb(payload, raw=False)
@@ -326,7 +335,12 @@ class Broker:
         backlog_max: command scheme: fanout copies a subscriber without credit may have
             waiting; past that it is a slow consumer and new copies for it are dropped
             (logged, counted in ``dropped``) so that it holds up nobody else.
-        log_messages: log every accepted message (logger ``teomq.broker.messages``).
+        log_messages: log every accepted message, as an INFO line of ``teomq.broker.messages``
+            (only while that logger is enabled for INFO, checked at start).
+        message_log: where those lines go: a file descriptor or a path (appended). The core
+            formats them in C and writes them once per loop pass, outside Python logging (the
+            CLI gives its stderr or ``-log-file``). None: through Python logging, one record
+            per message (slow: a Python call and a logging record for each).
         record_address: write ``address -> host:port`` to the local address book.
         commands: the command schema (a :class:`~teomq.commands.CommandSchema` or
             :class:`~teomq.commands.Command` objects). With one, the broker runs the command
@@ -352,6 +366,7 @@ class Broker:
         commands: CommandSchema | list[Command] | None = None,
         backlog_max: int = 10_000,
         dispatch_run: int = DEFAULT_DISPATCH_RUN,
+        message_log: int | str | os.PathLike[str] | None = None,
     ) -> None:
         if not 0 < max_payload < 1 << 31:
             raise ValueError("max_payload must be between 1 and 2**31 - 1 bytes")
@@ -370,6 +385,9 @@ class Broker:
         self.queue_max = queue_max
         self.handshake_timeout = handshake_timeout
         self.log_messages = log_messages
+        self.message_log = message_log
+        self._msglog: MessageLog | None = None
+        self._msglog_dropped = 0
         self.record_address = record_address
         if commands is not None and not isinstance(commands, CommandSchema):
             commands = CommandSchema(commands)
@@ -392,8 +410,12 @@ class Broker:
                                 scheduler=loop.call_soon, backlog_max=self.backlog_max,
                                 run=self.dispatch_run)
         self._disp.on_slow_consumer = self._slow_consumer
-        if self.log_messages:
-            self._disp.on_message = self._log_message
+        if self.log_messages and msg_log.isEnabledFor(logging.INFO):
+            if self.message_log is None:
+                self._disp.on_message = self._log_message
+            else:
+                self._msglog = MessageLog(self.message_log)
+                self._disp.set_message_log(self._msglog)
         self._disp.on_backpressure = self._backpressure
         self._disp.on_refused = self._refused
         if self.commands is not None:
@@ -421,7 +443,16 @@ class Broker:
         loop = asyncio.get_running_loop()
         if self._disp is not None:
             self._disp.tick(loop.time())
+        if self._msglog is not None and self._msglog.dropped != self._msglog_dropped:
+            self._report_msglog()
         self._ticker = loop.call_later(TICK_INTERVAL, self._tick)
+
+    def _report_msglog(self) -> None:
+        m = cast(MessageLog, self._msglog)
+        lost, self._msglog_dropped = m.dropped - self._msglog_dropped, m.dropped
+        why = os.strerror(m.last_errno) if m.last_errno else "its output does not keep up"
+        log.warning("%d message log line%s lost (%s); %d lost in all", lost, "" if lost == 1 else "s", why,
+                    m.dropped)
 
     async def serve_forever(self) -> None:
         """Serve until close() is called or the task is cancelled."""
@@ -447,6 +478,10 @@ class Broker:
         for conn in list(self._conns):
             conn._close_with_error(ErrorCode.SHUTDOWN, "broker is shutting down")
         await server.wait_closed()
+        if self._msglog is not None:
+            self._msglog.close()
+            if self._msglog.dropped != self._msglog_dropped:
+                self._report_msglog()
         if self._book is not None:
             self._book.forget(self.address, pid=os.getpid())
         log.info("broker %s stopped", self.address)

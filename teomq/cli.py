@@ -196,7 +196,9 @@ def _add_common(parser: argparse.ArgumentParser, what: str) -> None:
     flag(parser, "loop", choices=("uvloop", "asyncio"), default="uvloop" if _uvloop_available() else "asyncio",
           help="event loop implementation (default: %(default)s)")
     flag(parser, "log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", metavar="LEVEL",
-          help=f"stderr log level, one of {', '.join(LOG_LEVELS)} (default: %(default)s)")
+          help=f"log level, one of {', '.join(LOG_LEVELS)} (default: %(default)s)")
+    flag(parser, "log-file", default=None, metavar="FILE",
+          help="write the log to FILE (appended, created if missing) instead of stderr (default: stderr)")
 
 
 def _add_broker_args(parser: argparse.ArgumentParser) -> None:
@@ -353,7 +355,14 @@ def broker_main(argv: Sequence[str] | None = None) -> int:
 
 def _execute(args: argparse.Namespace) -> int:
     level = getattr(logging, args.log_level)
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    if args.log_file is not None:
+        try:
+            logging.basicConfig(level=level, format=LOG_FORMAT, filename=args.log_file, encoding="utf-8")
+        except OSError as e:
+            print(f"teomq: cannot open -log-file {args.log_file}: {e.strerror}", file=sys.stderr)
+            return 2
+    else:
+        logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
     logging.getLogger().setLevel(level)
     if args.loop == "uvloop" and not _uvloop_available():
         print("teomq: -loop=uvloop given but uvloop is not installed", file=sys.stderr)
@@ -362,6 +371,15 @@ def _execute(args: argparse.Namespace) -> int:
         return run_on_loop(args.func(args), args.loop)
     except KeyboardInterrupt:  # a signal before our handlers were installed
         return 130
+
+
+def _stderr_fd() -> int:
+    """The descriptor of stderr, for the core's per-message log lines (2 if stderr has none)."""
+    try:
+        sys.stderr.flush()
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return 2
 
 
 def _emit(line: str) -> None:
@@ -464,7 +482,8 @@ async def _broker(args: argparse.Namespace) -> int:
             f"{c.name} ({c.routing}{', ' + c.pattern if c.pattern else ''})" for c in schema))
     broker = Broker(host, port, data_dir=args.data_dir, max_payload=args.max_payload, queue_max=args.queue_max,
                     log_messages=not args.nomsg, commands=schema, backlog_max=args.backlog_max,
-                    dispatch_run=args.dispatch_run)
+                    dispatch_run=args.dispatch_run,
+                    message_log=args.log_file if args.log_file is not None else _stderr_fd())
     try:
         await broker.start()
     except (OSError, TeomqError, ValueError) as e:

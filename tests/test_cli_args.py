@@ -46,11 +46,11 @@ SWITCHES = [("broker", "nomsg"), ("broker", "stat"), ("broker", "noweb"), ("cons
             ("consumer", "reconnect"), ("consumer", "api"), ("consumer", "control"), ("producer", "nomsg"), ("producer", "stat")]
 FLAGS = {
     "broker": ["listen", "data-dir", "nomsg", "stat", "stat-interval", "max-payload", "queue-max", "loop",
-               "log-level", "command", "schema", "dispatch-run", "backlog-max", "web", "web-origin", "noweb"],
+               "log-level", "log-file", "command", "schema", "dispatch-run", "backlog-max", "web", "web-origin", "noweb"],
     "consumer": ["broker", "name", "nomsg", "stat", "stat-interval", "prefetch", "work-ms", "reconnect", "loop",
-                 "log-level", "subscribe", "api", "control"],
+                 "log-level", "log-file", "subscribe", "api", "control"],
     "producer": ["broker", "name", "delay", "count", "window", "timeout", "nomsg", "stat", "stat-interval",
-                 "message", "command", "expect", "loop", "log-level"],
+                 "message", "command", "expect", "loop", "log-level", "log-file"],
 }
 
 

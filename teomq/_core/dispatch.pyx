@@ -123,7 +123,9 @@ cdef class Dispatcher(Scheduler):
             self.backpressure = True
             if self.on_backpressure is not None:
                 self.on_backpressure(True)
-        if self.on_message is not None:
+        if self.outbox.msglog is not None:
+            self.outbox.msglog.add(conn.log_name, h.fid, p, n)   # no Python object: a line in C
+        elif self.on_message is not None:
             self.on_message(conn, h.fid, PyBytes_FromStringAndSize(p, n))
         return 0
 
@@ -209,6 +211,16 @@ cdef class Dispatcher(Scheduler):
 
     def set_scheduler(self, scheduler):
         self.outbox.set_scheduler(scheduler)
+
+    def set_message_log(self, msglog):
+        """Log every accepted message in C (a msglog.MessageLog, written at each flush) instead
+        of calling on_message; None: back to on_message."""
+        self.outbox.set_message_log(msglog)
+
+    @property
+    def message_log(self):
+        """The MessageLog set, or None."""
+        return self.outbox.msglog
 
     def pump_now(self):
         """Deliver what can be delivered and schedule the flush (after control-plane changes)."""

@@ -2,6 +2,7 @@ cimport cython
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from teomq._core.frame_codec cimport FrameHeader, Received, WriteBuffer
+from teomq._core.msglog cimport MessageLog
 from teomq._core.ring_queue cimport Msg, MsgRing
 
 
@@ -19,6 +20,7 @@ cdef class Outbox:
     cdef bint scheduled
     cdef object scheduler      # callable(callback): run callback once, later in this loop pass
     cdef object flush_cb
+    cdef MessageLog msglog     # None, or the per-message log lines, written at each flush too
     @cython.final
     cdef int schedule(self) except -1
 
@@ -32,6 +34,7 @@ cdef class Endpoint:
     cdef readonly uint32_t gen
     cdef readonly uint64_t session    # handle of its producer session (0 until ready)
     cdef readonly object session_name # the name its HELLO gave the session, or None
+    cdef public bytes log_name        # its name in the per-message log line (UTF-8, one line)
     cdef readonly int state           # a ConnState
     cdef readonly bint consumer
     cdef readonly int32_t credit

@@ -4,14 +4,20 @@ to (a wire connection or an in-process endpoint) and the outbox flushed once per
 from collections.abc import Callable
 from typing import final
 
+from teomq._core.msglog import MessageLog
+
 @final
 class Outbox:
     """The endpoints with output to hand over, flushed once per loop pass."""
 
     def __init__(self, scheduler: Callable[[Callable[[], object]], object] | None = None) -> None: ...
     def set_scheduler(self, scheduler: Callable[[Callable[[], object]], object] | None) -> None: ...
+    def set_message_log(self, msglog: MessageLog | None) -> None:
+        """Write these per-message log lines at each flush (None: none)."""
     def flush(self) -> None:
-        """Hand every endpoint's pending output over: one write per endpoint per loop pass."""
+        """Hand every endpoint's pending output over: one write per endpoint per loop pass.
+
+        The per-message log lines of the pass are written first, in one write."""
 
 class Endpoint:
     """A peer as the scheduler sees it: slot, state, session, credit, flights, subscriptions."""
@@ -26,6 +32,8 @@ class Endpoint:
     @property
     def session_name(self) -> bytes | None:
         """The name its HELLO gave the session, or None."""
+    #: its name in the per-message log line (UTF-8, one line)
+    log_name: bytes | None
     @property
     def state(self) -> int:
         """0 no HELLO yet, 1 handshake done, 2 detached."""

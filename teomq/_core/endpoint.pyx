@@ -25,7 +25,7 @@ cdef class Outbox:
         self.flush_cb = self.flush
 
     cdef int schedule(self) except -1:
-        if self.dirty and not self.scheduled:
+        if (self.dirty or (self.msglog is not None and self.msglog.used)) and not self.scheduled:
             self.scheduled = True
             if self.scheduler is None:
                 self.flush()
@@ -36,12 +36,20 @@ cdef class Outbox:
     def set_scheduler(self, scheduler):
         self.scheduler = scheduler
 
+    def set_message_log(self, MessageLog msglog):
+        """Write these per-message log lines at each flush (None: none)."""
+        self.msglog = msglog
+
     def flush(self):
-        """Hand every endpoint's pending output over: one write per endpoint per loop pass."""
+        """Hand every endpoint's pending output over: one write per endpoint per loop pass.
+
+        The per-message log lines of the pass are written first, in one write."""
         cdef list dirty = self.dirty
         cdef Endpoint e
         self.dirty = []
         self.scheduled = False
+        if self.msglog is not None and self.msglog.used:
+            self.msglog.write_out()
         for e in dirty:
             e.dirty = False
             if e.state == S_CLOSED:
@@ -53,6 +61,7 @@ cdef class Outbox:
 cdef class Endpoint:
 
     def __cinit__(self, *args, **kwargs):
+        self.log_name = b"?"
         self.fl_head = -1
         self.fl_tail = -1
         self.subs = NULL

@@ -1,7 +1,7 @@
 """The teomq Driver: a broker started through the CLI, teomq.client.Producer and Consumer.
 
 - Server: ``python -m teomq broker -listen 127.0.0.1:0 -nomsg -noweb -data-dir <workdir>/broker
-  -loop <loop>`` with ``TEOMQ_HOME=<workdir>`` (its own address book and key); the port is
+  -loop <loop>`` (``-o log=1``: without ``-nomsg``) with ``TEOMQ_HOME=<workdir>`` (its own address book and key); the port is
   read from its ``listening on`` line. The queue is in memory: durability "memory".
 - rpc: ``Producer.send(data, callback)`` (no Task or Future per request: the faster of the
   client's two request APIs, see bench/README.md), or with option ``mode=request`` a task per
@@ -14,7 +14,9 @@
 
 Options (``--option KEY=VALUE``): ``prefetch`` (consumer credit, default 64), ``timeout``
 (request timeout s, default 10), ``mode`` (send|request), ``queue_max`` (the broker's
-``-queue-max``, default 1,000,000: raise it for ``drain --count`` above that).
+``-queue-max``, default 1,000,000: raise it for ``drain --count`` above that), ``log`` (1: the
+broker logs every message, its default, with ``-log-level INFO``; its stderr goes to a file in
+the work directory; default 0: ``-nomsg -log-level WARNING``).
 """
 
 from __future__ import annotations
@@ -62,9 +64,11 @@ class TeomqDriver(Driver):
     def start_server(self, workdir: str) -> Server:
         env = dict(os.environ, TEOMQ_HOME=workdir)
         env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [sys.executable, "-m", "teomq", "broker", "-listen", "127.0.0.1:0", "-nomsg", "-noweb",
-               "-data-dir", os.path.join(workdir, "broker"), "-loop", self.loop, "-log-level", "WARNING",
-               "-queue-max", self._opt("queue_max", "1000000")]
+        log_on = self._opt("log", "0") not in ("0", "false", "no", "")
+        cmd = [sys.executable, "-m", "teomq", "broker", "-listen", "127.0.0.1:0", "-noweb",
+               "-data-dir", os.path.join(workdir, "broker"), "-loop", self.loop,
+               "-queue-max", self._opt("queue_max", "1000000"),
+               *(["-log-level", "INFO"] if log_on else ["-nomsg", "-log-level", "WARNING"])]
         log_path = os.path.join(workdir, "broker.stderr")
         log_file = open(log_path, "wb")
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file,
