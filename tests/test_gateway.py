@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -674,3 +675,108 @@ def test_cli_web_origin_and_the_warnings_at_start(procs: ProcGroup) -> None:
 async def _ws_status(port: int, origin: str) -> int:
     status, _, _ = await raw_get(port, "/ws", [("Host", f"127.0.0.1:{port}"), *_UPGRADE, ("Origin", origin)])
     return status
+
+
+# -- the broker's control plane for a page's endpoints --------------------------------------------
+
+
+def _broker_lines(caplog: pytest.LogCaptureFixture, level: str = "INFO") -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "teomq.broker" and r.levelname == level]
+
+
+def test_a_pages_endpoints_are_logged_counted_and_served_broker_commands_as_a_clients(
+        arun: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Connected, subscribed and disconnected lines with role and name; broker commands (hello,
+    subscribe, unsubscribe, unknown names) answered or refused as for a TCP client."""
+    caplog.set_level(logging.INFO, logger="teomq.broker")
+
+    async def main() -> None:
+        broker, gw = await started(tmp_path)
+        base = broker.stats()["connections"]
+        tab = await page(gw)
+        await tab.call(0, tp.NEW_API_CLIENT, broker.address)
+        assert (await tab.send_to(1, "msg", "Consumer")).data == b"OK"
+        peer = next(iter(gw.sessions)).peer
+        assert (broker.stats()["connections"], broker.stats()["consumers"]) == (base + 2, 1)
+        assert f"producer web-1 connected from {peer}" in _broker_lines(caplog)
+        assert f"consumer web-1 connected from {peer}" in _broker_lines(caplog)
+        for _ in range(2):  # the second time: already subscribed, answered OK, not logged again
+            assert (await tab.send_to(2, "msg", "subscribe/q")).data == b"OK"
+        assert _broker_lines(caplog).count("consumer web-1 subscribed to q") == 1
+        errors = broker.stats()["errors"]
+        refused = [(3, "msg", "subscribe/hello", "'hello' is a broker command: nothing to subscribe"),
+                   (4, "send", "subscribe/q", "only a consumer can subscribe: connect with role consumer or both"),
+                   (5, "send", "nope/x", "command 'nope' not found"),
+                   (6, "msg", "unsubscribe/nope", "command 'nope' not found")]
+        for pid, api, payload, reason in refused:
+            err = await tab.send_to(pid, api, payload)
+            assert (err.id, err.error, err.data) == (pid, True, reason.encode()), err
+        assert broker.stats()["errors"] == errors + len(refused)
+        warnings = _broker_lines(caplog, "WARNING")
+        for role, reason in (("consumer", refused[0][3]), ("producer", refused[1][3]), ("producer", refused[2][3]),
+                             ("consumer", refused[3][3])):
+            assert any(w.startswith(f"{role} web-1 ({peer}): message #") and w.endswith(f" refused: {reason}")
+                       for w in warnings), (role, reason, warnings)
+        assert (await tab.send_to(7, "send", "hello/you")).data == b"Hello you"
+        assert (await tab.send_to(8, "hello", "me")).data == b"Hello me"
+        # only msg's own subscribe/ and unsubscribe/ are the consumer's: nested, they are the producer's
+        err = await tab.send_to(9, "msg", "msg/unsubscribe/q")
+        assert err.data == b"only a consumer can unsubscribe: connect with role consumer or both"
+        assert (await tab.send_to(10, "msg", "unsubscribe/q")).data == b"OK"
+        assert "consumer web-1 unsubscribed from q" in _broker_lines(caplog)
+        await tab.ws.close()
+        await until(lambda: not gw.sessions, "the session to end")
+        lines = _broker_lines(caplog)
+        assert f"consumer web-1 ({peer}) disconnected" in lines and f"producer web-1 ({peer}) disconnected" in lines
+        assert (broker.stats()["connections"], broker.stats()["consumers"]) == (base, 0)
+        await stop(broker, gw)
+
+    arun(main())
+
+
+def _gated_consumer(broker: teomq.Broker, gate: asyncio.Event) -> teomq.Consumer:
+    """A TCP consumer of ``q`` that holds what it gets until ``gate`` is set."""
+    consumer = teomq.Consumer(spec(broker))
+
+    @consumer.command("q")
+    async def q(call: Any) -> str:
+        await gate.wait()
+        return f"got {call.data.decode()}"
+
+    return consumer
+
+
+@pytest.mark.parametrize("consuming", [False, True], ids=["producer-page", "consuming-page"])
+def test_a_page_is_held_back_at_the_high_mark_and_served_after_it(
+        arun: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, consuming: bool) -> None:
+    """At 3/4 of queue_max the page's producer side is held back like a TCP producer's: a page that
+    only produces is no longer read, a consuming page's sends wait unaccepted in the broker; at the
+    low mark they go on. Nothing is refused, every SendTo is answered."""
+    caplog.set_level(logging.INFO, logger="teomq.broker")
+
+    async def main() -> None:
+        broker, gw = await started(tmp_path, queue_max=4)  # high mark 3
+        gate = asyncio.Event()
+        async with _gated_consumer(broker, gate):
+            await until(lambda: broker.command_stats()[3]["subscribers"] == 1, "the TCP consumer")
+            tab = await page(gw)
+            if consuming:
+                assert (await tab.send_to(1, "consume")).data == b"OK"  # subscribed to nothing
+            for i in range(6):
+                await tab.send(10 + i, tp.SEND_TO, f"{broker.address},q,{i}")
+            await until(lambda: broker.stats()["backpressure"] == 1, "the high mark")
+            if consuming:  # read on: the sends after the mark were handled, and wait in the broker
+                assert (await tab.call(2, tp.CONNECT)).data == b"Connected to Teonet"
+            s = broker.stats()
+            assert (s["in"], s["inflight"], s["refused"]) == (3, 3, 0), s
+            assert "messages held, queued or in flight (high mark): holding back 1 producers" in \
+                " ".join(_broker_lines(caplog))
+            gate.set()
+            answers = [await tab.next(lambda p, pid=10 + i: p.id == pid, f"answer {i}") for i in range(6)]
+        assert [(p.error, p.data) for p in answers] == [(False, f"got {i}".encode()) for i in range(6)]
+        s = broker.stats()
+        assert (s["in"], s["refused"], s["backpressure"]) == (6, 0, 0), s
+        assert any("resuming 1 producers" in line for line in _broker_lines(caplog))
+        await stop(broker, gw, tab)
+
+    arun(main())
