@@ -200,3 +200,118 @@ def test_a_lease_that_expires_returns_the_message_and_keeps_the_credit() -> None
     assert not prod.transport.of(T.REPLY)
     s = disp.stats()
     assert (s["expired"], s["redelivered"], s["unknown_answers"], s["inflight"]) == (1, 1, 1, 1)
+
+
+def test_ack_acknowledges_many_deliveries_with_one_pump_and_one_flush() -> None:
+    disp = Dispatcher()
+    out = Out()
+    ep = InprocEndpoint(disp, out, prefetch=4)
+    prod = Wire(disp)
+    prod.feed(*(encode_frame(T.SEND, 0, i, b"m%d" % i) for i in range(1, 11)))
+    assert out.calls == 1 and len(out.items) == 4
+    ep.ack([did for _, _, did, _ in out.items])
+    # the four credits back at once: the next four in one hand-over, nothing relayed to the producer
+    assert out.calls == 2 and [p for *_, p in out.items[4:]] == [b"m5", b"m6", b"m7", b"m8"]
+    assert not prod.transport.of(T.REPLY) and ep.inflight == 4
+    ep.ack([out.items[4][2], 424242, out.items[5][2]])  # an unknown id: an error for it, the others done
+    assert out.calls == 3
+    ((_, _, fid, payload),) = out.of(T.ERROR)
+    assert fid == 424242 and msgpack.unpackb(payload)["code"] == ErrorCode.UNKNOWN_ID
+    assert [p for *_, p in out.of(T.DELIVER)[8:]] == [b"m9", b"m10"]
+    ep.ack([])  # nothing to do
+    s = disp.stats()
+    assert (s["in"], s["out"], s["answered"], s["unknown_answers"], s["inflight"]) == (10, 10, 0, 1, 4)
+    ep.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        ep.ack([1])
+
+
+def test_an_api_send_is_fed_in_or_answered_by_the_broker() -> None:
+    """api=True is a SEND flagged API: 130 msg feeds the rest in (answered OK), 129 hello and
+    unknown numbers are broker commands, which a bare endpoint is refused."""
+    disp = Dispatcher()
+    out = Out()
+    ep = InprocEndpoint(disp, out)
+    cons = Wire(disp, consumer=True)
+    ep.send(1, bytes([130]) + b"fed", api=True)
+    assert [(f[0], f[3]) for f in cons.transport.of(T.DELIVER)] == [(T.DELIVER, b"fed")]
+    assert out.items == [(T.REPLY, 0, 1, b"OK")]
+    ep.send(2, bytes([129]) + b"me", api=True)
+    ep.send(3, bytes([7]), api=True)
+    assert [(f, fid, msgpack.unpackb(p)["code"]) for f, _, fid, p in out.items[1:]] == [
+        (T.ERROR, 2, ErrorCode.NOT_ALLOWED), (T.ERROR, 3, ErrorCode.NOT_ALLOWED)]
+    assert len(cons.transport.of(T.DELIVER)) == 1 and disp.stats()["in"] == 1
+
+
+def test_a_held_back_inproc_producer_parks_its_sends_and_release_accepts_them_in_order() -> None:
+    disp = Dispatcher()
+    out = Out()
+    prod = InprocEndpoint(disp, out)
+    cons = Wire(disp, consumer=True)
+    prod.hold_sends = True
+    prod.send(1, b"a")
+    prod.send(2, bytes([130]) + b"b", api=True)
+    prod.send(3, b"c", no_reply=True)
+    assert prod.parked_sends == 3 and disp.parked_bytes == 3 * 24 + 1 + 2 + 1
+    assert disp.stats()["in"] == 0 and not cons.transport.frames and not out.items
+    # let go, and held again by the first message accepted: the rest stays parked, in order
+    disp.on_message = lambda conn, msg_id, payload: setattr(prod, "hold_sends", True)
+    prod.hold_sends = False
+    prod.release_sends()
+    assert [f[3] for f in cons.transport.of(T.DELIVER)] == [b"a"]
+    assert prod.parked_sends == 2 and disp.parked_bytes == 2 * 24 + 2 + 1
+    prod.send(4, b"d")  # parked behind them
+    disp.on_message = None
+    prod.hold_sends = False
+    prod.release_sends()
+    assert [f[3] for f in cons.transport.of(T.DELIVER)] == [b"a", b"b", b"c", b"d"]
+    assert prod.parked_sends == 0 and disp.parked_bytes == 0
+    assert out.items == [(T.REPLY, 0, 2, b"OK")]  # msg is answered OK when accepted
+    for _, _, did, payload in cons.transport.of(T.DELIVER):
+        cons.feed(encode_frame(T.ANSWER, 0, did, b"re " + payload))
+    assert [(fid, p) for _, _, fid, p in out.of(T.REPLY)] == [(2, b"OK"), (1, b"re a"), (4, b"re d")]
+    # what is parked when it closes is dropped, never accepted
+    prod.hold_sends = True
+    prod.send(5, b"e")
+    prod.close()
+    assert disp.parked_bytes == 0 and prod.parked_sends == 0 and disp.stats()["in"] == 4
+
+
+def test_an_inproc_producers_parked_sends_are_bounded() -> None:
+    """Past the bound of a connection's parked frames (64 MiB here) a send is refused QUEUE_FULL."""
+    disp = Dispatcher(max_payload=22 << 20)
+    out = Out()
+    prod = InprocEndpoint(disp, out)
+    prod.hold_sends = True
+    big = b"x" * (22 << 20)
+    for i in range(1, 4):
+        prod.send(i, big)
+    assert prod.parked_sends == 2 and prod.n_refused_parked == 1 and prod.n_refused == 0
+    ((ftype, _, fid, payload),) = out.items
+    err = msgpack.unpackb(payload)
+    assert (ftype, fid, err["code"]) == (T.ERROR, 3, ErrorCode.QUEUE_FULL) and "held back" in err["reason"]
+    assert disp.stats()["refused"] == 1
+    prod.close()
+    assert disp.parked_bytes == 0
+
+
+def test_put_output_queues_behind_what_is_pending_and_flush_now_hands_it_over() -> None:
+    later: list = []
+    disp = Dispatcher(scheduler=later.append)  # flushes wait for disp.flush()
+    out = Out()
+    ep = InprocEndpoint(disp, out, prefetch=4)
+    prod = Wire(disp)
+    prod.feed(encode_frame(T.SEND, 0, 1, b"m1"))
+    ep.put_output(T.REPLY, 0, 7, b"yes")
+    ep.put_output(T.ERROR, 0, 8)
+    assert out.calls == 0
+    ep.flush_now()
+    assert out.calls == 1 and [(f, fid, p) for f, _, fid, p in out.items] == [
+        (T.DELIVER, out.items[0][2], b"m1"), (T.REPLY, 7, b"yes"), (T.ERROR, 8, b"")]
+    disp.flush()
+    assert out.calls == 1  # nothing was left
+    ep.close()
+    ep.put_output(T.REPLY, 0, 9, b"too late")  # an endpoint that is gone hands nothing over
+    ep.flush_now()
+    disp.flush()
+    assert out.calls == 1

@@ -19,7 +19,7 @@ from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
-from teomq._core.dispatch cimport accept
+from teomq._core.dispatch cimport accept, park_full
 from teomq._core.endpoint cimport S_CLOSED, S_NEW, S_READY, mark_dirty
 from teomq._core.frame_codec cimport (
     E_HANDSHAKE, E_NOT_ALLOWED, EXT_MAX, F_REDELIVERED, HEADER_SIZE, T_ANSWER, T_DELIVER, T_ERROR,
@@ -35,11 +35,6 @@ from teomq.errors import ProtocolError
 
 cdef size_t READ_CHUNK = 65536        # free space offered to each read
 cdef size_t READ_KEEP = 1 << 20       # a read buffer above this shrinks back once empty
-# Parked SENDs (see _park): what a held-back connection may have (or two of the largest
-# frames), and all connections together (or four). A client that heeds FLOW parks what was
-# on the wire when HOLD reached it: 6-12 MB in bursts of 100 x 64 KiB on loopback here.
-cdef size_t PARK_CONN = 64 << 20
-cdef size_t PARK_TOTAL = 256 << 20
 
 cdef bytes ERR_NOT_ALLOWED = msgpack.packb(
     {"code": E_NOT_ALLOWED, "reason": "this frame type is sent only by a broker"})
@@ -127,7 +122,7 @@ cdef class CoreConnection(Endpoint):
                     disp.answer(self, h.fid, h.flags, payload, h.length, &rx)
                 elif h.ftype == T_PING:
                     if self.parked_len:     # answered in order, after the SENDs parked before it
-                        self._park(payload - HEADER_SIZE, total, &h)
+                        self._park(&h, payload)
                     else:
                         self.out.add_frame(T_PONG, 0, h.fid, payload, h.length)
                         mark_dirty(self)
@@ -169,14 +164,14 @@ cdef class CoreConnection(Endpoint):
 
     # -- SENDs held back (hold_sends) -------------------------------------------------------
 
-    cdef int _park(self, const char *frame, size_t total, FrameHeader *h) except -1:
-        # Keep a verified SEND frame whole, in arrival order, for release_sends(). Bounded:
-        # a peer that ignores FLOW (or has none) is refused past the bound, not buffered.
+    cdef int _park(self, FrameHeader *h, const char *payload) except -1:
+        # Keep a verified SEND frame whole (its header is in the read buffer before payload), in
+        # arrival order, for release_sends(). Bounded (park_full, dispatch.pxd): a peer that
+        # ignores FLOW (or has none) is refused past the bound, not buffered.
         cdef Dispatcher disp = self.disp
-        cdef size_t frame_max = HEADER_SIZE + <size_t>disp.max_payload
-        cdef size_t limit = 2 * frame_max if 2 * frame_max > PARK_CONN else PARK_CONN
-        cdef size_t limit_all = 4 * frame_max if 4 * frame_max > PARK_TOTAL else PARK_TOTAL
-        if h.ftype != T_PING and (self.parked_len + total > limit or disp.parked_bytes + total > limit_all):
+        cdef const char *frame = payload - HEADER_SIZE
+        cdef size_t total = HEADER_SIZE + <size_t>h.length
+        if h.ftype != T_PING and park_full(disp, self, total):
             return disp.refuse(self, h.fid, True)  # a PING is never refused: it waits at the end
         if self.parked == NULL:
             self.parked = <char *>malloc(READ_CHUNK)

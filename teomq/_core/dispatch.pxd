@@ -2,7 +2,7 @@ from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 
 from teomq._core.command_parser cimport CommandTable
 from teomq._core.endpoint cimport Endpoint
-from teomq._core.frame_codec cimport F_API, F_NO_REPLY, FrameHeader
+from teomq._core.frame_codec cimport F_API, F_NO_REPLY, HEADER_SIZE, FrameHeader
 from teomq._core.scheduler cimport Scheduler
 
 
@@ -43,3 +43,20 @@ cdef inline int accept(Dispatcher d, Endpoint conn, FrameHeader *h, const char *
     if d.table is not None or h.flags & F_API:
         return d.accept_command(conn, h, payload)
     return d.enqueue(conn, h, payload, h.length, h.flags & F_NO_REPLY, 0)
+
+
+# Parked SENDs (Endpoint._park, while hold_sends): what one endpoint may have (or two of the
+# largest frames), and all endpoints together (or four), counted as whole frames. A client that
+# heeds FLOW parks what was on the wire when HOLD reached it: 6-12 MB in bursts of 100 x 64 KiB
+# on loopback here.
+cdef enum:
+    PARK_ENDPOINT = 64 << 20
+    PARK_TOTAL = 256 << 20
+
+
+cdef inline bint park_full(Dispatcher d, Endpoint e, size_t total) noexcept:
+    # parking ``total`` more bytes for e would pass e's bound or all endpoints' together
+    cdef size_t frame_max = HEADER_SIZE + <size_t>d.max_payload
+    cdef size_t limit = 2 * frame_max if 2 * frame_max > PARK_ENDPOINT else PARK_ENDPOINT
+    cdef size_t limit_all = 4 * frame_max if 4 * frame_max > PARK_TOTAL else PARK_TOTAL
+    return e.parked_len + total > limit or d.parked_bytes + total > limit_all

@@ -98,7 +98,7 @@ cdef class Dispatcher(Scheduler):
         cdef PyObject *r
         if conn.hold_sends or conn.parked_len:
             # held back (role both, held messages at the high mark): the whole frame waits
-            return conn._park(p + n - h.length - HEADER_SIZE, HEADER_SIZE + <size_t>h.length, h)
+            return conn._park(h, p + n - h.length)
         if self.held() >= self.queue_max:
             return self.refuse(conn, h.fid, False)
         store_append(self.store, &m, p, n)

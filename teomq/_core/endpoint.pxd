@@ -63,7 +63,7 @@ cdef class Endpoint:
     cdef int take(self, Msg *m, uint64_t did) except -1
     cdef int reply(self, uint64_t msg_id, const char *p, size_t n, const Received *rx) except -1
     cdef int _add_error(self, int code, uint64_t fid, bytes payload) except -1
-    cdef int _park(self, const char *frame, size_t total, FrameHeader *h) except -1
+    cdef int _park(self, FrameHeader *h, const char *payload) except -1
     cdef int _flush(self) except -1
     cdef void _clear_out(self) noexcept
 

@@ -83,7 +83,8 @@ cdef class Endpoint:
     cdef int _add_error(self, int code, uint64_t fid, bytes payload) except -1:
         raise NotImplementedError
 
-    cdef int _park(self, const char *frame, size_t total, FrameHeader *h) except -1:
+    cdef int _park(self, FrameHeader *h, const char *payload) except -1:
+        # held back: keep the SEND h (payload: its h.length bytes) to accept it later, in order
         raise protocol_error(E_HANDSHAKE, "this endpoint cannot hold messages back")
 
     cdef int _flush(self) except -1:

@@ -6,3 +6,4 @@ cdef class InprocEndpoint(Endpoint):
     cdef Dispatcher disp
     cdef object on_output
     cdef list pending
+    cdef list parked        # held-back sends: (flags, id, payload), in order

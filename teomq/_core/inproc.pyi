@@ -20,7 +20,23 @@ class InprocEndpoint(Endpoint):
     def answer(self, delivery_id: SupportsIndex, payload: ReadableBuffer = b"", *,
                no_answer: bool = False) -> None:
         """Answer (or, with no_answer, just acknowledge) a delivery this endpoint holds."""
-    def send(self, msg_id: SupportsIndex, payload: ReadableBuffer, *, no_reply: bool = False) -> None:
-        """Send a message as a producer would; its answer comes to on_output as a REPLY."""
+    def ack(self, delivery_ids: list[int]) -> None:
+        """Acknowledge (no answer relayed) each delivery of ``delivery_ids``, in order; one pump and flush."""
+    def send(self, msg_id: SupportsIndex, payload: ReadableBuffer, *, no_reply: bool = False,
+             api: bool = False) -> None:
+        """Send a message as a producer would; its answer comes to on_output as a REPLY.
+
+        ``api``: an API send (payload ``[u8 API command][data]``: 129 hello, 130 msg).
+        """
+    def release_sends(self) -> None:
+        """Accept the parked sends, in order, until hold_sends is set again; then deliver."""
+    @property
+    def parked_sends(self) -> int:
+        """Sends held back, not yet accepted."""
+    def put_output(self, ftype: SupportsIndex, flags: SupportsIndex, fid: SupportsIndex,
+                   payload: ReadableBuffer = b"") -> None:
+        """Queue ``(ftype, flags, fid, payload)`` for on_output after what is pending (the next flush)."""
+    def flush_now(self) -> None:
+        """Hand what is pending to on_output at once (before closing this endpoint)."""
     def close(self) -> None:
-        """Leave: what it holds is requeued, its subscriptions end. Idempotent."""
+        """Leave: what it holds is requeued, its subscriptions end, its parked sends are dropped. Idempotent."""

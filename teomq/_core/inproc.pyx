@@ -6,22 +6,27 @@ session, credit and flights, it subscribes to commands, it is held back and requ
 any other. What a connection would be sent as frames is handed to ``on_output`` once per
 loop pass (at the flush) as a list of tuples, nothing encoded:
 
-- ``(T_DELIVER, flags, delivery_id, payload)``: a delivery; answer it with answer(),
+- ``(T_DELIVER, flags, delivery_id, payload)``: a delivery; answer it with answer() (or
+  acknowledge many with ack()),
 - ``(T_REPLY, 0, msg_id, payload)``: the answer to a message this endpoint sent,
 - ``(T_ERROR, 0, id, payload)``: an error (msgpack ``{"code", "reason"}``, as on the wire).
 
+Held back (``hold_sends``, the broker's high mark), its sends wait unaccepted, in order, as a
+connection's SEND frames do, within the same bound (park_full): release_sends() accepts them.
+
 Deliveries and answers cost a Python object each here: this is for the broker's own
-consumers (the web gateway, dead-letter inspection, management), not for the wire path.
+consumers (the web gateway's sessions, teomq.broker.InprocClient; later dead-letter
+inspection, management), not for the wire path.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint32_t, uint64_t
 
-from teomq._core.dispatch cimport accept
+from teomq._core.dispatch cimport accept, park_full
 from teomq._core.endpoint cimport S_CLOSED, S_READY, mark_dirty
 from teomq._core.frame_codec cimport (
-    E_NOT_ALLOWED, F_NO_ANSWER, F_NO_REPLY, F_REDELIVERED, FrameHeader, Received, T_DELIVER, T_ERROR,
-    T_REPLY, T_SEND, as_u64,
+    E_NOT_ALLOWED, F_API, F_NO_ANSWER, F_NO_REPLY, F_REDELIVERED, HEADER_SIZE, FrameHeader, Received,
+    T_DELIVER, T_ERROR, T_REPLY, T_SEND, as_u64,
 )
 from teomq._core.ring_queue cimport Msg
 
@@ -45,6 +50,7 @@ cdef class InprocEndpoint(Endpoint):
         self.disp = disp
         self.on_output = on_output
         self.pending = []
+        self.parked = []
         self.framed = False
         disp.register(self, disp.outbox)
         disp.ready(self, prefetch > 0, prefetch)
@@ -77,6 +83,17 @@ cdef class InprocEndpoint(Endpoint):
     cdef void _clear_out(self) noexcept:
         self.pending = []
 
+    cdef int _park(self, FrameHeader *h, const char *payload) except -1:
+        # Held back: keep the send (flags, id, payload; there is no frame around it) for
+        # release_sends(), counted as the frame a connection would park, within the same bound.
+        cdef size_t total = HEADER_SIZE + <size_t>h.length
+        if park_full(self.disp, self, total):
+            return self.disp.refuse(self, h.fid, True)
+        self.parked.append((h.flags, h.fid, PyBytes_FromStringAndSize(payload, h.length)))
+        self.parked_len += total
+        self.disp.parked_bytes += total
+        return 0
+
     def on_command(self, int kind, fid, flags, data):
         self._add_error(E_NOT_ALLOWED, fid, ERR_NOT_ALLOWED)
 
@@ -89,24 +106,90 @@ cdef class InprocEndpoint(Endpoint):
         self.disp.pump()
         self.disp.schedule_flush()
 
-    def send(self, msg_id, payload, *, bint no_reply=False):
-        """Send a message as a producer would; its answer comes to on_output as a REPLY."""
+    def ack(self, list delivery_ids):
+        """Acknowledge (no answer relayed) each delivery of ``delivery_ids``, in order, then deliver
+        what the credit returned allows: one pump and one flush for all of them, as a read of
+        many ANSWER frames has."""
+        cdef object did
+        self._live()
+        try:
+            for did in delivery_ids:
+                self.disp.answer(self, as_u64(did), F_NO_ANSWER, NULL, 0, NULL)
+        finally:
+            self.disp.pump()
+            self.disp.schedule_flush()
+
+    def send(self, msg_id, payload, *, bint no_reply=False, bint api=False):
+        """Send a message as a producer would; its answer comes to on_output as a REPLY.
+
+        ``api``: an API send (payload ``[u8 API command][data]``: 129 hello, 130 msg), which the
+        broker answers itself or feeds in, as a SEND frame flagged API.
+        """
         cdef bytes data = bytes(payload)
         cdef FrameHeader h
         self._live()
         if <size_t>PyBytes_GET_SIZE(data) > self.disp.max_payload:
             raise ValueError(f"payload of {len(data)} bytes is over the broker's limit of {self.disp.max_payload}")
         h.ftype = T_SEND
-        h.flags = F_NO_REPLY if no_reply else 0
+        h.flags = (F_NO_REPLY if no_reply else 0) | (F_API if api else 0)
         h.fid = as_u64(msg_id)
         h.length = <uint32_t>PyBytes_GET_SIZE(data)
         accept(self.disp, self, &h, PyBytes_AS_STRING(data))
         self.disp.pump()
         self.disp.schedule_flush()
 
-    def close(self):
-        """Leave: what it holds is requeued, its subscriptions end. Idempotent."""
+    def release_sends(self):
+        """Accept the parked sends, in order, until hold_sends is set again; then deliver."""
+        cdef list parked = self.parked
+        cdef Py_ssize_t i = 0
+        cdef Py_ssize_t n = len(parked)
+        cdef FrameHeader h
+        cdef bytes data
+        cdef size_t total = self.parked_len
+        self.parked = []            # taken over: what accept() parks again starts a new list
+        self.parked_len = 0
+        self.disp.parked_bytes -= total
+        try:
+            h.ftype = T_SEND
+            while i < n and not self.hold_sends and self.state != S_CLOSED:
+                h.flags, h.fid, data = parked[i]
+                h.length = <uint32_t>PyBytes_GET_SIZE(data)
+                i += 1
+                total -= HEADER_SIZE + <size_t>h.length
+                accept(self.disp, self, &h, PyBytes_AS_STRING(data))
+        finally:
+            if i < n and self.state != S_CLOSED:
+                # held again: the rest goes back in front of anything parked meanwhile
+                self.parked = parked[i:] + self.parked
+                self.parked_len += total
+                self.disp.parked_bytes += total
+            self.disp.pump()
+            self.disp.schedule_flush()
+
+    @property
+    def parked_sends(self) -> int:
+        """Sends held back, not yet accepted."""
+        return len(self.parked)
+
+    def put_output(self, ftype, flags, fid, payload=b""):
+        """Queue ``(ftype, flags, fid, payload)`` for on_output after what is pending, handed over
+        with the next flush: the control plane's own replies and errors (a broker command's)."""
+        self.pending.append((int(ftype), int(flags), as_u64(fid), bytes(payload)))
+        mark_dirty(self)
+        self.disp.schedule_flush()
+
+    def flush_now(self):
+        """Hand what is pending to on_output at once (before closing this endpoint)."""
         if self.state != S_CLOSED:
+            self._flush()
+
+    def close(self):
+        """Leave: what it holds is requeued, its subscriptions end, its parked sends are dropped
+        (never accepted). Idempotent."""
+        if self.state != S_CLOSED:
+            self.disp.parked_bytes -= self.parked_len
+            self.parked_len = 0
+            self.parked = []
             self.disp.release(self)
             self.disp.pump()
             self.disp.schedule_flush()
