@@ -6,6 +6,11 @@ Message traffic never passes through this module: each connection is a
 an ERROR frame a client sends, bad input, the handshake timer, flow control and, in
 command mode, the commands the broker answers itself (subscribe, unsubscribe, hello, an
 unknown command).
+
+A client inside the broker's process (a web gateway session) is an :class:`InprocClient`:
+an :class:`~teomq._core.inproc.InprocEndpoint` of the dispatcher, no frames, with the same
+control plane as a connection (:class:`ControlledEndpoint`: its log lines, back-pressure,
+broker commands, refusals and shutdown).
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import msgpack
 
@@ -24,6 +30,8 @@ from teomq._core.command_parser import CommandTable
 from teomq._core.connection import CoreConnection
 from teomq._core.dispatch import CMD_UNKNOWN, CMD_UNKNOWN_API, Dispatcher
 from teomq._core.msglog import MessageLog
+from teomq._core.endpoint import Endpoint
+from teomq._core.inproc import InprocEndpoint
 from teomq._core.routes import KINDS
 from teomq._core.frame_codec import encode_frame
 from teomq.addressbook import DEFAULT_PORT, AddressBook, default_data_dir
@@ -56,67 +64,56 @@ def error_payload(code: int, reason: str) -> bytes:
     return msgpack.packb({"code": int(code), "reason": reason})
 
 
-class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
-    """A client connection: the core's read path plus the asyncio protocol callbacks."""
+class ControlledEndpoint:
+    """What the control plane keeps of an endpoint besides the core's state: who it is (role,
+    name, peer), the refusals already logged, back-pressure on its sends, the broker commands its
+    messages carry (hello, subscribe, unsubscribe, unknown names) and the end of it.
 
-    def __init__(self, disp: Dispatcher, broker: Broker) -> None:
-        self.broker = broker
-        self.name = "?"
-        self.role = "?"
-        self.peer = "?"
-        self._hs_timer: asyncio.TimerHandle | None = None
-        self._paused: set[str] = set()  # why reading is paused: "write", "queue"
-        self.caps: frozenset[str] = frozenset()  # capabilities the client announced in HELLO
-        self.refused_logged = (0, 0)  # (n_refused, n_refused_parked) already reported in a log line
+    The mixin of :class:`BrokerConnection` (a wire connection) and :class:`InprocClient` (an
+    endpoint inside the broker); each says how its output goes (``_output``) and how it is closed.
+    """
 
-    # -- asyncio.BaseProtocol ------------------------------------------------------------
+    broker: Broker
+    name: str
+    role: str
+    peer: str
+    caps: frozenset[str]  # capabilities the client announced in HELLO
+    refused_logged: tuple[int, int]  # (n_refused, n_refused_parked) already reported in a log line
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # a stream's: a socket's or a web session's
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.set_writer(socket_writer(transport))  # None past TLS or a wrapping transport
-        self.broker._conns.add(self)
-        loop = asyncio.get_running_loop()
-        self._hs_timer = loop.call_later(self.broker.handshake_timeout, self._handshake_timeout)
+    if TYPE_CHECKING:  # the core's Endpoint (and its subclasses) has these
+        hold_sends: bool
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
-        self.broker._conns.discard(self)
-        if self.handshaken:
-            log.info("%s %s (%s) disconnected%s", self.role, self.name, self.peer,
-                     f": {exc}" if exc else "")
-        if (self.n_refused, self.n_refused_parked) != self.refused_logged:
-            self.broker._log_refusals(self)
-        if self.parked_sends:  # held back, never accepted: the client had no answer or PONG for them
-            log.warning("%s %s (%s) closed with %d frames held back, not accepted (nothing of them was "
-                        "confirmed)", self.role, self.name, self.peer, self.parked_sends)
-        self.detach()
-        self.transport = None
+        @property
+        def consumer(self) -> bool: ...
+        @property
+        def detached(self) -> bool: ...
+        @property
+        def handshaken(self) -> bool: ...
+        @property
+        def n_refused(self) -> int: ...
+        @property
+        def n_refused_parked(self) -> int: ...
+        @property
+        def parked_sends(self) -> int: ...
+        def release_sends(self) -> None: ...
 
-    def pause_writing(self) -> None:
-        # The peer does not read what we send: stop reading what it sends.
-        self.pause_for("write")
+    def _output(self, ftype: int, flags: int, fid: int, payload: bytes) -> None:
+        """Queue an item of the control plane's (a REPLY, an ERROR, a FLOW) to this endpoint."""
+        raise NotImplementedError
 
-    def resume_writing(self) -> None:
-        self.resume_for("write")
+    def _close_with_error(self, code: int, reason: str) -> None:
+        """Send what is pending, then the ERROR; requeue what it held; close."""
+        raise NotImplementedError
 
     def pause_for(self, reason: str) -> None:
-        """Stop reading from this peer until every reason given is withdrawn."""
-        if not self._paused and self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
-        self._paused.add(reason)
+        """Stop taking what this peer sends until every reason given is withdrawn."""
+        raise NotImplementedError
 
     def resume_for(self, reason: str) -> None:
-        self._paused.discard(reason)
-        if not self._paused and self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        raise NotImplementedError
 
     def hold(self, on: bool) -> None:
-        """Back-pressure on this connection's SENDs: they wait, unaccepted, in order.
+        """Back-pressure on this endpoint's SENDs: they wait, unaccepted, in order.
 
         Its SENDs (and PINGs after them) are parked in the core (bounded; past that,
         QUEUE_FULL), and a client that announced the ``flow`` capability is told to hold
@@ -127,21 +124,9 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
             return
         self.hold_sends = on
         if "flow" in self.caps:
-            self.send_frame(FrameType.FLOW, FLOW_HOLD if on else 0, 0)
+            self._output(FrameType.FLOW, FLOW_HOLD if on else 0, 0, b"")
         if not on and self.parked_sends:
             asyncio.get_running_loop().call_soon(self.release_sends)
-
-    # -- hooks called by the core ----------------------------------------------------------
-
-    def on_control(self, ftype: int, flags: int, fid: int, payload: bytes) -> None:
-        if ftype == FrameType.HELLO:
-            self._hello(fid, payload)
-        elif ftype == FrameType.ERROR:
-            log.warning("%s %s (%s) reported an error: %s", self.role, self.name, self.peer,
-                        _error_text(payload))
-        else:
-            raise ProtocolError(ErrorCode.HANDSHAKE,
-                                f"expected HELLO as the first frame, got frame type {ftype}")
 
     def on_command(self, kind: int, fid: int, flags: int, data: bytes) -> None:
         """A SEND for the broker itself (see Dispatcher.accept_command); rare, so in Python."""
@@ -166,7 +151,8 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
             self._refuse(fid, ErrorCode.NOT_ALLOWED,
                          f"only a consumer can {verb}: connect with role consumer or both")
             return
-        status = disp.subscribe(self, name) if on else disp.unsubscribe(self, name)
+        me = cast(Endpoint, self)  # a mixin of Endpoint subclasses
+        status = disp.subscribe(me, name) if on else disp.unsubscribe(me, name)
         shown = name.decode("utf-8", "replace")
         if status == -1:
             self._refuse(fid, ErrorCode.UNKNOWN_COMMAND, str(UnknownCommand(name)))
@@ -181,19 +167,13 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
 
     def _reply(self, fid: int, flags: int, answer: bytes) -> None:
         if not flags & Flag.NO_REPLY:
-            self.send_frame(FrameType.REPLY, 0, fid, answer)
+            self._output(FrameType.REPLY, 0, fid, answer)
 
     def _refuse(self, fid: int, code: int, reason: str) -> None:
         """Refuse one SEND (the connection stays): an ERROR with its id and a log line."""
         self.broker._errors += 1
         log.warning("%s %s (%s): message #%d refused: %s", self.role, self.name, self.peer, fid, reason)
-        self.send_frame(FrameType.ERROR, 0, fid, error_payload(code, reason))
-
-    def on_protocol_error(self, exc: ProtocolError) -> None:
-        self.broker._errors += 1
-        log.warning("closing connection %s (%s %s): %s (error %d)", self.peer, self.role, self.name,
-                    exc.reason, exc.code)
-        self._close_with_error(exc.code, exc.reason)
+        self._output(FrameType.ERROR, 0, fid, error_payload(code, reason))
 
     def on_internal_error(self, exc: BaseException) -> None:
         # A bug of ours, not bad input: the frame it failed on is consumed, the connection is
@@ -203,6 +183,91 @@ class BrokerConnection(CoreConnection, asyncio.BufferedProtocol):
                   self.peer, self.role, self.name, exc_info=exc)
         self._close_with_error(ErrorCode.INTERNAL, "the broker failed to handle a frame of this "
                                "connection (logged at the broker); closing")
+
+    def _log_gone(self, exc: Exception | None) -> None:
+        """The log lines of an endpoint that goes: disconnected, refusals not yet logged, parked sends."""
+        if self.handshaken:
+            log.info("%s %s (%s) disconnected%s", self.role, self.name, self.peer,
+                     f": {exc}" if exc else "")
+        if (self.n_refused, self.n_refused_parked) != self.refused_logged:
+            self.broker._log_refusals(self)
+        if self.parked_sends:  # held back, never accepted: the client had no answer or PONG for them
+            log.warning("%s %s (%s) closed with %d frames held back, not accepted (nothing of them was "
+                        "confirmed)", self.role, self.name, self.peer, self.parked_sends)
+
+
+class BrokerConnection(ControlledEndpoint, CoreConnection, asyncio.BufferedProtocol):
+    """A client connection: the core's read path plus the asyncio protocol callbacks."""
+
+    def __init__(self, disp: Dispatcher, broker: Broker) -> None:
+        self.broker = broker
+        self.name = "?"
+        self.role = "?"
+        self.peer = "?"
+        self._hs_timer: asyncio.TimerHandle | None = None
+        self._paused: set[str] = set()  # why reading is paused: "write", "queue"
+        self.caps = frozenset()
+        self.refused_logged = (0, 0)
+
+    # -- asyncio.BaseProtocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # a stream's: a socket's, or a TLS one's
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.set_writer(socket_writer(transport))  # None past TLS or a wrapping transport
+        self.broker._conns.add(self)
+        loop = asyncio.get_running_loop()
+        self._hs_timer = loop.call_later(self.broker.handshake_timeout, self._handshake_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self.broker._conns.discard(self)
+        self._log_gone(exc)
+        self.detach()
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        # The peer does not read what we send: stop reading what it sends.
+        self.pause_for("write")
+
+    def resume_writing(self) -> None:
+        self.resume_for("write")
+
+    def pause_for(self, reason: str) -> None:
+        """Stop reading from this peer until every reason given is withdrawn."""
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._paused.add(reason)
+
+    def resume_for(self, reason: str) -> None:
+        self._paused.discard(reason)
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _output(self, ftype: int, flags: int, fid: int, payload: bytes) -> None:
+        self.send_frame(ftype, flags, fid, payload)
+
+    # -- hooks called by the core ----------------------------------------------------------
+
+    def on_control(self, ftype: int, flags: int, fid: int, payload: bytes) -> None:
+        if ftype == FrameType.HELLO:
+            self._hello(fid, payload)
+        elif ftype == FrameType.ERROR:
+            log.warning("%s %s (%s) reported an error: %s", self.role, self.name, self.peer,
+                        _error_text(payload))
+        else:
+            raise ProtocolError(ErrorCode.HANDSHAKE,
+                                f"expected HELLO as the first frame, got frame type {ftype}")
+
+    def on_protocol_error(self, exc: ProtocolError) -> None:
+        self.broker._errors += 1
+        log.warning("closing connection %s (%s %s): %s (error %d)", self.peer, self.role, self.name,
+                    exc.reason, exc.code)
+        self._close_with_error(exc.code, exc.reason)
 
     # -- control plane ---------------------------------------------------------------------
 
@@ -306,6 +371,97 @@ def _one_line(text: str) -> str:
     return text.encode("unicode_escape").decode("ascii")
 
 
+class InprocOwner(Protocol):
+    """What an :class:`InprocClient` serves (a web gateway session): told to stop and resume
+    taking what its peer sends (back-pressure), and that the broker closed the client."""
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def on_broker_close(self, client: InprocClient) -> None: ...
+
+
+#: What an InprocClient's on_output gets: (frame type, flags, id, payload), nothing encoded.
+Output = Callable[[list[tuple[int, int, int, bytes]]], object]
+
+
+class InprocClient(ControlledEndpoint, InprocEndpoint):
+    """A client inside the broker's process: an in-process endpoint of its dispatcher (no wire
+    frames: deliveries, replies and errors reach ``on_output``, answers and sends are method
+    calls) with what the control plane does for a connection: its connected, subscribed and
+    disconnected lines (role and name), back-pressure (held back with the producers at the high
+    mark; a ``producer``'s owner stops reading), the broker commands its sends carry, refusals,
+    and the broker's shutdown. Made by :meth:`open`, ended by :meth:`close`.
+    """
+
+    owner: InprocOwner
+    _paused: set[str]  # why its owner stopped reading: "queue"
+
+    @classmethod
+    def open(cls, broker: Broker, owner: InprocOwner, on_output: Output, *, role: str, name: str,
+             peer: str, prefetch: int = DEFAULT_PREFETCH) -> InprocClient:
+        """A client of ``role`` ("producer", "consumer" or "both"), as a connection whose HELLO
+        said that role, name and prefetch (0: the default, as in a HELLO) would be."""
+        disp = broker._disp
+        if disp is None:
+            raise RuntimeError("start the broker before its in-process clients")
+        if role not in _ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        prefetch = prefetch or DEFAULT_PREFETCH
+        if prefetch < 1:
+            raise ValueError(f"bad prefetch {prefetch!r}")
+        granted = min(prefetch, MAX_PREFETCH)
+        self = cls(disp, on_output, prefetch=granted if role != "producer" else 0)
+        self.broker = broker
+        self.owner = owner
+        self.name = name[:200]
+        self.log_name = _one_line(self.name).encode("utf-8", "replace")
+        self.role = role
+        self.peer = peer
+        self.caps = frozenset()
+        self.refused_logged = (0, 0)
+        self._paused = set()
+        broker._conns.add(self)
+        if disp.backpressure:
+            broker.hold_back(self, True)
+        if granted < prefetch:
+            log.info("%s %s connected from %s (prefetch %d asked, %d granted: the broker's limit)",
+                     role, self.name, peer, prefetch, granted)
+        else:
+            log.info("%s %s connected from %s", role, self.name, peer)
+        return self
+
+    def _output(self, ftype: int, flags: int, fid: int, payload: bytes) -> None:
+        self.put_output(ftype, flags, fid, payload)
+
+    def pause_for(self, reason: str) -> None:
+        if not self._paused and not self.detached:
+            self.owner.pause_reading()
+        self._paused.add(reason)
+
+    def resume_for(self, reason: str) -> None:
+        self._paused.discard(reason)
+        if not self._paused and not self.detached:
+            self.owner.resume_reading()
+
+    def close(self) -> None:
+        """The client goes: what it held is requeued, its parked sends dropped. Idempotent."""
+        if self.detached:
+            return
+        self.broker._conns.discard(self)
+        self._log_gone(None)
+        super().close()
+
+    def _close_with_error(self, code: int, reason: str) -> None:
+        """Hand over what is pending and the ERROR; requeue what it held; tell the owner."""
+        if self.detached:
+            return
+        self.put_output(FrameType.ERROR, 0, 0, error_payload(code, reason))
+        self.flush_now()
+        self.broker._conns.discard(self)
+        super().close()
+        self.owner.on_broker_close(self)
+
+
 def _error_text(payload: bytes) -> str:
     try:
         err = msgpack.unpackb(payload, raw=False)
@@ -396,7 +552,7 @@ class Broker:
         self.address = ""
         self._server: asyncio.base_events.Server | None = None
         self._disp: Dispatcher | None = None
-        self._conns: set[BrokerConnection] = set()
+        self._conns: set[BrokerConnection | InprocClient] = set()  # wire connections, in-process clients
         self._errors = 0
         self._book: AddressBook | None = None
         self._ticker: asyncio.TimerHandle | None = None
@@ -519,8 +675,8 @@ class Broker:
             self.hold_back(conn, on)
 
     @staticmethod
-    def hold_back(conn: BrokerConnection, on: bool) -> None:
-        """Hold back (or let go) one producing connection under back-pressure."""
+    def hold_back(conn: BrokerConnection | InprocClient, on: bool) -> None:
+        """Hold back (or let go) one producing connection (or in-process client) under back-pressure."""
         # The rest of the read that crossed the high mark is parked too, not refused.
         conn.hold(on)
         if conn.role == "producer":  # nothing to keep reading for: TCP back-pressure as well
@@ -540,7 +696,7 @@ class Broker:
         self._log_refusals()
         self._disp.refusal_noted = False  # the next refusal logs at once again
 
-    def _log_refusals(self, *conns: BrokerConnection) -> None:
+    def _log_refusals(self, *conns: ControlledEndpoint) -> None:
         held = self._disp.stats()["held"] if self._disp is not None else 0
         for conn in conns or self._conns:
             full, parked = conn.n_refused - conn.refused_logged[0], conn.n_refused_parked - conn.refused_logged[1]
@@ -554,12 +710,12 @@ class Broker:
                             "their bound (%d held of -queue-max %d)", conn.role, conn.name, conn.peer,
                             parked, "" if parked == 1 else "s", held, self.queue_max)
 
-    def _slow_consumer(self, conn: BrokerConnection, command: bytes) -> None:
+    def _slow_consumer(self, conn: ControlledEndpoint, command: bytes) -> None:
         log.warning("%s %s (%s) is slow: %d fanout copies wait for it (the -backlog-max); new copies of "
                     "'%s' and its other fanout commands are dropped for it until it catches up",
                     conn.role, conn.name, conn.peer, self.backlog_max, command.decode("utf-8", "replace"))
 
-    def _log_message(self, conn: BrokerConnection, msg_id: int, payload: bytes) -> None:
+    def _log_message(self, conn: ControlledEndpoint, msg_id: int, payload: bytes) -> None:
         msg_log.info("message #%d from %s: %s", msg_id, conn.name,
                      payload[:256].decode("utf-8", "replace"))
 
