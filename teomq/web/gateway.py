@@ -147,7 +147,6 @@ class WebGateway:
         if b._disp is None:
             raise RuntimeError("start the broker before its web gateway")
         self.loop = asyncio.get_running_loop()
-        self.disp = b._disp
         self.address_bytes = b.address.encode()
         self.routing = None if b.commands is None else {c.name.encode(): c.routing for c in b.commands}
         # a packet carries at most the broker's max_payload plus 'address,api,'; base64 is 4/3 of it

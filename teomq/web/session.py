@@ -1,13 +1,13 @@
-"""One browser on the WebSocket gateway: teoproxy packets in, broker frames through the core.
+"""One browser on the WebSocket gateway: teoproxy packets in and out, the broker's endpoints between.
 
-A :class:`WebSession` is a translator at the frame level. It owns one or two
-:class:`~teomq.broker.BrokerConnection` objects of the broker's own dispatcher (a producer
-connection, and a consumer connection once the page says it consumes), each attached to a
-:class:`VirtualTransport` instead of a socket. Packets from the browser become teomq frames fed
-into the core's read path (``get_buffer``/``buffer_updated``: one crossing per packet); the
-frames the core flushes to a virtual transport (one ``write`` per connection per loop pass)
-become packets to the browser. So a browser consumer is a consumer like any other: credit,
-subscriptions, round robin, redelivery of what it held when it goes, the broker's stats.
+A :class:`WebSession` owns one or two :class:`~teomq.broker.InprocClient` objects, in-process
+endpoints of the broker's own dispatcher (a producer, and a consumer once the page says it
+consumes): no wire frames are encoded or decoded. A packet from the browser becomes a method
+call (``send``, ``answer``, ``ack``); what the core has for an endpoint comes to
+:meth:`WebSession.on_output` once per loop pass as ``(type, flags, id, payload)`` tuples and
+becomes packets to the browser. So a browser consumer is a consumer like any other: credit,
+subscriptions, round robin, redelivery of what it held when it goes, the broker's stats, and
+the control plane's log lines, back-pressure and broker commands (``InprocClient``).
 
 teoproxy commands (``docs/gateway.md`` is the full description):
 
@@ -25,7 +25,7 @@ cmd            data                               answer (same id and cmd)
 The original's client.js takes every packet with cmd 0 for a Stream push, so a stock session
 never gets an error packet with cmd 0: a packet that is no valid request (nothing to answer
 with its id and cmd) is logged and counted, and nothing is sent back, as the original proxy
-does; an ERROR frame of the broker that answers no SendTo is logged. A session whose Connect
+does; an error of the broker that answers no SendTo is logged. A session whose Connect
 carries the data ``teomq.js`` (what teomq.js sends; Connect has no data in the original protocol)
 gets those as error packets with id 0 / cmd 0 (or the id and cmd read), for its ``onerror``.
 """
@@ -35,17 +35,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from teomq._core import teoproxy as tp
-from teomq._core.frame_codec import FrameDecoder, encode_acks, encode_frame
-from teomq.broker import BrokerConnection
+from teomq.broker import InprocClient
 from teomq.errors import BadPacket
-from teomq.protocol import ApiCommand, ErrorCode, Flag, FrameType
+from teomq.protocol import ApiCommand, ErrorCode, FrameType
 
 if TYPE_CHECKING:
     from teomq.web.gateway import WebGateway
@@ -61,45 +60,6 @@ _API_HELLO = (b"hello", str(int(ApiCommand.HELLO)).encode())
 _API_MSG = (b"msg", str(int(ApiCommand.MSG)).encode())
 #: Connect's data from teomq.js (optionally followed by "/" and anything): the session may get cmd-0 errors.
 TEOMQ_JS = b"teomq.js"
-
-
-class VirtualTransport(asyncio.Transport):
-    """The transport of a session's broker connection: what the core writes goes to the session."""
-
-    def __init__(self, session: WebSession, conn: BrokerConnection) -> None:
-        super().__init__()
-        self._session = session
-        self._conn = conn
-        self._decoder = FrameDecoder(session.gw.broker.max_payload)
-        self._closing = False
-
-    def write(self, data: Any) -> None:
-        if not self._closing:
-            self._session.on_frames(self._conn, self._decoder.feed(data))
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._session.peer if name == "peername" else default
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def is_closing(self) -> bool:
-        return self._closing
-
-    def close(self) -> None:  # the broker closes us: shutdown, or a frame it refused
-        if not self._closing:
-            self._closing = True
-            self._session.on_broker_close(self._conn)
-
-    def pause_reading(self) -> None:
-        # At the high mark the broker parks this connection's SENDs and pauses its reads. A
-        # page that also consumes keeps being read (its answers free the room; what it sends
-        # meanwhile waits, parked, as a TCP client's with role "both" does).
-        if self._session.consumer is None:
-            self._session.reading.clear()
-
-    def resume_reading(self) -> None:
-        self._session.reading.set()
 
 
 class _Pending:
@@ -122,8 +82,8 @@ class WebSession:
         self.peer = f"web {where}"
         self.name = f"web-{number}"
         self.streams: set[bytes] = set()
-        self.producer: BrokerConnection | None = None
-        self.consumer: BrokerConnection | None = None
+        self.producer: InprocClient | None = None
+        self.consumer: InprocClient | None = None
         self.answering = False  # pushes carry a token the page answers with (teomq.js consume())
         self.teomq_js = False  # said it is teomq.js (Connect data): gets error packets with cmd 0 too
         self.tokens: dict[int, int] = {}  # token -> delivery id
@@ -190,14 +150,14 @@ class WebSession:
         self._peer(p, parts[0])
         api, payload = parts[1], parts[2]
         if api in _API_HELLO:
-            self._send(p, self._producer(), bytes((ApiCommand.HELLO,)) + payload, Flag.API)
+            self._send(p, self._producer(), bytes((ApiCommand.HELLO,)) + payload, api=True)
         elif api in _API_MSG:
             if payload == b"Consumer":  # the stock teoproxy client's way of saying it consumes
                 self._consume(p, answering=self.answering)
             elif payload.startswith((b"subscribe/", b"unsubscribe/")):
                 self._subscription(p, payload)
             else:
-                self._send(p, self._producer(), bytes((ApiCommand.MSG,)) + payload, Flag.API)
+                self._send(p, self._producer(), bytes((ApiCommand.MSG,)) + payload, api=True)
         elif api == b"consume":
             self._consume(p, answering=True)
         elif api in (b"answer", b"ack"):
@@ -233,61 +193,73 @@ class WebSession:
             raise BadPacket(f"no message with token '{_text(token_text)}' is waiting for an answer", p.id, p.cmd)
         self._check_size(p, answer)
         did = self.tokens.pop(token)
-        flags = 0 if with_answer else Flag.NO_ANSWER
-        assert self.consumer is not None
-        self._feed(self.consumer, encode_frame(FrameType.ANSWER, flags, did, answer if with_answer else b""))
+        consumer = self.consumer
+        assert consumer is not None
+        if not consumer.detached:  # else the broker closed it (shutdown): the answer goes nowhere
+            try:
+                if with_answer:
+                    consumer.answer(did, answer)
+                else:
+                    consumer.answer(did, no_answer=True)
+            except Exception as exc:
+                consumer.on_internal_error(exc)
         self.gw.n_answers += 1
         self._answer(p, b"OK")
 
     def _check_size(self, p: Any, payload: bytes) -> None:
-        # the core would refuse the frame as fatal (TOO_LARGE) and close the session's connection
+        # over the broker's limit: the core would refuse it (send() raises; an answer must not pass it either)
         if len(payload) > self.gw.broker.max_payload:
             raise BadPacket(f"message of {len(payload)} bytes is over the broker's limit of "
                             f"{self.gw.broker.max_payload}", p.id, p.cmd)
 
-    def _send(self, p: Any, conn: BrokerConnection, payload: bytes, flags: int = 0) -> None:
+    def _send(self, p: Any, client: InprocClient, payload: bytes, *, api: bool = False) -> None:
         self._check_size(p, payload)
         self._next_id += 1
-        multi = not flags and self.gw.routing is not None and \
+        multi = not api and self.gw.routing is not None and \
             self.gw.routing.get(payload.split(b"/", 1)[0]) == "fanout"
         self.pending[self._next_id] = _Pending(p.id, multi, time.monotonic() + ANSWER_TIMEOUT)
         self.gw.watch(self)
-        self._feed(conn, encode_frame(FrameType.SEND, flags, self._next_id, payload))
+        if client.detached:  # the broker closed it (shutdown): no answer, the SendTo times out
+            return
+        try:
+            client.send(self._next_id, payload, api=api)
+        except Exception as exc:  # a hook of the broker's failed (a bug): as for a connection's frame
+            client.on_internal_error(exc)
 
-    # -- broker connections ------------------------------------------------------------------
+    # -- the session's endpoints in the broker -----------------------------------------------
 
-    def _producer(self) -> BrokerConnection:
+    def _producer(self) -> InprocClient:
         if self.producer is None:
             self.producer = self._connect("producer")
         return self.producer
 
-    def _consumer_conn(self) -> BrokerConnection:
+    def _consumer_conn(self) -> InprocClient:
         if self.consumer is None:
             self.consumer = self._connect("consumer")
             self.reading.set()
         return self.consumer
 
-    def _connect(self, role: str) -> BrokerConnection:
-        conn = BrokerConnection(self.gw.disp, self.gw.broker)
-        conn.connection_made(VirtualTransport(self, conn))
-        hello = {"v": 1, "role": role, "name": self.name, "prefetch": self.gw.prefetch}
-        self._feed(conn, encode_frame(FrameType.HELLO, 0, 0, msgpack.packb(hello)))
-        return conn
+    def _connect(self, role: str) -> InprocClient:
+        return InprocClient.open(self.gw.broker, self, self.on_output, role=role, name=self.name,
+                                 peer=self.peer, prefetch=self.gw.prefetch)
 
-    @staticmethod
-    def _feed(conn: BrokerConnection, frames: bytes) -> None:
-        # the core's read path, as if these bytes had come from a socket
-        n = len(frames)
-        conn.get_buffer(n)[:n] = frames
-        conn.buffer_updated(n)
+    def pause_reading(self) -> None:
+        """The broker is at its high mark: it parks our producer's sends and stops our reads. A
+        page that also consumes keeps being read (its answers free the room; what it sends
+        meanwhile waits, parked, as a TCP client's with role "both" does)."""
+        if self.consumer is None:
+            self.reading.clear()
+
+    def resume_reading(self) -> None:
+        self.reading.set()
 
     # -- broker -> browser -------------------------------------------------------------------
 
-    def on_frames(self, conn: BrokerConnection, frames: list[tuple[int, int, int, bytes]]) -> None:
-        """The frames of one flush to ``conn`` (one call per connection per loop pass)."""
+    def on_output(self, items: list[tuple[int, int, int, bytes]]) -> None:
+        """What the core has for one of our endpoints (one call per endpoint per loop pass)."""
         out: list[bytes] = []
         acks: list[int] = []
-        for ftype, _flags, fid, payload in frames:
+        for ftype, _flags, fid, payload in items:
             if ftype == FrameType.DELIVER:
                 self._deliver(fid, payload, out, acks)
             elif ftype == FrameType.REPLY:
@@ -297,7 +269,7 @@ class WebSession:
                         del self.pending[fid]
                     out.append(text_frame(tp.encode(entry.pid, tp.SEND_TO, payload)))
             elif ftype == FrameType.ERROR:
-                self._error_frame(fid, payload, out)
+                self._broker_error(fid, payload, out)
         if out:
             self.write(out)
         if acks:
@@ -321,7 +293,7 @@ class WebSession:
             log.info("%s (%s) gets '%s' but has no Stream for it: acknowledged unseen, as teoproxy does",
                      self.name, self.peer, _text(name))
 
-    def _error_frame(self, fid: int, payload: bytes, out: list[bytes]) -> None:
+    def _broker_error(self, fid: int, payload: bytes, out: list[bytes]) -> None:
         try:
             err = msgpack.unpackb(payload, raw=False)
             reason, code = str(err["reason"]), int(err["code"])
@@ -351,7 +323,8 @@ class WebSession:
         the browser does not read, so its credit runs out and the broker keeps (queue) or
         bounds (fanout backlog) the rest.
         """
-        if not self._held_acks or self.consumer is None or self.closed:
+        consumer = self.consumer
+        if not self._held_acks or consumer is None or self.closed or consumer.detached:
             return 0
         transport = getattr(self.ws, "transport", None)
         if transport is not None and transport.get_write_buffer_size() > WRITE_HIGH:
@@ -359,7 +332,10 @@ class WebSession:
                 self._ack_timer = self.gw.loop.call_later(0.05, self._retry_acks)
             return 0
         dids, self._held_acks = self._held_acks[:limit], self._held_acks[limit:]
-        self._feed(self.consumer, encode_acks(dids, Flag.NO_ANSWER))
+        try:
+            consumer.ack(dids)  # in the core, one call: each returns a credit, then one pump
+        except Exception as exc:
+            consumer.on_internal_error(exc)
         if self._held_acks:
             self.gw.queue_acks(self)
         return len(dids)
@@ -411,23 +387,22 @@ class WebSession:
 
     # -- ending ------------------------------------------------------------------------------
 
-    def on_broker_close(self, conn: BrokerConnection) -> None:
-        """The broker closed one of our connections (shutdown): end the WebSocket too."""
+    def on_broker_close(self, client: InprocClient) -> None:
+        """The broker closed one of our endpoints (shutdown, or a failure of its own): end the WebSocket too."""
         if not self.closed:
             self.gw.loop.create_task(self.ws.close(1001, "broker closed the connection"))
 
     def close(self) -> None:
-        """The WebSocket is gone: its broker connections go (what the consumer held is redelivered)."""
+        """The WebSocket is gone: its endpoints go (what the consumer held is redelivered)."""
         if self.closed:
             return
         self.closed = True
         self.pending.clear()
         if self._ack_timer is not None:
             self._ack_timer.cancel()
-        for conn in (self.consumer, self.producer):
-            if conn is not None and not conn.detached:
-                cast(VirtualTransport, conn.transport)._closing = True  # a session's connections have one
-                conn.connection_lost(None)
+        for client in (self.consumer, self.producer):
+            if client is not None:
+                client.close()
 
 
 def text_frame(packet: bytes) -> bytes:
