@@ -23,7 +23,9 @@ import websockets
 
 import teomq
 from teomq._py import teoproxy as tp
+from teomq.broker import InprocClient
 from teomq.commands import Command
+from teomq.protocol import FrameType
 from procs import ProcGroup
 from teomq.web import WebGateway
 from test_broker_api import LONG, make_broker, spec, until
@@ -778,5 +780,105 @@ def test_a_page_is_held_back_at_the_high_mark_and_served_after_it(
         assert (s["in"], s["refused"], s["backpressure"]) == (6, 0, 0), s
         assert any("resuming 1 producers" in line for line in _broker_lines(caplog))
         await stop(broker, gw, tab)
+
+    arun(main())
+
+
+class Owner:
+    """The owner of an InprocClient (what a web session is to it): what it was told, and its output."""
+
+    def __init__(self) -> None:
+        self.told: list[str] = []
+        self.items: list[tuple[int, int, int, bytes]] = []
+
+    def pause_reading(self) -> None:
+        self.told.append("pause")
+
+    def resume_reading(self) -> None:
+        self.told.append("resume")
+
+    def on_broker_close(self, client: Any) -> None:
+        self.told.append("closed")
+
+    def on_output(self, items: list[tuple[int, int, int, bytes]]) -> None:
+        self.items.extend(items)
+
+
+def test_an_inproc_client_is_held_back_and_let_go_with_the_producers(
+        arun: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """InprocClient (teomq.broker): opened at the high mark it is held back at once; a producer's
+    owner stops reading, a consumer's does not; its sends wait parked and are accepted after."""
+    caplog.set_level(logging.INFO, logger="teomq.broker")
+
+    async def main() -> None:
+        broker, gw = await started(tmp_path, queue_max=4)
+        await gw.close()
+        gate = asyncio.Event()
+        async with _gated_consumer(broker, gate):
+            await until(lambda: broker.command_stats()[3]["subscribers"] == 1, "the TCP consumer")
+            first = Owner()
+            p1 = InprocClient.open(broker, first, first.on_output, role="producer", name="p1", peer="here")
+            for i in range(3):
+                p1.send(i + 1, f"q/{i}".encode())
+            await until(lambda: broker.stats()["backpressure"] == 1, "the high mark")
+            assert first.told == ["pause"] and p1.hold_sends
+            second, third = Owner(), Owner()
+            p2 = InprocClient.open(broker, second, second.on_output, role="producer", name="p2", peer="here")
+            c = InprocClient.open(broker, third, third.on_output, role="consumer", name="c", peer="here",
+                                  prefetch=70000)
+            assert (p2.hold_sends, second.told, c.consumer, c.prefetch) == (True, ["pause"], True, 65535)
+            assert third.told == []  # a consumer's owner reads on
+            p2.send(7, b"q/parked")
+            assert p2.parked_sends == 1 and broker.stats()["in"] == 3
+            gate.set()
+            await until(lambda: len(first.items) == 3 and len(second.items) == 1, "every answer")
+            assert sorted(p for *_, p in first.items) == [b"got 0", b"got 1", b"got 2"]
+            assert second.items == [(FrameType.REPLY, 0, 7, b"got parked")]
+            assert (first.told, second.told, p1.hold_sends, p2.hold_sends) == (
+                ["pause", "resume"], ["pause", "resume"], False, False)
+        lines = _broker_lines(caplog)
+        assert "producer p1 connected from here" in lines
+        assert "consumer c connected from here (prefetch 70000 asked, 65535 granted: the broker's limit)" in lines
+        for client in (p1, p2, c):
+            client.close()
+            client.close()  # idempotent
+        assert [line for line in _broker_lines(caplog) if "(here) disconnected" in line] == [
+            "producer p1 (here) disconnected", "producer p2 (here) disconnected", "consumer c (here) disconnected"]
+        assert broker.stats()["connections"] == 0 and not broker._conns
+        with pytest.raises(ValueError, match="unknown role"):
+            InprocClient.open(broker, first, first.on_output, role="boss", name="x", peer="here")
+        await broker.close()
+
+    arun(main())
+
+
+def test_a_broker_hook_that_fails_on_a_pages_message_closes_that_page_only(
+        arun: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug of the broker's while it handles a page's message: as for a connection's frame, an
+    INTERNAL error to the endpoint (a teomq.js page sees it), logged, counted, the page closed."""
+    async def main() -> None:
+        broker, gw = await started(tmp_path)
+        tab, other = await page(gw), await page(gw)
+        await tab.identify()
+        assert (await tab.send_to(1, "hello", "first")).data == b"Hello first"
+
+        def boom(conn: Any, msg_id: int, payload: bytes) -> None:
+            if payload == b"q/boom":
+                raise RuntimeError("a bug")
+
+        assert broker._disp is not None
+        broker._disp.on_message = boom
+        await tab.send(2, tp.SEND_TO, f"{broker.address},q,boom")
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                await tab.next(lambda p: False, "the socket to close")
+        assert tab.ws.close_code == 1001
+        assert tab.inbox == [tp.Packet(0, 0, b"the broker failed to handle a frame of this connection (logged at the "
+                                             b"broker); closing", True)]
+        assert broker.stats()["errors"] == 1
+        assert any(r.levelname == "ERROR" and "internal error" in r.getMessage() and r.exc_info
+                   for r in caplog.records if r.name == "teomq.broker")
+        assert (await other.send_to(3, "hello", "still")).data == b"Hello still"
+        await stop(broker, gw, other)
 
     arun(main())
