@@ -142,22 +142,6 @@ def test_empty_payload_and_extremes(codec):
     assert codec.encode_frame(ftype=1, flags=0, fid=0, payload=b"ab") == codec.encode_frame(1, 0, 0, b"ab")
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.integers(0, U64_MAX), max_size=40), st.integers(0, 0xFFFF))
-def test_encode_acks_is_answer_frames_back_to_back(ids, flags):
-    expected = b"".join(raw_frame(FrameType.ANSWER, flags, i) for i in ids)
-    assert core.encode_acks(ids, flags) == twin.encode_acks(ids, flags) == expected
-
-
-@each_codec
-@pytest.mark.parametrize("ids,flags,exc", [([-1], 0, OverflowError), ([U64_MAX + 1], 0, OverflowError),
-                                           ([1], 0x10000, OverflowError), ([1], -1, OverflowError),
-                                           ((1, 2), 0, TypeError), (["1"], 0, TypeError)])
-def test_encode_acks_refuses_what_encode_frame_refuses(codec, ids, flags, exc):
-    with pytest.raises(exc):
-        codec.encode_acks(ids, flags)
-
-
 @settings(max_examples=250, deadline=None)
 @given(frames_st())
 def test_encoders_agree(frames):

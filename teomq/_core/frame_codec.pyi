@@ -26,8 +26,6 @@ def encode_frame(ftype: SupportsIndex, flags: SupportsIndex, fid: SupportsIndex,
                  payload: ReadableBuffer = b"") -> bytes:
     """Encode one frame to bytes."""
 
-def encode_acks(ids: list[int], flags: int) -> bytes:
-    """ANSWER frames without payload, one per delivery id of ``ids``, in one bytes object."""
 
 class FrameDecoder:
     """Incremental decoder: feed() any chunking of a byte stream, get back every complete frame.

@@ -313,16 +313,6 @@ def encode_frame(ftype, flags, fid, payload=b"") -> bytes:
     return wb.take_bytes()
 
 
-def encode_acks(list ids, uint16_t flags) -> bytes:
-    """ANSWER frames without payload, one per delivery id of ``ids``, in one bytes object (the
-    web gateway acknowledges every push it hands to a socket: one call per batch, not per frame)."""
-    cdef WriteBuffer wb = WriteBuffer(HEADER_SIZE * len(ids) + 1)
-    cdef object fid
-    for fid in ids:
-        wb.add_frame(T_ANSWER, flags, as_u64(fid), NULL, 0)
-    return wb.take_bytes()
-
-
 cdef class FrameDecoder:
     """Incremental decoder: feed() any chunking of a byte stream, get back every complete frame.
 

@@ -27,10 +27,10 @@ import struct
 from typing import SupportsIndex
 
 from teomq.errors import ProtocolError
-from teomq.protocol import HEADER_SIZE, MAGIC, MAX_FRAME_TYPE, VERSION, ErrorCode, FrameType
+from teomq.protocol import HEADER_SIZE, MAGIC, MAX_FRAME_TYPE, VERSION, ErrorCode
 from teomq._py.crc32c import byte_view, crc32c
 
-__all__ = ["encode_frame", "encode_acks", "WriteBuffer", "FrameDecoder"]
+__all__ = ["encode_frame", "WriteBuffer", "FrameDecoder"]
 
 # Header bytes 0..19, the part the crc covers: magic, version, type, flags, reserved, id, length.
 _HEAD = struct.Struct("<2sBBHHQI")
@@ -113,14 +113,6 @@ def encode_frame(ftype: int, flags: int, fid: int, payload: object = b"") -> byt
     _c_unsigned(fid, _U64_MAX, "unsigned PY_LONG_LONG")
     len(payload)  # type: ignore[arg-type]  # the core sizes its buffer first: TypeError without len()
     return _encode(ftype, flags, fid, payload)
-
-
-def encode_acks(ids: list[int], flags: int) -> bytes:
-    """ANSWER frames without payload, one per delivery id of ``ids``, in one bytes object."""
-    if type(ids) is not list:
-        raise TypeError(f"Argument 'ids' has incorrect type (expected list, got {type(ids).__name__})")
-    _c_unsigned(flags, 0xFFFF, "uint16_t")
-    return b"".join(encode_frame(FrameType.ANSWER, flags, fid) for fid in ids)
 
 
 def _parse_header(buf: bytearray, pos: int, max_payload: int) -> tuple[int, int, int, int]:
