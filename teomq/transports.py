@@ -4,8 +4,7 @@ The core is sans-IO: it encodes frames into a WriteBuffer. The protocol layer ow
 writer (``teomq._core.writer.SocketWriter``) that send()s them to a connection's socket while
 the transport holds nothing of ours, handing the transport the rest. That is only right when
 the transport is the socket: under TLS, or any transport that wraps another (a proxy, a
-test's recorder, the web gateway's virtual transports), bytes written to the fd would bypass
-it. So a writer is made only for the plain stream transports of asyncio and uvloop, named
+test's recorder), bytes written to the fd would bypass it. So a writer is made only for the plain stream transports of asyncio and uvloop, named
 here; every other transport gets every byte through ``write()``.
 """
 

@@ -76,8 +76,8 @@ cdef class SocketWriter:
                 out.clear()
                 return 0
             self.backlog = True
-        # empty first (take_rest does): a transport may add to this buffer from write() (the
-        # web gateway's virtual transports feed acknowledgements back into the core)
+        # empty first (take_rest does): a transport may add to this buffer from write() (one
+        # that feeds something back into the core before it returns)
         transport.write(out.take_rest(<size_t>n))
         return 0
 
