@@ -328,9 +328,10 @@ class Client:
             The message id.
         """
         conn = self._conn
-        if (timeout is None and type(data) is bytes and conn is not None and self._produces
-                and not conn._closing and len(data) <= conn.max_send and callable(callback)):
-            return conn.submit(data, callback, False)  # the common case: all checks passed
+        if timeout is None and conn is not None:
+            mid = conn._core.send(data, callback, False)  # the common case: checked and sent in C
+            if mid >= 0:
+                return mid
         if not callable(callback):
             raise TypeError("callback must be callable")
         conn, payload, timeout = self._prepare(data, timeout)

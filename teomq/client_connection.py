@@ -162,7 +162,7 @@ class Connection(asyncio.Protocol):
         self._core = ClientCore(MAX_PAYLOAD_LIMIT, self._on_frame, self._on_result,
                                 self._on_callback_error)
         self._wbuf = self._core.wbuf
-        self._flush_scheduled = False
+        self._core.set_scheduling(self._loop.call_soon, self._flush, self._arm_timer)
         self.welcome: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self.address: str | None = None
@@ -224,8 +224,8 @@ class Connection(asyncio.Protocol):
             return
         if self._closing:
             return
-        if len(self._wbuf) and not self._flush_scheduled:
-            self._flush_scheduled = True
+        if len(self._wbuf) and not self._core.flush_scheduled:
+            self._core.flush_scheduled = True
             self._loop.call_soon(self._flush)
         if self.address is None and core.buffered > _HANDSHAKE_LIMIT:
             self._fail("broker sent an oversized frame before WELCOME", None,
@@ -258,6 +258,7 @@ class Connection(asyncio.Protocol):
                 fut.set_result(None)
         elif ftype == _FLOW and self.address is not None:
             self._held = bool(flags & FLOW_HOLD)
+            self._sync_fast()
             log.debug("broker %s: %s", "holds us back" if self._held else "lets us go on", self._endpoint)
             if self._held:
                 self.stats["held_back"] += 1
@@ -315,6 +316,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._core.fast = False
         self._transport = None
         self._core.handler = None
         if not self._folded:
@@ -339,6 +341,7 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            self._core.timer_armed = False
         if self._refusal_timer is not None:
             self._refusal_timer.cancel()
             self._log_refusals()
@@ -368,12 +371,12 @@ class Connection(asyncio.Protocol):
             self._deferred.append((ftype, flags, fid, payload if type(payload) is bytes else bytes(payload)))
             return
         self._wbuf.add(ftype, flags, fid, payload)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
+        if not self._core.flush_scheduled:
+            self._core.flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        self._core.flush_scheduled = False
         if self._closing:
             self._wbuf.take()
         else:
@@ -385,8 +388,8 @@ class Connection(asyncio.Protocol):
         add = self._wbuf.add
         for ftype, flags, fid, payload in deferred:
             add(ftype, flags, fid, payload)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
+        if not self._core.flush_scheduled:
+            self._core.flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _fail(self, reason: str, cause: BaseException | None, error_code: int = 0) -> None:
@@ -399,8 +402,20 @@ class Connection(asyncio.Protocol):
             self._write(_ERROR, 0, 0, msgpack.packb({"code": int(error_code), "reason": reason}))
         self._flush()
         self._closing = True
+        self._core.fast = False
         self._core.poison(ConnectionLost(reason))
         self._transport.close()  # type: ignore[union-attr]
+
+    def _sync_fast(self) -> None:
+        """Whether Client.send/request may take the core's fast path (ClientCore.send)."""
+        self._core.fast = (self.address is not None and not self._closing and not self._held
+                           and self._client._produces)
+
+    def _arm_timer(self) -> None:
+        """The deadline timer runs while anything is pending (the core arms it through this)."""
+        if self._timer is None:
+            self._timer = self._loop.call_later(_TICK, self._tick)
+        self._core.timer_armed = True
 
     def _lost(self) -> ConnectionLost:
         err = ConnectionLost(self._reason)
@@ -446,6 +461,7 @@ class Connection(asyncio.Protocol):
         core.max_send = self.max_send
         if self._handler is not None and not self._handler_async:
             core.handler = self._handler  # sync handler: DELIVERs are run in the core from now on
+        self._sync_fast()
         self.welcome.set_result(None)
 
     def _on_error(self, fid: int, payload: bytes) -> None:
@@ -493,7 +509,10 @@ class Connection(asyncio.Protocol):
     # -- producer side -------------------------------------------------------------------
 
     def submit(self, payload: bytes, entry: Any, is_future: bool) -> int:
-        """Send a request with the default timeout: the hot path of request() and send()."""
+        """Send a request with the default timeout (request(), and send() off its fast path)."""
+        mid = self._core.send(payload, entry, is_future)
+        if mid >= 0:
+            return mid
         if self._held:  # rare: tracked now, sent when the broker lets us go on
             mid = self._core.register(entry, is_future)
             self._deferred.append((_SEND, 0, mid, payload))
@@ -504,8 +523,8 @@ class Connection(asyncio.Protocol):
         mid = self._core.submit(payload, entry, is_future)
         if self._timer is None:
             self._timer = self._loop.call_later(_TICK, self._tick)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
+        if not self._core.flush_scheduled:
+            self._core.flush_scheduled = True
             self._loop.call_soon(self._flush)
         return mid
 
@@ -567,6 +586,7 @@ class Connection(asyncio.Protocol):
         else:
             buckets.clear()
             heap.clear()
+        core.timer_armed = self._timer is not None
 
     @staticmethod
     def _complete(mid: int, entry: Any, data: bytes | None, err: BaseException | None) -> None:
@@ -691,6 +711,7 @@ class Connection(asyncio.Protocol):
             self._reason = "connection closed by the client"
             self._flush()
             self._closing = True
+            self._core.fast = False
             self._transport.close()  # type: ignore[union-attr]
         try:
             await asyncio.wait_for(asyncio.shield(self.closed), grace)

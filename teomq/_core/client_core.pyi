@@ -47,6 +47,19 @@ class ClientCore(FrameDecoder):
     def answered(self) -> int: ...
     @property
     def redelivered(self) -> int: ...
+    #: send() may take its fast path: connected, not held back, not closing, may produce
+    fast: bool
+    #: a flush of wbuf is scheduled this loop pass (send() schedules one while it is clear)
+    flush_scheduled: bool
+    #: the request-deadline timer runs (send() calls arm_cb while it is clear)
+    timer_armed: bool
+    def set_scheduling(self, call_soon: Callable[[Callable[[], object]], object], flush_cb: Callable[[], object],
+                       arm_cb: Callable[[], object]) -> None:
+        """How send() schedules this loop pass's flush and the deadline timer."""
+    def send(self, payload: object, entry: _Entry, is_future: bool) -> int:
+        """A request with the default timeout in one call (tracked, encoded, flush and timer
+        scheduled), or -1, nothing done, unless ``fast`` is set, ``payload`` is bytes within
+        max_send and ``entry`` a Future (``is_future``) or callable."""
     def take_id(self) -> int:
         """A fresh message id that is not tracked here (publish, or a custom-timeout request)."""
     def submit(self, payload: bytes, entry: _Entry, is_future: bool) -> int:

@@ -55,6 +55,13 @@ cdef class ClientCore(FrameDecoder):
     cdef readonly uint64_t received
     cdef readonly uint64_t answered
     cdef readonly uint64_t redelivered
+    # the send() fast path (Client.send, Client.request): set by the protocol layer
+    cdef public bint fast               # connected, not held back, not closing, may produce
+    cdef public bint flush_scheduled    # a flush of wbuf is scheduled this loop pass
+    cdef public bint timer_armed        # the request-deadline timer runs
+    cdef object call_soon
+    cdef object flush_cb
+    cdef object arm_cb
 
     def __cinit__(self, max_payload, on_frame, on_result, on_callback_error):
         self.writer = None
@@ -90,12 +97,39 @@ cdef class ClientCore(FrameDecoder):
         self.next_id += 1
         return mid
 
+    def set_scheduling(self, call_soon, flush_cb, arm_cb):
+        """How send() schedules this loop pass's flush (``call_soon(flush_cb)``, once until
+        flush_scheduled is cleared) and the deadline timer (``arm_cb()`` while not timer_armed)."""
+        self.call_soon = call_soon
+        self.flush_cb = flush_cb
+        self.arm_cb = arm_cb
+
+    def send(self, payload, entry, bint is_future) -> int:
+        """A request with the default timeout in one call: track ``entry``, encode the SEND,
+        schedule the flush and the deadline timer. -1 (nothing done) unless the fast path
+        applies: ``fast`` set, ``payload`` bytes within max_send, ``entry`` a Future (``is_future``)
+        or callable."""
+        cdef uint64_t mid
+        if (not self.fast or type(payload) is not bytes
+                or <size_t>PyBytes_GET_SIZE(payload) > self.max_send or (not is_future and not callable(entry))):
+            return -1
+        mid = self._register(entry, is_future)
+        self.wbuf.add_frame(T_SEND, 0, mid, PyBytes_AS_STRING(payload), <size_t>PyBytes_GET_SIZE(payload))
+        self.sent += 1
+        if not self.timer_armed:
+            self.timer_armed = True
+            self.arm_cb()
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.call_soon(self.flush_cb)
+        return mid
+
     def submit(self, payload, entry, bint is_future) -> int:
         """register(entry) and encode its SEND frame in one call; ``payload`` must be bytes."""
         cdef uint64_t mid
         if type(payload) is not bytes:
             raise TypeError("submit() takes bytes")
-        mid = self.register(entry, is_future)
+        mid = self._register(entry, is_future)
         self.wbuf.add_frame(T_SEND, 0, mid, PyBytes_AS_STRING(payload),
                             <size_t>PyBytes_GET_SIZE(payload))
         self.sent += 1
@@ -103,6 +137,9 @@ cdef class ClientCore(FrameDecoder):
 
     def register(self, entry, bint is_future) -> int:
         """Track ``entry`` (a Future or a send() callback) under a fresh message id."""
+        return self._register(entry, is_future)
+
+    cdef uint64_t _register(self, object entry, bint is_future) except 0:
         cdef uint64_t mid = self.next_id
         cdef size_t slot = mid & self.mask
         while self.entries[slot] != NULL:
