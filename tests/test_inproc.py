@@ -153,6 +153,36 @@ def test_an_inproc_consumer_subscribes_to_commands() -> None:
     assert len(out.items) == 2 and disp.stats()["queue"] == 1  # nobody takes work now: it waits
 
 
+def fanout_dispatcher() -> Dispatcher:
+    disp = Dispatcher()
+    table = CommandTable()
+    table.add("news")
+    disp.set_schema(table, [KINDS["fanout"]])
+    return disp
+
+
+def test_fanout_copies_share_one_payload_object_per_message() -> None:
+    # the payload's bytes object is made once per message, not once per in-process delivery
+    disp = fanout_dispatcher()
+    outs = [Out() for _ in range(3)]
+    eps = [InprocEndpoint(disp, o, prefetch=8) for o in outs]
+    for ep in eps:
+        assert disp.subscribe(ep, "news") == 0
+    prod = Wire(disp)
+    prod.feed(encode_frame(T.SEND, 0, 1, b"news/one"), encode_frame(T.SEND, 0, 2, b"news/two"))
+    firsts, seconds = [o.items[0][3] for o in outs], [o.items[1][3] for o in outs]
+    assert firsts == [b"news/one"] * 3 and seconds == [b"news/two"] * 3
+    assert all(p is firsts[0] for p in firsts) and all(p is seconds[0] for p in seconds)
+    # two dispatchers in turn, each message the first (sequence number 1) of its own dispatcher
+    for text in (b"news/a", b"news/b"):
+        d = fanout_dispatcher()
+        out = Out()
+        ep = InprocEndpoint(d, out, prefetch=8)
+        assert d.subscribe(ep, "news") == 0
+        Wire(d).feed(encode_frame(T.SEND, 0, 1, text))
+        assert d.stats()["last_seq"] == 1 and [i[3] for i in out.items] == [text]
+
+
 def test_a_session_name_is_held_by_one_endpoint_at_a_time() -> None:
     disp = Dispatcher()
     ep = InprocEndpoint(disp, Out(), session=b"s-1")

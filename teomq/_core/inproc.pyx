@@ -14,7 +14,8 @@ loop pass (at the flush) as a list of tuples, nothing encoded:
 Held back (``hold_sends``, the broker's high mark), its sends wait unaccepted, in order, as a
 connection's SEND frames do, within the same bound (park_full): release_sends() accepts them.
 
-Deliveries and answers cost a Python object each here: this is for the broker's own
+Deliveries and answers cost a Python object each here (a tuple; the payload's bytes object is
+one per message, shared by the deliveries of its fanout copies): this is for the broker's own
 consumers (the web gateway's sessions, teomq.broker.InprocClient; later dead-letter
 inspection, management), not for the wire path.
 """
@@ -34,6 +35,25 @@ import msgpack
 
 cdef bytes ERR_NOT_ALLOWED = msgpack.packb(
     {"code": E_NOT_ALLOWED, "reason": "broker commands are not served to in-process endpoints"})
+
+
+# The payload object of the last message delivered to an in-process endpoint, for the next
+# delivery of the same message (its fanout copies to every other endpoint): one bytes object
+# per message, not per delivery. Keyed by dispatcher and broker sequence number, unique per
+# accepted message (a payload block's address is not: a freed block's may come back).
+cdef object _last_disp = None
+cdef uint64_t _last_seq = 0
+cdef object _last_payload = None
+
+
+cdef inline object payload_of(Dispatcher disp, Msg *m):
+    global _last_disp, _last_seq, _last_payload
+    if _last_disp is disp and _last_seq == m.seq and _last_payload is not None:
+        return _last_payload
+    _last_payload = PyBytes_FromStringAndSize(m.data, m.length)
+    _last_disp = disp
+    _last_seq = m.seq
+    return _last_payload
 
 
 cdef class InprocEndpoint(Endpoint):
@@ -61,8 +81,7 @@ cdef class InprocEndpoint(Endpoint):
         disp.schedule_flush()
 
     cdef int take(self, Msg *m, uint64_t did) except -1:
-        self.pending.append((T_DELIVER, m.flags & F_REDELIVERED, did,
-                             PyBytes_FromStringAndSize(m.data, m.length)))
+        self.pending.append((T_DELIVER, m.flags & F_REDELIVERED, did, payload_of(self.disp, m)))
         return mark_dirty(self)
 
     cdef int reply(self, uint64_t msg_id, const char *p, size_t n, const Received *rx) except -1:

@@ -285,7 +285,11 @@ class WebSession:
             gw.n_encodes += 1
             return
         acks.append(did)  # a stream push is not answered: it is done once handed to the browser
-        name = payload.split(b"/", 1)[0]
+        if payload is gw.last_push:  # the same message for the next session (one object per message)
+            name = gw.last_push_name
+        else:
+            name = payload.split(b"/", 1)[0]
+            gw.last_push, gw.last_push_name = payload, name
         if name in self.streams:
             out.append(gw.push_packet(payload))
         elif name not in self._unseen_warned:
