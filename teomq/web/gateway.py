@@ -135,14 +135,10 @@ class WebGateway:
         self.n_bad = 0
         self.n_answers = 0
         self.n_forbidden = 0
-        self._pushes: dict[bytes | int, tuple[bytes, bytes]] = {}  # pushes encoded this loop pass
-        # The last push's payload object and its packet: the core hands every session the same
-        # bytes object of a message (inproc.pyx), so the next session's push is an identity check.
-        self._push_obj: bytes | None = None
-        self._push_frame = b""
-        #: the last pushed payload object and its command name (WebSession._deliver)
-        self.last_push: bytes | None = None
-        self.last_push_name = b""
+        # This loop pass's pushes, [command name, WebSocket frame or None, payload] each: by the
+        # payload object (the core hands every session the same one: inproc.pyx), and by content
+        self._push_ids: dict[int, list[Any]] = {}
+        self._pushes: dict[bytes | int, list[Any]] = {}
         self._waiting: set[WebSession] = set()
         self._ack_waiting: dict[WebSession, None] = {}  # sessions with acks to feed, in order
         self._acks_scheduled = False
@@ -200,34 +196,47 @@ class WebGateway:
 
     # -- pushes ------------------------------------------------------------------------------
 
-    def push_packet(self, payload: bytes) -> bytes:
-        """The Stream push of ``payload``: its WebSocket frame, encoded once per loop pass.
+    def push_of(self, payload: bytes) -> list[Any]:
+        """``[command name, frame or None, payload]`` of a pushed message, one per loop pass.
 
         The core hands every session the same bytes object of a message (inproc.pyx), so the
-        next session's push of it is an identity check. Otherwise the cache is keyed by
-        content: small messages by themselves (hashing 20 bytes costs ~26 ns against ~80 ns
-        to encode), large ones by their CRC32C, checked with ``==`` on a hit (64 KiB: hash
-        15 us, CRC32C 3 us + compare 1 us, encode 35 us; measured with timeit on this box).
+        next session's lookup is by identity. Another object of the same message (delivered
+        apart, e.g. from a backlog) is found by content: a small message by itself (hashing
+        20 bytes costs ~26 ns against ~80 ns to encode), a large one by its CRC32C, checked with
+        ``==`` on a hit (64 KiB: hash 15 us, CRC32C 3 us + compare 1 us, encode 35 us; measured
+        with timeit on this box).
         """
+        ids, cache = self._push_ids, self._pushes
+        entry = ids.get(id(payload))
+        if entry is not None and entry[2] is payload:  # (is: an id of a freed object may come back)
+            return entry
+        if not ids and not cache:
+            self.loop.call_soon(self._end_pass)
+        key: bytes | int = payload if len(payload) <= _HASHED else crc32c(payload)
+        entry = cache.get(key)
+        if entry is None or not (key is payload or entry[2] == payload):
+            entry = cache[key] = [payload.split(b"/", 1)[0], None, payload]
+        ids[id(payload)] = entry
+        return entry
+
+    def _end_pass(self) -> None:
+        self._push_ids.clear()
+        self._pushes.clear()
+
+    def push_packet(self, payload: bytes, entry: list[Any] | None = None) -> bytes:
+        """The Stream push of ``payload``: its WebSocket frame, encoded once per loop pass
+        (``entry``: its push_of(), when the caller has it)."""
         self.n_pushes += 1
         if not self.share_pushes:
             self.n_encodes += 1
             return text_frame(tp.encode(0, tp.PUSH, payload))
-        if payload is self._push_obj:
-            return self._push_frame
-        cache = self._pushes
-        key: bytes | int = payload if len(payload) <= _HASHED else crc32c(payload)
-        hit = cache.get(key)
-        if hit is not None and (key is payload or hit[0] == payload):
-            self._push_obj, self._push_frame = payload, hit[1]
-            return hit[1]
-        if not cache:
-            self.loop.call_soon(cache.clear)
-        packet = text_frame(tp.encode(0, tp.PUSH, payload))
-        cache[key] = (payload, packet)
-        self._push_obj, self._push_frame = payload, packet
-        self.n_encodes += 1
-        return packet
+        if entry is None:
+            entry = self.push_of(payload)
+        frame = entry[1]
+        if frame is None:
+            frame = entry[1] = text_frame(tp.encode(0, tp.PUSH, payload))
+            self.n_encodes += 1
+        return frame
 
     # -- acknowledgements --------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ log = logging.getLogger("teomq.web")
 ANSWER_TIMEOUT = 5.0
 #: Acknowledgements of pushed messages are held while this much is unsent to the browser.
 WRITE_HIGH = 1 << 20
+_DELIVER, _REPLY, _ERROR = int(FrameType.DELIVER), int(FrameType.REPLY), int(FrameType.ERROR)
 _API_HELLO = (b"hello", str(int(ApiCommand.HELLO)).encode())
 _API_MSG = (b"msg", str(int(ApiCommand.MSG)).encode())
 #: Connect's data from teomq.js (optionally followed by "/" and anything): the session may get cmd-0 errors.
@@ -259,17 +260,31 @@ class WebSession:
         """What the core has for one of our endpoints (one call per endpoint per loop pass)."""
         out: list[bytes] = []
         acks: list[int] = []
+        gw = self.gw
+        # a stream push, the common case, inline: its entry by the payload object's identity
+        # (one object per message for every session: inproc.pyx), its frame encoded once
+        ids = gw._push_ids if gw.share_pushes and not self.answering else None
+        streams = self.streams
+        pushes = 0
         for ftype, _flags, fid, payload in items:
-            if ftype == FrameType.DELIVER:
+            if ftype == _DELIVER:
+                if ids is not None:
+                    entry = ids.get(id(payload))
+                    if entry is not None and entry[2] is payload and entry[1] is not None and entry[0] in streams:
+                        acks.append(fid)  # a stream push is not answered: done once handed to the browser
+                        out.append(entry[1])
+                        pushes += 1
+                        continue
                 self._deliver(fid, payload, out, acks)
-            elif ftype == FrameType.REPLY:
+            elif ftype == _REPLY:
                 entry = self.pending.get(fid)
                 if entry is not None:  # else: its time ran out, it was answered "timeout"
                     if not entry.multi:
                         del self.pending[fid]
                     out.append(text_frame(tp.encode(entry.pid, tp.SEND_TO, payload)))
-            elif ftype == FrameType.ERROR:
+            elif ftype == _ERROR:
                 self._broker_error(fid, payload, out)
+        gw.n_pushes += pushes
         if out:
             self.write(out)
         if acks:
@@ -285,13 +300,10 @@ class WebSession:
             gw.n_encodes += 1
             return
         acks.append(did)  # a stream push is not answered: it is done once handed to the browser
-        if payload is gw.last_push:  # the same message for the next session (one object per message)
-            name = gw.last_push_name
-        else:
-            name = payload.split(b"/", 1)[0]
-            gw.last_push, gw.last_push_name = payload, name
+        entry = gw.push_of(payload)
+        name = entry[0]
         if name in self.streams:
-            out.append(gw.push_packet(payload))
+            out.append(gw.push_packet(payload, entry))
         elif name not in self._unseen_warned:
             self._unseen_warned.add(name)
             log.info("%s (%s) gets '%s' but has no Stream for it: acknowledged unseen, as teoproxy does",
