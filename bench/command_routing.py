@@ -62,7 +62,9 @@ from teomq.errors import RequestTimeout
 
 ROOT = Path(__file__).resolve().parent.parent
 QUEUE, FANOUT = "work", "news"
-PROBE_ROUNDS = 5  # round robin: rounds of `subscribers` requests until every subscriber answered
+#: queue commands go to consumers in runs of up to this many (the broker's -dispatch-run default)
+DISPATCH_RUN = 16
+PROBE_ROUNDS = 5  # rounds of DISPATCH_RUN x `subscribers` requests until every subscriber answered
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,8 @@ async def probe(client: Any, sc: Scenario, payload: bytes) -> None:
         seen.update(await client.collect(payload, expect=sc.subscribers))
     else:
         for _ in range(PROBE_ROUNDS):
-            seen.update(await asyncio.gather(*(client.request(payload) for _ in range(sc.subscribers))))
+            seen.update(await asyncio.gather(*(client.request(payload)
+                                               for _ in range(DISPATCH_RUN * sc.subscribers))))
             if seen >= want:
                 break
     idle = await asyncio.gather(*(client.request(f"c{i}/probe".encode()) for i in range(sc.idle)))

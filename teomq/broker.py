@@ -333,8 +333,8 @@ class BrokerConnection(ControlledEndpoint, CoreConnection, asyncio.BufferedProto
         self.accept_hello(role != "producer", granted)
         if session is not None:
             disp.bind_session(self, session)
-        if b._disp is not None and b._disp.backpressure:
-            b.hold_back(self, True)
+        if b._disp is not None and b._disp.backpressure and role != "consumer":
+            b.hold_back(self, True)  # as _backpressure does: a pure consumer sends nothing to hold
         if granted < prefetch:
             log.info("%s %s connected from %s (prefetch %d asked, %d granted: the broker's limit)",
                      role, self.name, self.peer, prefetch, granted)
@@ -421,8 +421,8 @@ class InprocClient(ControlledEndpoint, InprocEndpoint):
         self.refused_logged = (0, 0)
         self._paused = set()
         broker._conns.add(self)
-        if disp.backpressure:
-            broker.hold_back(self, True)
+        if disp.backpressure and role != "consumer":
+            broker.hold_back(self, True)  # as _backpressure does: a pure consumer sends nothing to hold
         if granted < prefetch:
             log.info("%s %s connected from %s (prefetch %d asked, %d granted: the broker's limit)",
                      role, self.name, peer, prefetch, granted)
@@ -458,6 +458,7 @@ class InprocClient(ControlledEndpoint, InprocEndpoint):
         self.put_output(FrameType.ERROR, 0, 0, error_payload(code, reason))
         self.flush_now()
         self.broker._conns.discard(self)
+        self._log_gone(None)
         super().close()
         self.owner.on_broker_close(self)
 
@@ -530,8 +531,8 @@ class Broker:
             raise ValueError("queue_max must be at least 1")
         if backlog_max < 1:
             raise ValueError("backlog_max must be at least 1")
-        if dispatch_run < 1:
-            raise ValueError("dispatch_run must be at least 1")
+        if not 1 <= dispatch_run <= MAX_PREFETCH:
+            raise ValueError(f"dispatch_run must be between 1 and {MAX_PREFETCH} (no credit is larger)")
         self.backlog_max = backlog_max
         self.dispatch_run = dispatch_run
         self.host = host

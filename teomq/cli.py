@@ -215,7 +215,7 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
           help="run the command scheme with this command (repeatable): ROUTING fanout (every subscriber, "
           "the default) or queue (one subscriber, in runs); PATTERN such as {data}/{description} "
           "(e.g. -command num_players -command version/{data}/{description}:fanout)")
-    flag(parser, "dispatch-run", type=int_at_least(1), default=16, metavar="N",
+    flag(parser, "dispatch-run", type=int_at_least(1, 65535), default=16, metavar="N",
           help="most consecutive messages of one queue a consumer takes (fewer if its free credit is less) "
           "before the next consumer gets its run; 1 is a per-message round robin (default: %(default)s)")
     flag(parser, "backlog-max", type=int_at_least(1), default=10_000, metavar="N",

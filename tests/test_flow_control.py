@@ -183,3 +183,26 @@ def test_a_hung_consumer_does_not_stall_every_producer(procs: ProcGroup) -> None
     got = asyncio.run(asyncio.wait_for(main(), HANG_GUARD))
     assert got == {"refused": 0, "received": 2000 - 30}
     hog.close()
+
+
+def test_a_consumer_that_connects_at_the_high_mark_is_not_held_back(procs: ProcGroup) -> None:
+    # queue_max 100: high mark 75. 80 messages sent, no consumer; then a consumer (flow capability)
+    # connects, takes them all, and its own frames (a PING) go out: it was never held back, so
+    # nothing of it waits for a release that back-pressure's end gives producers only.
+    import teomq
+
+    broker = procs.broker("-nomsg", "-queue-max", "100", "-stat", "-stat-interval", "0.1")
+
+    async def main() -> dict[str, int]:
+        async with teomq.Producer(broker.endpoint, name="p", timeout=HANG_GUARD) as producer:
+            for i in range(80):
+                producer.publish(b"job %d" % i)
+            # the high mark: the broker holds the producer back (75 accepted, the rest wait in it)
+            await asyncio.to_thread(broker.proc.wait_for_line, r"^stat: in=(7[5-9]|80) .* queue=(7[5-9]|80) ")
+            async with teomq.Consumer(broker.endpoint, lambda d: d, name="late", prefetch=8) as late:
+                while late.stats["received"] < 80:
+                    await asyncio.sleep(0.01)
+                await asyncio.wait_for(late.ping(), HANG_GUARD / 2)
+                return {"received": late.stats["received"], "held_back": late.stats["held_back"]}
+
+    assert asyncio.run(asyncio.wait_for(main(), HANG_GUARD)) == {"received": 80, "held_back": 0}

@@ -183,6 +183,22 @@ def test_fanout_copies_share_one_payload_object_per_message() -> None:
         assert d.stats()["last_seq"] == 1 and [i[3] for i in out.items] == [text]
 
 
+def test_a_run_ends_when_its_consumer_goes_and_credit_bounds_it() -> None:
+    # runs of 4 (Dispatcher(run=4)); the head leaves mid-run: the next consumer's run begins
+    disp = Dispatcher(run=4)
+    outs = [Out() for _ in range(3)]
+    eps = [InprocEndpoint(disp, o, prefetch=p) for o, p in zip(outs, (100, 100, 2))]
+    prod = Wire(disp)
+    prod.feed(*(encode_frame(T.SEND, 0, i, f"m{i}".encode()) for i in range(1, 3)))
+    assert [i[3] for i in outs[0].items] == [b"m1", b"m2"]  # its run of 4 half done
+    eps[0].close()  # what it held goes back to the head of the queue, flagged redelivered
+    prod.feed(*(encode_frame(T.SEND, 0, i, f"m{i}".encode()) for i in range(3, 11)))
+    got = [[i[3] for i in o.items] for o in outs[1:]]
+    # b: a run of 4 (m1, m2 again, then m3, m4); c: its 2 of credit; b again: the rest
+    assert got == [[b"m1", b"m2", b"m3", b"m4", b"m7", b"m8", b"m9", b"m10"], [b"m5", b"m6"]]
+    assert [i[1] & Flag.REDELIVERED for i in outs[1].items[:3]] == [Flag.REDELIVERED, Flag.REDELIVERED, 0]
+
+
 def test_a_session_name_is_held_by_one_endpoint_at_a_time() -> None:
     disp = Dispatcher()
     ep = InprocEndpoint(disp, Out(), session=b"s-1")

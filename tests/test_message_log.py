@@ -74,6 +74,22 @@ def test_one_line_per_message_on_stderr_by_default(procs: ProcGroup) -> None:
     assert lines[9][2] == "(binary, 40 bytes) 000102030405060708090a0b0c0d0e0f..."
 
 
+def test_lines_are_written_while_the_broker_runs_with_nothing_to_deliver(procs: ProcGroup) -> None:
+    # no consumer: the message only waits in the queue, no connection has output, yet the loop
+    # pass's flush writes its line (not at shutdown)
+    broker = procs.broker("-noweb")
+
+    async def publish() -> None:
+        async with teomq.Producer(broker.endpoint, name="lonely", timeout=60) as producer:
+            producer.publish(b"waits in the queue")
+            await producer.ping()
+
+    asyncio.run(publish())
+    broker.proc.wait_for_line(r"INFO teomq\.broker\.messages: message #\d+ from lonely: waits in the queue$",
+                              stderr=True)
+    assert broker.proc.popen.poll() is None  # still running: written by the loop, not at exit
+
+
 @pytest.mark.parametrize("flags", [["-nomsg"], ["-log-level", "WARNING"]], ids=["nomsg", "warning"])
 def test_nomsg_and_log_level_turn_it_off(procs: ProcGroup, flags: list[str]) -> None:
     broker = procs.broker("-noweb", *flags)
@@ -104,10 +120,11 @@ def test_log_file_that_cannot_be_opened_is_a_clear_error(procs: ProcGroup, tmp_p
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_full_disk_loses_log_lines_not_messages(procs: ProcGroup) -> None:
     # every write of the log fails with ENOSPC: the broker serves on, every message answered
+    # (send_all checks each answer), and no line of it shows up anywhere else
     broker = procs.broker("-noweb", "-log-file", "/dev/full")
     asyncio.run(send_all(broker.endpoint, [f"m{i}".encode() for i in range(200)]))
     assert broker.proc.popen.poll() is None
-    stop(broker)
+    assert message_lines(stop(broker)) == []
 
 
 @settings(max_examples=300, deadline=None)

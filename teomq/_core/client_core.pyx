@@ -117,11 +117,10 @@ cdef class ClientCore(FrameDecoder):
         self.wbuf.add_frame(T_SEND, 0, mid, PyBytes_AS_STRING(payload), <size_t>PyBytes_GET_SIZE(payload))
         self.sent += 1
         if not self.timer_armed:
-            self.timer_armed = True
-            self.arm_cb()
+            self.arm_cb()               # arms the timer and sets timer_armed
         if not self.flush_scheduled:
-            self.flush_scheduled = True
             self.call_soon(self.flush_cb)
+            self.flush_scheduled = True
         return mid
 
     def submit(self, payload, entry, bint is_future) -> int:

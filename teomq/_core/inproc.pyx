@@ -37,23 +37,15 @@ cdef bytes ERR_NOT_ALLOWED = msgpack.packb(
     {"code": E_NOT_ALLOWED, "reason": "broker commands are not served to in-process endpoints"})
 
 
-# The payload object of the last message delivered to an in-process endpoint, for the next
-# delivery of the same message (its fanout copies to every other endpoint): one bytes object
-# per message, not per delivery. Keyed by dispatcher and broker sequence number, unique per
-# accepted message (a payload block's address is not: a freed block's may come back).
-cdef object _last_disp = None
-cdef uint64_t _last_seq = 0
-cdef object _last_payload = None
-
-
 cdef inline object payload_of(Dispatcher disp, Msg *m):
-    global _last_disp, _last_seq, _last_payload
-    if _last_disp is disp and _last_seq == m.seq and _last_payload is not None:
-        return _last_payload
-    _last_payload = PyBytes_FromStringAndSize(m.data, m.length)
-    _last_disp = disp
-    _last_seq = m.seq
-    return _last_payload
+    # The payload object of m: one per message for every in-process delivery of it (its fanout
+    # copies to every other endpoint), not one per delivery. The dispatcher keeps the last one,
+    # by broker sequence number (unique per accepted message; a block's address is not).
+    if disp.shared_payload is not None and disp.shared_seq == m.seq:
+        return disp.shared_payload
+    disp.shared_payload = PyBytes_FromStringAndSize(m.data, m.length)
+    disp.shared_seq = m.seq
+    return disp.shared_payload
 
 
 cdef class InprocEndpoint(Endpoint):

@@ -16,7 +16,7 @@ the broker's loop never waits on its log beyond the write itself.
 """
 
 cimport cython
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, EINTR, EIO, errno
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
@@ -208,7 +208,7 @@ cdef class MessageLog:
         cdef time_t sec
         cdef size_t shown = n if n < SHOWN_C else SHOWN_C
         cdef size_t name_n = len(name) if name is not None else 1
-        cdef size_t worst = self.stamp_len + 4 + MIDDLE_LEN + 20 + 6 + name_n + 2 + shown * PER_BYTE + 1 + 80  # 80: a binary form
+        cdef size_t worst = 32 + 4 + MIDDLE_LEN + 20 + 6 + name_n + 2 + shown * PER_BYTE + 1 + 80  # 80: a binary form
         cdef size_t k
         cdef size_t w
         cdef size_t want
@@ -271,12 +271,12 @@ cdef class MessageLog:
         cdef size_t i
         while off < self.used:
             w = write(self.fd, self.buf + off, self.used - off)
-            if w < 0:
-                if errno == EINTR:
+            if w <= 0:
+                if w < 0 and errno == EINTR:
                     continue
-                if errno == EAGAIN:
-                    break
-                self.last_errno = errno
+                if w < 0 and errno == EAGAIN:
+                    break           # the rest waits for the next pass's flush
+                self.last_errno = errno if w < 0 else EIO
                 lost = 0
                 for i in range(off, self.used):
                     if self.buf[i] == 10:
@@ -299,8 +299,15 @@ cdef class MessageLog:
         self.write_out()
 
     def close(self):
-        """Write what is buffered, then close the file if this log opened it."""
+        """Write what is buffered (what the descriptor does not take now counts as dropped),
+        then close the file if this log opened it."""
+        cdef size_t i
         self.write_out()
+        if self.used:
+            for i in range(self.used):
+                if self.buf[i] == 10:
+                    self.dropped += 1
+            self.used = 0
         if self.own_fd and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

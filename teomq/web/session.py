@@ -6,7 +6,7 @@ consumes): no wire frames are encoded or decoded. A packet from the browser beco
 call (``send``, ``answer``, ``ack``); what the core has for an endpoint comes to
 :meth:`WebSession.on_output` once per loop pass as ``(type, flags, id, payload)`` tuples and
 becomes packets to the browser. So a browser consumer is a consumer like any other: credit,
-subscriptions, round robin, redelivery of what it held when it goes, the broker's stats, and
+subscriptions, runs of deliveries, redelivery of what it held when it goes, the broker's stats, and
 the control plane's log lines, back-pressure and broker commands (``InprocClient``).
 
 teoproxy commands (``docs/gateway.md`` is the full description):
@@ -269,10 +269,10 @@ class WebSession:
         for ftype, _flags, fid, payload in items:
             if ftype == _DELIVER:
                 if ids is not None:
-                    entry = ids.get(id(payload))
-                    if entry is not None and entry[2] is payload and entry[1] is not None and entry[0] in streams:
+                    push = ids.get(id(payload))
+                    if push is not None and push[2] is payload and push[1] is not None and push[0] in streams:
                         acks.append(fid)  # a stream push is not answered: done once handed to the browser
-                        out.append(entry[1])
+                        out.append(push[1])
                         pushes += 1
                         continue
                 self._deliver(fid, payload, out, acks)
