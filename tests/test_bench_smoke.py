@@ -99,3 +99,21 @@ def test_micro_benchmarks_execute(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+def test_ab_alternates_two_trees_and_prints_every_figure(tmp_path: Path) -> None:
+    # one pair, the same tree on both sides, two driver options: the table has each figure once
+    doc = tmp_path / "ab.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ab.py"), "--base", str(ROOT), "--new", str(ROOT), "--pairs", "1",
+         "--base-opt", "log=0", "--new-opt", "log=1", "--json", str(doc), "--",
+         "rpc", "-producers", "1", "-consumers", "1", "-inflight", "2", "-duration", "0.5", "-warmup", "0"],
+        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=HANG_GUARD,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "median" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| round trips/s", "| messages/s", "| p50 us", "| p99 us",
+                                                 "| broker CPU us/msg", "| producers CPU us/msg",
+                                                 "| consumers CPU us/msg"]
+    runs = json.loads(doc.read_text())
+    assert len(runs["base"]) == len(runs["new"]) == 1 and runs["new"][0]["errors"] == 0
