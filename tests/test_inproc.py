@@ -183,6 +183,24 @@ def test_fanout_copies_share_one_payload_object_per_message() -> None:
         assert d.stats()["last_seq"] == 1 and [i[3] for i in out.items] == [text]
 
 
+def test_copies_from_backlogs_share_the_payload_object_too() -> None:
+    # prefetch 1: every copy after the first waits in its subscriber's backlog and is delivered
+    # as that subscriber acknowledges, one subscriber's whole backlog after another's
+    disp = fanout_dispatcher()
+    outs = [Out() for _ in range(3)]
+    eps = [InprocEndpoint(disp, o, prefetch=1) for o in outs]
+    for ep in eps:
+        assert disp.subscribe(ep, "news") == 0
+    Wire(disp).feed(*(encode_frame(T.SEND, 0, i, b"news/%d" % i) for i in range(1, 6)))
+    for ep, out in zip(eps, outs):  # all of one backlog, then the next: messages interleave
+        for _ in range(4):
+            ep.ack([out.items[-1][2]])
+    got = [[i[3] for i in o.items] for o in outs]
+    assert got == [[b"news/%d" % i for i in range(1, 6)]] * 3
+    for k in range(5):
+        assert outs[1].items[k][3] is outs[0].items[k][3] is outs[2].items[k][3]
+
+
 def test_a_run_ends_when_its_consumer_goes_and_credit_bounds_it() -> None:
     # runs of 4 (Dispatcher(run=4)); the head leaves mid-run: the next consumer's run begins
     disp = Dispatcher(run=4)

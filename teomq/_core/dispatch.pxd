@@ -23,10 +23,12 @@ cdef class Dispatcher(Scheduler):
     cdef readonly uint64_t n_unknown_commands
     # command mode (table is None in the basic scheme)
     cdef readonly CommandTable table
-    # in-process deliveries (inproc.pyx): the last message's sequence number and payload object,
-    # shared by the deliveries of its fanout copies
-    cdef uint64_t shared_seq
-    cdef object shared_payload
+    # in-process deliveries (inproc.pyx): payload objects of recent messages by sequence number,
+    # shared by the deliveries of their fanout copies (slot seq & 63; one slot for large ones)
+    cdef uint64_t shared_seq[64]
+    cdef list shared_payloads
+    cdef uint64_t shared_big_seq
+    cdef object shared_big
 
     cdef int enqueue(self, Endpoint conn, FrameHeader *h, const char *p, size_t n,
                      uint16_t flags, int32_t route) except -1

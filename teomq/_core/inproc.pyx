@@ -20,6 +20,7 @@ consumers (the web gateway's sessions, teomq.broker.InprocClient; later dead-let
 inspection, management), not for the wire path.
 """
 
+from cpython.ref cimport PyObject
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint32_t, uint64_t
 
@@ -30,6 +31,7 @@ from teomq._core.frame_codec cimport (
     T_DELIVER, T_ERROR, T_REPLY, T_SEND, as_u64,
 )
 from teomq._core.ring_queue cimport Msg
+from teomq._core.slots cimport list_item
 
 import msgpack
 
@@ -37,15 +39,33 @@ cdef bytes ERR_NOT_ALLOWED = msgpack.packb(
     {"code": E_NOT_ALLOWED, "reason": "broker commands are not served to in-process endpoints"})
 
 
+# payloads up to this size are kept per slot of recent messages (64 of them: at most 1 MiB)
+cdef uint32_t SHARED_SMALL = 16384
+
+
 cdef inline object payload_of(Dispatcher disp, Msg *m):
     # The payload object of m: one per message for every in-process delivery of it (its fanout
-    # copies to every other endpoint), not one per delivery. The dispatcher keeps the last one,
-    # by broker sequence number (unique per accepted message; a block's address is not).
-    if disp.shared_payload is not None and disp.shared_seq == m.seq:
-        return disp.shared_payload
-    disp.shared_payload = PyBytes_FromStringAndSize(m.data, m.length)
-    disp.shared_seq = m.seq
-    return disp.shared_payload
+    # copies to every endpoint, at once or from their backlogs in turn), not one per delivery.
+    # The dispatcher keeps those of recent messages by broker sequence number (unique per
+    # accepted message; a block's address is not): 64 small ones, the last large one.
+    cdef size_t slot = m.seq & 63
+    cdef object p
+    if m.length <= SHARED_SMALL:
+        if disp.shared_payloads is None:
+            disp.shared_payloads = [None] * 64
+        if disp.shared_seq[slot] == m.seq:
+            p = <object>list_item(<PyObject *>disp.shared_payloads, slot)
+            if p is not None:
+                return p
+        p = PyBytes_FromStringAndSize(m.data, m.length)
+        disp.shared_payloads[slot] = p
+        disp.shared_seq[slot] = m.seq
+        return p
+    if disp.shared_big is not None and disp.shared_big_seq == m.seq:
+        return disp.shared_big
+    disp.shared_big = PyBytes_FromStringAndSize(m.data, m.length)
+    disp.shared_big_seq = m.seq
+    return disp.shared_big
 
 
 cdef class InprocEndpoint(Endpoint):
