@@ -217,7 +217,7 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
           "(e.g. -command num_players -command version/{data}/{description}:fanout)")
     flag(parser, "dispatch-run", type=int_at_least(1, 65535), default=16, metavar="N",
           help="most consecutive messages of one queue a consumer takes (fewer if its free credit is less) "
-          "before the next consumer gets its run; 1 is a per-message round robin (default: %(default)s)")
+          "before the next consumer gets its run, 1 to 65535; 1 is a per-message round robin (default: %(default)s)")
     flag(parser, "backlog-max", type=int_at_least(1), default=10_000, metavar="N",
           help="command scheme: most fanout copies waiting for one subscriber; past it that slow consumer "
           "loses new copies instead of holding up the others (default: %(default)s)")
@@ -231,7 +231,7 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
           help="let pages of this origin (http(s)://HOST[:PORT]) use the web port too, besides its own "
           "(127.0.0.1, localhost, [::1] and the -web host at its port); repeatable; '*' lets every page in")
     _bool_flag(parser, "noweb", "don't serve the web port (default: off)")
-    _add_common(parser, "message received (logged on stderr)")
+    _add_common(parser, "message received (logged on stderr, or to -log-file)")
     parser.set_defaults(func=_broker)
 
 
