@@ -572,7 +572,7 @@ class Broker:
                 self._disp.on_message = self._log_message
             else:
                 self._msglog = MessageLog(self.message_log)
-                self._disp.set_message_log(self._msglog)
+                self._disp.outbox.set_message_log(self._msglog)  # enqueue adds, the flush writes
         self._disp.on_backpressure = self._backpressure
         self._disp.on_refused = self._refused
         if self.commands is not None:

@@ -161,13 +161,19 @@ def fanout_dispatcher() -> Dispatcher:
     return disp
 
 
+def news_subscribers(disp: Dispatcher, n: int, prefetch: int) -> tuple[list[Out], list[InprocEndpoint]]:
+    """``n`` in-process consumers subscribed to the fanout command news, and their outputs."""
+    outs = [Out() for _ in range(n)]
+    eps = [InprocEndpoint(disp, o, prefetch=prefetch) for o in outs]
+    for ep in eps:
+        assert disp.subscribe(ep, "news") == 0
+    return outs, eps
+
+
 def test_fanout_copies_share_one_payload_object_per_message() -> None:
     # the payload's bytes object is made once per message, not once per in-process delivery
     disp = fanout_dispatcher()
-    outs = [Out() for _ in range(3)]
-    eps = [InprocEndpoint(disp, o, prefetch=8) for o in outs]
-    for ep in eps:
-        assert disp.subscribe(ep, "news") == 0
+    outs, _ = news_subscribers(disp, 3, prefetch=8)
     prod = Wire(disp)
     prod.feed(encode_frame(T.SEND, 0, 1, b"news/one"), encode_frame(T.SEND, 0, 2, b"news/two"))
     firsts, seconds = [o.items[0][3] for o in outs], [o.items[1][3] for o in outs]
@@ -176,9 +182,7 @@ def test_fanout_copies_share_one_payload_object_per_message() -> None:
     # two dispatchers in turn, each message the first (sequence number 1) of its own dispatcher
     for text in (b"news/a", b"news/b"):
         d = fanout_dispatcher()
-        out = Out()
-        ep = InprocEndpoint(d, out, prefetch=8)
-        assert d.subscribe(ep, "news") == 0
+        (out,), _ = news_subscribers(d, 1, prefetch=8)
         Wire(d).feed(encode_frame(T.SEND, 0, 1, text))
         assert d.stats()["last_seq"] == 1 and [i[3] for i in out.items] == [text]
 
@@ -187,10 +191,7 @@ def test_copies_from_backlogs_share_the_payload_object_too() -> None:
     # prefetch 1: every copy after the first waits in its subscriber's backlog and is delivered
     # as that subscriber acknowledges, one subscriber's whole backlog after another's
     disp = fanout_dispatcher()
-    outs = [Out() for _ in range(3)]
-    eps = [InprocEndpoint(disp, o, prefetch=1) for o in outs]
-    for ep in eps:
-        assert disp.subscribe(ep, "news") == 0
+    outs, eps = news_subscribers(disp, 3, prefetch=1)
     Wire(disp).feed(*(encode_frame(T.SEND, 0, i, b"news/%d" % i) for i in range(1, 6)))
     for ep, out in zip(eps, outs):  # all of one backlog, then the next: messages interleave
         for _ in range(4):

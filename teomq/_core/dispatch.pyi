@@ -14,7 +14,6 @@ from typing import SupportsIndex
 
 from teomq._core.command_parser import CommandTable
 from teomq._core.endpoint import Endpoint
-from teomq._core.msglog import MessageLog
 from teomq._core.scheduler import Scheduler
 
 #: on_command kinds besides the RouteKind values: not a command, not an API command
@@ -75,12 +74,6 @@ class Dispatcher(Scheduler):
     def flush(self) -> None:
         """Write every connection's pending output: one write per connection per loop pass."""
     def set_scheduler(self, scheduler: Callable[[Callable[[], object]], object] | None) -> None: ...
-    def set_message_log(self, msglog: MessageLog | None) -> None:
-        """Log every accepted message in C (written at each flush) instead of calling on_message;
-        None: back to on_message."""
-    @property
-    def message_log(self) -> MessageLog | None:
-        """The MessageLog set, or None."""
     def pump_now(self) -> None:
         """Deliver what can be delivered and schedule the flush (after control-plane changes)."""
     def tick(self, now: float) -> None:

@@ -212,16 +212,6 @@ cdef class Dispatcher(Scheduler):
     def set_scheduler(self, scheduler):
         self.outbox.set_scheduler(scheduler)
 
-    def set_message_log(self, msglog):
-        """Log every accepted message in C (a msglog.MessageLog, written at each flush) instead
-        of calling on_message; None: back to on_message."""
-        self.outbox.set_message_log(msglog)
-
-    @property
-    def message_log(self):
-        """The MessageLog set, or None."""
-        return self.outbox.msglog
-
     def pump_now(self):
         """Deliver what can be delivered and schedule the flush (after control-plane changes)."""
         self.pump()

@@ -13,7 +13,8 @@ class Outbox:
     def __init__(self, scheduler: Callable[[Callable[[], object]], object] | None = None) -> None: ...
     def set_scheduler(self, scheduler: Callable[[Callable[[], object]], object] | None) -> None: ...
     def set_message_log(self, msglog: MessageLog | None) -> None:
-        """Write these per-message log lines at each flush (None: none)."""
+        """Log every accepted message in C (Dispatcher.enqueue adds its line) and write the lines
+        at each flush, instead of the dispatcher's on_message; None: back to on_message."""
     def flush(self) -> None:
         """Hand every endpoint's pending output over: one write per endpoint per loop pass.
 

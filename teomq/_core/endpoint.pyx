@@ -37,7 +37,8 @@ cdef class Outbox:
         self.scheduler = scheduler
 
     def set_message_log(self, MessageLog msglog):
-        """Write these per-message log lines at each flush (None: none)."""
+        """Log every accepted message in C (Dispatcher.enqueue adds its line) and write the lines
+        at each flush, instead of the dispatcher's on_message; None: back to on_message."""
         self.msglog = msglog
 
     def flush(self):
