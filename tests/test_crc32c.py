@@ -148,6 +148,8 @@ def test_forced_table_path_in_a_fresh_process():
         "assert c.hardware() is False; "
         "assert c.crc32c(b'123456789') == 0xE3069283; "
         "assert c.crc32c(b'6789', c.crc32c(b'12345')) == 0xE3069283; "
+        "import random; b = random.Random(7).randbytes(70001); h, g = b'h' * 20, b'g' * 20; "
+        "assert c.reframe_crc(c.crc32c(h + b), c.crc32c(h), c.crc32c(g), len(b)) == c.crc32c(g + b); "
         "print('ok')"
     )
     env = dict(os.environ, TEOMQ_CRC32C_SOFTWARE="1")
@@ -165,9 +167,25 @@ def test_reframe_crc_equals_recomputing(payload, head, new_head):
     assert got == core.crc32c(new_head + payload)
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.integers(8000, 70000), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
-def test_long_buffers_three_way_path_matches_table(n, start, seed):
-    # from 8 KiB the hardware path splits the buffer in three streams and joins their CRCs
+@settings(max_examples=150, deadline=None)
+@given(st.integers(100, 70000), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+def test_three_way_path_matches_table(n, start, seed):
+    # from 128 bytes the hardware path splits the buffer in three streams and joins their CRCs
     data = random.Random(seed).randbytes(n)
     assert core.crc32c(data, start) == core.crc32c_software(data, start)
+
+
+@pytest.mark.parametrize("n", [196_607, 196_608, 200_003, 1 << 20, (1 << 20) + 77])
+def test_thirds_past_64_kib_join_right(n):
+    # thirds of 64 KiB or more take shift factors from the table of powers past 2^16 bytes
+    data = random.Random(n).randbytes(n)
+    assert core.crc32c(data, 0x1234) == core.crc32c_software(data, 0x1234)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 3 << 20), st.binary(min_size=20, max_size=20), st.binary(min_size=20, max_size=20))
+def test_reframe_crc_of_any_length_up_to_3_mib(n, head, new_head):
+    # every part of the shift factor: both 256-entry tables and the powers from 2^16 bytes up
+    payload = random.Random(n).randbytes(n)
+    got = core.reframe_crc(core.crc32c(head + payload), core.crc32c(head), core.crc32c(new_head), n)
+    assert got == core.crc32c_software(new_head + payload)

@@ -22,7 +22,7 @@ from libc.string cimport memcpy, memmove
 from teomq._core.dispatch cimport accept, park_full
 from teomq._core.endpoint cimport S_CLOSED, S_NEW, S_READY, mark_dirty
 from teomq._core.frame_codec cimport (
-    E_HANDSHAKE, E_NOT_ALLOWED, EXT_MAX, F_REDELIVERED, HEADER_SIZE, T_ANSWER, T_DELIVER, T_ERROR,
+    E_HANDSHAKE, E_NOT_ALLOWED, EXT_MAX, INPLACE_MIN, F_REDELIVERED, HEADER_SIZE, T_ANSWER, T_DELIVER, T_ERROR,
     T_HELLO, T_PING, T_PONG, T_REPLY, T_SEND, Received, check_partial, grow_buffer, parse_header,
     protocol_error, verify_crc, note_received,
 )
@@ -239,7 +239,7 @@ cdef class CoreConnection(Endpoint):
         # Msg (one sendmsg); it stays valid until then: a Flight is released only by its
         # answer, which cannot come before its DELIVER was written, or by detach(), which
         # drops this output first.
-        if m.rx.shift and self.writer is not None and self.out.n_ext < EXT_MAX:
+        if m.length >= INPLACE_MIN and m.rx.shift and self.writer is not None and self.out.n_ext < EXT_MAX:
             self.out.add_in_place(T_DELIVER, m.flags & F_REDELIVERED, did, m.data, m.length, &m.rx)
         else:
             self.out.add_forward(T_DELIVER, m.flags & F_REDELIVERED, did, m.data, m.length, &m.rx)

@@ -62,16 +62,18 @@ cdef uint64_t as_u64(object v) except? 0xFFFFFFFFFFFFFFFF
 cdef const unsigned char[::1] as_bytes_view(object data)
 
 
-# Payloads at least this long are forwarded under a new header with a CRC derived from the
-# received frame's (crc32c_impl.h), not recomputed: one pass over the payload, not two.
+# Payloads of at least teomq_crc32c_reframe_min bytes (crc32c_impl.h: 64 with pclmulqdq) are
+# forwarded under a new header with a CRC derived from the received frame's, not recomputed:
+# one pass over the payload, not two. From INPLACE_MIN bytes a DELIVER's payload is not copied
+# into the output buffer but written from where it is (WriteBuffer.add_in_place).
 cdef enum:
-    REFRAME_MIN = 4096
+    INPLACE_MIN = 4096
 
 cdef struct Received:
     # What forwarding needs to know of a received frame's checksum.
     uint32_t crc          # the frame's crc field
     uint32_t head_crc     # CRC32C of its header bytes 0..19
-    uint32_t shift        # x^(8 length) mod P; 0 when length < REFRAME_MIN (recompute instead)
+    uint32_t shift        # factor of x^(8 length) mod P (crc32c_impl.h); 0: recompute instead
 
 cdef void note_received(const char *frame, uint32_t length, Received *r) noexcept nogil
 

@@ -31,7 +31,7 @@ cdef extern from "sys/uio.h" nogil:
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from teomq._core.crc32c cimport (
-    teomq_crc32c_mulmod, teomq_crc32c_shift_factor, teomq_crc32c_update,
+    teomq_crc32c_reframe_min, teomq_crc32c_shift, teomq_crc32c_shift_factor, teomq_crc32c_update,
 )
 
 from operator import index as _index
@@ -143,7 +143,7 @@ cdef void write_header(char *p, uint8_t ftype, uint16_t flags, uint64_t fid,
 cdef void note_received(const char *frame, uint32_t length, Received *r) noexcept nogil:
     """Record a verified frame's checksum facts so its payload can be forwarded cheaply."""
     r.crc = teomq_ld32(frame + 20)
-    if length >= REFRAME_MIN:
+    if length >= teomq_crc32c_reframe_min:
         r.head_crc = teomq_crc32c_update(0, frame, 20)
         r.shift = teomq_crc32c_shift_factor(length)
     else:
@@ -203,7 +203,7 @@ cdef class WriteBuffer:
         write_header(p, ftype, flags, fid, NULL, 0)  # header fields; length and crc set below
         teomq_st32(p + 16, <uint32_t>n)
         head = teomq_crc32c_update(0, p, 20)
-        teomq_st32(p + 20, r.crc ^ teomq_crc32c_mulmod(r.head_crc ^ head, r.shift))
+        teomq_st32(p + 20, r.crc ^ teomq_crc32c_shift(r.head_crc ^ head, r.shift))
         self.length += HEADER_SIZE
         return 0
 
