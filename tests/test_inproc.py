@@ -16,7 +16,7 @@ from teomq._core.command_parser import CommandTable
 from teomq._core.connection import CoreConnection
 from teomq._core.dispatch import Dispatcher
 from teomq._core.frame_codec import FrameDecoder, encode_frame
-from teomq._core.inproc import InprocEndpoint
+from teomq._core.inproc import PUSHES, InprocEndpoint, PushCache
 from teomq._core.routes import KINDS
 from teomq.protocol import ErrorCode, Flag, FrameType as T
 
@@ -380,3 +380,117 @@ def test_put_output_queues_behind_what_is_pending_and_flush_now_hands_it_over() 
     ep.flush_now()
     disp.flush()
     assert out.calls == 1
+
+
+# -- stream pushes taken in C (set_pushes: the web gateway's sessions) --------------------------
+
+class Encoder:
+    """A PushCache's encode: the command name and a recognisable push, every call counted."""
+
+    def __init__(self) -> None:
+        self.calls: list[bytes] = []
+
+    def __call__(self, payload: bytes) -> tuple[bytes, bytes]:
+        self.calls.append(payload)
+        return payload.split(b"/", 1)[0], b"<" + payload + b">"
+
+
+def two_command_dispatcher() -> Dispatcher:
+    disp = Dispatcher()
+    table = CommandTable()
+    table.add("news")
+    table.add("sport")
+    disp.set_schema(table, [KINDS["fanout"], KINDS["fanout"]])
+    return disp
+
+
+def test_stream_pushes_are_encoded_once_per_message_handed_over_joined_and_held_for_acks() -> None:
+    disp = fanout_dispatcher()
+    enc = Encoder()
+    cache = PushCache(enc)
+    outs, eps = news_subscribers(disp, 3, prefetch=8)
+    for ep in eps:
+        ep.set_pushes(cache, {b"news"})
+    Wire(disp).feed(*(encode_frame(T.SEND, 0, i, b"news/%d" % i) for i in range(1, 4)))
+    assert enc.calls == [b"news/1", b"news/2", b"news/3"]      # once each, not once per subscriber
+    for out, ep in zip(outs, eps):
+        assert out.items == [(PUSHES, 3, 0, b"<news/1><news/2><news/3>")] and out.calls == 1
+        assert ep.n_held == 3 and ep.inflight == 3             # not acknowledged until released
+    assert eps[0].release_held(2) == 2 and eps[0].n_held == 1 and eps[0].inflight == 1
+    assert eps[0].release_held(100) == 1 and eps[0].n_held == 0 and eps[0].inflight == 0
+    assert eps[0].release_held(100) == 0
+
+
+def test_a_delivery_outside_the_streams_or_too_large_comes_as_a_tuple_in_order() -> None:
+    disp = two_command_dispatcher()
+    out = Out()
+    ep = InprocEndpoint(disp, out, prefetch=16)
+    assert disp.subscribe(ep, "news") == 0 and disp.subscribe(ep, "sport") == 0
+    ep.set_pushes(PushCache(Encoder()), {b"news"})
+    big = b"news/" + b"x" * 20_000
+    Wire(disp).feed(*(encode_frame(T.SEND, 0, i, p) for i, p in enumerate(
+        [b"news/1", b"news/2", b"sport/1", b"news/3", big, b"news/4"], 1)))
+    kinds = [(i[0], i[1]) if i[0] == PUSHES else (i[0], i[3][:7]) for i in out.items]
+    assert kinds == [(PUSHES, 2), (T.DELIVER, b"sport/1"), (PUSHES, 1), (T.DELIVER, b"news/xx"), (PUSHES, 1)]
+    assert [i[3] for i in out.items if i[0] == PUSHES] == [b"<news/1><news/2>", b"<news/3>", b"<news/4>"]
+    # a name added to the set later is pushed from then on: the set is the session's own, not a copy
+    streams = {b"news"}
+    ep.set_pushes(PushCache(Encoder()), streams)
+    streams.add(b"sport")
+    out.items.clear()
+    Wire(disp).feed(encode_frame(T.SEND, 0, 9, b"sport/2"))
+    assert out.items == [(PUSHES, 1, 0, b"<sport/2>")]
+    # and back to a tuple per delivery
+    ep.set_pushes(None, None)
+    out.items.clear()
+    Wire(disp).feed(encode_frame(T.SEND, 0, 10, b"news/5"))
+    assert [(i[0], i[3]) for i in out.items] == [(T.DELIVER, b"news/5")]
+    with pytest.raises(TypeError):
+        ep.set_pushes(PushCache(Encoder()), [b"news"])
+    with pytest.raises(TypeError):
+        PushCache(None)
+
+
+def test_output_queued_after_pushes_comes_after_them() -> None:
+    disp = fanout_dispatcher()
+    (out,), (ep,) = news_subscribers(disp, 1, prefetch=8)
+    ep.set_pushes(PushCache(Encoder()), {b"news"})
+    disp.outbox.set_scheduler(lambda cb: None)  # hold the flush: everything below is one pass
+    Wire(disp).feed(encode_frame(T.SEND, 0, 1, b"news/1"))
+    ep.put_output(T.ERROR, 0, 7, b"e")
+    Wire(disp).feed(encode_frame(T.SEND, 0, 2, b"news/2"))
+    ep.flush_now()
+    assert out.items == [(PUSHES, 1, 0, b"<news/1>"), (T.ERROR, 0, 7, b"e"), (PUSHES, 1, 0, b"<news/2>")]
+
+
+def test_held_ids_of_a_closed_endpoint_are_dropped_with_what_it_held() -> None:
+    disp = Dispatcher()  # the basic scheme's queue: what it held goes back
+    out = Out()
+    ep = InprocEndpoint(disp, out, prefetch=4)
+    ep.set_pushes(PushCache(lambda p: (b"", b"[" + p + b"]")), {b""})  # every name: the whole payload
+    Wire(disp).feed(*(encode_frame(T.SEND, 0, i, b"m%d" % i) for i in range(1, 4)))
+    assert out.items == [(PUSHES, 3, 0, b"[m1][m2][m3]")] and ep.n_held == 3
+    ep.close()
+    assert ep.n_held == 0 and ep.release_held(10) == 0
+    assert disp.stats()["queue"] == 3  # requeued for the next consumer
+    out2 = Out()
+    InprocEndpoint(disp, out2, prefetch=4)
+    assert [i[3] for i in out2.items] == [b"m1", b"m2", b"m3"]
+
+
+def test_backlogs_longer_than_the_cache_still_push_every_message_right() -> None:
+    # prefetch 1: copies wait in backlogs and come one per acknowledgement, long after 64 newer
+    # messages took their cache slots: they are encoded again, never mixed up
+    disp = fanout_dispatcher()
+    enc = Encoder()
+    cache = PushCache(enc)
+    outs, eps = news_subscribers(disp, 2, prefetch=1)
+    for ep in eps:
+        ep.set_pushes(cache, {b"news"})
+    Wire(disp).feed(*(encode_frame(T.SEND, 0, i, b"news/%d" % i) for i in range(1, 101)))
+    for ep in eps:
+        while ep.release_held(1):
+            pass
+    for out in outs:
+        assert b"".join(i[3] for i in out.items) == b"".join(b"<news/%d>" % i for i in range(1, 101))
+    assert 100 <= len(enc.calls) < 200

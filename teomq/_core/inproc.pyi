@@ -11,6 +11,14 @@ from teomq._core.endpoint import Endpoint
 #: what on_output gets: (frame type, flags, id, payload), nothing encoded
 _Output = tuple[int, int, int, bytes]
 
+#: on_output's item type for a run of stream pushes taken in C: (PUSHES, count, 0, joined pushes)
+PUSHES: int
+
+class PushCache:
+    """The encoded stream push of recent messages: ``encode(payload) -> (name, push)``, once per message."""
+
+    def __init__(self, encode: Callable[[bytes], tuple[bytes, bytes]]) -> None: ...
+
 class InprocEndpoint(Endpoint):
     """A consumer and producer inside the broker, fed and answered without wire frames."""
 
@@ -28,6 +36,15 @@ class InprocEndpoint(Endpoint):
 
         ``api``: an API send (payload ``[u8 API command][data]``: 129 hello, 130 msg).
         """
+    def set_pushes(self, cache: PushCache | None, streams: set[bytes] | frozenset[bytes] | None) -> None:
+        """Take deliveries whose command name is in ``streams`` as stream pushes (PUSHES items, ids held)."""
+    def hold_acks(self, delivery_ids: list[int]) -> None:
+        """Hold these deliveries' ids, after those already held, for release_held()."""
+    @property
+    def n_held(self) -> int:
+        """Delivery ids held for acknowledging."""
+    def release_held(self, limit: int) -> int:
+        """Acknowledge up to ``limit`` held ids, oldest first; one pump and flush; returns how many."""
     def release_sends(self) -> None:
         """Accept the parked sends, in order, until hold_sends is set again; then deliver."""
     @property

@@ -9,7 +9,9 @@ loop pass (at the flush) as a list of tuples, nothing encoded:
 - ``(T_DELIVER, flags, delivery_id, payload)``: a delivery; answer it with answer() (or
   acknowledge many with ack()),
 - ``(T_REPLY, 0, msg_id, payload)``: the answer to a message this endpoint sent,
-- ``(T_ERROR, 0, id, payload)``: an error (msgpack ``{"code", "reason"}``, as on the wire).
+- ``(T_ERROR, 0, id, payload)``: an error (msgpack ``{"code", "reason"}``, as on the wire),
+- ``(PUSHES, n, 0, frames)``: with set_pushes(), n consecutive deliveries taken as stream pushes
+  in C: ``frames`` is their encoded pushes joined, their ids wait in hold for release_held().
 
 Held back (``hold_sends``, the broker's high mark), its sends wait unaccepted, in order, as a
 connection's SEND frames do, within the same bound (park_full): release_sends() accepts them.
@@ -17,12 +19,19 @@ connection's SEND frames do, within the same bound (park_full): release_sends() 
 Deliveries and answers cost a Python object each here (a tuple; the payload's bytes object is
 one per message, shared by the deliveries of its fanout copies): this is for the broker's own
 consumers (the web gateway's sessions, teomq.broker.InprocClient; later dead-letter
-inspection, management), not for the wire path.
+inspection, management), not for the wire path. The exception is the web gateway's stream push,
+its commonest delivery by far: with set_pushes(cache, names), a delivery whose command name is
+in ``names`` costs no Python object: its push, encoded once per message (PushCache), is added to
+the pass's run of pushes and its id held for acknowledging (the gateway feeds acknowledgements
+back within a budget per pass).
 """
 
 from cpython.ref cimport PyObject
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.set cimport PySet_Contains
 from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memmove
 
 from teomq._core.dispatch cimport accept, park_full
 from teomq._core.endpoint cimport S_CLOSED, S_READY, mark_dirty
@@ -68,6 +77,40 @@ cdef inline object payload_of(Dispatcher disp, Msg *m):
     return disp.shared_big
 
 
+#: on_output's item type for a run of stream pushes taken in C (not a wire frame type)
+PUSHES = 256
+cdef bytes EMPTY = b""
+
+
+cdef class PushCache:
+    """The encoded stream push of recent messages, for every endpoint given this cache.
+
+    ``encode(payload)`` gives a message's ``(command name, push)``; it is called once per
+    message (by broker sequence number: 64 slots of the latest ones, payloads up to 16 KiB)
+    whatever the number of endpoints it is pushed to.
+    """
+
+    def __cinit__(self, encode):
+        if not callable(encode):
+            raise TypeError("encode must be callable")
+        self.encode = encode
+        self.names = [None] * 64
+        self.frames = [None] * 64
+
+    cdef object frame_for(self, Dispatcher disp, Msg *m, object streams):
+        # m's push if its name is in streams, else None (the caller hands the delivery over as is)
+        cdef size_t slot = m.seq & 63
+        cdef object name, frame
+        if self.seq[slot] != m.seq:
+            name, frame = self.encode(payload_of(disp, m))
+            self.names[slot] = name
+            self.frames[slot] = frame
+            self.seq[slot] = m.seq
+        if not PySet_Contains(streams, <object>list_item(<PyObject *>self.names, slot)):
+            return None
+        return <object>list_item(<PyObject *>self.frames, slot)
+
+
 cdef class InprocEndpoint(Endpoint):
     """A consumer and producer inside the broker.
 
@@ -83,6 +126,7 @@ cdef class InprocEndpoint(Endpoint):
         self.on_output = on_output
         self.pending = []
         self.parked = []
+        self.push_frames = []
         self.framed = False
         disp.register(self, disp.outbox)
         disp.ready(self, prefetch > 0, prefetch)
@@ -92,20 +136,43 @@ cdef class InprocEndpoint(Endpoint):
         disp.pump()                 # a consumer may take what waits at once
         disp.schedule_flush()
 
+    def __dealloc__(self):
+        free(self.held)
+
     cdef int take(self, Msg *m, uint64_t did) except -1:
+        cdef object frame
+        if self.push_cache is not None and m.length <= SHARED_SMALL:
+            frame = self.push_cache.frame_for(self.disp, m, self.push_streams)
+            if frame is not None:
+                self.push_frames.append(frame)
+                self._hold(did)
+                return mark_dirty(self)
+        self._end_pushes()
         self.pending.append((T_DELIVER, m.flags & F_REDELIVERED, did, payload_of(self.disp, m)))
         return mark_dirty(self)
 
     cdef int reply(self, uint64_t msg_id, const char *p, size_t n, const Received *rx) except -1:
+        self._end_pushes()
         self.pending.append((T_REPLY, 0, msg_id, PyBytes_FromStringAndSize(p, n)))
         return mark_dirty(self)
 
     cdef int _add_error(self, int code, uint64_t fid, bytes payload) except -1:
+        self._end_pushes()
         self.pending.append((T_ERROR, 0, fid, payload))
         return mark_dirty(self)
 
+    cdef int _end_pushes(self) except -1:
+        # the pushes taken so far become one item, in order with what comes after them
+        cdef list frames = self.push_frames
+        if frames:
+            self.push_frames = []
+            self.pending.append((PUSHES, len(frames), 0, EMPTY.join(frames)))
+        return 0
+
     cdef int _flush(self) except -1:
-        cdef list items = self.pending
+        cdef list items
+        self._end_pushes()
+        items = self.pending
         if items:
             self.pending = []
             self.on_output(items)
@@ -113,6 +180,64 @@ cdef class InprocEndpoint(Endpoint):
 
     cdef void _clear_out(self) noexcept:
         self.pending = []
+        self.push_frames = []
+
+    # -- stream pushes and held acknowledgements -----------------------------------------------
+
+    def set_pushes(self, PushCache cache, streams):
+        """Take deliveries whose command name is in the set ``streams`` (kept, not copied) as
+        stream pushes: encoded by ``cache``, handed over in runs (PUSHES items), their ids held to
+        be acknowledged with release_held(). None: every delivery a tuple again."""
+        if cache is not None and not isinstance(streams, (set, frozenset)):
+            raise TypeError("streams must be a set")
+        self.push_cache = cache
+        self.push_streams = streams if cache is not None else None
+
+    cdef int _hold(self, uint64_t did) except -1:
+        cdef size_t cap
+        cdef uint64_t *nh
+        if self.n_held == self.held_cap:
+            cap = self.held_cap * 2 if self.held_cap else 64
+            nh = <uint64_t *>realloc(self.held, cap * sizeof(uint64_t))
+            if nh == NULL:
+                raise MemoryError()
+            self.held = nh
+            self.held_cap = cap
+        self.held[self.n_held] = did
+        self.n_held += 1
+        return 0
+
+    def hold_acks(self, list delivery_ids):
+        """Hold these deliveries' ids, after those already held, for release_held()."""
+        cdef object did
+        for did in delivery_ids:
+            self._hold(as_u64(did))
+
+    @property
+    def n_held(self) -> int:
+        """Delivery ids held for acknowledging."""
+        return self.n_held
+
+    def release_held(self, size_t limit):
+        """Acknowledge up to ``limit`` of the held ids, oldest first, then deliver what the
+        credit returned allows (one pump and flush, as ack()); returns how many."""
+        cdef size_t n = self.n_held if self.n_held < limit else limit
+        cdef size_t i = 0
+        if n == 0:
+            return 0
+        self._live()
+        try:
+            while i < n:
+                i += 1
+                self.disp.answer(self, self.held[i - 1], F_NO_ANSWER, NULL, 0, NULL)
+        finally:
+            # what was acknowledged (or raised) is dropped from the hold, the rest kept in order
+            self.n_held -= i
+            if self.n_held:
+                memmove(self.held, self.held + i, self.n_held * sizeof(uint64_t))
+            self.disp.pump()
+            self.disp.schedule_flush()
+        return n
 
     cdef int _park(self, FrameHeader *h, const char *payload) except -1:
         # Held back: keep the send (flags, id, payload; there is no frame around it) for
@@ -205,6 +330,7 @@ cdef class InprocEndpoint(Endpoint):
     def put_output(self, ftype, flags, fid, payload=b""):
         """Queue ``(ftype, flags, fid, payload)`` for on_output after what is pending, handed over
         with the next flush: the control plane's own replies and errors (a broker command's)."""
+        self._end_pushes()
         self.pending.append((int(ftype), int(flags), as_u64(fid), bytes(payload)))
         mark_dirty(self)
         self.disp.schedule_flush()
@@ -221,6 +347,7 @@ cdef class InprocEndpoint(Endpoint):
             self.disp.parked_bytes -= self.parked_len
             self.parked_len = 0
             self.parked = []
+            self.n_held = 0         # their deliveries are requeued with the rest it holds
             self.disp.release(self)
             self.disp.pump()
             self.disp.schedule_flush()

@@ -43,6 +43,7 @@ from websockets.http11 import Request, Response
 
 from teomq import __version__
 from teomq._core.crc32c import crc32c
+from teomq._core.inproc import PushCache
 from teomq.addressbook import DEFAULT_WEB_PORT
 from teomq.web.session import WebSession, text_frame, tp
 
@@ -128,6 +129,8 @@ class WebGateway:
         self._allowed_hosts: set[tuple[str, int | None]] = set()
         self.prefetch = prefetch
         self.share_pushes = share_pushes
+        #: the encoded pushes of recent messages for the sessions' consumers (inproc.pyx)
+        self.push_cache = PushCache(self._encode_push) if share_pushes else None
         self.sessions: set[WebSession] = set()
         self.n_sessions_total = 0
         self.n_pushes = 0
@@ -218,6 +221,11 @@ class WebGateway:
             entry = cache[key] = [payload.split(b"/", 1)[0], None, payload]
         ids[id(payload)] = entry
         return entry
+
+    def _encode_push(self, payload: bytes) -> tuple[bytes, bytes]:
+        """``(command name, frame)`` of a message's Stream push: push_cache asks once per message."""
+        self.n_encodes += 1
+        return payload.split(b"/", 1)[0], text_frame(tp.encode(0, tp.PUSH, payload))
 
     def _end_pass(self) -> None:
         self._push_ids.clear()

@@ -42,6 +42,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from teomq._core import teoproxy as tp
+from teomq._core.inproc import PUSHES
 from teomq.broker import InprocClient
 from teomq.errors import BadPacket
 from teomq.protocol import ApiCommand, ErrorCode, FrameType
@@ -91,7 +92,6 @@ class WebSession:
         self._next_token = 0
         self.pending: dict[int, _Pending] = {}  # our SEND id -> the SendTo it answers
         self._next_id = 0
-        self._held_acks: list[int] = []
         self._ack_timer: asyncio.TimerHandle | None = None  # acks held while the socket is backed up
         self._unseen_warned: set[bytes] = set()
         self.reading = asyncio.Event()
@@ -179,6 +179,7 @@ class WebSession:
     def _consume(self, p: Any, *, answering: bool) -> None:
         self.answering = answering
         self._consumer_conn()
+        self._sync_pushes()
         self._answer(p, b"OK")
 
     def _subscription(self, p: Any, payload: bytes) -> None:
@@ -237,8 +238,16 @@ class WebSession:
     def _consumer_conn(self) -> InprocClient:
         if self.consumer is None:
             self.consumer = self._connect("consumer")
+            self._sync_pushes()
             self.reading.set()
         return self.consumer
+
+    def _sync_pushes(self) -> None:
+        # Our Stream pushes are taken in C (inproc.pyx: set_pushes) unless pushes carry a token
+        # to answer, or the gateway encodes them per socket: then each is a delivery here.
+        cache = self.gw.push_cache
+        if self.consumer is not None:
+            self.consumer.set_pushes(cache if cache is not None and not self.answering else None, self.streams)
 
     def _connect(self, role: str) -> InprocClient:
         return InprocClient.open(self.gw.broker, self, self.on_output, role=role, name=self.name,
@@ -260,21 +269,15 @@ class WebSession:
         """What the core has for one of our endpoints (one call per endpoint per loop pass)."""
         out: list[bytes] = []
         acks: list[int] = []
-        gw = self.gw
-        # a stream push, the common case, inline: its entry by the payload object's identity
-        # (one object per message for every session: inproc.pyx), its frame encoded once
-        ids = gw._push_ids if gw.share_pushes and not self.answering else None
-        streams = self.streams
-        pushes = 0
-        for ftype, _flags, fid, payload in items:
-            if ftype == _DELIVER:
-                if ids is not None:
-                    push = ids.get(id(payload))
-                    if push is not None and push[2] is payload and push[1] is not None and push[0] in streams:
-                        acks.append(fid)  # a stream push is not answered: done once handed to the browser
-                        out.append(push[1])
-                        pushes += 1
-                        continue
+        held = False
+        for ftype, flags, fid, payload in items:
+            if ftype == PUSHES:
+                # a run of Stream pushes taken in C, encoded once per message for every session;
+                # their ids are held in the core: a push is done once handed to the browser
+                out.append(payload)
+                self.gw.n_pushes += flags
+                held = True
+            elif ftype == _DELIVER:
                 self._deliver(fid, payload, out, acks)
             elif ftype == _REPLY:
                 entry = self.pending.get(fid)
@@ -284,10 +287,9 @@ class WebSession:
                     out.append(text_frame(tp.encode(entry.pid, tp.SEND_TO, payload)))
             elif ftype == _ERROR:
                 self._broker_error(fid, payload, out)
-        gw.n_pushes += pushes
         if out:
             self.write(out)
-        if acks:
+        if acks or held:
             self._ack(acks)
 
     def _deliver(self, did: int, payload: bytes, out: list[bytes], acks: list[int]) -> None:
@@ -326,9 +328,14 @@ class WebSession:
                 out.append(text_frame(tp.encode_error(0, 0, reason)))
 
     def _ack(self, dids: list[int]) -> None:
-        # Acknowledgements return credit, and credit brings the next deliveries: they are fed
-        # back through the gateway's budget per loop pass (WebGateway.queue_acks), not at once.
-        self._held_acks.extend(dids)
+        # Acknowledgements return credit, and credit brings the next deliveries: they are held in
+        # the core (with those of the pushes taken there) and fed back through the gateway's
+        # budget per loop pass (WebGateway.queue_acks), not at once.
+        consumer = self.consumer
+        if consumer is None or consumer.detached:
+            return
+        if dids:
+            consumer.hold_acks(dids)
         if self._ack_timer is None:
             self.gw.queue_acks(self)
 
@@ -340,21 +347,21 @@ class WebSession:
         bounds (fanout backlog) the rest.
         """
         consumer = self.consumer
-        if not self._held_acks or consumer is None or self.closed or consumer.detached:
+        if consumer is None or self.closed or consumer.detached or not consumer.n_held:
             return 0
         transport = getattr(self.ws, "transport", None)
         if transport is not None and transport.get_write_buffer_size() > WRITE_HIGH:
             if self._ack_timer is None:
                 self._ack_timer = self.gw.loop.call_later(0.05, self._retry_acks)
             return 0
-        dids, self._held_acks = self._held_acks[:limit], self._held_acks[limit:]
+        before = consumer.n_held
         try:
-            consumer.ack(dids)  # in the core, one call: each returns a credit, then one pump
+            consumer.release_held(limit)  # in the core: each returns a credit, then one pump
         except Exception as exc:
             consumer.on_internal_error(exc)
-        if self._held_acks:
+        if consumer.n_held and not consumer.detached:
             self.gw.queue_acks(self)
-        return len(dids)
+        return before - consumer.n_held
 
     def _retry_acks(self) -> None:
         self._ack_timer = None
