@@ -406,6 +406,33 @@ def test_pushes_to_many_sockets_are_encoded_once(arun: Any, tmp_path: Path) -> N
     arun(main())
 
 
+def test_an_ack_budget_smaller_than_a_pass_loses_and_reorders_nothing(arun: Any, tmp_path: Path,
+                                                                       monkeypatch: Any) -> None:
+    """Acks past the pass's budget wait for the next passes, their sessions first in line."""
+    import teomq.web.gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "ACK_BUDGET", 3)
+
+    async def main() -> None:
+        broker = make_broker(tmp_path, commands=SCHEMA)
+        await broker.start()
+        gw = WebGateway(broker, port=0, prefetch=2)  # credit runs out at once: only fed acks bring more
+        await gw.start()
+        tabs = [await page(gw) for _ in range(6)]
+        for tab in tabs:
+            await tab.send_to(1, "msg", "subscribe/num_servers")
+            await tab.call(0, tp.STREAM, f"{broker.address},num_servers")
+        async with teomq.Producer(spec(broker)) as producer:
+            for i in range(200):  # a session is fed 2 or 3 acks a pass: the others wait their turn
+                producer.send(f"num_servers/{i}".encode(), lambda *a: None)
+            for tab in tabs:
+                assert [p.data for p in await tab.pushes(200)] == [f"num_servers/{i}".encode() for i in range(200)]
+        assert gw.stats()["pushes"] == 1200
+        await stop(broker, gw, *tabs)
+
+    arun(main())
+
+
 def test_a_page_that_does_not_read_runs_out_of_credit_and_loses_nothing(arun: Any, tmp_path: Path) -> None:
     """Acks are held while the socket is backed up: the broker keeps the rest for that page alone."""
     async def main() -> None:

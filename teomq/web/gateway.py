@@ -259,14 +259,23 @@ class WebGateway:
         # Each ack returns a credit that the core fills with the next delivery at once, so acks
         # fed per pass bound the pushes built per pass: with many sockets and a backlog, one
         # pass would otherwise carry sockets x prefetch pushes and delay every other client.
+        # The waiting sessions are taken as a list (taking them one by one off the front of the
+        # dict costs a scan of its emptied front each: quadratic in the sessions).
         budget = ACK_BUDGET
-        waiting = self._ack_waiting
+        sessions = list(self._ack_waiting)
+        self._ack_waiting = {}
         self._acks_scheduled = False
-        while waiting and budget > 0:
-            session = next(iter(waiting))
-            del waiting[session]
+        served = 0
+        for session in sessions:
+            if budget <= 0:
+                break
+            served += 1
             budget -= session.release_acks(budget)  # a session with acks left queues itself again
-        if waiting and not self._acks_scheduled:
+        if served < len(sessions):  # the budget ran out: the rest stay first in line, in order
+            requeued = self._ack_waiting
+            self._ack_waiting = dict.fromkeys(sessions[served:])
+            self._ack_waiting.update(requeued)
+        if self._ack_waiting and not self._acks_scheduled:
             self._acks_scheduled = True
             self.loop.call_soon(self._feed_acks)
 

@@ -354,14 +354,16 @@ class WebSession:
             if self._ack_timer is None:
                 self._ack_timer = self.gw.loop.call_later(0.05, self._retry_acks)
             return 0
-        before = consumer.n_held
+        # (how many were fed is what release_held says: the credit they return is filled at once,
+        # and the new deliveries' ids are held in turn)
+        fed = min(consumer.n_held, limit)
         try:
-            consumer.release_held(limit)  # in the core: each returns a credit, then one pump
+            fed = consumer.release_held(limit)  # in the core: each returns a credit, then one pump
         except Exception as exc:
             consumer.on_internal_error(exc)
         if consumer.n_held and not consumer.detached:
             self.gw.queue_acks(self)
-        return before - consumer.n_held
+        return fed
 
     def _retry_acks(self) -> None:
         self._ack_timer = None
