@@ -7,16 +7,12 @@ A broker process (teomq.Broker + teomq.web.WebGateway, one fanout command ``num_
 speaking the stock teoproxy client's packets (Connect, ConnectTo, NewApiClient, msg Consumer,
 Stream num_players, msg subscribe/num_players) and a TCP producer publishing ``--messages``
 messages ``num_players/<i><padding>`` of ``--size`` bytes in bursts of 10. A run ends when every
-client has every message. A probe process times sequential TCP round trips through the same
-broker (a queue command ``echo`` answered by a consumer in the probe), for 1 s before the pushes
-and for 1 s from their start: is the broker still responsive to TCP clients while it pushes?
-The figure is the broker's CPU (utime + stime from /proc/<pid>/stat) from the end of that second
-to the end of the run, divided by the pushes the clients got meanwhile: the probe's round trips
-are not pushes (each costs the broker a wake-up, and how many it gets done varies from run to
-run: 60 to 11,000 in that second here). The whole run's CPU per push, probe included, is in the
-JSON as ``broker_cpu_us_per_push_whole_run``; it is the figure when the pushes end less than a
-fifth after the probe's second (a warning says so). Variants alternate, each figure
-is the median of ``--repeat`` runs; every run checks that every client got every message in order.
+client has every message. The broker's CPU (utime + stime from /proc/<pid>/stat) over the run,
+divided by the pushes (clients x messages), is the figure; variants alternate, each figure is
+the median of ``--repeat`` runs; every run checks that every client got every message in order.
+A probe process meanwhile times sequential TCP round trips through the same broker (a queue
+command ``echo`` answered by a consumer in the probe), for 1 s before the pushes and for 1 s
+from their start: is the broker still responsive to TCP clients while it pushes?
 
     python bench/web_push.py                         # 200 clients, 100 B and 8 KiB, 3 runs each: ~3 min
     python bench/web_push.py --clients 50 --repeat 1 --sizes 100
@@ -105,11 +101,10 @@ async def client(port: int, address: str) -> Any:
     return ws
 
 
-async def receive(ws: Any, expected: list[bytes], got: list[int]) -> None:
+async def receive(ws: Any, expected: list[bytes]) -> None:
     for want in expected:
         p = tp.decode(await ws.recv(), gateway=False)
         assert p.cmd == tp.PUSH and p.data == want, (p.id, p.cmd, p.data[:40])
-        got[0] += 1
 
 
 async def one_run(variant: str, clients: int, messages: int, size: int, prefetch: int = 64) -> dict[str, Any]:
@@ -126,13 +121,10 @@ async def one_run(variant: str, clients: int, messages: int, size: int, prefetch
             assert probe.stdout.readline().strip() == "ready"
             idle = await asyncio.to_thread(probe_once, probe)
             payloads = [(f"num_players/{i}/".encode() + b"x" * size)[:max(size, 16)] for i in range(messages)]
-            got = [0]
-            readers = [asyncio.ensure_future(receive(ws, payloads, got)) for ws in sockets]
+            readers = [asyncio.ensure_future(receive(ws, payloads)) for ws in sockets]
             async with teomq.Producer(url) as producer:
                 cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
                 busy = asyncio.ensure_future(asyncio.to_thread(probe_once, probe))
-                probed: list[tuple[float, int]] = []  # (broker CPU, pushes got) when the probe's second ends
-                busy.add_done_callback(lambda _: probed.append((cpu_seconds(proc.pid), got[0])))
                 for i, p in enumerate(payloads):
                     producer.publish(p)
                     if i % 10 == 9:
@@ -149,19 +141,8 @@ async def one_run(variant: str, clients: int, messages: int, size: int, prefetch
             proc.terminate()
             proc.wait(10)
     pushes = clients * messages
-    whole = 1e6 * (cpu1 - cpu0) / pushes
-    cpu_p, got_p = probed[0] if probed else (cpu1, pushes)
-    after = pushes - got_p
-    if after < pushes // 5:
-        # the pushes hardly outlasted the probe's second: no window without it to measure
-        print(f"web_push: only {after} of {pushes} pushes after the probe's second; "
-              "the figure includes the probe (more --messages)", file=sys.stderr)
-        per_push = whole
-    else:
-        per_push = 1e6 * (cpu1 - cpu_p) / after
     return {"variant": variant, "size": size, "pushes": pushes, "seconds": t1 - t0,
-            "pushes_per_s": pushes / (t1 - t0), "broker_cpu_us_per_push": per_push,
-            "pushes_after_probe": after, "broker_cpu_us_per_push_whole_run": whole,
+            "pushes_per_s": pushes / (t1 - t0), "broker_cpu_us_per_push": 1e6 * (cpu1 - cpu0) / pushes,
             "tcp_idle": idle, "tcp_under_pushes": loaded}
 
 
@@ -196,7 +177,7 @@ def main() -> None:
              "TCP p50 / p99: a separate process's sequential round trips (`echo`, a queue command, to a TCP "
              "consumer in that process) for 1 s before the pushes (idle, the 200 sockets connected) and for the "
              "first second of the pushes.", "",
-             "| size | push encoding | pushes/s | broker CPU us per push (probe apart) | TCP p50 / p99 us, idle | "
+             "| size | push encoding | pushes/s | broker CPU us per push | TCP p50 / p99 us, idle | "
              "TCP p50 / p99 us, under pushes |", "|---:|---|---:|---:|---:|---:|"]
     for size in sorted({r["size"] for r in runs}):
         for variant in ("shared", "per-socket"):
