@@ -19,8 +19,9 @@ gateway listens on, never one read from the request. Pages of an origin given in
 
 Pushes to many browsers cost one encode: a Stream push (id 0, cmd 0) depends only on the
 message, and a server's WebSocket frame is unmasked, so the push's whole frame (base64 text
-and frame header) is built once per message per loop pass and the same bytes go to every
-socket (``push_packet``). Per-message deflate is off for the
+and frame header) is built once per message and the same bytes go to every socket (``PushCache``
+in the core for the sessions with a Stream of its name, ``push_packet`` for the rest, once per
+loop pass). Per-message deflate is off for the
 same reason (it would compress once per socket).
 """
 
@@ -109,8 +110,8 @@ class WebGateway:
         broker: the broker (started: its dispatcher and address exist).
         host, port: where to listen; port 0 picks a free one (read ``port`` after ``start``).
         prefetch: credit of each browser consumer (messages pushed and not yet acknowledged).
-        share_pushes: encode a Stream push once for every socket that gets it in a loop pass
-            (default); False encodes it per socket (only for measuring what sharing saves).
+        share_pushes: encode a Stream push once for every socket that gets it (default); False
+            encodes it per socket (only for measuring what sharing saves).
         origins: origins (``http(s)://host[:port]``) allowed besides the port's own, whose hosts
             the HTTP endpoints then answer to too; ``"*"`` allows every origin and host (logged
             as a warning at start). ValueError if one is not an origin.
