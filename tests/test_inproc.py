@@ -16,7 +16,7 @@ from teomq._core.command_parser import CommandTable
 from teomq._core.connection import CoreConnection
 from teomq._core.dispatch import Dispatcher
 from teomq._core.frame_codec import FrameDecoder, encode_frame
-from teomq._core.inproc import PUSHES, InprocEndpoint, PushCache
+from teomq._core.inproc import PUSHES, InprocEndpoint, PushCache, release_held_many
 from teomq._core.routes import KINDS
 from teomq.protocol import ErrorCode, Flag, FrameType as T
 
@@ -494,3 +494,28 @@ def test_backlogs_longer_than_the_cache_still_push_every_message_right() -> None
     for out in outs:
         assert b"".join(i[3] for i in out.items) == b"".join(b"<news/%d>" % i for i in range(1, 101))
     assert 100 <= len(enc.calls) < 200
+
+
+def test_release_held_many_feeds_endpoints_in_turn_within_the_budget() -> None:
+    disp = fanout_dispatcher()
+    outs, eps = news_subscribers(disp, 4, prefetch=4)
+    cache = PushCache(Encoder())
+    for ep in eps:
+        ep.set_pushes(cache, {b"news"})
+    Wire(disp).feed(*(encode_frame(T.SEND, 0, i, b"news/%d" % i) for i in range(1, 11)))
+    assert [ep.n_held for ep in eps] == [4, 4, 4, 4]    # 4 each pushed (their credit), 6 each backlogged
+    eps[1].close()                                       # closed: passed over
+    # a budget of 6: all of the first (4), none of the closed one, 2 of the third, which is next
+    fed, stop, error = release_held_many([eps[0], None, eps[1], eps[2], eps[3]], 0, 6)
+    assert (fed, stop, error) == (6, 3, None)
+    # the credit given back brings backlogged copies at once, their ids held after the rest
+    assert [eps[0].n_held, eps[2].n_held, eps[3].n_held] == [4, 2 + 2, 4]
+    assert [len(b"".join(i[3] for i in o.items)) // len(b"<news/1>") for o in (outs[0], outs[2], outs[3])] == [8, 6, 4]
+    # from where it stopped, a budget for everything: the third's 4, the fourth's 4
+    fed, stop, error = release_held_many([eps[0], None, eps[1], eps[2], eps[3]], 3, 100)
+    assert (fed, stop, error) == (8, 5, None)
+    assert [eps[2].n_held, eps[3].n_held] == [4, 4]   # the rest of their backlogs (4 each), just pushed
+    with pytest.raises(TypeError):
+        release_held_many(["not an endpoint"], 0, 1)
+    with pytest.raises(ValueError):
+        release_held_many([], -1, 1)

@@ -25,3 +25,4 @@ cdef class InprocEndpoint(Endpoint):
     cdef size_t held_cap
     cdef int _end_pushes(self) except -1
     cdef int _hold(self, uint64_t did) except -1
+    cdef Py_ssize_t _release(self, size_t limit) except -1

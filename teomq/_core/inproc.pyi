@@ -19,6 +19,13 @@ class PushCache:
 
     def __init__(self, encode: Callable[[bytes], tuple[bytes, bytes]]) -> None: ...
 
+def release_held_many(endpoints: list[InprocEndpoint | None], start: int,
+                      budget: int) -> tuple[int, int, BaseException | None]:
+    """Acknowledge the held ids of ``endpoints[start:]`` in turn until ``budget`` are fed; one pump.
+
+    Returns ``(fed, stop, error)``: ``stop`` the first endpoint not done, ``error`` what it raised.
+    """
+
 class InprocEndpoint(Endpoint):
     """A consumer and producer inside the broker, fed and answered without wire frames."""
 

@@ -111,6 +111,51 @@ cdef class PushCache:
         return <object>list_item(<PyObject *>self.frames, slot)
 
 
+def release_held_many(list endpoints, Py_ssize_t start, size_t budget):
+    """Acknowledge the held ids of ``endpoints[start:]`` (InprocEndpoints, or None: skipped), all of
+    one before the next, until ``budget`` are fed; then one pump and flush for all of them.
+
+    Returns ``(fed, stop, error)``: ``stop`` is the index of the first endpoint not done (the
+    budget ran out in it or before it; ``len(endpoints)`` when all are done); ``error`` is what
+    acknowledging at ``stop`` raised (the ids it had got to are dropped), else None. Closed
+    endpoints are passed over.
+    """
+    cdef Py_ssize_t i = start
+    cdef Py_ssize_t n = len(endpoints)
+    cdef size_t fed = 0
+    cdef size_t had, k
+    cdef object obj
+    cdef InprocEndpoint e
+    cdef Dispatcher disp = None
+    cdef object error = None
+    if start < 0:
+        raise ValueError("start must not be negative")
+    try:
+        while i < n and fed < budget:
+            obj = endpoints[i]
+            if obj is not None:
+                e = <InprocEndpoint?>obj
+                if e.state == S_READY and e.n_held:
+                    disp = e.disp
+                    had = e.n_held
+                    try:
+                        k = <size_t>e._release(budget - fed)
+                    except Exception as exc:
+                        error = exc
+                        break
+                    fed += k
+                    # (the credit returned may bring backlogged deliveries at once: their ids are
+                    # held after these, for the owner to queue once they are handed over)
+                    if k < had:
+                        break           # the budget ran out in it: it is next in line
+            i += 1
+    finally:
+        if disp is not None:
+            disp.pump()
+            disp.schedule_flush()
+    return fed, i, error
+
+
 cdef class InprocEndpoint(Endpoint):
     """A consumer and producer inside the broker.
 
@@ -218,14 +263,10 @@ cdef class InprocEndpoint(Endpoint):
         """Delivery ids held for acknowledging."""
         return self.n_held
 
-    def release_held(self, size_t limit):
-        """Acknowledge up to ``limit`` of the held ids, oldest first, then deliver what the
-        credit returned allows (one pump and flush, as ack()); returns how many."""
+    cdef Py_ssize_t _release(self, size_t limit) except -1:
+        # acknowledge up to limit held ids, oldest first; no pump (the caller's)
         cdef size_t n = self.n_held if self.n_held < limit else limit
         cdef size_t i = 0
-        if n == 0:
-            return 0
-        self._live()
         try:
             while i < n:
                 i += 1
@@ -235,6 +276,18 @@ cdef class InprocEndpoint(Endpoint):
             self.n_held -= i
             if self.n_held:
                 memmove(self.held, self.held + i, self.n_held * sizeof(uint64_t))
+        return <Py_ssize_t>n
+
+    def release_held(self, size_t limit):
+        """Acknowledge up to ``limit`` of the held ids, oldest first, then deliver what the
+        credit returned allows (one pump and flush, as ack()); returns how many."""
+        cdef Py_ssize_t n
+        if self.n_held == 0 or limit == 0:
+            return 0
+        self._live()
+        try:
+            n = self._release(limit)
+        finally:
             self.disp.pump()
             self.disp.schedule_flush()
         return n

@@ -44,7 +44,7 @@ from websockets.http11 import Request, Response
 
 from teomq import __version__
 from teomq._core.crc32c import crc32c
-from teomq._core.inproc import PushCache
+from teomq._core.inproc import InprocEndpoint, PushCache, release_held_many
 from teomq.addressbook import DEFAULT_WEB_PORT
 from teomq.web.session import WebSession, text_frame, tp
 
@@ -261,20 +261,28 @@ class WebGateway:
         # fed per pass bound the pushes built per pass: with many sockets and a backlog, one
         # pass would otherwise carry sockets x prefetch pushes and delay every other client.
         # The waiting sessions are taken as a list (taking them one by one off the front of the
-        # dict costs a scan of its emptied front each: quadratic in the sessions).
+        # dict costs a scan of its emptied front each: quadratic in the sessions), and their
+        # consumers' held acknowledgements fed in one core call (one pump for all of them).
         budget = ACK_BUDGET
         sessions = list(self._ack_waiting)
         self._ack_waiting = {}
         self._acks_scheduled = False
-        served = 0
-        for session in sessions:
-            if budget <= 0:
+        consumers: list[InprocEndpoint | None] = [s.consumer for s in sessions]
+        stop = 0
+        while stop < len(sessions) and budget > 0:
+            fed, stop, error = release_held_many(consumers, stop, budget)
+            budget -= fed
+            if error is None:
                 break
-            served += 1
-            budget -= session.release_acks(budget)  # a session with acks left queues itself again
-        if served < len(sessions):  # the budget ran out: the rest stay first in line, in order
+            failed = sessions[stop].consumer
+            if failed is not None:
+                failed.on_internal_error(error)  # as for a connection's frame: that client goes
+            stop += 1
+        # (the sessions before stop are done: what the returned credit brings them now is held
+        # in turn and queued by their on_output once written)
+        if stop < len(sessions):  # the budget ran out: the rest stay first in line, in order
             requeued = self._ack_waiting
-            self._ack_waiting = dict.fromkeys(sessions[served:])
+            self._ack_waiting = dict.fromkeys(sessions[stop:])
             self._ack_waiting.update(requeued)
         if self._ack_waiting and not self._acks_scheduled:
             self._acks_scheduled = True

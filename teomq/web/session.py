@@ -331,44 +331,29 @@ class WebSession:
     def _ack(self, dids: list[int]) -> None:
         # Acknowledgements return credit, and credit brings the next deliveries: they are held in
         # the core (with those of the pushes taken there) and fed back through the gateway's
-        # budget per loop pass (WebGateway.queue_acks), not at once.
+        # budget per loop pass (WebGateway.queue_acks), not at once. Nothing is fed while more
+        # than WRITE_HIGH waits unsent on the socket (a timer looks again): the browser does not
+        # read, so its credit runs out and the broker keeps (queue) or bounds (fanout backlog)
+        # the rest.
         consumer = self.consumer
         if consumer is None or consumer.detached:
             return
         if dids:
             consumer.hold_acks(dids)
         if self._ack_timer is None:
-            self.gw.queue_acks(self)
+            self._queue_acks_unless_backed_up()
 
-    def release_acks(self, limit: int) -> int:
-        """Feed up to ``limit`` held acknowledgements to the core; returns how many were fed.
-
-        Nothing is fed while more than WRITE_HIGH waits unsent on the socket (a timer retries):
-        the browser does not read, so its credit runs out and the broker keeps (queue) or
-        bounds (fanout backlog) the rest.
-        """
-        consumer = self.consumer
-        if consumer is None or self.closed or consumer.detached or not consumer.n_held:
-            return 0
+    def _queue_acks_unless_backed_up(self) -> None:
         transport = getattr(self.ws, "transport", None)
         if transport is not None and transport.get_write_buffer_size() > WRITE_HIGH:
-            if self._ack_timer is None:
-                self._ack_timer = self.gw.loop.call_later(0.05, self._retry_acks)
-            return 0
-        # (how many were fed is what release_held says: the credit they return is filled at once,
-        # and the new deliveries' ids are held in turn)
-        fed = min(consumer.n_held, limit)
-        try:
-            fed = consumer.release_held(limit)  # in the core: each returns a credit, then one pump
-        except Exception as exc:
-            consumer.on_internal_error(exc)
-        if consumer.n_held and not consumer.detached:
+            self._ack_timer = self.gw.loop.call_later(0.05, self._retry_acks)
+        else:
             self.gw.queue_acks(self)
-        return fed
 
     def _retry_acks(self) -> None:
         self._ack_timer = None
-        self.gw.queue_acks(self)
+        if not self.closed:
+            self._queue_acks_unless_backed_up()
 
     def expire(self, now: float) -> None:
         """Answer ``timeout`` to SendTo requests whose time ran out (the original's 5 s)."""
