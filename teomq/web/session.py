@@ -6,9 +6,10 @@ consumes): no wire frames are encoded or decoded. A packet from the browser beco
 call (``send``, ``answer``, ``ack``); what the core has for an endpoint comes to
 :meth:`WebSession.on_output` once per loop pass as ``(type, flags, id, payload)`` tuples and
 becomes packets to the browser; Stream pushes come already encoded, a run of them per pass (the
-consumer's ``set_pushes``: taken in C, their acknowledgements held there). So a browser consumer is a consumer like any other: credit,
-subscriptions, runs of deliveries, redelivery of what it held when it goes, the broker's stats, and
-the control plane's log lines, back-pressure and broker commands (``InprocClient``).
+consumer's ``set_pushes``: taken in C, their acknowledgements held there). So a browser consumer
+is a consumer like any other: credit, subscriptions, runs of deliveries, redelivery of what it
+held when it goes, the broker's stats, and the control plane's log lines, back-pressure and
+broker commands (``InprocClient``).
 
 teoproxy commands (``docs/gateway.md`` is the full description):
 
