@@ -175,8 +175,8 @@ static void teomq_crc32c_init_factors(void) {
     teomq_crc32c_big[0] = teomq_crc32c_shift(teomq_crc32c_hi[255], step); /* 65536 bytes */
     for (int k = 1; k < 48; k++)
         teomq_crc32c_big[k] = teomq_crc32c_shift(teomq_crc32c_big[k - 1], teomq_crc32c_big[k - 1]);
-    /* Deriving costs two multiplies and a 20-byte CRC: about 6 bytes of crc32 reading with pclmulqdq,
-     * some 300 bytes' worth without. */
+    /* Deriving costs two 20-byte CRCs (received and new header) and two multiplies: with
+     * pclmulqdq about what reading 64 bytes costs, bit by bit some hundreds of bytes' worth. */
     teomq_crc32c_reframe_min = teomq_crc32c_mode == 3 ? 64 : 512;
 }
 
