@@ -404,13 +404,19 @@ def two_command_dispatcher() -> Dispatcher:
     return disp
 
 
-def test_stream_pushes_are_encoded_once_per_message_handed_over_joined_and_held_for_acks() -> None:
-    disp = fanout_dispatcher()
+def news_pushers(disp: Dispatcher, n: int, prefetch: int) -> tuple[Encoder, list[Out], list[InprocEndpoint]]:
+    """news_subscribers whose news deliveries are taken as Stream pushes, through one PushCache."""
     enc = Encoder()
     cache = PushCache(enc)
-    outs, eps = news_subscribers(disp, 3, prefetch=8)
+    outs, eps = news_subscribers(disp, n, prefetch)
     for ep in eps:
         ep.set_pushes(cache, {b"news"})
+    return enc, outs, eps
+
+
+def test_stream_pushes_are_encoded_once_per_message_handed_over_joined_and_held_for_acks() -> None:
+    disp = fanout_dispatcher()
+    enc, outs, eps = news_pushers(disp, 3, prefetch=8)
     Wire(disp).feed(*(encode_frame(T.SEND, 0, i, b"news/%d" % i) for i in range(1, 4)))
     assert enc.calls == [b"news/1", b"news/2", b"news/3"]      # once each, not once per subscriber
     for out, ep in zip(outs, eps):
@@ -453,8 +459,7 @@ def test_a_delivery_outside_the_streams_or_too_large_comes_as_a_tuple_in_order()
 
 def test_output_queued_after_pushes_comes_after_them() -> None:
     disp = fanout_dispatcher()
-    (out,), (ep,) = news_subscribers(disp, 1, prefetch=8)
-    ep.set_pushes(PushCache(Encoder()), {b"news"})
+    _, (out,), (ep,) = news_pushers(disp, 1, prefetch=8)
     disp.outbox.set_scheduler(lambda cb: None)  # hold the flush: everything below is one pass
     Wire(disp).feed(encode_frame(T.SEND, 0, 1, b"news/1"))
     ep.put_output(T.ERROR, 0, 7, b"e")
@@ -482,11 +487,7 @@ def test_backlogs_longer_than_the_cache_still_push_every_message_right() -> None
     # prefetch 1: copies wait in backlogs and come one per acknowledgement, long after 64 newer
     # messages took their cache slots: they are encoded again, never mixed up
     disp = fanout_dispatcher()
-    enc = Encoder()
-    cache = PushCache(enc)
-    outs, eps = news_subscribers(disp, 2, prefetch=1)
-    for ep in eps:
-        ep.set_pushes(cache, {b"news"})
+    enc, outs, eps = news_pushers(disp, 2, prefetch=1)
     Wire(disp).feed(*(encode_frame(T.SEND, 0, i, b"news/%d" % i) for i in range(1, 101)))
     for ep in eps:
         while ep.release_held(1):
@@ -498,10 +499,7 @@ def test_backlogs_longer_than_the_cache_still_push_every_message_right() -> None
 
 def test_release_held_many_feeds_endpoints_in_turn_within_the_budget() -> None:
     disp = fanout_dispatcher()
-    outs, eps = news_subscribers(disp, 4, prefetch=4)
-    cache = PushCache(Encoder())
-    for ep in eps:
-        ep.set_pushes(cache, {b"news"})
+    _, outs, eps = news_pushers(disp, 4, prefetch=4)
     Wire(disp).feed(*(encode_frame(T.SEND, 0, i, b"news/%d" % i) for i in range(1, 11)))
     assert [ep.n_held for ep in eps] == [4, 4, 4, 4]    # 4 each pushed (their credit), 6 each backlogged
     eps[1].close()                                       # closed: passed over

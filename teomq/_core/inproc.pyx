@@ -281,16 +281,13 @@ cdef class InprocEndpoint(Endpoint):
     def release_held(self, size_t limit):
         """Acknowledge up to ``limit`` of the held ids, oldest first, then deliver what the
         credit returned allows (one pump and flush, as ack()); returns how many."""
-        cdef Py_ssize_t n
         if self.n_held == 0 or limit == 0:
             return 0
         self._live()
-        try:
-            n = self._release(limit)
-        finally:
-            self.disp.pump()
-            self.disp.schedule_flush()
-        return n
+        fed, _, error = release_held_many([self], 0, limit)
+        if error is not None:
+            raise error
+        return fed
 
     cdef int _park(self, FrameHeader *h, const char *payload) except -1:
         # Held back: keep the send (flags, id, payload; there is no frame around it) for
