@@ -30,7 +30,7 @@ directives = {
 }
 
 MODULES = ["crc32c", "frame_codec", "writer", "msglog", "slots", "ring_queue", "store", "routes", "command_parser",
-           "endpoint", "scheduler", "dispatch", "connection", "inproc", "client_core", "teoproxy"]
+           "endpoint", "seglog", "scheduler", "dispatch", "connection", "inproc", "client_core", "teoproxy"]
 
 
 def say(line: str) -> None:

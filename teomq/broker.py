@@ -35,6 +35,7 @@ from teomq._core.inproc import InprocEndpoint
 from teomq._core.routes import KINDS
 from teomq._core.frame_codec import encode_frame
 from teomq.addressbook import DEFAULT_PORT, AddressBook, default_data_dir
+from teomq.storage import STORAGE_MODES, DiskStorage, FsyncPolicy
 from teomq.commands import BROKER_COMMANDS, Command, CommandSchema
 from teomq.errors import ProtocolError, UnknownCommand
 from teomq.identity import BrokerIdentity, welcome_signature_payload
@@ -310,6 +311,7 @@ class BrokerConnection(ControlledEndpoint, CoreConnection, asyncio.BufferedProto
         self.log_name = _one_line(self.name).encode("utf-8", "replace")
         self.role = role
         self.caps = frozenset(caps).intersection(CAPABILITIES)  # unknown ones are ignored
+        self.confirms = "confirm" in self.caps  # its SENDs flagged CONFIRM get CONFIRM frames
         granted = min(prefetch, MAX_PREFETCH)
         b = self.broker
         identity = cast(BrokerIdentity, b.identity)  # set by start(), before any connection
@@ -507,6 +509,11 @@ class Broker:
         dispatch_run: most consecutive messages of one queue a consumer takes (bounded by its
             free credit) before the next consumer with credit gets its run; 1 is a per-message
             round robin. See docs/protocol.md, "Which consumer gets a message".
+        storage: ``"disk"``: queues kept in ``data_dir/queues``, an append-only log read back
+            at start (docs/storage.md); ``"memory"``: lost when the process ends. None (the
+            default): disk when ``data_dir`` is given, else memory.
+        fsync: when the log is made durable (disk storage): ``"always"`` (each loop pass's
+            records, by a thread, grouped), ``"interval:MS"`` or ``"never"``.
     """
 
     def __init__(
@@ -524,6 +531,8 @@ class Broker:
         backlog_max: int = 10_000,
         dispatch_run: int = DEFAULT_DISPATCH_RUN,
         message_log: int | str | os.PathLike[str] | None = None,
+        storage: str | None = None,
+        fsync: str = "always",
     ) -> None:
         if not 0 < max_payload < 1 << 31:
             raise ValueError("max_payload must be between 1 and 2**31 - 1 bytes")
@@ -533,6 +542,13 @@ class Broker:
             raise ValueError("backlog_max must be at least 1")
         if not 1 <= dispatch_run <= MAX_PREFETCH:
             raise ValueError(f"dispatch_run must be between 1 and {MAX_PREFETCH} (no credit is larger)")
+        if storage is None:
+            storage = "disk" if data_dir is not None else "memory"
+        if storage not in STORAGE_MODES:
+            raise ValueError(f"storage must be one of {', '.join(STORAGE_MODES)}, not {storage!r}")
+        self.storage_mode = storage
+        self.fsync = FsyncPolicy.parse(fsync)
+        self.storage: DiskStorage | None = None
         self.backlog_max = backlog_max
         self.dispatch_run = dispatch_run
         self.host = host
@@ -585,9 +601,24 @@ class Broker:
                 table.add(name)
                 kinds.append(KINDS[name])
             self._disp.set_schema(table, kinds)
+        if self.storage_mode == "disk":
+            storage = DiskStorage(self.data_dir, self.fsync)
+            storage.open()               # StorageError: locked by another broker, unreadable log
+            try:
+                storage.attach(self._disp, loop)
+            except BaseException:
+                storage.close_files()
+                raise
+            self.storage = storage
         disp = self._disp
-        self._server = await loop.create_server(
-            lambda: BrokerConnection(disp, self), self.host, self.port, reuse_address=True)
+        try:
+            self._server = await loop.create_server(
+                lambda: BrokerConnection(disp, self), self.host, self.port, reuse_address=True)
+        except BaseException:
+            if self.storage is not None:
+                self.storage.close()
+                self.storage = None
+            raise
         bound = self._server.sockets[0].getsockname()
         self.host, self.port = bound[0], bound[1]
         self._tick()  # the dispatcher's clock is the loop's, moved on by one timer
@@ -635,6 +666,8 @@ class Broker:
         for conn in list(self._conns):
             conn._close_with_error(ErrorCode.SHUTDOWN, "broker is shutting down")
         await server.wait_closed()
+        if self.storage is not None:
+            self.storage.close()
         if self._msglog is not None:
             self._msglog.close()
             if self._msglog.dropped != self._msglog_dropped:

@@ -54,6 +54,7 @@ from teomq.protocol import DEFAULT_MAX_PAYLOAD, MAX_PAYLOAD_LIMIT
 from teomq.argtypes import flag, float_value, int_at_least
 from teomq.loops import run as run_on_loop
 from teomq.stats_printer import command_lines, print_stats, web_line
+from teomq.storage import STORAGE_MODES, FsyncPolicy
 
 __all__ = ["build_broker_parser", "build_parser", "broker_main", "main", "parse_listen", "producer_message"]
 
@@ -111,6 +112,13 @@ def _message_format(text: str) -> str:
 def _command_spec(text: str) -> Command:
     try:
         return parse_command_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _fsync_policy(text: str) -> str:
+    try:
+        return str(FsyncPolicy.parse(text))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -206,6 +214,14 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
           help="address to listen on; ':PORT' means 127.0.0.1, port 0 any free port (default: %(default)s)")
     flag(parser, "data-dir", default=str(default_data_dir()), metavar="DIR",
           help="directory for the broker's key and data (default: %(default)s, from $TEOMQ_HOME)")
+    flag(parser, "storage", choices=STORAGE_MODES, default="disk",
+          help="where queues are kept: disk (in DIR/queues of -data-dir, read back at start: they survive "
+          "restarts) or memory (lost when the broker stops) (default: %(default)s)")
+    flag(parser, "fsync", type=_fsync_policy, default="always", metavar="POLICY",
+          help="disk storage: when the log is made durable. always: a message is confirmed once fdatasync "
+          "covered it (survives a power loss); interval:MS: written to the OS at once, synced every MS "
+          "milliseconds (a process crash loses nothing, a power loss up to MS); never: left to the OS "
+          "(a process crash loses nothing, a power loss what the OS had not written) (default: %(default)s)")
     flag(parser, "max-payload", type=int_at_least(1, MAX_PAYLOAD_LIMIT), default=DEFAULT_MAX_PAYLOAD,
           metavar="BYTES", help="largest message or answer accepted, in bytes (default: %(default)s)")
     flag(parser, "queue-max", type=int_at_least(1), default=1_000_000, metavar="N",
@@ -482,7 +498,7 @@ async def _broker(args: argparse.Namespace) -> int:
             f"{c.name} ({c.routing}{', ' + c.pattern if c.pattern else ''})" for c in schema))
     broker = Broker(host, port, data_dir=args.data_dir, max_payload=args.max_payload, queue_max=args.queue_max,
                     log_messages=not args.nomsg, commands=schema, backlog_max=args.backlog_max,
-                    dispatch_run=args.dispatch_run,
+                    dispatch_run=args.dispatch_run, storage=args.storage, fsync=args.fsync,
                     message_log=args.log_file if args.log_file is not None else _stderr_fd())
     try:
         await broker.start()

@@ -26,7 +26,9 @@ from teomq.commands import Command, CommandCall, CommandSchema
 from teomq.errors import BrokerError, ConnectionLost, RequestTimeout, UnknownCommand
 from teomq.protocol import MAX_PAYLOAD_LIMIT, ApiCommand, ErrorCode
 
-__all__ = ["Client", "Consumer", "Producer"]
+__all__ = ["Client", "Confirmation", "Consumer", "Producer"]
+
+_CONFIRM_FLAG = 0x10  # SEND: confirm it once stored (protocol.Flag.CONFIRM)
 
 #: What request(), send() and publish() take; str is sent UTF-8 encoded.
 Payload = Union[bytes, bytearray, memoryview, str]
@@ -67,6 +69,46 @@ class _StatsView(Mapping[str, int]):
 
     def __repr__(self) -> str:
         return repr(self._snapshot())
+
+
+class Confirmation:
+    """What :meth:`Client.publish` returns: await it for the broker's word that the message is
+    stored by its fsync policy (``-fsync always``: after ``fdatasync``; ``-storage memory``: once
+    accepted). Code that does not await it loses nothing: no task, no future until awaited.
+
+    Awaiting raises :class:`~teomq.errors.QueueFull` or :class:`~teomq.errors.BrokerError`
+    when the broker refused the message, :class:`~teomq.errors.ConnectionLost` when the
+    connection closed before the confirmation came (the message may or may not be stored).
+    Against a broker without confirmations (no ``confirm`` capability) it resolves at once.
+    """
+
+    __slots__ = ("_conn", "id")
+
+    def __init__(self, conn: Connection | None, mid: int) -> None:
+        self._conn = conn
+        self.id = mid
+
+    def done(self) -> bool:
+        """No longer waiting: confirmed, refused, or its connection lost."""
+        return self._conn is None or self._conn.confirm_state(self.id) is not False
+
+    @property
+    def confirmed(self) -> bool:
+        """The broker confirmed it stored (always True against a broker without confirmations)."""
+        return self._conn is None or self._conn.confirm_state(self.id) is True
+
+    def __await__(self) -> Any:
+        conn = self._conn
+        if conn is not None:
+            state = conn.confirm_state(self.id)
+            if state is False:
+                yield from conn.wait_confirm(self.id).__await__()
+            elif state is not True:
+                raise state
+
+    def __repr__(self) -> str:
+        state = "confirmed" if self.confirmed else "ended unconfirmed" if self.done() else "waiting"
+        return f"<Confirmation of message {self.id}: {state}>"
 
 
 class Client:
@@ -339,15 +381,38 @@ class Client:
             return conn.submit(payload, callback, False)
         return conn.submit_custom(payload, callback, timeout)
 
-    def publish(self, data: Payload) -> None:
-        """Send a message fire-and-forget (NO_REPLY): no answer, no error report.
+    def publish(self, data: Payload) -> Confirmation:
+        """Send a message with no answer (NO_REPLY); returns a :class:`Confirmation` to await
+        for the broker's word that it is stored (optional: not awaiting it changes nothing).
 
-        Does not wait for flow control; call :meth:`drain` between bursts. A refusal by
-        the broker goes to ``on_refused`` and the log.
+        Does not wait for flow control; call :meth:`drain` between bursts, or keep a window of
+        unconfirmed messages with :meth:`confirmed`. A refusal by the broker goes to
+        ``on_refused``, the log, and the Confirmation.
         """
         conn, payload, _ = self._prepare(data, None)
-        conn._write(_SEND, _NO_REPLY, conn.next_id(), payload)
+        if conn.confirms:
+            mid = conn.publish_id()
+            conn._write(_SEND, _NO_REPLY | _CONFIRM_FLAG, mid, payload)
+            self._counts["sent"] += 1
+            return Confirmation(conn, mid)
+        mid = conn.next_id()
+        conn._write(_SEND, _NO_REPLY, mid, payload)
         self._counts["sent"] += 1
+        return Confirmation(None, mid)
+
+    @property
+    def unconfirmed(self) -> int:
+        """Messages publish()ed on this connection the broker has not confirmed yet."""
+        return self._conn.unconfirmed if self._conn is not None else 0
+
+    async def confirmed(self, at_most: int = 0) -> None:
+        """Wait until at most ``at_most`` publish()ed messages wait for their confirmation:
+        a window of unconfirmed messages, one future per call, none per message.
+
+        Raises:
+            ConnectionLost: the connection closed first.
+        """
+        await self._require().wait_unconfirmed_at_most(at_most)
 
     async def ping(self, timeout: float | None = None) -> float:
         """Round trip to the broker; returns the seconds it took.

@@ -62,7 +62,7 @@ import msgpack
 from teomq._core.client_core import ClientCore
 from teomq._core.frame_codec import encode_frame
 from teomq.commands import Command
-from teomq.errors import AddressError, BrokerError, ConnectionLost, ProtocolError, RequestTimeout
+from teomq.errors import AddressError, BrokerError, ConnectionLost, ProtocolError, QueueFull, RequestTimeout
 from teomq.identity import verify_welcome
 from teomq.protocol import FLOW_HOLD, MAX_PAYLOAD_LIMIT, ErrorCode, Flag, FrameType
 from teomq.transports import socket_writer
@@ -84,6 +84,7 @@ _PONG = int(FrameType.PONG)
 _SEND = int(FrameType.SEND)
 _ANSWER = int(FrameType.ANSWER)
 _FLOW = int(FrameType.FLOW)
+_CONFIRM = int(FrameType.CONFIRM)
 _NO_REPLY = int(Flag.NO_REPLY)
 _NO_ANSWER = int(Flag.NO_ANSWER)
 _REDELIVERED = int(Flag.REDELIVERED)
@@ -96,6 +97,10 @@ _TICK = 0.05
 _HANDSHAKE_LIMIT = 8 << 20
 #: Seconds between log lines about messages the broker refused (the first is logged at once).
 _REFUSAL_LOG_INTERVAL = 1.0
+#: refusals of publish()es kept for an await that comes after them
+_REFUSED_KEPT = 10_000
+#: ERROR codes that refuse a SEND (it was not accepted)
+_REFUSALS = frozenset({int(ErrorCode.QUEUE_FULL), int(ErrorCode.UNKNOWN_COMMAND), int(ErrorCode.NOT_ALLOWED)})
 
 
 def to_payload(data: object) -> bytes | bytearray | memoryview:
@@ -187,6 +192,15 @@ class Connection(asyncio.Protocol):
         self._refusal_timer: asyncio.TimerHandle | None = None
         self._pings: dict[int, asyncio.Future[None]] = {}
         self._next_ping = 1
+        # publish() confirmations (the broker's "confirm" capability): ids of SENDs flagged
+        # CONFIRM not yet confirmed, in send order; awaited ones; refused ones (bounded)
+        self.confirms = False
+        self._unconfirmed: deque[int] = deque()
+        self._confirm_waiters: dict[int, asyncio.Future[None]] = {}
+        self._refused_ids: dict[int, BaseException] = {}
+        self.confirmed_id = 0            # the last id a CONFIRM covered
+        self.n_confirmed = 0
+        self._drained: list[tuple[int, asyncio.Future[None]]] = []   # confirmed(): (target count, future)
         # consumer side
         self._handler = client._handler
         self._handler_async = client._handler_async
@@ -208,7 +222,7 @@ class Connection(asyncio.Protocol):
         self._core.set_writer(socket_writer(transport, backlog=True))  # None past TLS or a wrapping transport
         c = self._client
         hello = {"v": 1, "role": c._role, "name": c.name, "prefetch": c._prefetch,
-                 "nonce": self._nonce, "auth": None, "caps": ["flow"], "session": c.session}
+                 "nonce": self._nonce, "auth": None, "caps": ["flow", "confirm"], "session": c.session}
         if c._produces:  # only a producer needs to know which commands fan out
             hello["commands"] = True
         transport.write(encode_frame(int(FrameType.HELLO), 0, 0, msgpack.packb(hello)))  # type: ignore[attr-defined]
@@ -256,6 +270,8 @@ class Connection(asyncio.Protocol):
             fut = self._pings.pop(fid, None)
             if fut is not None and not fut.done():
                 fut.set_result(None)
+        elif ftype == _CONFIRM and self.address is not None:
+            self._on_confirm(fid, payload)
         elif ftype == _FLOW and self.address is not None:
             self._held = bool(flags & FLOW_HOLD)
             self._sync_fast()
@@ -338,6 +354,14 @@ class Connection(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(self._lost())
         self._pings.clear()
+        for fut in self._confirm_waiters.values():
+            if not fut.done():
+                fut.set_exception(self._lost())
+        self._confirm_waiters.clear()
+        for _, fut in self._drained:
+            if not fut.done():
+                fut.set_exception(self._lost())
+        self._drained.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -442,6 +466,8 @@ class Connection(asyncio.Protocol):
             return
         self.address = address
         self.server = str(doc.get("server", ""))
+        caps = doc.get("caps")
+        self.confirms = isinstance(caps, list) and "confirm" in caps
         self.scheme = "command" if doc.get("scheme") == "command" else "basic"
         commands = doc.get("commands")
         if isinstance(commands, list):
@@ -482,7 +508,96 @@ class Connection(asyncio.Protocol):
             if entry is not None:
                 self._complete(fid, entry, None, err)
             else:  # a publish(), or a request already timed out
+                if self._unconfirmed and fid >= self._unconfirmed[0] and err.code in _REFUSALS:
+                    self._refuse_confirm(fid, err)
                 self._refused(fid, err)
+
+    # -- confirmations -------------------------------------------------------------------
+
+    def publish_id(self) -> int:
+        """The id for a publish() that asks the broker to confirm it (kept until confirmed)."""
+        mid = self._core.take_id()
+        self._unconfirmed.append(mid)
+        return mid
+
+    def _on_confirm(self, fid: int, payload: bytes) -> None:
+        # CONFIRM: this connection's SENDs flagged CONFIRM up to fid, ``count`` of them, are stored
+        count = int.from_bytes(payload[:4], "little") if len(payload) >= 4 else 0
+        pending, waiters = self._unconfirmed, self._confirm_waiters
+        done = 0
+        while pending and pending[0] <= fid:
+            mid = pending.popleft()
+            done += 1
+            if waiters:
+                fut = waiters.pop(mid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+        if done != count:
+            log.warning("broker %s confirmed %d messages up to %d; %d were waiting", self.address, count, fid, done)
+        self.confirmed_id = fid
+        self.n_confirmed += done
+        if self._drained:
+            self._wake_drained()
+
+    def _refuse_confirm(self, fid: int, err: BrokerError) -> None:
+        # a SEND flagged CONFIRM was refused: it will never be confirmed
+        try:
+            self._unconfirmed.remove(fid)
+        except ValueError:
+            return
+        exc: BaseException = QueueFull(str(err)) if err.code == ErrorCode.QUEUE_FULL else err
+        fut = self._confirm_waiters.pop(fid, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+        refused = self._refused_ids
+        refused[fid] = exc
+        if len(refused) > _REFUSED_KEPT:            # for an await that comes later; bounded
+            for old in list(refused)[:len(refused) // 2]:
+                del refused[old]
+        if self._drained:
+            self._wake_drained()
+
+    def confirm_state(self, mid: int) -> BaseException | bool:
+        """True if publish ``mid`` is confirmed, False if not yet, or why it never will be."""
+        exc = self._refused_ids.get(mid)
+        if exc is not None:
+            return exc
+        if self._unconfirmed and mid >= self._unconfirmed[0]:
+            return self._lost() if self._closing else False
+        return True
+
+    def wait_confirm(self, mid: int) -> asyncio.Future[None]:
+        fut = self._confirm_waiters.get(mid)
+        if fut is None:
+            fut = self._loop.create_future()
+            self._confirm_waiters[mid] = fut
+        return fut
+
+    @property
+    def unconfirmed(self) -> int:
+        return len(self._unconfirmed)
+
+    def wait_unconfirmed_at_most(self, limit: int) -> asyncio.Future[None]:
+        fut = self._loop.create_future()
+        if len(self._unconfirmed) <= limit:
+            fut.set_result(None)
+        elif self._closing:
+            fut.set_exception(self._lost())
+        else:
+            self._drained.append((limit, fut))
+        return fut
+
+    def _wake_drained(self) -> None:
+        n = len(self._unconfirmed)
+        keep = []
+        for limit, fut in self._drained:
+            if fut.done():
+                continue
+            if n <= limit:
+                fut.set_result(None)
+            else:
+                keep.append((limit, fut))
+        self._drained = keep
 
     def _refused(self, fid: int, err: BrokerError) -> None:
         """A message nobody waits for was refused: the callback, and a rate-limited log line."""

@@ -37,6 +37,19 @@ class BrokerError(TeomqError):
         self.reason = reason
 
 
+class StorageError(TeomqError):
+    """The broker's durable store failed: a disk error, a data directory in use, a bad log.
+    ``errno`` is the OS error number behind it, or 0."""
+
+    def __init__(self, reason: str, errno: int = 0) -> None:
+        super().__init__(reason)
+        self.errno = errno
+
+
+class LogFormatError(StorageError):
+    """A log segment the broker cannot read: another format version, or a record past its batch."""
+
+
 class RequestTimeout(TeomqError, TimeoutError):
     """No answer arrived within the request's timeout."""
 

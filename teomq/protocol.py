@@ -39,9 +39,10 @@ class FrameType(enum.IntEnum):
     PING = 8  # either way, id echoed in PONG
     PONG = 9
     FLOW = 10  # broker -> client that announced the "flow" capability: flags HOLD (1) or 0 (go on)
+    CONFIRM = 11  # broker -> client: id = its last SEND flagged CONFIRM now stored, payload u32 count
 
 
-MAX_FRAME_TYPE = 10
+MAX_FRAME_TYPE = 11
 
 
 class Flag(enum.IntFlag):
@@ -50,12 +51,13 @@ class Flag(enum.IntFlag):
     NO_ANSWER = 0x2  # ANSWER: the consumer acknowledges without an answer
     REDELIVERED = 0x4  # DELIVER: an earlier delivery of this message was not answered
     API = 0x8  # SEND: payload is [u8 API command][data], answered by the broker itself
+    CONFIRM = 0x10  # SEND: confirm it (a CONFIRM frame) once stored by the broker's fsync policy
 
 
 #: FLOW flag: hold SENDs back until a FLOW without it comes (answers, pings keep flowing).
 FLOW_HOLD = 0x1
 #: Capabilities a client may announce in HELLO ("caps"); the broker names those it speaks in WELCOME.
-CAPABILITIES = ("flow",)
+CAPABILITIES = ("flow", "confirm")
 
 
 class ErrorCode(enum.IntEnum):

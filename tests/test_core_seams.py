@@ -223,7 +223,7 @@ def test_a_client_without_capabilities_is_served_as_before(arun: Any, tmp_path: 
             consumer = await peer(broker.port, "consumer", answer=True)
             both = await peer(broker.port, "both", answer=True)  # no caps, consumes too: never gets FLOW
             welcome = msgpack.unpackb(both.of(T.WELCOME)[0][3])
-            assert welcome["caps"] == ["flow"] and welcome["prefetch"] == 64
+            assert welcome["caps"] == ["flow", "confirm"] and welcome["prefetch"] == 64
             assert both.transport is not None and consumer.transport is not None
             consumer.transport.pause_reading()  # answers stop: held messages reach the bound
             at_pong: list[int] = []
@@ -238,7 +238,7 @@ def test_a_client_without_capabilities_is_served_as_before(arun: Any, tmp_path: 
             assert not both.of(T.FLOW) and not both.of(T.ERROR)
             assert sorted(f[2] for f in both.of(T.REPLY)) == list(range(1, 201))
             flow = await peer(broker.port, "both", caps=["flow", "no-such-cap"])
-            assert msgpack.unpackb(flow.of(T.WELCOME)[0][3])["caps"] == ["flow"]
+            assert msgpack.unpackb(flow.of(T.WELCOME)[0][3])["caps"] == ["flow", "confirm"]
 
     arun(main())
 
@@ -287,5 +287,54 @@ def test_a_bad_session_is_refused(arun: Any, tmp_path: Path) -> None:
                 await until(lambda: p.of(T.ERROR), f"session {bad!r:.20} refused")
                 err = msgpack.unpackb(p.of(T.ERROR)[0][3])
                 assert err["code"] == ErrorCode.HANDSHAKE and "session" in err["reason"], err
+
+    arun(main())
+
+
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+def test_confirm_goes_only_to_a_client_that_announced_it(arun: Any, tmp_path: Path, storage: str) -> None:
+    """SENDs flagged CONFIRM (0x10) get CONFIRM frames (id the last, payload the count) only on a
+    connection whose HELLO named "confirm"; one without it is served as before."""
+    async def main() -> None:
+        async with make_broker(tmp_path, storage=storage) as broker:
+            plain = await peer(broker.port, "producer")
+            speaks = await peer(broker.port, "producer", caps=["confirm"])
+            assert plain.transport is not None and speaks.transport is not None
+            for p in (plain, speaks):
+                p.transport.write(b"".join(encode_frame(T.SEND, 0x11, i, b"c%d" % i) for i in range(1, 51))
+                                  + encode_frame(T.PING, 0, 99))
+            await until(lambda: plain.of(T.PONG) and speaks.of(T.PONG), "both PONGs")
+            await until(lambda: sum(int.from_bytes(f[3], "little") for f in speaks.of(T.CONFIRM)) == 50,
+                        "50 confirmed")
+            confirms = speaks.of(T.CONFIRM)
+            assert confirms[-1][2] == 50 and all(len(f[3]) == 4 for f in confirms)
+            assert not plain.of(T.CONFIRM) and not plain.of(T.ERROR)
+            assert broker.stats()["queue"] == 100
+
+    arun(main())
+
+
+def test_awaiting_publish_raises_for_a_refused_message(arun: Any, tmp_path: Path) -> None:
+    """A publish the broker refuses (here UNKNOWN_COMMAND) is never confirmed: awaiting it raises
+    the refusal, and the confirmations of the others around it still come, in order."""
+    async def main() -> None:
+        async with make_broker(tmp_path, commands=[teomq.Command("jobs", routing="queue")]) as broker:
+            async with teomq.Producer(spec(broker), name="p", timeout=LONG) as producer:
+                sent = [producer.publish(b"jobs" if i % 3 else b"nope") for i in range(30)]
+                for i, c in enumerate(sent):
+                    if i % 3:
+                        await c
+                        assert c.confirmed
+                    else:
+                        with pytest.raises(teomq.BrokerError) as info:
+                            await c
+                        assert info.value.code == ErrorCode.UNKNOWN_COMMAND
+                        assert c.done() and not c.confirmed
+                await producer.confirmed(0)
+                assert producer.unconfirmed == 0
+                late = producer.publish(b"nope")           # refused after everything else
+                with pytest.raises(teomq.BrokerError):
+                    await late
+                assert broker.stats()["queue"] == 20
 
     arun(main())

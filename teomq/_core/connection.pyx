@@ -23,7 +23,7 @@ from teomq._core.dispatch cimport accept, park_full
 from teomq._core.endpoint cimport S_CLOSED, S_NEW, S_READY, mark_dirty
 from teomq._core.frame_codec cimport (
     E_HANDSHAKE, E_NOT_ALLOWED, EXT_MAX, INPLACE_MIN, F_REDELIVERED, HEADER_SIZE, T_ANSWER, T_DELIVER, T_ERROR,
-    T_HELLO, T_PING, T_PONG, T_REPLY, T_SEND, Received, check_partial, grow_buffer, parse_header,
+    T_CONFIRM, T_HELLO, T_PING, T_PONG, T_REPLY, T_SEND, Received, teomq_st32, check_partial, grow_buffer, parse_header,
     protocol_error, verify_crc, note_received,
 )
 from teomq._core.ring_queue cimport Msg
@@ -129,7 +129,7 @@ cdef class CoreConnection(Endpoint):
                 elif h.ftype == T_PONG:
                     pass
                 else:
-                    # WELCOME, DELIVER, REPLY, FLOW come only from a broker: refuse this frame, keep the connection
+                    # WELCOME, DELIVER, REPLY, FLOW, CONFIRM come only from a broker: refuse this frame, keep the connection
                     self._add_error(E_NOT_ALLOWED, h.fid, ERR_NOT_ALLOWED)
             if self.rlen - pos < HEADER_SIZE and self.state != S_CLOSED:
                 check_partial(self.rbuf + pos, self.rlen - pos)
@@ -257,6 +257,13 @@ cdef class CoreConnection(Endpoint):
         return mark_dirty(self)
 
     cdef int _flush(self) except -1:
+        cdef char count[4]
+        if self.conf_n:
+            # the pass's confirmations: one CONFIRM frame, id the last, payload how many
+            teomq_st32(count, self.conf_n)
+            self.out.add_frame(T_CONFIRM, 0, self.conf_id, count, 4)
+            self.n_confirmed += self.conf_n
+            self.conf_n = 0
         if self.out.length == 0:
             return 0
         if self.transport is None:

@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, TypedDict, final
 
 from _typeshed import ReadableBuffer
+
+from teomq._core.seglog import SegmentLog
 from typing import SupportsIndex
 
 from teomq._core.command_parser import CommandTable
@@ -82,6 +84,10 @@ class Dispatcher(Scheduler):
         """Name ``conn``'s session; False when another connected endpoint has that session."""
     def session_of(self, name: bytes) -> Endpoint | None:
         """The endpoint whose session has this name, or None."""
+    def set_store(self, log: SegmentLog) -> None:
+        """Keep the queues in ``log`` (recovered) instead of in memory; before anything connects."""
+    def restore(self) -> tuple[int, int]:
+        """Put the store's recovered live messages back in their routes: (restored, kept on disk)."""
     def set_schema(self, table: CommandTable, kinds: Sequence[int]) -> None:
         """Switch to command mode: ``kinds[i]`` is the RouteKind of ``table``'s command i."""
     def subscribe(self, conn: Endpoint, name: str | ReadableBuffer) -> int:

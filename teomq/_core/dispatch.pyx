@@ -16,13 +16,15 @@ cimport cython
 from cpython.ref cimport PyObject
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcmp
 
 from teomq._core.command_parser cimport name_length
-from teomq._core.endpoint cimport Outbox, S_CLOSED
+from teomq._core.endpoint cimport Outbox, S_CLOSED, confirm_now
 from teomq._core.frame_codec cimport (
-    E_QUEUE_FULL, F_API, F_NO_REPLY, HEADER_SIZE, note_received,
+    E_QUEUE_FULL, F_API, F_CONFIRM, F_NO_REPLY, F_REDELIVERED, HEADER_SIZE, note_received,
 )
 from teomq._core.ring_queue cimport Msg
+from teomq._core.seglog cimport SegmentLog
 from teomq._core.routes cimport R_FANOUT, R_HELLO, R_MSG, R_QUEUE, Route
 from teomq._core.slots cimport list_item
 from teomq._core.store cimport store_append
@@ -101,13 +103,13 @@ cdef class Dispatcher(Scheduler):
             return conn._park(h, p + n - h.length)
         if self.held() >= self.queue_max:
             return self.refuse(conn, h.fid, False)
-        store_append(self.store, &m, p, n)
         m.flags = flags
         m.attempt = 0
         m.session = conn.session
         m.msg_id = h.fid
         m.route = route
         m.copy = False
+        store_append(self.store, &m, p, n)   # after the fields: a durable store records them
         if n == h.length and conn.framed:
             note_received(p - HEADER_SIZE, h.length, &m.rx)
         else:
@@ -119,6 +121,11 @@ cdef class Dispatcher(Scheduler):
         else:
             self.route_fanout(<Route>r, &m)
         self.n_in += 1
+        if h.flags & F_CONFIRM and conn.confirms:
+            if self.store.hooked:
+                (<SegmentLog>self.store).confirm_later(conn, h.fid)   # once its batch is stored
+            else:
+                confirm_now(conn, h.fid)
         if not self.backpressure and self.held() >= self.queue_high:
             self.backpressure = True
             if self.on_backpressure is not None:
@@ -253,6 +260,60 @@ cdef class Dispatcher(Scheduler):
     def session_of(self, name):
         """The endpoint whose session has this name, or None."""
         return self.session_names.get(name)
+
+    # -- the durable store, for the control plane -----------------------------------------
+
+    def set_store(self, SegmentLog log):
+        """Keep the queues in ``log`` (recovered: SegmentLog.recover) instead of in memory.
+        Set before anything connects, after the schema."""
+        if self.n_in or self.consumers or self.eslots.used:
+            raise RuntimeError("the store is set before anything connects")
+        log.attach(self.routes, self.outbox)
+        self.store = log
+        self.outbox.store = log
+
+    def restore(self):
+        """Put every live message the store recovered back in its route's queue, in sequence
+        order (one delivered before the restart flagged REDELIVERED). Returns (restored, kept):
+        kept are those whose route this broker does not have (another schema): they stay in
+        the log, live. In C: no Python object per message."""
+        cdef SegmentLog log = <SegmentLog?>self.store
+        cdef Msg m
+        cdef const char *name
+        cdef size_t name_len
+        cdef const char *last_name = NULL
+        cdef size_t last_len = 0
+        cdef int32_t idx = -1
+        cdef Route r
+        cdef size_t restored = 0
+        cdef size_t kept = 0
+        while log.next_restored(&m, &name, &name_len):
+            if last_name == NULL or name_len != last_len or memcmp(name, last_name, name_len) != 0:
+                last_name = name
+                last_len = name_len
+                if self.basic:
+                    idx = 0 if name_len == 0 else -1
+                else:
+                    idx = self._route_index(PyBytes_FromStringAndSize(name, name_len)) if name_len else -1
+                    if idx >= 0 and (<Route>self.routes[idx]).kind != R_QUEUE:
+                        idx = -1
+            if idx < 0:
+                log.forget(&m)
+                kept += 1
+                continue
+            if m.attempt:
+                m.flags |= F_REDELIVERED
+            m.route = idx
+            r = <Route>list_item(<PyObject *>self.routes, idx)
+            r.waiting.push_back_always(&m)
+            self.n_route_queued += 1
+            self.mark_pending(r)
+            restored += 1
+        if not self.backpressure and self.held() >= self.queue_high:
+            self.backpressure = True
+            if self.on_backpressure is not None:
+                self.on_backpressure(True)
+        return restored, kept
 
     # -- command mode, for the control plane ----------------------------------------------
 

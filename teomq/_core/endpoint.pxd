@@ -4,6 +4,7 @@ from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from teomq._core.frame_codec cimport FrameHeader, Received, WriteBuffer
 from teomq._core.msglog cimport MessageLog
 from teomq._core.ring_queue cimport Msg, MsgRing
+from teomq._core.store cimport Store
 
 
 # An endpoint's state, in one place (asyncpg's ProtocolState is the model): every transition
@@ -14,6 +15,14 @@ cdef enum ConnState:
     S_CLOSED = 2       # detached: nothing more is read, written or delivered
 
 
+cdef struct ConfirmRun:
+    # SENDs flagged CONFIRM of one endpoint waiting for the log: ``count`` of them, the last
+    # ``last_id``, all recorded in batches up to ``batch`` (seglog.pyx numbers its batches)
+    uint64_t batch
+    uint64_t last_id
+    uint32_t count
+
+
 cdef class Outbox:
     """The endpoints with output to hand over, flushed once per loop pass."""
     cdef list dirty
@@ -21,6 +30,7 @@ cdef class Outbox:
     cdef object scheduler      # callable(callback): run callback once, later in this loop pass
     cdef object flush_cb
     cdef MessageLog msglog     # None, or the per-message log lines, written at each flush too
+    cdef Store store           # the dispatcher's: a durable one writes the pass's records first
     @cython.final
     cdef int schedule(self) except -1
 
@@ -59,6 +69,17 @@ cdef class Endpoint:
     cdef size_t parked_len
     cdef readonly uint64_t n_refused        # its SENDs refused QUEUE_FULL: the bound reached
     cdef readonly uint64_t n_refused_parked # ... or its parked SENDs over their bound
+    # confirmations (SENDs flagged CONFIRM): ready to go at the next flush (conf_n of them,
+    # the last conf_id), and those waiting for the log, oldest first
+    cdef uint64_t conf_id
+    cdef uint32_t conf_n
+    cdef ConfirmRun *conf_runs
+    cdef uint32_t conf_head
+    cdef uint32_t conf_count
+    cdef uint32_t conf_cap
+    cdef bint conf_listed                   # in the durable store's list of endpoints waiting
+    cdef public bint confirms               # it announced the "confirm" capability (HELLO caps)
+    cdef readonly uint64_t n_confirmed
 
     cdef int take(self, Msg *m, uint64_t did) except -1
     cdef int reply(self, uint64_t msg_id, const char *p, size_t n, const Received *rx) except -1
@@ -66,6 +87,8 @@ cdef class Endpoint:
     cdef int _park(self, FrameHeader *h, const char *payload) except -1
     cdef int _flush(self) except -1
     cdef void _clear_out(self) noexcept
+    cdef int confirm_after(self, uint64_t batch, uint64_t fid) except -1
+    cdef bint release_confirms(self, uint64_t upto) except -1
 
 
 cdef inline int mark_dirty(Endpoint e) except -1:
@@ -74,3 +97,10 @@ cdef inline int mark_dirty(Endpoint e) except -1:
         e.dirty = True
         e.outbox.dirty.append(e)
     return 0
+
+cdef inline int confirm_now(Endpoint e, uint64_t fid) except -1:
+    # a SEND flagged CONFIRM is stored (the in-memory store: once accepted): confirmed with
+    # the others of this pass in one CONFIRM frame at the flush
+    e.conf_id = fid
+    e.conf_n += 1
+    return mark_dirty(e)

@@ -60,6 +60,11 @@ class Endpoint:
     @property
     def n_refused_parked(self) -> int:
         """Its SENDs refused QUEUE_FULL: held back, and its parked SENDs over their bound."""
+    #: it announced the "confirm" capability: its SENDs flagged CONFIRM get CONFIRM frames
+    confirms: bool
+    @property
+    def n_confirmed(self) -> int:
+        """Its SENDs flagged CONFIRM confirmed (in CONFIRM frames sent)."""
     @property
     def handshaken(self) -> bool: ...
     @property

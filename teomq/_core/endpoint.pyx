@@ -11,7 +11,7 @@ pass writes each of them once.
 """
 
 cimport cython
-from libc.stdlib cimport free
+from libc.stdlib cimport free, malloc
 
 from teomq._core.frame_codec cimport E_HANDSHAKE, protocol_error
 
@@ -25,7 +25,8 @@ cdef class Outbox:
         self.flush_cb = self.flush
 
     cdef int schedule(self) except -1:
-        if (self.dirty or (self.msglog is not None and self.msglog.used)) and not self.scheduled:
+        if (self.dirty or (self.msglog is not None and self.msglog.used)
+                or (self.store is not None and self.store.pending)) and not self.scheduled:
             self.scheduled = True
             if self.scheduler is None:
                 self.flush()
@@ -44,11 +45,15 @@ cdef class Outbox:
     def flush(self):
         """Hand every endpoint's pending output over: one write per endpoint per loop pass.
 
-        The per-message log lines of the pass are written first, in one write."""
-        cdef list dirty = self.dirty
+        A durable store's records of the pass are written to the OS first (no frame that
+        depends on them leaves before), then the per-message log lines, in one write each."""
+        cdef list dirty
         cdef Endpoint e
-        self.dirty = []
         self.scheduled = False
+        if self.store is not None and self.store.pending:
+            self.store.write_pass()     # (may release confirmations: endpoints made dirty)
+        dirty = self.dirty
+        self.dirty = []
         if self.msglog is not None and self.msglog.used:
             self.msglog.write_out()
         for e in dirty:
@@ -70,6 +75,55 @@ cdef class Endpoint:
 
     def __dealloc__(self):
         free(self.subs)
+        free(self.conf_runs)
+
+    # -- confirmations: SENDs flagged CONFIRM waiting for the durable store ---------------
+
+    cdef int confirm_after(self, uint64_t batch, uint64_t fid) except -1:
+        # message fid is recorded in the log's batch ``batch``: confirm it once that is stored
+        cdef ConfirmRun *r
+        cdef ConfirmRun *g
+        cdef uint32_t i
+        cdef uint32_t cap
+        if self.conf_count:
+            r = &self.conf_runs[(self.conf_head + self.conf_count - 1) % self.conf_cap]
+            if r.batch == batch:
+                r.last_id = fid
+                r.count += 1
+                return 0
+        if self.conf_count == self.conf_cap:
+            cap = self.conf_cap * 2 if self.conf_cap else 8
+            g = <ConfirmRun *>malloc(cap * sizeof(ConfirmRun))
+            if g == NULL:
+                raise MemoryError()
+            for i in range(self.conf_count):
+                g[i] = self.conf_runs[(self.conf_head + i) % self.conf_cap]
+            free(self.conf_runs)
+            self.conf_runs = g
+            self.conf_cap = cap
+            self.conf_head = 0
+        r = &self.conf_runs[(self.conf_head + self.conf_count) % self.conf_cap]
+        r.batch = batch
+        r.last_id = fid
+        r.count = 1
+        self.conf_count += 1
+        return 0
+
+    cdef bint release_confirms(self, uint64_t upto) except -1:
+        # the log stored every batch up to ``upto``: those runs go out with the next flush;
+        # True while runs still wait
+        cdef ConfirmRun *r
+        while self.conf_count:
+            r = &self.conf_runs[self.conf_head]
+            if r.batch > upto:
+                break
+            self.conf_id = r.last_id
+            self.conf_n += r.count
+            self.conf_head = (self.conf_head + 1) % self.conf_cap
+            self.conf_count -= 1
+        if self.conf_n and self.state != S_CLOSED:
+            mark_dirty(self)
+        return self.conf_count != 0
 
     # -- how output reaches the peer: the subclass's --------------------------------------
 

@@ -24,13 +24,15 @@ cdef enum FrameType:
     T_PING = 8
     T_PONG = 9
     T_FLOW = 10          # broker -> client that announced "flow": flags 1 hold SENDs back, 0 go on
-    T_MAX = 10
+    T_CONFIRM = 11       # broker -> client: SENDs flagged CONFIRM stored (id: the last; payload: u32 count)
+    T_MAX = 11
 
 cdef enum FrameFlag:
     F_NO_REPLY = 0x1
     F_NO_ANSWER = 0x2
     F_REDELIVERED = 0x4
     F_API = 0x8          # SEND: payload is [u8 API command][data], for the broker itself
+    F_CONFIRM = 0x10     # SEND: confirm it once stored (T_CONFIRM)
 
 cdef enum ErrCode:
     E_BAD_FRAME = 1

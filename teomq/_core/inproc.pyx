@@ -216,6 +216,7 @@ cdef class InprocEndpoint(Endpoint):
 
     cdef int _flush(self) except -1:
         cdef list items
+        self.conf_n = 0                 # (no in-process send asks for a CONFIRM)
         self._end_pushes()
         items = self.pending
         if items:

@@ -59,5 +59,6 @@ cdef class MsgRing:
     cdef int _grow(self) except -1
     cdef int push_back(self, const Msg *m) except -1   # 0 stored, 1 full (m untouched)
     cdef int push_front(self, const Msg *m) except -1
+    cdef int push_back_always(self, const Msg *m) except -1   # past the bound too (recovery)
     cdef bint pop_front(self, Msg *out) noexcept       # False when empty
     cdef int _make(self, Msg *m, payload, msg_id) except -1

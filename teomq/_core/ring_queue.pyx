@@ -71,6 +71,14 @@ cdef class MsgRing:
         self.count += 1
         return 0
 
+    cdef int push_back_always(self, const Msg *m) except -1:
+        # a message the broker had already accepted (recovered from its log): never refused
+        if self.count == self.cap:
+            self._grow()
+        self.items[(self.head + self.count) & (self.cap - 1)] = m[0]
+        self.count += 1
+        return 0
+
     cdef int push_front(self, const Msg *m) except -1:
         if self.count == self.cap:
             self._grow()

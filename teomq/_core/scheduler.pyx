@@ -28,7 +28,7 @@ from teomq._core.slots cimport (
     list_item, slots_find, slots_free, slots_handle, slots_init, slots_put, slots_take, slots_take_into,
     slots_used,
 )
-from teomq._core.store cimport store_done
+from teomq._core.store cimport store_delivered, store_done
 
 import msgpack
 
@@ -256,6 +256,7 @@ cdef class Scheduler:
         if c.credit <= 0:
             c.unlisted = True      # its ready-ring entries may be dropped from now on
         self.n_out += 1
+        store_delivered(self.store, &f.msg)
         return c.take(&f.msg, slots_handle(&self.fslots, idx))
 
     cdef int answer(self, Endpoint c, uint64_t fid, uint16_t flags, const char *p, size_t n,

@@ -8,15 +8,20 @@ cdef class Store:
     """Where accepted messages are kept: the in-memory store (payload blocks).
 
     The seam under the queues: accepting a message is ``append``, which gives it the broker's
-    sequence number; a message the broker is done with (answered, or dropped with its
-    subscriber) is ``done``. A durable store subclasses this, overrides the three methods and
-    sets ``hooked`` (the dispatcher calls the in-memory store inline: store_append/store_done).
+    sequence number; each delivery of it is ``delivered``; a message the broker is done with
+    (answered, or dropped with its subscriber) is ``done``. A durable store (seglog.pyx)
+    subclasses this, overrides them and sets ``hooked`` (the dispatcher calls the in-memory
+    store inline: store_append/store_delivered/store_done); what it gathered in a loop pass it
+    writes in ``write_pass``, which the Outbox's flush calls before any endpoint's output.
     """
     cdef readonly uint64_t last_seq     # sequence number of the latest message appended
-    cdef bint hooked                    # a subclass overrides append/share/done
+    cdef bint hooked                    # a subclass overrides append/share/delivered/done
+    cdef bint pending                   # it has records for write_pass (the Outbox's flush)
     cdef int append(self, Msg *m, const char *p, size_t n) except -1
     cdef int share(self, Msg *m, size_t copies) except -1
+    cdef int delivered(self, Msg *m) except -1
     cdef void done(self, Msg *m) noexcept
+    cdef int write_pass(self) except -1
 
 
 cdef inline int mem_append(Store s, Msg *m, const char *p, size_t n) except -1:
@@ -35,6 +40,11 @@ cdef inline int store_append(Store s, Msg *m, const char *p, size_t n) except -1
     if s.hooked:
         return s.append(m, p, n)
     return mem_append(s, m, p, n)
+
+cdef inline int store_delivered(Store s, Msg *m) except -1:
+    if s.hooked:
+        return s.delivered(m)
+    return 0
 
 cdef inline void store_done(Store s, Msg *m) noexcept:
     if s.hooked:

@@ -5,9 +5,10 @@ Today's store keeps payloads in memory, in refcounted blocks (ring_queue.pxd: pa
 ``append`` copies the payload once from the read buffer into a new block and gives the Msg
 the next broker sequence number; ``share`` adds references for fanout copies (one block,
 one sequence number, however many subscribers); ``done`` drops one reference. The durable
-store (a segment log) will subclass Store, override these three and set ``hooked``; until a
-store is hooked the dispatcher runs the in-memory ones inline (store.pxd: store_append,
-store_done), so the seam costs no call per message.
+store (seglog.pyx: SegmentLog) subclasses Store, overrides these, ``delivered`` and
+``write_pass``, and sets ``hooked``; until a store is hooked the dispatcher runs the in-memory
+ones inline (store.pxd: store_append, store_delivered, store_done), so the seam costs no call
+per message.
 """
 
 from teomq._core.ring_queue cimport payload_ref
@@ -25,5 +26,11 @@ cdef class Store:
             payload_ref(m.data)
         return 0
 
+    cdef int delivered(self, Msg *m) except -1:
+        return 0
+
     cdef void done(self, Msg *m) noexcept:
         payload_release(m.data)
+
+    cdef int write_pass(self) except -1:
+        return 0

@@ -1,8 +1,9 @@
 """The teomq Driver: a broker started through the CLI, teomq.client.Producer and Consumer.
 
 - Server: ``python -m teomq broker -listen 127.0.0.1:0 -nomsg -noweb -data-dir <workdir>/broker
-  -loop <loop>`` (``-o log=1``: without ``-nomsg``) with ``TEOMQ_HOME=<workdir>`` (its own address book and key); the port is
-  read from its ``listening on`` line. The queue is in memory: durability "memory".
+  -loop <loop> -storage memory`` (``-o log=1``: without ``-nomsg``; ``-o storage=disk``: the
+  queues on disk) with ``TEOMQ_HOME=<workdir>`` (its own address book and key); the port is
+  read from its ``listening on`` line. Durability "memory", or "disk, fsync POLICY".
 - rpc: ``Producer.send(data, callback)`` (no Task or Future per request: the faster of the
   client's two request APIs, see bench/README.md), or with option ``mode=request`` a task per
   request awaiting ``Producer.request``. Consumers answer with a plain (sync) echo handler.
@@ -16,7 +17,9 @@ Options (``--option KEY=VALUE``): ``prefetch`` (consumer credit, default 64), ``
 (request timeout s, default 10), ``mode`` (send|request), ``queue_max`` (the broker's
 ``-queue-max``, default 1,000,000: raise it for ``drain --count`` above that), ``log`` (1: the
 broker logs every message, its default, with ``-log-level INFO``; its stderr goes to a file in
-the work directory; default 0: ``-nomsg -log-level WARNING``).
+the work directory; default 0: ``-nomsg -log-level WARNING``), ``storage`` (the broker's
+``-storage``: default memory, as the peers' drivers keep theirs; disk: the queues in the work
+directory) and ``fsync`` (its ``-fsync``, default always).
 """
 
 from __future__ import annotations
@@ -65,9 +68,12 @@ class TeomqDriver(Driver):
         env = dict(os.environ, TEOMQ_HOME=workdir)
         env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         log_on = self._opt("log", "0") not in ("0", "false", "no", "")
+        storage = self._opt("storage", "memory")
+        self.durability = "memory" if storage == "memory" else f"{storage}, fsync {self._opt('fsync', 'always')}"
         cmd = [sys.executable, "-m", "teomq", "broker", "-listen", "127.0.0.1:0", "-noweb",
                "-data-dir", os.path.join(workdir, "broker"), "-loop", self.loop,
                "-queue-max", self._opt("queue_max", "1000000"),
+               "-storage", self._opt("storage", "memory"), "-fsync", self._opt("fsync", "always"),
                *(["-log-level", "INFO"] if log_on else ["-nomsg", "-log-level", "WARNING"])]
         log_path = os.path.join(workdir, "broker.stderr")
         log_file = open(log_path, "wb")

@@ -1,0 +1,93 @@
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from teomq._core.endpoint cimport Endpoint
+from teomq._core.ring_queue cimport Msg
+from teomq._core.store cimport Store
+
+# The on-disk format (docs/storage.md is the spec; teomq/_py/seglog.py reads it in Python).
+cdef enum:
+    SEG_HEADER = 64         # segment header: magic, version, segment number, base seq, ...
+    BATCH_HEADER = 40       # batch header: magic, version, length, count, first seq, time, epoch, crc
+    LOG_VERSION = 1
+    REC_PAD = 0             # padding: the rest of the batch body is zeros
+    REC_MSG = 1             # an accepted message: [type][name len][flags u16][payload len u32]
+                            # [seq][msg id][session] name payload (32 + name + payload bytes)
+    REC_DELIVERED = 2       # [type][0][0 u16][attempt u32][seq]: a delivery was made (16 bytes)
+    REC_DONE = 3            # [type][reason][0 u16][0 u32][seq]: nothing more to deliver (16 bytes)
+    MSG_REC = 32
+    STATE_REC = 16
+
+cdef enum DoneReason:
+    DONE_ANSWERED = 1       # answered (or acknowledged without an answer)
+    DONE_DROPPED = 2        # dropped by the broker (a fanout copy's subscriber went away)
+
+
+cdef struct Segment:
+    uint64_t no             # its number: file NNNNNNNNNNNNNNNNNNNN.seg
+    uint64_t base_seq       # its messages have seq > base_seq (the log's last seq when it began)
+    uint64_t live           # its messages not yet done
+    uint64_t end            # bytes written (header and whole batches)
+    uint64_t synced         # bytes the syncer has made durable (its fdatasync returned)
+    int fd                  # -1 once closed
+    bint dir_synced         # its directory entry is durable (the directory was fsynced since)
+    char *map               # recovery only: the file mapped read-only, map_len bytes
+    size_t map_len
+
+
+cdef struct Entry:
+    # a recovered message record (recovery only), in seq order
+    uint64_t seq
+    uint32_t seg            # index into segs
+    uint32_t off            # the record's offset in the segment file
+    uint32_t attempts       # deliveries recorded
+    uint8_t done
+
+
+cdef class SegmentLog(Store):
+    cdef readonly object path
+    cdef readonly uint64_t segment_size
+    cdef readonly uint32_t epoch
+    cdef Segment *segs      # oldest first; the last is the active segment
+    cdef size_t nsegs
+    cdef size_t segs_cap
+    cdef char *buf          # the pass's batch: BATCH_HEADER reserved, then records
+    cdef size_t used
+    cdef size_t cap
+    cdef uint32_t count     # records in the batch
+    cdef uint64_t batch_seq # first message seq in the batch (0: none yet)
+    cdef list routes        # the dispatcher's routes (names, kinds), set by attach()
+    cdef list waiters       # endpoints with confirmations waiting for a batch to be stored
+    cdef readonly bint confirm_on_write   # fsync interval/never: confirmed once written to the OS
+    cdef object outbox      # an Outbox: the pass's batch is written at its flush
+    cdef public bint notify_written   # call on_written after the next pass's write (the syncer is idle)
+    cdef public object on_written
+    cdef readonly uint64_t n_batches
+    cdef readonly uint64_t synced_batches  # batches a finished sync round covered
+    cdef readonly uint64_t n_records
+    cdef readonly uint64_t bytes_written
+    cdef readonly uint64_t n_deleted
+    cdef readonly int error             # errno of the last failed write (0: none)
+    cdef readonly object error_text
+    # recovery
+    cdef Entry *entries
+    cdef size_t nentries
+    cdef size_t entries_cap
+    cdef size_t restore_at
+    cdef readonly dict recovery
+
+    cdef bint durable(self, Msg *m) noexcept
+    cdef int confirm_later(self, Endpoint conn, uint64_t fid) except -1
+    cdef int release_confirms(self, uint64_t upto) except -1
+    cdef int make_room(self, size_t n) except -1
+    cdef char *reserve(self, size_t n) except NULL
+    cdef int seal_and_write(self) except -1
+    cdef int open_segment(self) except -1
+    cdef int drop_done_segments(self) noexcept
+    cdef Segment *segment_of(self, uint64_t seq) noexcept
+    cdef int add_recovered_segment(self, uint64_t no) except -1
+    cdef int scan_segment(self, size_t si) except -1
+    cdef int zero_tail(self, Segment *s, size_t start, size_t end) except -1
+    cdef int read_batch(self, size_t si, size_t off, uint32_t length) except -1
+    cdef Entry *find_entry(self, uint64_t seq) noexcept
+    cdef int forget(self, Msg *m) except -1
+    cdef int next_restored(self, Msg *m, const char **name, size_t *name_len) except -1

@@ -1,0 +1,84 @@
+"""Type stub of the compiled teomq._core.seglog (seglog.pyx): the durable store, an append-only
+log of segment files (docs/storage.md), and its recovery."""
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, final
+
+from teomq._core.endpoint import Outbox
+from teomq._core.store import Store
+from teomq.errors import LogFormatError as LogFormatError
+
+#: the log's format version (segment and batch headers)
+FORMAT_VERSION: int
+SEGMENT_HEADER_SIZE: int
+BATCH_HEADER_SIZE: int
+MESSAGE_RECORD_SIZE: int
+STATE_RECORD_SIZE: int
+#: default size a segment file is preallocated to (and rolled at)
+DEFAULT_SEGMENT_SIZE: int
+
+def segment_name(no: int) -> str:
+    """The file name of segment ``no``."""
+
+def segment_numbers(path: str | os.PathLike[str]) -> list[int]:
+    """The numbers of the segment files in ``path``, in order."""
+
+
+@final
+class SegmentLog(Store):
+    """Queues in segment files: records gathered per loop pass, one write each, recovered at start."""
+
+    notify_written: bool
+    on_written: Callable[[], None] | None
+    def __init__(self, path: str | os.PathLike[str], *, segment_size: int = ..., epoch: int = 0,
+                 confirm_on_write: bool = False) -> None: ...
+    @property
+    def confirm_on_write(self) -> bool:
+        """Confirmations go out once a batch is written to the OS (fsync interval/never)."""
+    @property
+    def synced_batches(self) -> int:
+        """Batches a finished sync round covered."""
+    @property
+    def waiting(self) -> int:
+        """Endpoints whose confirmations wait for a batch to be stored."""
+    @property
+    def path(self) -> str: ...
+    @property
+    def segment_size(self) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def n_batches(self) -> int: ...
+    @property
+    def n_records(self) -> int: ...
+    @property
+    def bytes_written(self) -> int: ...
+    @property
+    def n_deleted(self) -> int: ...
+    @property
+    def error(self) -> int:
+        """errno of the last failed write (0: none)."""
+    @property
+    def error_text(self) -> str | None: ...
+    @property
+    def recovery(self) -> dict[str, Any]: ...
+    @property
+    def segments(self) -> list[tuple[str, int, int]]:
+        """[(file name, bytes written, live messages)], oldest first."""
+    def attach(self, routes: list[Any], outbox: Outbox) -> None:
+        """The dispatcher's routes and Outbox (whose flush writes each pass's batch)."""
+    def sync_targets(self) -> tuple[int, list[tuple[int, int, int, bool]]]:
+        """(batches written, [(dup'd fd, end, segment number, directory entry synced)] of the
+        segments not yet synced): the syncer's next round."""
+    def mark_synced(self, targets: Sequence[tuple[int, int, int, bool]], batches: int) -> None:
+        """The round over ``targets`` finished: those bytes are durable, those batches' confirmations go."""
+    def synced_offsets(self) -> dict[str, int]:
+        """{segment file name: bytes synced}."""
+    def close(self) -> None:
+        """Write what the pass gathered, sync every open segment and close it."""
+    def stats(self) -> dict[str, int]: ...
+    def recover(self) -> dict[str, Any]:
+        """Read every segment of the directory, oldest first; what was found."""
+    def finish_recovery(self) -> None:
+        """After restore: unmap, delete what holds nothing live, begin a new active segment."""

@@ -1,0 +1,805 @@
+# cython: language_level=3
+"""The durable store: queues kept in an append-only log of segment files (docs/storage.md).
+
+``SegmentLog`` is a Store (store.pyx) that also records what happens to each message of a
+queue route: ``append`` keeps the payload in memory as the in-memory store does and adds a
+message record (route name, broker sequence number, producer's message id and session, flags,
+payload) to the loop pass's batch; each delivery adds a delivered record, the end of a message
+(answered, acknowledged, dropped) a done record. No Python object is made per message. The
+Outbox's flush calls ``write_pass`` before any endpoint's output: the batch gets its header
+(CRC32C over the header and every record) and is written to the OS with one ``pwrite``, so no
+frame that depends on a record leaves the broker before the record reached the OS. Making it
+durable (``fdatasync``) is the control plane's (teomq/storage.py: a thread, off the loop):
+``sync_targets``/``mark_synced``.
+
+Segments are preallocated files of ``segment_size`` bytes, each with a 64-byte header; a batch
+that would pass the size starts the next segment. A segment is deleted when it and every older
+one hold no live message (done records of its messages may sit in later segments, so only a
+prefix of the log can go).
+
+Recovery (``recover``, then the dispatcher's ``restore``, then ``finish_recovery``) reads every
+segment in order: whole batches whose CRC holds are read record by record; a batch whose CRC
+fails is skipped to the next batch that verifies (counted, reported); when none follows, the
+log's tail was torn there: it is cut (zeroed) at the last whole batch, the bytes reported. A
+segment or batch of another format version raises LogFormatError. Fanout messages are not
+recorded (a copy belongs to a connected subscriber).
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.ref cimport PyObject
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memset, strerror
+
+import os
+
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
+
+from teomq._core.crc32c cimport teomq_crc32c_update
+from teomq._core.endpoint cimport S_CLOSED, Outbox, confirm_now
+from teomq._core.frame_codec cimport (
+    teomq_ld16,
+    teomq_ld32,
+    teomq_ld64,
+    teomq_st16,
+    teomq_st32,
+    teomq_st64,
+)
+from teomq._core.ring_queue cimport payload_new, payload_ref, payload_release
+from teomq._core.routes cimport R_QUEUE, Route
+from teomq._core.store cimport mem_append
+
+from teomq.errors import LogFormatError
+
+cdef extern from "Python.h":
+    PyObject *PyList_GET_ITEM(PyObject *lst, Py_ssize_t i)
+    Py_ssize_t PyList_GET_SIZE(PyObject *lst)
+
+cdef extern from "<fcntl.h>" nogil:
+    int posix_fallocate(int fd, long offset, long length)
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t pwrite(int fd, const void *buf, size_t n, long offset)
+    int close(int fd)
+
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    void *MAP_FAILED
+    int PROT_READ
+    int MAP_SHARED
+
+cdef const char *SEG_MAGIC = "TQSEGLOG"
+cdef const char *BATCH_MAGIC = "TQLB"
+
+#: the log's format version (segment and batch headers)
+FORMAT_VERSION = LOG_VERSION
+#: bytes of a segment file's header, of a batch header, of a message record before its name
+SEGMENT_HEADER_SIZE = SEG_HEADER
+BATCH_HEADER_SIZE = BATCH_HEADER
+MESSAGE_RECORD_SIZE = MSG_REC
+STATE_RECORD_SIZE = STATE_REC
+#: default size a segment file is preallocated to (and rolled at)
+DEFAULT_SEGMENT_SIZE = 64 << 20
+
+
+def segment_name(uint64_t no):
+    """The file name of segment ``no``."""
+    return f"{no:020d}.seg"
+
+
+def segment_numbers(path):
+    """The numbers of the segment files in ``path``, in order."""
+    return sorted(int(n[:len(n) - 4]) for n in os.listdir(path) if n.endswith(".seg") and n[:len(n) - 4].isdigit())
+
+
+cdef uint64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
+
+
+cdef inline size_t pad8(size_t n) noexcept nogil:
+    return (n + 7) & ~(<size_t>7)
+
+
+cdef int write_all(int fd, const char *p, size_t n, uint64_t off) noexcept nogil:
+    # 0, or the errno of the failed pwrite
+    cdef ssize_t k
+    while n:
+        k = pwrite(fd, p, n, <long>off)
+        if k < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        p += k
+        n -= <size_t>k
+        off += <uint64_t>k
+    return 0
+
+
+cdef bint batch_ok(const char *p, size_t avail) noexcept nogil:
+    # a whole batch at p (avail bytes to the end of the file) whose CRC holds
+    cdef uint32_t length
+    if avail < BATCH_HEADER or memcmp(p, BATCH_MAGIC, 4) != 0:
+        return False
+    length = teomq_ld32(p + 8)
+    if length & 7 or <size_t>length > avail - BATCH_HEADER:
+        return False
+    return teomq_crc32c_update(teomq_crc32c_update(0, p, 36), p + BATCH_HEADER, length) == teomq_ld32(p + 36)
+
+
+cdef bint all_zero(const char *p, size_t n) noexcept nogil:
+    cdef size_t i
+    for i in range(n):
+        if p[i] != 0:
+            return False
+    return True
+
+
+@cython.final
+cdef class SegmentLog(Store):
+
+    def __cinit__(self, path, *, uint64_t segment_size=DEFAULT_SEGMENT_SIZE, uint32_t epoch=0,
+                  bint confirm_on_write=False):
+        if segment_size < 4096:
+            raise ValueError("segment_size must be at least 4096 bytes")
+        self.path = os.fspath(path)
+        self.segment_size = segment_size
+        self.epoch = epoch
+        self.hooked = True
+        self.cap = 64 << 10
+        self.buf = <char *>malloc(self.cap)
+        self.segs_cap = 16
+        self.segs = <Segment *>malloc(self.segs_cap * sizeof(Segment))
+        if self.buf == NULL or self.segs == NULL:
+            raise MemoryError()
+        self.used = BATCH_HEADER
+        self.routes = []
+        self.waiters = []
+        self.confirm_on_write = confirm_on_write
+        self.recovery = {}
+
+    def __dealloc__(self):
+        cdef size_t i
+        if self.segs != NULL:
+            for i in range(self.nsegs):
+                if self.segs[i].map != NULL:
+                    munmap(self.segs[i].map, self.segs[i].map_len)
+                if self.segs[i].fd >= 0:
+                    close(self.segs[i].fd)
+            free(self.segs)
+        free(self.buf)
+        free(self.entries)
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def attach(self, list routes, Outbox outbox):
+        """The dispatcher's routes (their names are recorded; only queue routes are durable)
+        and its Outbox (whose flush writes each pass's batch)."""
+        for r in routes:
+            if len((<Route>r).name) > 255:
+                raise ValueError(f"a durable route's name is at most 255 bytes: {(<Route>r).name[:40]!r}...")
+        self.routes = routes
+        self.outbox = outbox
+
+    # -- the Store seam (per message: C only) ---------------------------------------------
+
+    cdef bint durable(self, Msg *m) noexcept:
+        cdef PyObject *r
+        if m.copy or m.route < 0 or m.route >= PyList_GET_SIZE(<PyObject *>self.routes):
+            return False
+        r = PyList_GET_ITEM(<PyObject *>self.routes, m.route)
+        return (<Route>r).kind == R_QUEUE
+
+    cdef int make_room(self, size_t n) except -1:
+        # Before a record of n bytes: when the pass's batch with it would pass the active
+        # segment's size, the batch so far is written and the next segment begun (before a
+        # message is numbered, so every segment's messages follow its base_seq).
+        cdef Segment *s
+        if self.nsegs == 0:
+            raise RuntimeError("the log is not open: recover() and finish_recovery() first")
+        s = &self.segs[self.nsegs - 1]
+        if s.end > SEG_HEADER and s.end + pad8(self.used + n) > self.segment_size:
+            if self.count:
+                self.seal_and_write()
+                if self.count:
+                    return 0      # the write failed: it stays in this segment's batch
+            self.open_segment()
+        return 0
+
+    cdef char *reserve(self, size_t n) except NULL:
+        # n bytes at the end of the pass's batch
+        cdef size_t need = self.used + n
+        cdef size_t cap = self.cap
+        cdef char *b
+        if need > cap:
+            while cap < need:
+                cap <<= 1
+            b = <char *>realloc(self.buf, cap)
+            if b == NULL:
+                raise MemoryError()
+            self.buf = b
+            self.cap = cap
+        b = self.buf + self.used
+        self.used = need
+        self.count += 1
+        if not self.pending:
+            self.pending = True
+            (<Outbox>self.outbox).schedule()
+        return b
+
+    cdef int append(self, Msg *m, const char *p, size_t n) except -1:
+        cdef bytes name
+        cdef size_t k
+        cdef char *r
+        if not self.durable(m):
+            return mem_append(self, m, p, n)
+        name = (<Route>PyList_GET_ITEM(<PyObject *>self.routes, m.route)).name
+        k = <size_t>PyBytes_GET_SIZE(name)
+        self.make_room(MSG_REC + k + n)
+        mem_append(self, m, p, n)
+        r = self.reserve(MSG_REC + k + n)
+        r[0] = REC_MSG
+        r[1] = <char>k
+        teomq_st16(r + 2, m.flags)
+        teomq_st32(r + 4, <uint32_t>n)
+        teomq_st64(r + 8, m.seq)
+        teomq_st64(r + 16, m.msg_id)
+        teomq_st64(r + 24, m.session)
+        if k:
+            memcpy(r + MSG_REC, PyBytes_AS_STRING(name), k)
+        if n:
+            memcpy(r + MSG_REC + k, p, n)
+        if self.batch_seq == 0:
+            self.batch_seq = m.seq
+        self.segs[self.nsegs - 1].live += 1
+        return 0
+
+    # -- confirmations ------------------------------------------------------------------
+
+    cdef int confirm_later(self, Endpoint conn, uint64_t fid) except -1:
+        # conn's SEND fid (flagged CONFIRM) was accepted in this pass: confirmed once the batch
+        # written at the end of the pass (number n_batches + 1) is stored. A message without a
+        # record (a fanout one) waits only for the records before it: the last batch written.
+        cdef uint64_t batch = self.n_batches + 1 if self.count else self.n_batches
+        if batch <= self.synced_batches or (self.confirm_on_write and not self.count):
+            return confirm_now(conn, fid)
+        conn.confirm_after(batch, fid)
+        if not conn.conf_listed:
+            conn.conf_listed = True
+            self.waiters.append(conn)
+        if not self.pending:
+            self.pending = True       # the pass's write_pass hands the syncer a round if idle
+            (<Outbox>self.outbox).schedule()
+        return 0
+
+    cdef int release_confirms(self, uint64_t upto) except -1:
+        # every batch up to ``upto`` is stored (synced, or written where that is the promise)
+        cdef list still = []
+        cdef Endpoint e
+        for e in self.waiters:
+            if e.release_confirms(upto) and e.state != S_CLOSED:
+                still.append(e)
+            else:
+                e.conf_listed = False
+        self.waiters = still
+        return 0
+
+    @property
+    def waiting(self):
+        """Endpoints whose confirmations wait for a batch to be stored."""
+        return len(self.waiters)
+
+    cdef int share(self, Msg *m, size_t copies) except -1:
+        cdef size_t i
+        for i in range(copies):
+            payload_ref(m.data)
+        return 0
+
+    cdef int delivered(self, Msg *m) except -1:
+        cdef char *r
+        if not self.durable(m):
+            return 0
+        self.make_room(STATE_REC)
+        r = self.reserve(STATE_REC)
+        r[0] = REC_DELIVERED
+        r[1] = 0
+        teomq_st16(r + 2, 0)
+        teomq_st32(r + 4, m.attempt)
+        teomq_st64(r + 8, m.seq)
+        return 0
+
+    cdef void done(self, Msg *m) noexcept:
+        cdef char *r
+        cdef Segment *s
+        payload_release(m.data)
+        if not self.durable(m):
+            return
+        try:
+            self.make_room(STATE_REC)
+            r = self.reserve(STATE_REC)
+        except (MemoryError, OSError) as e:
+            # (state records never failing for lack of room: issue 14) the message is
+            # delivered again after a restart
+            self.error = 12 if isinstance(e, MemoryError) else (e.errno or 5)
+            self.error_text = f"no room for a done record: {e}"
+            return
+        r[0] = REC_DONE
+        r[1] = DONE_ANSWERED
+        teomq_st16(r + 2, 0)
+        teomq_st32(r + 4, 0)
+        teomq_st64(r + 8, m.seq)
+        s = self.segment_of(m.seq)
+        if s != NULL and s.live:
+            s.live -= 1
+
+    cdef Segment *segment_of(self, uint64_t seq) noexcept:
+        # the segment whose messages include seq (base_seq < seq <= next one's base_seq)
+        cdef size_t lo = 0
+        cdef size_t hi = self.nsegs
+        cdef size_t mid
+        if self.nsegs == 0 or seq <= self.segs[0].base_seq:
+            return NULL
+        while hi - lo > 1:       # invariant: segs[lo].base_seq < seq
+            mid = (lo + hi) >> 1
+            if self.segs[mid].base_seq < seq:
+                lo = mid
+            else:
+                hi = mid
+        return &self.segs[lo]
+
+    # -- once per loop pass ---------------------------------------------------------------
+
+    cdef int write_pass(self) except -1:
+        if self.count:
+            self.seal_and_write()
+        self.pending = False
+        self.drop_done_segments()
+        if self.waiters:
+            if self.confirm_on_write:
+                if self.count == 0:         # (else the write failed: they wait for the retry)
+                    self.release_confirms(self.n_batches)
+            elif self.notify_written and self.on_written is not None:
+                self.notify_written = False     # one call, until the syncer is idle again
+                self.on_written()
+        return 0
+
+    cdef int seal_and_write(self) except -1:
+        cdef size_t body = self.used - BATCH_HEADER
+        cdef size_t padded = pad8(body)
+        cdef size_t total
+        cdef char *h
+        cdef Segment *s = &self.segs[self.nsegs - 1]
+        cdef int err
+        cdef uint32_t crc
+        if padded > 0xFFFFFFF8:
+            raise OverflowError("a loop pass's batch is over 4 GiB")
+        if padded != body:
+            self.reserve(padded - body)
+            self.count -= 1
+            memset(self.buf + BATCH_HEADER + body, 0, padded - body)
+        total = BATCH_HEADER + padded
+        h = self.buf
+        memcpy(h, BATCH_MAGIC, 4)
+        teomq_st16(h + 4, LOG_VERSION)
+        teomq_st16(h + 6, 0)
+        teomq_st32(h + 8, <uint32_t>padded)
+        teomq_st32(h + 12, self.count)
+        teomq_st64(h + 16, self.batch_seq)
+        teomq_st64(h + 24, now_ns())
+        teomq_st32(h + 32, self.epoch)
+        crc = teomq_crc32c_update(teomq_crc32c_update(0, h, 36), h + BATCH_HEADER, padded)
+        teomq_st32(h + 36, crc)
+        with nogil:
+            err = write_all(s.fd, h, total, s.end)
+        if err:
+            # kept for the next pass; the control plane reports it (storage errors: issue 14)
+            self.error = err
+            self.error_text = strerror(err).decode(errors="replace")
+            self.used = BATCH_HEADER + body
+            return 0
+        s.end += total
+        self.bytes_written += total
+        self.n_batches += 1
+        self.n_records += self.count
+        self.used = BATCH_HEADER
+        self.count = 0
+        self.batch_seq = 0
+        self.error = 0
+        return 0
+
+    cdef int open_segment(self) except -1:
+        # a new active segment: preallocated, its header written
+        cdef Segment *s
+        cdef Segment *g
+        cdef char h[SEG_HEADER]
+        cdef uint64_t no = self.segs[self.nsegs - 1].no + 1 if self.nsegs else 1
+        cdef int fd
+        cdef int err
+        if self.nsegs == self.segs_cap:
+            g = <Segment *>realloc(self.segs, 2 * self.segs_cap * sizeof(Segment))
+            if g == NULL:
+                raise MemoryError()
+            self.segs = g
+            self.segs_cap *= 2
+        fd = os.open(os.path.join(self.path, segment_name(no)),
+                     os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        err = posix_fallocate(fd, 0, <long>self.segment_size)
+        if err and err != 95:     # EOPNOTSUPP: a file system without it grows the file as it goes
+            os.close(fd)
+            raise OSError(err, f"preallocating {segment_name(no)}: {os.strerror(err)}")
+        memset(h, 0, SEG_HEADER)
+        memcpy(h, SEG_MAGIC, 8)
+        teomq_st16(h + 8, LOG_VERSION)
+        teomq_st16(h + 10, SEG_HEADER)
+        teomq_st64(h + 16, no)
+        teomq_st64(h + 24, self.last_seq)
+        teomq_st64(h + 32, now_ns())
+        teomq_st32(h + 40, self.epoch)
+        teomq_st64(h + 48, self.segment_size)
+        teomq_st32(h + 60, teomq_crc32c_update(0, h, 60))
+        err = write_all(fd, h, SEG_HEADER, 0)
+        if err:
+            os.close(fd)
+            raise OSError(err, f"writing the header of {segment_name(no)}: {os.strerror(err)}")
+        s = &self.segs[self.nsegs]
+        memset(s, 0, sizeof(Segment))
+        s.no = no
+        s.base_seq = self.last_seq
+        s.end = SEG_HEADER
+        s.fd = fd
+        self.nsegs += 1
+        return 0
+
+    cdef int drop_done_segments(self) noexcept:
+        # delete the oldest segments while they (and so everything before them) hold nothing live
+        cdef size_t k = 0
+        cdef size_t i
+        while k + 1 < self.nsegs and self.segs[k].live == 0:
+            k += 1
+        if k == 0:
+            return 0
+        for i in range(k):
+            if self.segs[i].map != NULL:
+                munmap(self.segs[i].map, self.segs[i].map_len)
+            if self.segs[i].fd >= 0:
+                close(self.segs[i].fd)
+            try:
+                os.unlink(os.path.join(self.path, segment_name(self.segs[i].no)))
+            except OSError:
+                pass
+            self.n_deleted += 1
+        memcpy(self.segs, self.segs + k, (self.nsegs - k) * sizeof(Segment))
+        self.nsegs -= k
+        return 0
+
+    # -- making it durable: the control plane's syncer thread ---------------------------
+
+    def sync_targets(self):
+        """(batches, [(fd, end, segment number, directory entry synced)]): the syncer's next
+        round, taken on the loop at the end of a pass: the segments with bytes not yet synced,
+        and how many batches the log has written (a round covers them all). Each fd is a dup of
+        the segment's, the caller's to close: a segment deleted meanwhile cannot make the
+        syncer sync whatever file got its number."""
+        cdef size_t i
+        return self.n_batches, [
+            (os.dup(self.segs[i].fd), self.segs[i].end, self.segs[i].no, self.segs[i].dir_synced)
+            for i in range(self.nsegs)
+            if self.segs[i].fd >= 0 and (self.segs[i].end > self.segs[i].synced or not self.segs[i].dir_synced)]
+
+    def mark_synced(self, targets, uint64_t batches):
+        """The syncer's round over ``targets`` (from sync_targets, with ``batches``) finished:
+        those bytes are durable, and the confirmations of those batches go out."""
+        cdef size_t i
+        for fd, end, no, _ in targets:
+            for i in range(self.nsegs):
+                if self.segs[i].no == no:
+                    if end > self.segs[i].synced:
+                        self.segs[i].synced = end
+                    self.segs[i].dir_synced = True
+                    break
+        if batches > self.synced_batches:
+            self.synced_batches = batches
+        if self.waiters:
+            self.release_confirms(batches)
+            (<Outbox>self.outbox).schedule()
+
+    def synced_offsets(self):
+        """{segment file name: bytes synced} (the test-only power-cut record)."""
+        cdef size_t i
+        return {segment_name(self.segs[i].no): self.segs[i].synced for i in range(self.nsegs)}
+
+    def close(self):
+        """Write what the pass gathered, make every open segment durable (whatever the fsync
+        policy: a clean stop keeps everything) and close it."""
+        cdef size_t i
+        if self.count:
+            self.seal_and_write()
+        self.pending = False
+        for i in range(self.nsegs):
+            if self.segs[i].fd >= 0:
+                os.fdatasync(self.segs[i].fd)
+                self.segs[i].synced = self.segs[i].end
+                close(self.segs[i].fd)
+                self.segs[i].fd = -1
+
+    # -- views ----------------------------------------------------------------------------
+
+    @property
+    def segments(self):
+        """[(file name, bytes written, live messages)], oldest first."""
+        cdef size_t i
+        return [(segment_name(self.segs[i].no), self.segs[i].end, self.segs[i].live)
+                for i in range(self.nsegs)]
+
+    def stats(self):
+        return {
+            "segments": self.nsegs,
+            "batches": self.n_batches,
+            "records": self.n_records,
+            "bytes_written": self.bytes_written,
+            "segments_deleted": self.n_deleted,
+            "live": sum(self.segs[i].live for i in range(self.nsegs)),
+        }
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def recover(self):
+        """Read every segment of the directory, oldest first; returns what was found:
+        {"segments", "batches", "records", "messages" (live ones, to restore), "bad_batches",
+        "skipped": [(file, offset, bytes)], "cut": [(file, offset, bytes)], "empty": [file],
+        "bytes" (of the files), "data" (of the log in them)}.
+        Raises LogFormatError for a segment or batch of another format version."""
+        cdef size_t i
+        numbers = segment_numbers(self.path)
+        self.recovery = {"segments": 0, "batches": 0, "records": 0, "messages": 0,
+                         "bad_batches": 0, "skipped": [], "cut": [], "empty": [], "bytes": 0}
+        for no in numbers:
+            self.add_recovered_segment(no)
+        for i in range(self.nsegs):
+            self.scan_segment(i)
+        self.recovery["data"] = sum(self.segs[i].end for i in range(self.nsegs))   # log bytes in use
+        for i in range(self.nentries):
+            if not self.entries[i].done:
+                self.segs[self.entries[i].seg].live += 1
+                self.recovery["messages"] += 1
+        self.recovery["segments"] = self.nsegs
+        self.restore_at = 0
+        return self.recovery
+
+    cdef int add_recovered_segment(self, uint64_t no) except -1:
+        cdef Segment *s
+        cdef Segment *g
+        cdef int fd
+        cdef size_t size
+        cdef void *m
+        if self.nsegs == self.segs_cap:
+            g = <Segment *>realloc(self.segs, 2 * self.segs_cap * sizeof(Segment))
+            if g == NULL:
+                raise MemoryError()
+            self.segs = g
+            self.segs_cap *= 2
+        fd = os.open(os.path.join(self.path, segment_name(no)), os.O_RDWR | os.O_CLOEXEC)
+        size = os.fstat(fd).st_size
+        s = &self.segs[self.nsegs]
+        memset(s, 0, sizeof(Segment))
+        s.no = no
+        s.fd = fd
+        s.dir_synced = True
+        if size:
+            m = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0)
+            if m == MAP_FAILED:
+                os.close(fd)
+                raise OSError(errno, f"mapping {segment_name(no)}: {os.strerror(errno)}")
+            s.map = <char *>m
+            s.map_len = size
+        self.nsegs += 1
+        self.recovery["bytes"] += size
+        return 0
+
+    cdef int scan_segment(self, size_t si) except -1:
+        cdef Segment *s = &self.segs[si]
+        cdef const char *p = s.map
+        cdef size_t n = s.map_len
+        cdef size_t off = SEG_HEADER
+        cdef size_t q
+        cdef size_t data_end
+        cdef uint16_t version
+        cdef uint32_t length
+        cdef uint64_t seq
+        cdef uint64_t last_base
+        name = segment_name(s.no)
+        if n < SEG_HEADER or all_zero(p, SEG_HEADER):
+            # created, never written (a crash right after the roll): nothing in it
+            self.recovery["empty"].append(name)
+            s.base_seq = self.last_seq
+            s.end = SEG_HEADER
+            return 0
+        if memcmp(p, SEG_MAGIC, 8) != 0:
+            raise LogFormatError(f"{name} in {self.path} is not a teomq log segment (bad magic)")
+        version = teomq_ld16(p + 8)
+        if version != LOG_VERSION:
+            raise LogFormatError(f"{name} in {self.path} has log format version {version}; "
+                                 f"this teomq reads version {LOG_VERSION}")
+        if teomq_crc32c_update(0, p, 60) != teomq_ld32(p + 60):
+            self.recovery["skipped"].append((name, 0, SEG_HEADER))   # its header is damaged; its batches are read
+        s.base_seq = teomq_ld64(p + 24)
+        if s.base_seq > self.last_seq:
+            self.last_seq = s.base_seq
+        while off + BATCH_HEADER <= n:
+            if batch_ok(p + off, n - off):
+                version = teomq_ld16(p + off + 4)
+                if version != LOG_VERSION:
+                    raise LogFormatError(f"{name} in {self.path}: a batch at offset {off} has log format "
+                                         f"version {version}; this teomq reads version {LOG_VERSION}")
+                length = teomq_ld32(p + off + 8)
+                self.read_batch(si, off, length)
+                off += BATCH_HEADER + length
+                continue
+            if all_zero(p + off, BATCH_HEADER):
+                break             # the preallocated rest: the end of the segment's data
+            # a damaged batch: the next one that verifies, else the tail was torn here
+            q = off + 8
+            while q + BATCH_HEADER <= n:
+                if memcmp(p + q, BATCH_MAGIC, 4) == 0 and batch_ok(p + q, n - q):
+                    break
+                q += 8
+            if q + BATCH_HEADER <= n:
+                self.recovery["bad_batches"] += 1
+                self.recovery["skipped"].append((name, off, q - off))
+                off = q
+                continue
+            data_end = n
+            while data_end > off and p[data_end - 1] == 0:
+                data_end -= 1
+            self.recovery["cut"].append((name, off, data_end - off))
+            self.zero_tail(s, off, data_end)
+            break
+        s.end = off
+        s.synced = off
+        return 0
+
+    cdef int zero_tail(self, Segment *s, size_t start, size_t end) except -1:
+        # cut a torn tail: zeros from start (a later recovery must not see the torn bytes)
+        cdef char z[65536]
+        cdef size_t k
+        cdef int err
+        memset(z, 0, sizeof(z))
+        while start < end:
+            k = end - start if end - start < sizeof(z) else sizeof(z)
+            err = write_all(s.fd, z, k, start)
+            if err:
+                raise OSError(err, f"cutting the torn tail of {segment_name(s.no)}: {os.strerror(err)}")
+            start += k
+        os.fdatasync(s.fd)
+        return 0
+
+    cdef int read_batch(self, size_t si, size_t off, uint32_t length) except -1:
+        cdef const char *base = self.segs[si].map
+        cdef const char *p = base + off + BATCH_HEADER
+        cdef const char *e = p + length
+        cdef uint8_t t
+        cdef size_t k
+        cdef uint64_t seq
+        cdef Entry *en
+        cdef Entry *g
+        self.recovery["batches"] += 1
+        while p < e:
+            t = <uint8_t>p[0]
+            if t == REC_PAD:
+                break
+            if t == REC_MSG:
+                if e - p < MSG_REC or <size_t>(e - p) < MSG_REC + <uint8_t>p[1] + <size_t>teomq_ld32(p + 4):
+                    raise LogFormatError(f"{segment_name(self.segs[si].no)}: a message record at offset "
+                                         f"{p - base} runs past its batch")
+                seq = teomq_ld64(p + 8)
+                if self.nentries and seq <= self.entries[self.nentries - 1].seq:
+                    raise LogFormatError(f"{segment_name(self.segs[si].no)}: message #{seq} at offset "
+                                         f"{p - base} is out of order")
+                if self.nentries == self.entries_cap:
+                    self.entries_cap = self.entries_cap * 2 if self.entries_cap else 1024
+                    g = <Entry *>realloc(self.entries, self.entries_cap * sizeof(Entry))
+                    if g == NULL:
+                        raise MemoryError()
+                    self.entries = g
+                en = &self.entries[self.nentries]
+                self.nentries += 1
+                en.seq = seq
+                en.seg = <uint32_t>si
+                en.off = <uint32_t>(p - base)
+                en.attempts = 0
+                en.done = 0
+                if seq > self.last_seq:
+                    self.last_seq = seq
+                p += MSG_REC + <uint8_t>p[1] + teomq_ld32(p + 4)
+            elif t == REC_DELIVERED or t == REC_DONE:
+                if e - p < STATE_REC:
+                    raise LogFormatError(f"{segment_name(self.segs[si].no)}: a state record at offset "
+                                         f"{p - base} runs past its batch")
+                en = self.find_entry(teomq_ld64(p + 8))
+                if en != NULL:
+                    if t == REC_DONE:
+                        en.done = 1
+                    elif teomq_ld32(p + 4) > en.attempts:
+                        en.attempts = teomq_ld32(p + 4)
+                p += STATE_REC
+            else:
+                raise LogFormatError(f"{segment_name(self.segs[si].no)}: unknown record type {t} at "
+                                     f"offset {p - base}")
+            self.recovery["records"] += 1
+        return 0
+
+    cdef Entry *find_entry(self, uint64_t seq) noexcept:
+        cdef size_t lo = 0
+        cdef size_t hi = self.nentries
+        cdef size_t mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self.entries[mid].seq < seq:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < self.nentries and self.entries[lo].seq == seq:
+            return &self.entries[lo]
+        return NULL
+
+    cdef int next_restored(self, Msg *m, const char **name, size_t *name_len) except -1:
+        # The next live recovered message as a Msg (payload copied out of the mapped file into
+        # a block; session 0: its producer's session is gone), and its route's name; 0 at the end.
+        cdef Entry *en
+        cdef const char *r
+        cdef uint32_t n
+        while self.restore_at < self.nentries:
+            en = &self.entries[self.restore_at]
+            self.restore_at += 1
+            if en.done:
+                continue
+            r = self.segs[en.seg].map + en.off
+            n = teomq_ld32(r + 4)
+            name_len[0] = <uint8_t>r[1]
+            name[0] = r + MSG_REC
+            m.data = payload_new(n)
+            if m.data == NULL:
+                raise MemoryError()
+            if n:
+                memcpy(m.data, r + MSG_REC + name_len[0], n)
+            m.length = n
+            m.flags = teomq_ld16(r + 2)
+            m.seq = en.seq
+            m.msg_id = teomq_ld64(r + 16)
+            m.session = 0
+            m.attempt = en.attempts
+            m.route = 0
+            m.copy = False
+            m.rx.shift = 0
+            return 1
+        return 0
+
+    cdef int forget(self, Msg *m) except -1:
+        # a recovered message the broker cannot take back (its command is gone): it stays on
+        # disk, live in its segment
+        payload_release(m.data)
+        return 0
+
+    def finish_recovery(self):
+        """After the dispatcher restored the live messages: unmap the files, delete what holds
+        nothing live, start a new active segment (the old ones are only read, never appended to)."""
+        cdef size_t i
+        for i in range(self.nsegs):
+            if self.segs[i].map != NULL:
+                munmap(self.segs[i].map, self.segs[i].map_len)
+                self.segs[i].map = NULL
+            if self.segs[i].fd >= 0:
+                os.fdatasync(self.segs[i].fd)   # what a restart read is durable from here on
+                close(self.segs[i].fd)
+                self.segs[i].fd = -1
+            self.segs[i].synced = self.segs[i].end
+        free(self.entries)
+        self.entries = NULL
+        self.nentries = 0
+        self.entries_cap = 0
+        self.open_segment()
+        self.drop_done_segments()

@@ -1,0 +1,329 @@
+"""The broker's durable queues: the data directory's lock, the segment log, its syncer.
+
+The log itself is the core's (``teomq._core.seglog.SegmentLog``, a Store): it records every
+message of a queue route and what happens to it, gathers a loop pass's records into one batch
+and writes it to the OS before any frame of that pass leaves the broker. This module is the
+control plane around it (docs/storage.md):
+
+- ``DiskStorage.open`` takes the data directory's lock (a second broker on it refuses to start)
+  and reads the log back (``recover``);
+- ``DiskStorage.attach`` gives the dispatcher the log and its recovered messages, and starts the
+  syncer by the fsync policy: ``always`` (the default) syncs what each pass wrote, in a thread
+  that releases the GIL (``os.fdatasync``), one round at a time, each round covering everything
+  written before it began (group commit); ``interval:MS`` syncs every MS milliseconds;
+  ``never`` leaves it to the OS;
+- with ``TEOMQ_TEST_SYNCED_RECORD=1`` in its environment the broker writes ``synced.json``, the
+  bytes of each segment its syncs covered, after every round: ``power_cut`` cuts the files back
+  to it, as a power failure would (tests only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from teomq._core.seglog import DEFAULT_SEGMENT_SIZE, SegmentLog
+from teomq.errors import StorageError
+
+log = logging.getLogger("teomq.storage")
+
+#: the queues' directory inside the data directory, its lock file, the test-only sync record
+QUEUES_DIR = "queues"
+LOCK_FILE = "LOCK"
+SYNCED_RECORD = "synced.json"
+#: the environment variable that makes a broker keep SYNCED_RECORD (power-cut tests)
+SYNCED_RECORD_ENV = "TEOMQ_TEST_SYNCED_RECORD"
+
+STORAGE_MODES = ("disk", "memory")
+#: fsync always: records no confirmation waits for (requests, delivery states) are synced this
+#: often (milliseconds); a pass with confirmations waiting starts a round at once
+ALWAYS_BACKSTOP_MS = 100
+
+
+@dataclass(frozen=True)
+class FsyncPolicy:
+    """When the log is made durable: ``always``, ``interval`` (every ``interval_ms``) or ``never``."""
+
+    mode: str
+    interval_ms: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> FsyncPolicy:
+        """``always``, ``never`` or ``interval:MS`` (MS a whole number of milliseconds, 1..3,600,000)."""
+        if text in ("always", "never"):
+            return cls(text)
+        head, _, ms = text.partition(":")
+        if head == "interval" and ms.isdigit() and 1 <= int(ms) <= 3_600_000:
+            return cls("interval", int(ms))
+        raise ValueError(f"fsync policy must be always, never or interval:MS (MS 1..3600000), not {text!r}")
+
+    def __str__(self) -> str:
+        return f"interval:{self.interval_ms}" if self.mode == "interval" else self.mode
+
+
+class _Syncer:
+    """One thread that runs fdatasync rounds; the loop hands it a round and hears back when it ends."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, dir_fd: int, done: Any) -> None:
+        self._loop = loop
+        self._dir_fd = dir_fd
+        self._done = done
+        self._cv = threading.Condition()
+        self._round: tuple[int, list[tuple[int, int, int, bool]]] | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="teomq-fsync", daemon=True)
+        self._thread.start()
+
+    def submit(self, batches: int, targets: list[tuple[int, int, int, bool]]) -> None:
+        with self._cv:
+            self._round = (batches, targets)
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._round is None and not self._stop:
+                    self._cv.wait()
+                if self._round is None:
+                    return
+                (batches, targets), self._round = self._round, None
+            error: OSError | None = None
+            try:
+                new_entries = False
+                for fd, _end, _no, dir_synced in targets:
+                    os.fdatasync(fd)           # releases the GIL: the loop keeps reading
+                    new_entries = new_entries or not dir_synced
+                if new_entries:
+                    os.fsync(self._dir_fd)     # a new segment's directory entry
+            except OSError as e:
+                error = e
+            finally:
+                for fd, *_ in targets:
+                    os.close(fd)
+            try:
+                self._loop.call_soon_threadsafe(self._done, batches, targets, error)
+            except RuntimeError:               # the loop is closed: nobody waits for it
+                return
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
+
+
+class DiskStorage:
+    """A broker's queues in ``data_dir/queues``: locked, recovered, synced by ``policy``."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], policy: FsyncPolicy | str = "always",
+                 *, segment_size: int = DEFAULT_SEGMENT_SIZE) -> None:
+        self.dir = Path(data_dir) / QUEUES_DIR
+        self.policy = policy if isinstance(policy, FsyncPolicy) else FsyncPolicy.parse(policy)
+        self.segment_size = segment_size
+        self.log: SegmentLog | None = None
+        self.recovery: dict[str, Any] = {}
+        self.restored = 0
+        self.kept = 0
+        self.syncs = 0
+        self.sync_errors = 0
+        self.recovery_seconds = 0.0
+        self._started = 0.0
+        self._lock_fd = -1
+        self._dir_fd = -1
+        self._syncer: _Syncer | None = None
+        self._busy = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._record = os.environ.get(SYNCED_RECORD_ENV, "") not in ("", "0")
+
+    # -- start and stop -------------------------------------------------------------------
+
+    def open(self) -> dict[str, Any]:
+        """Lock the directory and read the log back. Raises StorageError when another broker
+        holds the directory, LogFormatError (a StorageError) for a log it cannot read."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StorageError(f"cannot use the data directory {self.dir.parent}: {e.strerror}", e.errno or 0) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StorageError(f"the data directory {self.dir.parent} is in use by another broker "
+                               f"(pid {holder}); give each broker its own -data-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.log = SegmentLog(self.dir, segment_size=self.segment_size,
+                              confirm_on_write=self.policy.mode != "always")
+        self._started = time.perf_counter()
+        try:
+            self.recovery = self.log.recover()
+        except BaseException:
+            self.close_files()
+            raise
+        return self.recovery
+
+    def attach(self, dispatcher: Any, loop: asyncio.AbstractEventLoop) -> None:
+        """The dispatcher keeps its queues in the log: recovered messages restored, syncer started."""
+        lg = self._log()
+        dispatcher.set_store(lg)
+        self.restored, self.kept = dispatcher.restore()
+        lg.finish_recovery()
+        self.recovery_seconds = time.perf_counter() - self._started
+        self._report_recovery()
+        if self._record:
+            self._write_record()
+        if self.policy.mode != "never":
+            self._syncer = _Syncer(loop, self._dir_fd, self._synced)
+            self._timer = loop.call_later(self._period(), self._interval)
+        if self.policy.mode == "always":
+            lg.on_written = self._written
+            lg.notify_written = True
+
+    def _period(self) -> float:
+        # always: the backstop for records no confirmation waits for (requests, state records)
+        return self.policy.interval_ms / 1000 if self.policy.mode == "interval" else ALWAYS_BACKSTOP_MS / 1000
+
+    def close(self) -> None:
+        """Write what is gathered, sync it (whatever the policy: a clean stop keeps everything),
+        stop the syncer, close the files and release the lock."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._syncer is not None:
+            self._syncer.stop()
+            self._syncer = None
+        if self.log is not None:
+            lg = self.log
+            lg.on_written = None
+            try:
+                lg.close()
+            except OSError as e:
+                log.error("storage: the last sync failed: %s", e)
+            st = lg.stats()
+            log.info("storage: closed: %d records in %d batches, %d syncs; %d messages stay queued on disk",
+                     st["records"], st["batches"], self.syncs, st["live"])
+            if self._record:
+                self._write_record()
+        self.close_files()
+
+    def close_files(self) -> None:
+        for fd in (self._dir_fd, self._lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._dir_fd = self._lock_fd = -1
+
+    # -- syncing --------------------------------------------------------------------------
+
+    def _log(self) -> SegmentLog:
+        if self.log is None:
+            raise RuntimeError("storage is not open")
+        return self.log
+
+    def _written(self) -> None:
+        # always: a pass wrote records while confirmations wait, and the syncer is idle
+        self._start_round()
+
+    def _interval(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._period(), self._interval)
+        if not self._busy:
+            self._start_round()
+
+    def _start_round(self) -> None:
+        lg = self._log()
+        batches, targets = lg.sync_targets()
+        if not targets or self._syncer is None:
+            for fd, *_ in targets:
+                os.close(fd)
+            lg.mark_synced([], batches)     # everything written is synced already
+            lg.notify_written = self.policy.mode == "always"
+            return
+        self._busy = True
+        lg.notify_written = False
+        self._syncer.submit(batches, targets)
+
+    def _synced(self, batches: int, targets: list[tuple[int, int, int, bool]], error: OSError | None) -> None:
+        # on the loop: a round ended
+        self._busy = False
+        lg = self.log
+        if lg is None:
+            return
+        if error is not None:
+            self.sync_errors += 1
+            log.error("storage: fdatasync failed: %s (kept unsynced; retried)", error)
+        else:
+            self.syncs += 1
+            lg.mark_synced(targets, batches)
+            if self._record:
+                self._write_record()
+        if self.policy.mode == "always":
+            if lg.waiting:
+                self._start_round()      # what arrived during the round
+            else:
+                lg.notify_written = True  # idle until a pass writes while confirmations wait
+
+    def _write_record(self) -> None:
+        lg = self._log()
+        tmp = self.dir / (SYNCED_RECORD + ".tmp")
+        tmp.write_text(json.dumps(lg.synced_offsets()))
+        os.replace(tmp, self.dir / SYNCED_RECORD)
+
+    # -- reports --------------------------------------------------------------------------
+
+    def _report_recovery(self) -> None:
+        r = self.recovery
+        for name, off, n in r.get("cut", []):
+            log.warning("storage: %s: torn tail cut at offset %d (%d bytes)", name, off, n)
+        for name, off, n in r.get("skipped", []):
+            if off == 0:
+                log.warning("storage: %s: its header is damaged (CRC); its batches were read", name)
+            else:
+                log.warning("storage: %s: a damaged batch at offset %d skipped (%d bytes, CRC failed)", name, off, n)
+        if self.kept:
+            log.warning("storage: %d recovered messages are for commands this broker does not have; "
+                        "kept on disk, not delivered", self.kept)
+        data = r.get("data", 0)
+        secs = self.recovery_seconds
+        log.info("storage: %s, fsync %s: %d segments (%d bytes of log), %d batches read, %d messages restored%s "
+                 "in %.3f s (%.0f MB/s)", self.dir, self.policy, r.get("segments", 0), data, r.get("batches", 0),
+                 self.restored, f", {r['bad_batches']} damaged batches skipped" if r.get("bad_batches") else "",
+                 secs, data / secs / 1e6 if secs > 0 else 0.0)
+
+    def stats(self) -> dict[str, Any]:
+        s: dict[str, Any] = dict(self._log().stats()) if self.log is not None else {}
+        s.update(syncs=self.syncs, sync_errors=self.sync_errors, fsync=str(self.policy))
+        return s
+
+
+def power_cut(data_dir: str | os.PathLike[str]) -> dict[str, int]:
+    """Cut a stopped broker's segments back to what its syncs covered (its ``synced.json``,
+    kept with TEOMQ_TEST_SYNCED_RECORD=1), as a power failure would; a segment no sync covered
+    is removed. Returns {file: bytes cut}. For tests."""
+    qdir = Path(data_dir) / QUEUES_DIR
+    synced: dict[str, int] = json.loads((qdir / SYNCED_RECORD).read_text())
+    cut: dict[str, int] = {}
+    for path in sorted(qdir.glob("*.seg")):
+        keep = synced.get(path.name, 0)
+        data = path.read_bytes()
+        end = len(data.rstrip(b"\0"))
+        if keep <= 0:
+            cut[path.name] = end
+            path.unlink()
+        elif end > keep:
+            cut[path.name] = end - keep
+            with open(path, "r+b") as f:
+                f.seek(keep)
+                f.write(b"\0" * (end - keep))
+    return cut
