@@ -9,7 +9,7 @@ control plane around it (docs/storage.md):
   and reads the log back (``recover``);
 - ``DiskStorage.attach`` gives the dispatcher the log and its recovered messages, and starts the
   syncer by the fsync policy: ``always`` (the default) syncs what each pass wrote, in a thread
-  that releases the GIL (``os.fdatasync``), one round at a time, each round covering everything
+  in C (``Syncer``, syncer_impl.h: it never takes the GIL), one round at a time, each round covering everything
   written before it began (group commit); ``interval:MS`` syncs every MS milliseconds;
   ``never`` leaves it to the OS;
 - with ``TEOMQ_TEST_SYNCED_RECORD=1`` in its environment the broker writes ``synced.json``, the
@@ -24,13 +24,12 @@ import fcntl
 import json
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from teomq._core.seglog import DEFAULT_SEGMENT_SIZE, SegmentLog
+from teomq._core.seglog import DEFAULT_SEGMENT_SIZE, SegmentLog, Syncer
 from teomq.errors import StorageError
 
 log = logging.getLogger("teomq.storage")
@@ -69,57 +68,6 @@ class FsyncPolicy:
         return f"interval:{self.interval_ms}" if self.mode == "interval" else self.mode
 
 
-class _Syncer:
-    """One thread that runs fdatasync rounds; the loop hands it a round and hears back when it ends."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, dir_fd: int, done: Any) -> None:
-        self._loop = loop
-        self._dir_fd = dir_fd
-        self._done = done
-        self._cv = threading.Condition()
-        self._round: tuple[int, list[tuple[int, int, int, bool]]] | None = None
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="teomq-fsync", daemon=True)
-        self._thread.start()
-
-    def submit(self, batches: int, targets: list[tuple[int, int, int, bool]]) -> None:
-        with self._cv:
-            self._round = (batches, targets)
-            self._cv.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while self._round is None and not self._stop:
-                    self._cv.wait()
-                if self._round is None:
-                    return
-                (batches, targets), self._round = self._round, None
-            error: OSError | None = None
-            try:
-                new_entries = False
-                for fd, _end, _no, dir_synced in targets:
-                    os.fdatasync(fd)           # releases the GIL: the loop keeps reading
-                    new_entries = new_entries or not dir_synced
-                if new_entries:
-                    os.fsync(self._dir_fd)     # a new segment's directory entry
-            except OSError as e:
-                error = e
-            finally:
-                for fd, *_ in targets:
-                    os.close(fd)
-            try:
-                self._loop.call_soon_threadsafe(self._done, batches, targets, error)
-            except RuntimeError:               # the loop is closed: nobody waits for it
-                return
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-        self._thread.join()
-
-
 class DiskStorage:
     """A broker's queues in ``data_dir/queues``: locked, recovered, synced by ``policy``."""
 
@@ -138,7 +86,9 @@ class DiskStorage:
         self._started = 0.0
         self._lock_fd = -1
         self._dir_fd = -1
-        self._syncer: _Syncer | None = None
+        self._syncer: Syncer | None = None
+        self._round: tuple[int, list[tuple[int, int, int, bool]]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._busy = False
         self._timer: asyncio.TimerHandle | None = None
         self._record = os.environ.get(SYNCED_RECORD_ENV, "") not in ("", "0")
@@ -185,7 +135,9 @@ class DiskStorage:
         if self._record:
             self._write_record()
         if self.policy.mode != "never":
-            self._syncer = _Syncer(loop, self._dir_fd, self._synced)
+            self._syncer = Syncer(self._dir_fd)
+            self._loop = loop
+            loop.add_reader(self._syncer.fd, self._round_ended)
             self._timer = loop.call_later(self._period(), self._interval)
         if self.policy.mode == "always":
             lg.on_written = self._written
@@ -202,6 +154,8 @@ class DiskStorage:
             self._timer.cancel()
             self._timer = None
         if self._syncer is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._syncer.fd)
             self._syncer.stop()
             self._syncer = None
         if self.log is not None:
@@ -252,10 +206,19 @@ class DiskStorage:
             return
         self._busy = True
         lg.notify_written = False
-        self._syncer.submit(batches, targets)
+        self._round = (batches, targets)
+        self._syncer.submit(targets, any(not t[3] for t in targets))
+
+    def _round_ended(self) -> None:
+        # on the loop: the syncer's eventfd fired
+        if self._syncer is None or self._round is None:
+            return
+        err = self._syncer.result()
+        (batches, targets), self._round = self._round, None
+        self._synced(batches, targets, OSError(err, os.strerror(err)) if err else None)
 
     def _synced(self, batches: int, targets: list[tuple[int, int, int, bool]], error: OSError | None) -> None:
-        # on the loop: a round ended
+        # a round ended
         self._busy = False
         lg = self.log
         if lg is None:

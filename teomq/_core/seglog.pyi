@@ -82,3 +82,18 @@ class SegmentLog(Store):
         """Read every segment of the directory, oldest first; what was found."""
     def finish_recovery(self) -> None:
         """After restore: unmap, delete what holds nothing live, begin a new active segment."""
+
+@final
+class Syncer:
+    """The fdatasync thread (C, never takes the GIL): submit a round, watch ``fd``, read ``result``."""
+
+    def __init__(self, dirfd: int) -> None: ...
+    @property
+    def fd(self) -> int:
+        """An eventfd: readable when a round ended."""
+    def submit(self, targets: Sequence[tuple[int, int, int, bool]], directory: bool) -> None:
+        """A round: fdatasync every target's fd (then close it), and the directory if asked."""
+    def result(self) -> int:
+        """After ``fd`` became readable: 0, or the round's errno."""
+    def stop(self) -> None:
+        """Let a submitted round finish, then end the thread."""

@@ -71,6 +71,15 @@ cdef extern from "<sys/mman.h>" nogil:
     int PROT_READ
     int MAP_SHARED
 
+cdef extern from "syncer_impl.h" nogil:
+    ctypedef struct teomq_syncer:
+        int efd
+    int TEOMQ_SYNC_MAX_FDS
+    int teomq_syncer_start(teomq_syncer *s, int dirfd)
+    void teomq_syncer_submit(teomq_syncer *s, const int *fds, int n, int dir)
+    int teomq_syncer_result(teomq_syncer *s)
+    void teomq_syncer_stop(teomq_syncer *s)
+
 cdef const char *SEG_MAGIC = "TQSEGLOG"
 cdef const char *BATCH_MAGIC = "TQLB"
 
@@ -803,3 +812,53 @@ cdef class SegmentLog(Store):
         self.entries_cap = 0
         self.open_segment()
         self.drop_done_segments()
+
+
+@cython.final
+cdef class Syncer:
+    """The thread that runs the log's fdatasync rounds (syncer_impl.h): C only, it never takes
+    the GIL. ``submit`` hands it a round (the fds of ``SegmentLog.sync_targets``, which it closes);
+    ``fd`` becomes readable when the round ended, and ``result`` then says how (0, or an errno)."""
+
+    cdef teomq_syncer s
+    cdef bint running
+
+    def __cinit__(self, int dirfd):
+        cdef int err = teomq_syncer_start(&self.s, dirfd)
+        if err:
+            raise OSError(err, f"starting the fsync thread: {os.strerror(err)}")
+        self.running = True
+
+    def __dealloc__(self):
+        if self.running:
+            with nogil:
+                teomq_syncer_stop(&self.s)
+
+    @property
+    def fd(self):
+        """An eventfd: readable when a round ended."""
+        return self.s.efd
+
+    def submit(self, targets, bint directory):
+        """A round: fdatasync every target's fd (then close it), and the directory if asked."""
+        cdef int fds[64]
+        cdef int n = 0
+        if not self.running:
+            raise RuntimeError("the syncer is stopped")
+        if len(targets) > TEOMQ_SYNC_MAX_FDS:
+            raise ValueError(f"at most {TEOMQ_SYNC_MAX_FDS} segments per round")
+        for t in targets:
+            fds[n] = t[0]
+            n += 1
+        teomq_syncer_submit(&self.s, fds, n, directory)
+
+    def result(self):
+        """After ``fd`` became readable: 0 if the round synced everything, else the errno."""
+        return teomq_syncer_result(&self.s)
+
+    def stop(self):
+        """Let a submitted round finish, then end the thread."""
+        if self.running:
+            with nogil:
+                teomq_syncer_stop(&self.s)
+            self.running = False
