@@ -247,10 +247,10 @@ def test_memory_storage_keeps_nothing(procs: ProcGroup, tmp_path: Path) -> None:
 
 
 async def publish_confirmed(spec: str, prefix: str, count: int, window: int, confirmed: list[bytes],
-                            progress: list[bytes] | None = None) -> None:
+                            progress: dict[str, int] | None = None) -> None:
     """Publish ``count`` messages keeping at most ``window`` unconfirmed; every message whose
     confirmation came goes to ``confirmed`` (also when the connection dies half way), and as
-    they come to ``progress``, if given."""
+    they come ``progress[prefix]`` counts them, if given."""
     sent: list[tuple[bytes, Any]] = []
     try:
         async with Producer(spec, timeout=HANG) as p:
@@ -260,7 +260,7 @@ async def publish_confirmed(spec: str, prefix: str, count: int, window: int, con
                 if p.unconfirmed >= window:
                     await p.confirmed(window // 2)
                     if progress is not None:
-                        progress.append(m)      # one per window: about window / 2 more confirmed
+                        progress[prefix] = len(sent) - p.unconfirmed
             await p.confirmed(0)
     finally:
         confirmed.extend(m for m, c in sent if c.confirmed)
@@ -271,16 +271,21 @@ def test_every_confirmed_message_survives_sigkill_at_20_random_moments(procs: Pr
     killed with SIGKILL at a random moment and restarted on the same data directory; every
     confirmed message is delivered after the restart. Twenty moments (bench/storage_soak.py: 200)."""
     rng = random.Random(20)
-    dupes = lost = 0
+    dupes = lost = mid_flow = 0
     for k in range(20):
         d = tmp_path / f"data{k}"
         broker = procs.broker("-nomsg", "-noweb", "-fsync", "always", data_dir=d)
         confirmed: list[bytes] = []
 
         async def run() -> None:
-            tasks = [asyncio.create_task(publish_confirmed(broker.endpoint, f"k{k}p{j}", 10_000, 1024, confirmed))
-                     for j in range(2)]
-            await asyncio.sleep(rng.uniform(0.0, 0.8))
+            # the random moment: once a random number of the 20,000 are confirmed (any machine's speed)
+            moment = rng.randrange(0, 19_000)
+            progress: dict[str, int] = {}
+            tasks = [asyncio.create_task(publish_confirmed(broker.endpoint, f"k{k}p{j}", 10_000, 1024, confirmed,
+                                                           progress=progress)) for j in range(2)]
+            while sum(progress.values()) < moment and not all(t.done() for t in tasks):
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(rng.uniform(0.0, 0.01))   # and then at any point of a window
             assert broker.proc.kill9() == -signal.SIGKILL
             await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -291,8 +296,10 @@ def test_every_confirmed_message_survives_sigkill_at_20_random_moments(procs: Pr
         lost += len(missing)
         assert not missing, f"moment {k}: {len(missing)} of {len(confirmed)} confirmed messages lost"
         dupes += report_duplicates(got)
+        mid_flow += len(confirmed) < 20_000
         assert again.proc.terminate() == 0, again.proc.describe()
-    print(f"20 kills: 0 confirmed messages lost, {dupes} duplicates")
+    print(f"20 kills ({mid_flow} before every message was confirmed): 0 confirmed messages lost, {dupes} duplicates")
+    assert mid_flow >= 10     # the moments fell while the producers were publishing
 
 
 def power_cut_env(procs: ProcGroup) -> None:
@@ -308,10 +315,10 @@ def test_power_cut_always_loses_no_confirmed_message(procs: ProcGroup, tmp_path:
     confirmed: list[bytes] = []
 
     async def run() -> None:
-        progress: list[bytes] = []   # a mark per half window confirmed (``confirmed`` fills at the end)
+        progress: dict[str, int] = {}   # confirmed so far per producer (``confirmed`` fills at the end)
         tasks = [asyncio.create_task(publish_confirmed(broker.endpoint, f"p{j}", 200_000, 1024, confirmed,
                                                        progress=progress)) for j in range(2)]
-        while len(progress) * 512 < 10_000 and not all(t.done() for t in tasks):
+        while sum(progress.values()) < 10_000 and not all(t.done() for t in tasks):
             await asyncio.sleep(0.01)
         assert broker.proc.kill9() == -signal.SIGKILL   # mid-flow: records written and not yet synced
         await asyncio.gather(*tasks, return_exceptions=True)
