@@ -35,7 +35,14 @@ from teomq._core.inproc import InprocEndpoint
 from teomq._core.routes import KINDS
 from teomq._core.frame_codec import encode_frame
 from teomq.addressbook import DEFAULT_PORT, AddressBook, default_data_dir
-from teomq.storage import STORAGE_MODES, DiskStorage, FsyncPolicy
+from teomq.storage import (
+    DEFAULT_SEGMENT_SIZE,
+    MAX_SEGMENT_SIZE,
+    MIN_SEGMENT_SIZE,
+    STORAGE_MODES,
+    DiskStorage,
+    FsyncPolicy,
+)
 from teomq.commands import BROKER_COMMANDS, Command, CommandSchema
 from teomq.errors import ProtocolError, UnknownCommand
 from teomq.identity import BrokerIdentity, welcome_signature_payload
@@ -514,6 +521,7 @@ class Broker:
             default): disk when ``data_dir`` is given, else memory.
         fsync: when the log is made durable (disk storage): ``"always"`` (each loop pass's
             records, by a thread, grouped), ``"interval:MS"`` or ``"never"``.
+        segment_size: bytes a log segment file is preallocated to and rolled at.
     """
 
     def __init__(
@@ -533,6 +541,7 @@ class Broker:
         message_log: int | str | os.PathLike[str] | None = None,
         storage: str | None = None,
         fsync: str = "always",
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
     ) -> None:
         if not 0 < max_payload < 1 << 31:
             raise ValueError("max_payload must be between 1 and 2**31 - 1 bytes")
@@ -548,6 +557,9 @@ class Broker:
             raise ValueError(f"storage must be one of {', '.join(STORAGE_MODES)}, not {storage!r}")
         self.storage_mode = storage
         self.fsync = FsyncPolicy.parse(fsync)
+        if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
+            raise ValueError(f"segment_size must be between {MIN_SEGMENT_SIZE} and {MAX_SEGMENT_SIZE} bytes")
+        self.segment_size = segment_size
         self.storage: DiskStorage | None = None
         self.backlog_max = backlog_max
         self.dispatch_run = dispatch_run
@@ -602,7 +614,7 @@ class Broker:
                 kinds.append(KINDS[name])
             self._disp.set_schema(table, kinds)
         if self.storage_mode == "disk":
-            storage = DiskStorage(self.data_dir, self.fsync)
+            storage = DiskStorage(self.data_dir, self.fsync, segment_size=self.segment_size)
             storage.open()               # StorageError: locked by another broker, unreadable log
             try:
                 storage.attach(self._disp, loop)

@@ -54,7 +54,13 @@ from teomq.protocol import DEFAULT_MAX_PAYLOAD, MAX_PAYLOAD_LIMIT
 from teomq.argtypes import flag, float_value, int_at_least
 from teomq.loops import run as run_on_loop
 from teomq.stats_printer import command_lines, print_stats, web_line
-from teomq.storage import STORAGE_MODES, FsyncPolicy
+from teomq.storage import (
+    DEFAULT_SEGMENT_SIZE,
+    MAX_SEGMENT_SIZE,
+    MIN_SEGMENT_SIZE,
+    STORAGE_MODES,
+    FsyncPolicy,
+)
 
 __all__ = ["build_broker_parser", "build_parser", "broker_main", "main", "parse_listen", "producer_message"]
 
@@ -222,6 +228,9 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
           "covered it (survives a power loss); interval:MS: written to the OS at once, synced every MS "
           "milliseconds (a process crash loses nothing, a power loss up to MS); never: left to the OS "
           "(a process crash loses nothing, a power loss what the OS had not written) (default: %(default)s)")
+    flag(parser, "segment-size", type=int_at_least(MIN_SEGMENT_SIZE, MAX_SEGMENT_SIZE), default=DEFAULT_SEGMENT_SIZE,
+          metavar="BYTES", help=f"disk storage: bytes a log segment file is preallocated to and rolled at, "
+          f"{MIN_SEGMENT_SIZE} to {MAX_SEGMENT_SIZE} (default: %(default)s)")
     flag(parser, "max-payload", type=int_at_least(1, MAX_PAYLOAD_LIMIT), default=DEFAULT_MAX_PAYLOAD,
           metavar="BYTES", help="largest message or answer accepted, in bytes (default: %(default)s)")
     flag(parser, "queue-max", type=int_at_least(1), default=1_000_000, metavar="N",
@@ -499,6 +508,7 @@ async def _broker(args: argparse.Namespace) -> int:
     broker = Broker(host, port, data_dir=args.data_dir, max_payload=args.max_payload, queue_max=args.queue_max,
                     log_messages=not args.nomsg, commands=schema, backlog_max=args.backlog_max,
                     dispatch_run=args.dispatch_run, storage=args.storage, fsync=args.fsync,
+                    segment_size=args.segment_size,
                     message_log=args.log_file if args.log_file is not None else _stderr_fd())
     try:
         await broker.start()

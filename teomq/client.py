@@ -20,7 +20,8 @@ from typing import Any, Union
 
 from teomq.addressbook import resolve_broker
 from teomq.client_connection import (
-    _API, _NO_REPLY, _PING, _SEND, Collector, Connection, consumer_log, log, to_payload as _to_payload,
+    _API, _NO_REPLY, _PING, _SEND, Collector, Confirmation, Connection, consumer_log, log,
+    to_payload as _to_payload,
 )
 from teomq.commands import Command, CommandCall, CommandSchema
 from teomq.errors import BrokerError, ConnectionLost, RequestTimeout, UnknownCommand
@@ -69,46 +70,6 @@ class _StatsView(Mapping[str, int]):
 
     def __repr__(self) -> str:
         return repr(self._snapshot())
-
-
-class Confirmation:
-    """What :meth:`Client.publish` returns: await it for the broker's word that the message is
-    stored by its fsync policy (``-fsync always``: after ``fdatasync``; ``-storage memory``: once
-    accepted). Code that does not await it loses nothing: no task, no future until awaited.
-
-    Awaiting raises :class:`~teomq.errors.QueueFull` or :class:`~teomq.errors.BrokerError`
-    when the broker refused the message, :class:`~teomq.errors.ConnectionLost` when the
-    connection closed before the confirmation came (the message may or may not be stored).
-    Against a broker without confirmations (no ``confirm`` capability) it resolves at once.
-    """
-
-    __slots__ = ("_conn", "id")
-
-    def __init__(self, conn: Connection | None, mid: int) -> None:
-        self._conn = conn
-        self.id = mid
-
-    def done(self) -> bool:
-        """No longer waiting: confirmed, refused, or its connection lost."""
-        return self._conn is None or self._conn.confirm_state(self.id) is not False
-
-    @property
-    def confirmed(self) -> bool:
-        """The broker confirmed it stored (always True against a broker without confirmations)."""
-        return self._conn is None or self._conn.confirm_state(self.id) is True
-
-    def __await__(self) -> Any:
-        conn = self._conn
-        if conn is not None:
-            state = conn.confirm_state(self.id)
-            if state is False:
-                yield from conn.wait_confirm(self.id).__await__()
-            elif state is not True:
-                raise state
-
-    def __repr__(self) -> str:
-        state = "confirmed" if self.confirmed else "ended unconfirmed" if self.done() else "waiting"
-        return f"<Confirmation of message {self.id}: {state}>"
 
 
 class Client:
@@ -391,10 +352,10 @@ class Client:
         """
         conn, payload, _ = self._prepare(data, None)
         if conn.confirms:
-            mid = conn.publish_id()
-            conn._write(_SEND, _NO_REPLY | _CONFIRM_FLAG, mid, payload)
+            c = conn.publish_confirmation()
+            conn._write(_SEND, _NO_REPLY | _CONFIRM_FLAG, c.id, payload)
             self._counts["sent"] += 1
-            return Confirmation(conn, mid)
+            return c
         mid = conn.next_id()
         conn._write(_SEND, _NO_REPLY, mid, payload)
         self._counts["sent"] += 1

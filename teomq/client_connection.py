@@ -54,7 +54,7 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
@@ -97,8 +97,6 @@ _TICK = 0.05
 _HANDSHAKE_LIMIT = 8 << 20
 #: Seconds between log lines about messages the broker refused (the first is logged at once).
 _REFUSAL_LOG_INTERVAL = 1.0
-#: refusals of publish()es kept for an await that comes after them
-_REFUSED_KEPT = 10_000
 #: ERROR codes that refuse a SEND (it was not accepted)
 _REFUSALS = frozenset({int(ErrorCode.QUEUE_FULL), int(ErrorCode.UNKNOWN_COMMAND), int(ErrorCode.NOT_ALLOWED)})
 
@@ -149,6 +147,49 @@ class Collector:
             self.future.set_exception(err)
 
 
+class Confirmation:
+    """What :meth:`Client.publish` returns: await it for the broker's word that the message is
+    stored by its fsync policy (``-fsync always``: after ``fdatasync``; ``-storage memory``: once
+    accepted). Not awaiting it loses nothing: no task, and no future until it is awaited.
+
+    Awaiting raises :class:`~teomq.errors.QueueFull` or :class:`~teomq.errors.BrokerError`
+    when the broker refused the message, :class:`~teomq.errors.ConnectionLost` when the
+    connection closed before the confirmation came (the message may or may not be stored).
+    Against a broker without confirmations (no ``confirm`` capability) it resolves at once.
+    """
+
+    __slots__ = ("_conn", "id", "_state", "_fut")
+
+    def __init__(self, conn: Connection | None, mid: int) -> None:
+        self._conn = conn
+        self.id = mid
+        #: None while waiting, True once confirmed, else why it never will be
+        self._state: bool | BaseException | None = True if conn is None else None
+        self._fut: asyncio.Future[None] | None = None
+
+    def done(self) -> bool:
+        """No longer waiting: confirmed, refused, or its connection lost."""
+        return self._state is not None
+
+    @property
+    def confirmed(self) -> bool:
+        """The broker confirmed it stored (always True against a broker without confirmations)."""
+        return self._state is True
+
+    def __await__(self) -> Generator[Any, None, None]:
+        if self._state is None:
+            if self._fut is None:
+                assert self._conn is not None
+                self._fut = self._conn._loop.create_future()
+            yield from self._fut.__await__()
+        elif isinstance(self._state, BaseException):
+            raise self._state
+
+    def __repr__(self) -> str:
+        state = "confirmed" if self._state is True else "waiting" if self._state is None else "ended unconfirmed"
+        return f"<Confirmation of message {self.id}: {state}>"
+
+
 class Connection(asyncio.Protocol):
     """One connection to a broker: handshake, framing, pending requests, consumer dispatch."""
 
@@ -192,12 +233,10 @@ class Connection(asyncio.Protocol):
         self._refusal_timer: asyncio.TimerHandle | None = None
         self._pings: dict[int, asyncio.Future[None]] = {}
         self._next_ping = 1
-        # publish() confirmations (the broker's "confirm" capability): ids of SENDs flagged
-        # CONFIRM not yet confirmed, in send order; awaited ones; refused ones (bounded)
+        # publish() confirmations (the broker's "confirm" capability): the Confirmations of
+        # SENDs flagged CONFIRM not yet confirmed, in send order
         self.confirms = False
-        self._unconfirmed: deque[int] = deque()
-        self._confirm_waiters: dict[int, asyncio.Future[None]] = {}
-        self._refused_ids: dict[int, BaseException] = {}
+        self._unconfirmed: deque[Confirmation] = deque()
         self.confirmed_id = 0            # the last id a CONFIRM covered
         self.n_confirmed = 0
         self._drained: list[tuple[int, asyncio.Future[None]]] = []   # confirmed(): (target count, future)
@@ -354,10 +393,12 @@ class Connection(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(self._lost())
         self._pings.clear()
-        for fut in self._confirm_waiters.values():
-            if not fut.done():
-                fut.set_exception(self._lost())
-        self._confirm_waiters.clear()
+        lost = self._lost()
+        for c in self._unconfirmed:
+            c._state = lost
+            if c._fut is not None and not c._fut.done():
+                c._fut.set_exception(lost)
+        self._unconfirmed.clear()
         for _, fut in self._drained:
             if not fut.done():
                 fut.set_exception(self._lost())
@@ -508,30 +549,30 @@ class Connection(asyncio.Protocol):
             if entry is not None:
                 self._complete(fid, entry, None, err)
             else:  # a publish(), or a request already timed out
-                if self._unconfirmed and fid >= self._unconfirmed[0] and err.code in _REFUSALS:
+                if self._unconfirmed and fid >= self._unconfirmed[0].id and err.code in _REFUSALS:
                     self._refuse_confirm(fid, err)
                 self._refused(fid, err)
 
     # -- confirmations -------------------------------------------------------------------
 
-    def publish_id(self) -> int:
-        """The id for a publish() that asks the broker to confirm it (kept until confirmed)."""
-        mid = self._core.take_id()
-        self._unconfirmed.append(mid)
-        return mid
+    def publish_confirmation(self) -> Confirmation:
+        """A new publish()'s Confirmation (its id taken), kept until the broker confirms it."""
+        c = Confirmation(self, self._core.take_id())
+        self._unconfirmed.append(c)
+        return c
 
     def _on_confirm(self, fid: int, payload: bytes) -> None:
         # CONFIRM: this connection's SENDs flagged CONFIRM up to fid, ``count`` of them, are stored
         count = int.from_bytes(payload[:4], "little") if len(payload) >= 4 else 0
-        pending, waiters = self._unconfirmed, self._confirm_waiters
+        pending = self._unconfirmed
         done = 0
-        while pending and pending[0] <= fid:
-            mid = pending.popleft()
+        while pending and pending[0].id <= fid:
+            c = pending.popleft()
+            c._state = True
             done += 1
-            if waiters:
-                fut = waiters.pop(mid, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
+            fut = c._fut
+            if fut is not None and not fut.done():
+                fut.set_result(None)
         if done != count:
             log.warning("broker %s confirmed %d messages up to %d; %d were waiting", self.address, count, fid, done)
         self.confirmed_id = fid
@@ -541,37 +582,18 @@ class Connection(asyncio.Protocol):
 
     def _refuse_confirm(self, fid: int, err: BrokerError) -> None:
         # a SEND flagged CONFIRM was refused: it will never be confirmed
-        try:
-            self._unconfirmed.remove(fid)
-        except ValueError:
+        for c in self._unconfirmed:
+            if c.id == fid:
+                break
+        else:
             return
+        self._unconfirmed.remove(c)
         exc: BaseException = QueueFull(str(err)) if err.code == ErrorCode.QUEUE_FULL else err
-        fut = self._confirm_waiters.pop(fid, None)
-        if fut is not None and not fut.done():
-            fut.set_exception(exc)
-        refused = self._refused_ids
-        refused[fid] = exc
-        if len(refused) > _REFUSED_KEPT:            # for an await that comes later; bounded
-            for old in list(refused)[:len(refused) // 2]:
-                del refused[old]
+        c._state = exc
+        if c._fut is not None and not c._fut.done():
+            c._fut.set_exception(exc)
         if self._drained:
             self._wake_drained()
-
-    def confirm_state(self, mid: int) -> BaseException | bool:
-        """True if publish ``mid`` is confirmed, False if not yet, or why it never will be."""
-        exc = self._refused_ids.get(mid)
-        if exc is not None:
-            return exc
-        if self._unconfirmed and mid >= self._unconfirmed[0]:
-            return self._lost() if self._closing else False
-        return True
-
-    def wait_confirm(self, mid: int) -> asyncio.Future[None]:
-        fut = self._confirm_waiters.get(mid)
-        if fut is None:
-            fut = self._loop.create_future()
-            self._confirm_waiters[mid] = fut
-        return fut
 
     @property
     def unconfirmed(self) -> int:

@@ -8,7 +8,8 @@ control plane around it (docs/storage.md):
 - ``DiskStorage.open`` takes the data directory's lock (a second broker on it refuses to start)
   and reads the log back (``recover``);
 - ``DiskStorage.attach`` gives the dispatcher the log and its recovered messages, and starts the
-  syncer by the fsync policy: ``always`` (the default) syncs what each pass wrote, in a thread
+  syncer by the fsync policy: ``always`` (the default) syncs at the end of a pass that wrote while
+  confirmations wait (else within ALWAYS_BACKSTOP_MS), in a thread
   in C (``Syncer``, syncer_impl.h: it never takes the GIL), one round at a time, each round covering everything
   written before it began (group commit); ``interval:MS`` syncs every MS milliseconds;
   ``never`` leaves it to the OS;
@@ -42,6 +43,10 @@ SYNCED_RECORD = "synced.json"
 SYNCED_RECORD_ENV = "TEOMQ_TEST_SYNCED_RECORD"
 
 STORAGE_MODES = ("disk", "memory")
+#: bounds of -segment-size (a record's offset in its segment is kept in 64 bits; the bound is
+#: what one preallocation may cost)
+MIN_SEGMENT_SIZE = 4096
+MAX_SEGMENT_SIZE = 1 << 30
 #: fsync always: records no confirmation waits for (requests, delivery states) are synced this
 #: often (milliseconds); a pass with confirmations waiting starts a round at once
 ALWAYS_BACKSTOP_MS = 100
@@ -84,6 +89,8 @@ class DiskStorage:
         self.sync_errors = 0
         self.recovery_seconds = 0.0
         self._started = 0.0
+        self.failed: OSError | None = None      # a sync failed: fail-stop
+        self._write_failure_logged = False
         self._lock_fd = -1
         self._dir_fd = -1
         self._syncer: Syncer | None = None
@@ -134,17 +141,18 @@ class DiskStorage:
         self._report_recovery()
         if self._record:
             self._write_record()
+        self._loop = loop
         if self.policy.mode != "never":
             self._syncer = Syncer(self._dir_fd)
-            self._loop = loop
             loop.add_reader(self._syncer.fd, self._round_ended)
-            self._timer = loop.call_later(self._period(), self._interval)
+        self._timer = loop.call_later(self._period(), self._interval)
         if self.policy.mode == "always":
             lg.on_written = self._written
             lg.notify_written = True
 
     def _period(self) -> float:
-        # always: the backstop for records no confirmation waits for (requests, state records)
+        # always: the backstop for records no confirmation waits for (requests, state records);
+        # never: only a failed write's retry
         return self.policy.interval_ms / 1000 if self.policy.mode == "interval" else ALWAYS_BACKSTOP_MS / 1000
 
     def close(self) -> None:
@@ -192,22 +200,41 @@ class DiskStorage:
     def _interval(self) -> None:
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self._period(), self._interval)
-        if not self._busy:
+        lg = self._log()
+        if lg.error:
+            if lg.retry_write():
+                log.warning("storage: the log is written again after a failed write")
+            elif not self._write_failure_logged:
+                self._write_failure_logged = True
+                log.error("storage: writing the log failed: %s (retried; confirmations wait)", lg.error_text)
+        if not lg.error:
+            self._write_failure_logged = False
+        if not self._busy and self._syncer is not None:
             self._start_round()
 
     def _start_round(self) -> None:
         lg = self._log()
+        if self.failed is not None:
+            lg.notify_written = False
+            return
         batches, targets = lg.sync_targets()
         if not targets or self._syncer is None:
             for fd, *_ in targets:
                 os.close(fd)
-            lg.mark_synced([], batches)     # everything written is synced already
+            if self._syncer is not None:
+                lg.mark_synced([], batches)     # everything written is synced already
             lg.notify_written = self.policy.mode == "always"
             return
+        try:
+            self._syncer.submit(targets, any(not t[3] for t in targets))
+        except BaseException:
+            for fd, *_ in targets:
+                os.close(fd)
+            lg.notify_written = self.policy.mode == "always"
+            raise
         self._busy = True
         lg.notify_written = False
         self._round = (batches, targets)
-        self._syncer.submit(targets, any(not t[3] for t in targets))
 
     def _round_ended(self) -> None:
         # on the loop: the syncer's eventfd fired
@@ -224,8 +251,15 @@ class DiskStorage:
         if lg is None:
             return
         if error is not None:
+            # Fail-stop: after a failed fdatasync the kernel may have dropped the dirty pages and
+            # a retry would "succeed" on data that never reached the disk: nothing more is
+            # confirmed as synced by this broker (its confirmations wait; restart it).
             self.sync_errors += 1
-            log.error("storage: fdatasync failed: %s (kept unsynced; retried)", error)
+            self.failed = error
+            lg.notify_written = False
+            log.critical("storage: fdatasync failed: %s; no message is confirmed from now on: what it covered "
+                         "may not be on disk (restart the broker once the disk is sound)", error)
+            return
         else:
             self.syncs += 1
             lg.mark_synced(targets, batches)

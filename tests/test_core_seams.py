@@ -338,3 +338,34 @@ def test_awaiting_publish_raises_for_a_refused_message(arun: Any, tmp_path: Path
                 assert broker.stats()["queue"] == 20
 
     arun(main())
+
+
+def test_a_refused_publish_stays_refused_after_many_more_refusals(arun: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_broker(tmp_path, commands=[teomq.Command("jobs", routing="queue")]) as broker:
+            async with teomq.Producer(spec(broker), name="p", timeout=LONG) as producer:
+                refused = [producer.publish(b"nope") for _ in range(12_000)]
+                ok = producer.publish(b"jobs")
+                await ok
+                assert ok.confirmed
+                for c in (refused[0], refused[100], refused[-1]):
+                    assert c.done() and not c.confirmed
+                    with pytest.raises(teomq.BrokerError):
+                        await c
+
+    arun(main())
+
+
+def test_a_publish_the_broker_handles_itself_is_confirmed(arun: Any, tmp_path: Path) -> None:
+    """In the command scheme a SEND of a broker command (hello) is answered by the broker, not
+    queued: a publish of it is confirmed in its turn, not left waiting."""
+    async def main() -> None:
+        async with make_broker(tmp_path, commands=[teomq.Command("jobs", routing="queue")]) as broker:
+            async with teomq.Producer(spec(broker), name="p", timeout=LONG) as producer:
+                cs = [producer.publish(b"jobs"), producer.publish(b"hello/bob"), producer.publish(b"jobs")]
+                for c in cs:
+                    await asyncio.wait_for(c, LONG)
+                    assert c.confirmed
+                await producer.confirmed(0)
+
+    arun(main())

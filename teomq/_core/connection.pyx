@@ -290,7 +290,10 @@ cdef class CoreConnection(Endpoint):
         self.writer = writer
 
     def flush_now(self):
-        """Write this connection's pending output at once (before closing it)."""
+        """Write this connection's pending output at once (before closing it); a durable
+        store's records first, as at every flush."""
+        if self.outbox.store is not None and self.outbox.store.pending:
+            self.outbox.store.write_pass()
         if self.out.length and self.transport is not None:
             write_out(self.writer, self.out, self.transport)
         self.out.clear()

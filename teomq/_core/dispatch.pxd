@@ -38,6 +38,7 @@ cdef class Dispatcher(Scheduler):
     cdef int refuse(self, Endpoint conn, uint64_t fid, bint parked) except -1
     cdef int on_command_hook(self, Endpoint conn, int kind, FrameHeader *h,
                              const char *p, size_t n) except -1
+    cdef int confirm(self, Endpoint conn, uint64_t fid) except -1
     cdef int32_t _route_index(self, name) except -2
     cdef int pump(self) except -1
     cdef int schedule_flush(self) except -1

@@ -122,10 +122,7 @@ cdef class Dispatcher(Scheduler):
             self.route_fanout(<Route>r, &m)
         self.n_in += 1
         if h.flags & F_CONFIRM and conn.confirms:
-            if self.store.hooked:
-                (<SegmentLog>self.store).confirm_later(conn, h.fid)   # once its batch is stored
-            else:
-                confirm_now(conn, h.fid)
+            self.confirm(conn, h.fid)
         if not self.backpressure and self.held() >= self.queue_high:
             self.backpressure = True
             if self.on_backpressure is not None:
@@ -191,7 +188,16 @@ cdef class Dispatcher(Scheduler):
     cdef int on_command_hook(self, Endpoint conn, int kind, FrameHeader *h,
                              const char *p, size_t n) except -1:
         conn.on_command(kind, h.fid, h.flags, PyBytes_FromStringAndSize(p, n))
+        if h.flags & F_CONFIRM and conn.confirms and kind != CMD_UNKNOWN and kind != CMD_UNKNOWN_API:
+            self.confirm(conn, h.fid)   # a broker command, handled: confirmed in its turn
         return 0
+
+    cdef int confirm(self, Endpoint conn, uint64_t fid) except -1:
+        # conn's SEND fid, flagged CONFIRM, is handled: confirmed in order with conn's others
+        # (a durable store: once the batch of this pass, or the last one written, is stored)
+        if self.store.hooked:
+            return (<SegmentLog>self.store).confirm_later(conn, fid)
+        return confirm_now(conn, fid)
 
     # -- delivery and output --------------------------------------------------------------
 

@@ -38,7 +38,7 @@ cdef struct Entry:
     # a recovered message record (recovery only), in seq order
     uint64_t seq
     uint32_t seg            # index into segs
-    uint32_t off            # the record's offset in the segment file
+    uint64_t off            # the record's offset in the segment file
     uint32_t attempts       # deliveries recorded
     uint8_t done
 
@@ -85,6 +85,7 @@ cdef class SegmentLog(Store):
     cdef int drop_done_segments(self) noexcept
     cdef Segment *segment_of(self, uint64_t seq) noexcept
     cdef int add_recovered_segment(self, uint64_t no) except -1
+    cdef bint resync_ok(self, const char *p, size_t avail, uint64_t last_time) noexcept
     cdef int scan_segment(self, size_t si) except -1
     cdef int zero_tail(self, Segment *s, size_t start, size_t end) except -1
     cdef int read_batch(self, size_t si, size_t off, uint32_t length) except -1

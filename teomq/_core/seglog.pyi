@@ -68,6 +68,8 @@ class SegmentLog(Store):
         """[(file name, bytes written, live messages)], oldest first."""
     def attach(self, routes: list[Any], outbox: Outbox) -> None:
         """The dispatcher's routes and Outbox (whose flush writes each pass's batch)."""
+    def retry_write(self) -> bool:
+        """Write a batch whose write failed; True once nothing is left unwritten."""
     def sync_targets(self) -> tuple[int, list[tuple[int, int, int, bool]]]:
         """(batches written, [(dup'd fd, end, segment number, directory entry synced)] of the
         segments not yet synced): the syncer's next round."""

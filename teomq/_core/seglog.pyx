@@ -74,9 +74,8 @@ cdef extern from "<sys/mman.h>" nogil:
 cdef extern from "syncer_impl.h" nogil:
     ctypedef struct teomq_syncer:
         int efd
-    int TEOMQ_SYNC_MAX_FDS
     int teomq_syncer_start(teomq_syncer *s, int dirfd)
-    void teomq_syncer_submit(teomq_syncer *s, const int *fds, int n, int dir)
+    int teomq_syncer_submit(teomq_syncer *s, const int *fds, int n, int dir)
     int teomq_syncer_result(teomq_syncer *s)
     void teomq_syncer_stop(teomq_syncer *s)
 
@@ -365,7 +364,8 @@ cdef class SegmentLog(Store):
     cdef int write_pass(self) except -1:
         if self.count:
             self.seal_and_write()
-        self.pending = False
+        self.pending = self.count != 0   # a failed write stays pending: retried at the next flush
+        # or by the control plane's timer (retry_write)
         self.drop_done_segments()
         if self.waiters:
             if self.confirm_on_write:
@@ -439,6 +439,7 @@ cdef class SegmentLog(Store):
         err = posix_fallocate(fd, 0, <long>self.segment_size)
         if err and err != 95:     # EOPNOTSUPP: a file system without it grows the file as it goes
             os.close(fd)
+            os.unlink(os.path.join(self.path, segment_name(no)))   # the next roll tries again
             raise OSError(err, f"preallocating {segment_name(no)}: {os.strerror(err)}")
         memset(h, 0, SEG_HEADER)
         memcpy(h, SEG_MAGIC, 8)
@@ -453,6 +454,7 @@ cdef class SegmentLog(Store):
         err = write_all(fd, h, SEG_HEADER, 0)
         if err:
             os.close(fd)
+            os.unlink(os.path.join(self.path, segment_name(no)))
             raise OSError(err, f"writing the header of {segment_name(no)}: {os.strerror(err)}")
         s = &self.segs[self.nsegs]
         memset(s, 0, sizeof(Segment))
@@ -486,6 +488,15 @@ cdef class SegmentLog(Store):
         return 0
 
     # -- making it durable: the control plane's syncer thread ---------------------------
+
+    def retry_write(self):
+        """Write a batch whose write failed (the control plane's timer, while nothing else
+        flushes); True once nothing is left unwritten."""
+        if self.count:
+            self.write_pass()
+            if self.waiters:
+                (<Outbox>self.outbox).schedule()
+        return self.count == 0
 
     def sync_targets(self):
         """(batches, [(fd, end, segment number, directory entry synced)]): the syncer's next
@@ -609,61 +620,88 @@ cdef class SegmentLog(Store):
         self.recovery["bytes"] += size
         return 0
 
+    cdef bint resync_ok(self, const char *p, size_t avail, uint64_t last_time) noexcept:
+        # a batch found after a damaged one: it verifies, and it follows what came before (its
+        # time not earlier, its first message after the last one read); a batch inside a damaged
+        # batch's payload has to pass these too
+        cdef uint64_t first
+        if not batch_ok(p, avail):
+            return False
+        if teomq_ld64(p + 24) < last_time:
+            return False
+        first = teomq_ld64(p + 16)
+        return first == 0 or self.nentries == 0 or first > self.entries[self.nentries - 1].seq
+
     cdef int scan_segment(self, size_t si) except -1:
         cdef Segment *s = &self.segs[si]
         cdef const char *p = s.map
         cdef size_t n = s.map_len
         cdef size_t off = SEG_HEADER
         cdef size_t q
-        cdef size_t data_end
+        cdef size_t data_end = n
         cdef uint16_t version
         cdef uint32_t length
-        cdef uint64_t seq
-        cdef uint64_t last_base
+        cdef uint64_t last_time = 0
+        cdef uint64_t first
+        cdef bint header_ok
         name = segment_name(s.no)
-        if n < SEG_HEADER or all_zero(p, SEG_HEADER):
+        while data_end > 0 and p[data_end - 1] == 0:
+            data_end -= 1            # after the last byte written: the preallocated zeros
+        if data_end == 0:
             # created, never written (a crash right after the roll): nothing in it
             self.recovery["empty"].append(name)
             s.base_seq = self.last_seq
             s.end = SEG_HEADER
             return 0
-        if memcmp(p, SEG_MAGIC, 8) != 0:
+        header_ok = n >= SEG_HEADER and teomq_crc32c_update(0, p, 60) == teomq_ld32(p + 60)
+        if header_ok and memcmp(p, SEG_MAGIC, 8) != 0:
             raise LogFormatError(f"{name} in {self.path} is not a teomq log segment (bad magic)")
-        version = teomq_ld16(p + 8)
-        if version != LOG_VERSION:
-            raise LogFormatError(f"{name} in {self.path} has log format version {version}; "
+        if header_ok and teomq_ld16(p + 8) != LOG_VERSION:
+            raise LogFormatError(f"{name} in {self.path} has log format version {teomq_ld16(p + 8)}; "
                                  f"this teomq reads version {LOG_VERSION}")
-        if teomq_crc32c_update(0, p, 60) != teomq_ld32(p + 60):
-            self.recovery["skipped"].append((name, 0, SEG_HEADER))   # its header is damaged; its batches are read
-        s.base_seq = teomq_ld64(p + 24)
-        if s.base_seq > self.last_seq:
+        if header_ok and teomq_ld64(p + 24) >= self.last_seq:
+            s.base_seq = teomq_ld64(p + 24)
             self.last_seq = s.base_seq
-        while off + BATCH_HEADER <= n:
+        else:
+            # a damaged header (or one out of order) is not believed: its messages follow the
+            # last one read before it (the batches are read all the same)
+            if not header_ok:
+                self.recovery["skipped"].append((name, 0, SEG_HEADER))
+            s.base_seq = self.last_seq
+        while off + BATCH_HEADER <= data_end:
             if batch_ok(p + off, n - off):
                 version = teomq_ld16(p + off + 4)
                 if version != LOG_VERSION:
                     raise LogFormatError(f"{name} in {self.path}: a batch at offset {off} has log format "
                                          f"version {version}; this teomq reads version {LOG_VERSION}")
                 length = teomq_ld32(p + off + 8)
+                first = teomq_ld64(p + off + 16)
+                if first and self.nentries and first <= self.entries[self.nentries - 1].seq:
+                    raise LogFormatError(f"{name}: the batch at offset {off} goes back to message #{first}")
+                if teomq_ld64(p + off + 24) > last_time:
+                    last_time = teomq_ld64(p + off + 24)
                 self.read_batch(si, off, length)
                 off += BATCH_HEADER + length
                 continue
-            if all_zero(p + off, BATCH_HEADER):
-                break             # the preallocated rest: the end of the segment's data
-            # a damaged batch: the next one that verifies, else the tail was torn here
-            q = off + 8
-            while q + BATCH_HEADER <= n:
-                if memcmp(p + q, BATCH_MAGIC, 4) == 0 and batch_ok(p + q, n - q):
-                    break
-                q += 8
-            if q + BATCH_HEADER <= n:
+            # a damaged batch: where its own length says the next one is, else the next batch
+            # that verifies and follows what came before; none: the tail was torn here
+            q = n
+            if memcmp(p + off, BATCH_MAGIC, 4) == 0:
+                length = teomq_ld32(p + off + 8)
+                if not length & 7 and <size_t>length <= n - off - BATCH_HEADER - BATCH_HEADER:
+                    if self.resync_ok(p + off + BATCH_HEADER + length, n - off - BATCH_HEADER - length, last_time):
+                        q = off + BATCH_HEADER + length
+            if q == n:
+                q = off + 8
+                while q + BATCH_HEADER <= data_end:
+                    if memcmp(p + q, BATCH_MAGIC, 4) == 0 and self.resync_ok(p + q, n - q, last_time):
+                        break
+                    q += 8
+            if q + BATCH_HEADER <= data_end:
                 self.recovery["bad_batches"] += 1
                 self.recovery["skipped"].append((name, off, q - off))
                 off = q
                 continue
-            data_end = n
-            while data_end > off and p[data_end - 1] == 0:
-                data_end -= 1
             self.recovery["cut"].append((name, off, data_end - off))
             self.zero_tail(s, off, data_end)
             break
@@ -718,7 +756,7 @@ cdef class SegmentLog(Store):
                 self.nentries += 1
                 en.seq = seq
                 en.seg = <uint32_t>si
-                en.off = <uint32_t>(p - base)
+                en.off = <uint64_t>(p - base)
                 en.attempts = 0
                 en.done = 0
                 if seq > self.last_seq:
@@ -841,16 +879,23 @@ cdef class Syncer:
 
     def submit(self, targets, bint directory):
         """A round: fdatasync every target's fd (then close it), and the directory if asked."""
-        cdef int fds[64]
+        cdef int *fds
         cdef int n = 0
+        cdef int err
         if not self.running:
             raise RuntimeError("the syncer is stopped")
-        if len(targets) > TEOMQ_SYNC_MAX_FDS:
-            raise ValueError(f"at most {TEOMQ_SYNC_MAX_FDS} segments per round")
-        for t in targets:
-            fds[n] = t[0]
-            n += 1
-        teomq_syncer_submit(&self.s, fds, n, directory)
+        fds = <int *>malloc((len(targets) + 1) * sizeof(int))
+        if fds == NULL:
+            raise MemoryError()
+        try:
+            for t in targets:
+                fds[n] = t[0]
+                n += 1
+            err = teomq_syncer_submit(&self.s, fds, n, directory)
+        finally:
+            free(fds)
+        if err:
+            raise MemoryError()
 
     def result(self):
         """After ``fd`` became readable: 0 if the round synced everything, else the errno."""

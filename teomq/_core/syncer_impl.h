@@ -7,11 +7,11 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-#define TEOMQ_SYNC_MAX_FDS 64
 
 typedef struct {
     pthread_mutex_t mu;
@@ -19,7 +19,7 @@ typedef struct {
     pthread_t th;
     int efd;                        /* the loop reads it: a round ended */
     int dirfd;
-    int fds[TEOMQ_SYNC_MAX_FDS];
+    int *fds;                       /* the submitted round's (malloc'd, handed to the thread) */
     int nfds;
     int dir;                        /* fsync the directory too (a new segment's entry) */
     int pending;
@@ -30,7 +30,7 @@ typedef struct {
 
 static void *teomq_syncer_main(void *arg) {
     teomq_syncer *s = (teomq_syncer *)arg;
-    int fds[TEOMQ_SYNC_MAX_FDS];
+    int *fds;
     for (;;) {
         int n, dir, i, err = 0;
         uint64_t one = 1;
@@ -43,7 +43,8 @@ static void *teomq_syncer_main(void *arg) {
         }
         n = s->nfds;
         dir = s->dir;
-        memcpy(fds, s->fds, (size_t)n * sizeof(int));
+        fds = s->fds;
+        s->fds = NULL;
         s->pending = 0;
         pthread_mutex_unlock(&s->mu);
         for (i = 0; i < n; i++) {
@@ -51,6 +52,7 @@ static void *teomq_syncer_main(void *arg) {
                 err = errno;
             close(fds[i]);
         }
+        free(fds);
         if (dir && fsync(s->dirfd) != 0 && !err)
             err = errno;
         pthread_mutex_lock(&s->mu);
@@ -81,15 +83,22 @@ static int teomq_syncer_start(teomq_syncer *s, int dirfd) {
     return 0;
 }
 
-/* A round over fds[0..n) (the thread closes them); only when the previous one ended. */
-static void teomq_syncer_submit(teomq_syncer *s, const int *fds, int n, int dir) {
+/* A round over fds[0..n) (the thread closes them); only when the previous one ended.
+ * 0, or ENOMEM (then nothing was taken: the caller still owns the fds). */
+static int teomq_syncer_submit(teomq_syncer *s, const int *fds, int n, int dir) {
+    int *copy = (int *)malloc((size_t)(n ? n : 1) * sizeof(int));
+    if (copy == NULL)
+        return ENOMEM;
+    memcpy(copy, fds, (size_t)n * sizeof(int));
     pthread_mutex_lock(&s->mu);
-    memcpy(s->fds, fds, (size_t)n * sizeof(int));
+    free(s->fds);
+    s->fds = copy;
     s->nfds = n;
     s->dir = dir;
     s->pending = 1;
     pthread_cond_signal(&s->cv);
     pthread_mutex_unlock(&s->mu);
+    return 0;
 }
 
 /* After the eventfd fired: the round's errno (0: all synced). */
@@ -116,6 +125,8 @@ static void teomq_syncer_stop(teomq_syncer *s) {
     s->running = 0;
     close(s->efd);
     s->efd = -1;
+    free(s->fds);
+    s->fds = NULL;
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
 }
