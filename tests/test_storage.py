@@ -537,3 +537,31 @@ def test_rounds_over_more_than_64_segments_sync_them_all(procs: ProcGroup, tmp_p
     got = set(asyncio.run(drain(again.endpoint, len(sent))))
     assert got == set(sent), f"{len(set(sent) - got)} lost"
     assert again.proc.terminate() == 0
+
+
+def test_restarts_go_on_in_the_newest_segment(procs: ProcGroup, tmp_path: Path) -> None:
+    """A queued message pins its segment; restarting the broker (cleanly, and with SIGKILL) goes
+    on appending to that segment instead of preallocating a new file each time, and keeps every
+    message."""
+    d = tmp_path / "data"
+    sent: list[bytes] = []
+    for k in range(4):
+        broker = procs.broker("-nomsg", "-noweb", data_dir=d)
+
+        async def publish() -> None:
+            async with Producer(broker.endpoint, timeout=HANG) as p:
+                for i in range(10):
+                    m = f"r{k}-{i}".encode()
+                    await p.publish(m)
+                    sent.append(m)
+
+        asyncio.run(publish())
+        if k % 2:
+            assert broker.proc.kill9() == -signal.SIGKILL
+        else:
+            assert broker.proc.terminate() == 0
+        assert len(segments(d)) == 1, [p.name for p in segments(d)]
+    last = procs.broker("-nomsg", "-noweb", data_dir=d)
+    got = asyncio.run(drain(last.endpoint, len(sent)))
+    assert sorted(got) == sorted(sent)
+    assert last.proc.terminate() == 0

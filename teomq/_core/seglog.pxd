@@ -30,6 +30,7 @@ cdef struct Segment:
     uint64_t synced         # bytes the syncer has made durable (its fdatasync returned)
     int fd                  # -1 once closed
     bint dir_synced         # its directory entry is durable (the directory was fsynced since)
+    bint reusable           # recovery: its header is whole (it may go on as the active segment)
     char *map               # recovery only: the file mapped read-only, map_len bytes
     size_t map_len
 

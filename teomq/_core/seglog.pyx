@@ -659,6 +659,7 @@ cdef class SegmentLog(Store):
         if header_ok and teomq_ld16(p + 8) != LOG_VERSION:
             raise LogFormatError(f"{name} in {self.path} has log format version {teomq_ld16(p + 8)}; "
                                  f"this teomq reads version {LOG_VERSION}")
+        s.reusable = header_ok and memcmp(p, SEG_MAGIC, 8) == 0
         if header_ok and teomq_ld64(p + 24) >= self.last_seq:
             s.base_seq = teomq_ld64(p + 24)
             self.last_seq = s.base_seq
@@ -698,6 +699,7 @@ cdef class SegmentLog(Store):
                         break
                     q += 8
             if q + BATCH_HEADER <= data_end:
+                s.reusable = False     # appended to no more: deleted once its messages are done
                 self.recovery["bad_batches"] += 1
                 self.recovery["skipped"].append((name, off, q - off))
                 off = q
@@ -833,22 +835,28 @@ cdef class SegmentLog(Store):
 
     def finish_recovery(self):
         """After the dispatcher restored the live messages: unmap the files, delete what holds
-        nothing live, start a new active segment (the old ones are only read, never appended to)."""
+        nothing live. The newest segment goes on as the active one if its header is whole and it
+        has room (so a broker restarted again and again does not add a file each time); else a
+        new one begins. The others are only read, never appended to."""
         cdef size_t i
+        cdef bint reuse = (self.nsegs > 0 and self.segs[self.nsegs - 1].reusable
+                           and self.segs[self.nsegs - 1].end + BATCH_HEADER < self.segment_size)
         for i in range(self.nsegs):
             if self.segs[i].map != NULL:
                 munmap(self.segs[i].map, self.segs[i].map_len)
                 self.segs[i].map = NULL
             if self.segs[i].fd >= 0:
                 os.fdatasync(self.segs[i].fd)   # what a restart read is durable from here on
-                close(self.segs[i].fd)
-                self.segs[i].fd = -1
+                if not (reuse and i == self.nsegs - 1):
+                    close(self.segs[i].fd)
+                    self.segs[i].fd = -1
             self.segs[i].synced = self.segs[i].end
         free(self.entries)
         self.entries = NULL
         self.nentries = 0
         self.entries_cap = 0
-        self.open_segment()
+        if not reuse:
+            self.open_segment()
         self.drop_done_segments()
 
 
