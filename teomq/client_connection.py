@@ -237,8 +237,6 @@ class Connection(asyncio.Protocol):
         # SENDs flagged CONFIRM not yet confirmed, in send order
         self.confirms = False
         self._unconfirmed: deque[Confirmation] = deque()
-        self.confirmed_id = 0            # the last id a CONFIRM covered
-        self.n_confirmed = 0
         self._drained: list[tuple[int, asyncio.Future[None]]] = []   # confirmed(): (target count, future)
         # consumer side
         self._handler = client._handler
@@ -575,8 +573,6 @@ class Connection(asyncio.Protocol):
                 fut.set_result(None)
         if done != count:
             log.warning("broker %s confirmed %d messages up to %d; %d were waiting", self.address, count, fid, done)
-        self.confirmed_id = fid
-        self.n_confirmed += done
         if self._drained:
             self._wake_drained()
 

@@ -74,6 +74,8 @@ cdef class SegmentLog(Store):
     cdef size_t nentries
     cdef size_t entries_cap
     cdef size_t restore_at
+    cdef uint64_t rec_batches           # recovery: whole batches read, and their records
+    cdef uint64_t rec_records
     cdef readonly dict recovery
 
     cdef bint durable(self, Msg *m) noexcept
@@ -82,6 +84,7 @@ cdef class SegmentLog(Store):
     cdef int make_room(self, size_t n) except -1
     cdef char *reserve(self, size_t n) except NULL
     cdef int seal_and_write(self) except -1
+    cdef int room_for_segment(self) except -1
     cdef int open_segment(self) except -1
     cdef int drop_done_segments(self) noexcept
     cdef Segment *segment_of(self, uint64_t seq) noexcept

@@ -47,7 +47,7 @@ from teomq._core.frame_codec cimport (
     teomq_st32,
     teomq_st64,
 )
-from teomq._core.ring_queue cimport payload_new, payload_ref, payload_release
+from teomq._core.ring_queue cimport payload_new, payload_release
 from teomq._core.routes cimport R_QUEUE, Route
 from teomq._core.store cimport mem_append
 
@@ -301,12 +301,6 @@ cdef class SegmentLog(Store):
         """Endpoints whose confirmations wait for a batch to be stored."""
         return len(self.waiters)
 
-    cdef int share(self, Msg *m, size_t copies) except -1:
-        cdef size_t i
-        for i in range(copies):
-            payload_ref(m.data)
-        return 0
-
     cdef int delivered(self, Msg *m) except -1:
         cdef char *r
         if not self.durable(m):
@@ -420,20 +414,25 @@ cdef class SegmentLog(Store):
         self.error = 0
         return 0
 
-    cdef int open_segment(self) except -1:
-        # a new active segment: preallocated, its header written
-        cdef Segment *s
+    cdef int room_for_segment(self) except -1:
+        # one more Segment fits in segs
         cdef Segment *g
-        cdef char h[SEG_HEADER]
-        cdef uint64_t no = self.segs[self.nsegs - 1].no + 1 if self.nsegs else 1
-        cdef int fd
-        cdef int err
         if self.nsegs == self.segs_cap:
             g = <Segment *>realloc(self.segs, 2 * self.segs_cap * sizeof(Segment))
             if g == NULL:
                 raise MemoryError()
             self.segs = g
             self.segs_cap *= 2
+        return 0
+
+    cdef int open_segment(self) except -1:
+        # a new active segment: preallocated, its header written
+        cdef Segment *s
+        cdef char h[SEG_HEADER]
+        cdef uint64_t no = self.segs[self.nsegs - 1].no + 1 if self.nsegs else 1
+        cdef int fd
+        cdef int err
+        self.room_for_segment()
         fd = os.open(os.path.join(self.path, segment_name(no)),
                      os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         err = posix_fallocate(fd, 0, <long>self.segment_size)
@@ -574,6 +573,7 @@ cdef class SegmentLog(Store):
         "bytes" (of the files), "data" (of the log in them)}.
         Raises LogFormatError for a segment or batch of another format version."""
         cdef size_t i
+        cdef size_t live
         numbers = segment_numbers(self.path)
         self.recovery = {"segments": 0, "batches": 0, "records": 0, "messages": 0,
                          "bad_batches": 0, "skipped": [], "cut": [], "empty": [], "bytes": 0}
@@ -582,26 +582,22 @@ cdef class SegmentLog(Store):
         for i in range(self.nsegs):
             self.scan_segment(i)
         self.recovery["data"] = sum(self.segs[i].end for i in range(self.nsegs))   # log bytes in use
+        live = 0
         for i in range(self.nentries):
             if not self.entries[i].done:
                 self.segs[self.entries[i].seg].live += 1
-                self.recovery["messages"] += 1
-        self.recovery["segments"] = self.nsegs
+                live += 1
+        self.recovery.update(segments=self.nsegs, batches=self.rec_batches, records=self.rec_records,
+                             messages=live)
         self.restore_at = 0
         return self.recovery
 
     cdef int add_recovered_segment(self, uint64_t no) except -1:
         cdef Segment *s
-        cdef Segment *g
         cdef int fd
         cdef size_t size
         cdef void *m
-        if self.nsegs == self.segs_cap:
-            g = <Segment *>realloc(self.segs, 2 * self.segs_cap * sizeof(Segment))
-            if g == NULL:
-                raise MemoryError()
-            self.segs = g
-            self.segs_cap *= 2
+        self.room_for_segment()
         fd = os.open(os.path.join(self.path, segment_name(no)), os.O_RDWR | os.O_CLOEXEC)
         size = os.fstat(fd).st_size
         s = &self.segs[self.nsegs]
@@ -735,7 +731,7 @@ cdef class SegmentLog(Store):
         cdef uint64_t seq
         cdef Entry *en
         cdef Entry *g
-        self.recovery["batches"] += 1
+        self.rec_batches += 1
         while p < e:
             t = <uint8_t>p[0]
             if t == REC_PAD:
@@ -778,7 +774,7 @@ cdef class SegmentLog(Store):
             else:
                 raise LogFormatError(f"{segment_name(self.segs[si].no)}: unknown record type {t} at "
                                      f"offset {p - base}")
-            self.recovery["records"] += 1
+            self.rec_records += 1
         return 0
 
     cdef Entry *find_entry(self, uint64_t seq) noexcept:
