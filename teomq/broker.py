@@ -521,7 +521,7 @@ class Broker:
             default): disk when ``data_dir`` is given, else memory.
         fsync: when the log is made durable (disk storage): ``"always"`` (each loop pass's
             records, by a thread, grouped), ``"interval:MS"`` or ``"never"``.
-        segment_size: bytes a log segment file is preallocated to and rolled at.
+        segment_size: bytes a log segment file is rolled at (preallocated 1 MiB at a time).
     """
 
     def __init__(

@@ -229,7 +229,7 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
           "milliseconds (a process crash loses nothing, a power loss up to MS); never: left to the OS "
           "(a process crash loses nothing, a power loss what the OS had not written) (default: %(default)s)")
     flag(parser, "segment-size", type=int_at_least(MIN_SEGMENT_SIZE, MAX_SEGMENT_SIZE), default=DEFAULT_SEGMENT_SIZE,
-          metavar="BYTES", help=f"disk storage: bytes a log segment file is preallocated to and rolled at, "
+          metavar="BYTES", help=f"disk storage: bytes a log segment file is rolled at (preallocated 1 MiB at a time), "
           f"{MIN_SEGMENT_SIZE} to {MAX_SEGMENT_SIZE} (default: %(default)s)")
     flag(parser, "max-payload", type=int_at_least(1, MAX_PAYLOAD_LIMIT), default=DEFAULT_MAX_PAYLOAD,
           metavar="BYTES", help="largest message or answer accepted, in bytes (default: %(default)s)")

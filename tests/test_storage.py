@@ -565,3 +565,21 @@ def test_restarts_go_on_in_the_newest_segment(procs: ProcGroup, tmp_path: Path) 
     got = asyncio.run(drain(last.endpoint, len(sent)))
     assert sorted(got) == sorted(sent)
     assert last.proc.terminate() == 0
+
+
+def test_a_broker_with_little_queued_holds_little_disk(procs: ProcGroup, tmp_path: Path) -> None:
+    """Segment files are preallocated a step (1 MiB) at a time ahead of their writes, not to the
+    whole segment size: a hundred small queued messages hold about a megabyte of disk."""
+    d = tmp_path / "data"
+    broker = procs.broker("-nomsg", "-noweb", data_dir=d)
+
+    async def publish() -> None:
+        async with Producer(broker.endpoint, timeout=HANG) as p:
+            for i in range(100):
+                p.publish(b"small %d" % i)
+            await p.confirmed(0)
+
+    asyncio.run(publish())
+    (seg,) = segments(d)
+    assert seg.stat().st_blocks * 512 <= 2 << 20, seg.stat()
+    assert broker.proc.terminate() == 0

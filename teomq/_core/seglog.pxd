@@ -16,6 +16,7 @@ cdef enum:
     REC_DONE = 3            # [type][reason][0 u16][0 u32][seq]: nothing more to deliver (16 bytes)
     MSG_REC = 32
     STATE_REC = 16
+    PREALLOC_STEP = 1 << 20 # a segment file is preallocated this much at a time, ahead of its writes
 
 cdef enum DoneReason:
     DONE_ANSWERED = 1       # answered (or acknowledged without an answer)
@@ -27,6 +28,7 @@ cdef struct Segment:
     uint64_t base_seq       # its messages have seq > base_seq (the log's last seq when it began)
     uint64_t live           # its messages not yet done
     uint64_t end            # bytes written (header and whole batches)
+    uint64_t alloc          # bytes preallocated (posix_fallocate), ahead of end
     uint64_t synced         # bytes the syncer has made durable (its fdatasync returned)
     int fd                  # -1 once closed
     bint dir_synced         # its directory entry is durable (the directory was fsynced since)

@@ -15,7 +15,7 @@ SEGMENT_HEADER_SIZE: int
 BATCH_HEADER_SIZE: int
 MESSAGE_RECORD_SIZE: int
 STATE_RECORD_SIZE: int
-#: default size a segment file is preallocated to (and rolled at)
+#: default size a segment file is rolled at (it is preallocated 1 MiB at a time)
 DEFAULT_SEGMENT_SIZE: int
 
 def segment_name(no: int) -> str:

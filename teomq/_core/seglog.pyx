@@ -12,8 +12,8 @@ frame that depends on a record leaves the broker before the record reached the O
 durable (``fdatasync``) is the control plane's (teomq/storage.py: a thread, off the loop):
 ``sync_targets``/``mark_synced``.
 
-Segments are preallocated files of ``segment_size`` bytes, each with a 64-byte header; a batch
-that would pass the size starts the next segment. A segment is deleted when it and every older
+Segment files are preallocated a step (1 MiB) at a time ahead of their writes, each with a
+64-byte header; a record that would take the pass's batch past ``segment_size`` starts the next. A segment is deleted when it and every older
 one hold no live message (done records of its messages may sit in later segments, so only a
 prefix of the log can go).
 
@@ -89,7 +89,7 @@ SEGMENT_HEADER_SIZE = SEG_HEADER
 BATCH_HEADER_SIZE = BATCH_HEADER
 MESSAGE_RECORD_SIZE = MSG_REC
 STATE_RECORD_SIZE = STATE_REC
-#: default size a segment file is preallocated to (and rolled at)
+#: default size a segment file is rolled at (it is preallocated 1 MiB at a time)
 DEFAULT_SEGMENT_SIZE = 64 << 20
 
 
@@ -377,6 +377,7 @@ cdef class SegmentLog(Store):
         cdef char *h
         cdef Segment *s = &self.segs[self.nsegs - 1]
         cdef int err
+        cdef uint64_t grow
         cdef uint32_t crc
         if padded > 0xFFFFFFF8:
             raise OverflowError("a loop pass's batch is over 4 GiB")
@@ -396,6 +397,11 @@ cdef class SegmentLog(Store):
         teomq_st32(h + 32, self.epoch)
         crc = teomq_crc32c_update(teomq_crc32c_update(0, h, 36), h + BATCH_HEADER, padded)
         teomq_st32(h + 36, crc)
+        if s.end + total > s.alloc:
+            # preallocate ahead of the writes, a step at a time (a failure here shows in the write)
+            grow = (s.end + total - s.alloc + PREALLOC_STEP - 1) // PREALLOC_STEP * PREALLOC_STEP
+            if posix_fallocate(s.fd, <long>s.alloc, <long>grow) == 0:
+                s.alloc += grow
         with nogil:
             err = write_all(s.fd, h, total, s.end)
         if err:
@@ -435,7 +441,7 @@ cdef class SegmentLog(Store):
         self.room_for_segment()
         fd = os.open(os.path.join(self.path, segment_name(no)),
                      os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        err = posix_fallocate(fd, 0, <long>self.segment_size)
+        err = posix_fallocate(fd, 0, <long>(PREALLOC_STEP if PREALLOC_STEP < self.segment_size else self.segment_size))
         if err and err != 95:     # EOPNOTSUPP: a file system without it grows the file as it goes
             os.close(fd)
             os.unlink(os.path.join(self.path, segment_name(no)))   # the next roll tries again
@@ -460,6 +466,7 @@ cdef class SegmentLog(Store):
         s.no = no
         s.base_seq = self.last_seq
         s.end = SEG_HEADER
+        s.alloc = PREALLOC_STEP if PREALLOC_STEP < self.segment_size else self.segment_size
         s.fd = fd
         self.nsegs += 1
         return 0
@@ -604,6 +611,7 @@ cdef class SegmentLog(Store):
         memset(s, 0, sizeof(Segment))
         s.no = no
         s.fd = fd
+        s.alloc = size
         s.dir_synced = True
         if size:
             m = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0)
