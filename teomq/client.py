@@ -295,6 +295,7 @@ class Client:
         Raises:
             RequestTimeout: no answer within ``timeout``.
             BrokerError: the broker refused the message (e.g. QUEUE_FULL).
+            StorageError: the broker cannot store messages now (a disk error); retryable.
             ConnectionLost: the connection closed before the answer came.
             ValueError: payload over :attr:`max_payload`.
         """

@@ -62,7 +62,15 @@ import msgpack
 from teomq._core.client_core import ClientCore
 from teomq._core.frame_codec import encode_frame
 from teomq.commands import Command
-from teomq.errors import AddressError, BrokerError, ConnectionLost, ProtocolError, QueueFull, RequestTimeout
+from teomq.errors import (
+    AddressError,
+    BrokerError,
+    ConnectionLost,
+    ProtocolError,
+    QueueFull,
+    RequestTimeout,
+    StorageError,
+)
 from teomq.identity import verify_welcome
 from teomq.protocol import FLOW_HOLD, MAX_PAYLOAD_LIMIT, ErrorCode, Flag, FrameType
 from teomq.transports import socket_writer
@@ -98,7 +106,19 @@ _HANDSHAKE_LIMIT = 8 << 20
 #: Seconds between log lines about messages the broker refused (the first is logged at once).
 _REFUSAL_LOG_INTERVAL = 1.0
 #: ERROR codes that refuse a SEND (it was not accepted)
-_REFUSALS = frozenset({int(ErrorCode.QUEUE_FULL), int(ErrorCode.UNKNOWN_COMMAND), int(ErrorCode.NOT_ALLOWED)})
+_REFUSALS = frozenset({int(ErrorCode.QUEUE_FULL), int(ErrorCode.UNKNOWN_COMMAND), int(ErrorCode.NOT_ALLOWED),
+                       int(ErrorCode.STORAGE)})
+
+
+def _typed_refusal(err: BrokerError, errno: int, *, confirmation: bool) -> BaseException:
+    """What the caller of a refused SEND gets: StorageError (retryable) for STORAGE; a
+    Confirmation QueueFull for QUEUE_FULL (a request keeps its BrokerError with that code);
+    any other refusal the BrokerError."""
+    if err.code == ErrorCode.STORAGE:
+        return StorageError(err.reason, errno)
+    if confirmation and err.code == ErrorCode.QUEUE_FULL:
+        return QueueFull(str(err))
+    return err
 
 
 def to_payload(data: object) -> bytes | bytearray | memoryview:
@@ -152,8 +172,9 @@ class Confirmation:
     stored by its fsync policy (``-fsync always``: after ``fdatasync``; ``-storage memory``: once
     accepted). Not awaiting it loses nothing: no task, and no future until it is awaited.
 
-    Awaiting raises :class:`~teomq.errors.QueueFull` or :class:`~teomq.errors.BrokerError`
-    when the broker refused the message, :class:`~teomq.errors.ConnectionLost` when the
+    Awaiting raises :class:`~teomq.errors.QueueFull`, :class:`~teomq.errors.StorageError` (the
+    broker cannot store messages now: a disk error; send it again later) or
+    :class:`~teomq.errors.BrokerError` when the broker refused the message, :class:`~teomq.errors.ConnectionLost` when the
     connection closed before the confirmation came (the message may or may not be stored).
     Against a broker without confirmations (no ``confirm`` capability) it resolves at once.
     """
@@ -533,8 +554,10 @@ class Connection(asyncio.Protocol):
         try:
             doc = msgpack.unpackb(payload)
             err = BrokerError(int(doc["code"]), str(doc["reason"]))
+            errno = int(doc.get("errno", 0))
         except Exception:
             err = BrokerError(0, f"malformed ERROR frame {payload[:80]!r}")
+            errno = 0
         if fid == 0 or self.address is None:
             self._fail(f"broker closed the connection: {err}", err)
         elif err.code == ErrorCode.UNKNOWN_ID:  # about one of our ANSWERs (a delivery id)
@@ -545,10 +568,10 @@ class Connection(asyncio.Protocol):
                 entry = self._custom.pop(fid, None)
             self.stats["refused"] += 1
             if entry is not None:
-                self._complete(fid, entry, None, err)
+                self._complete(fid, entry, None, _typed_refusal(err, errno, confirmation=False))
             else:  # a publish(), or a request already timed out
                 if self._unconfirmed and fid >= self._unconfirmed[0].id and err.code in _REFUSALS:
-                    self._refuse_confirm(fid, err)
+                    self._refuse_confirm(fid, _typed_refusal(err, errno, confirmation=True))
                 self._refused(fid, err)
 
     # -- confirmations -------------------------------------------------------------------
@@ -576,7 +599,7 @@ class Connection(asyncio.Protocol):
         if self._drained:
             self._wake_drained()
 
-    def _refuse_confirm(self, fid: int, err: BrokerError) -> None:
+    def _refuse_confirm(self, fid: int, exc: BaseException) -> None:
         # a SEND flagged CONFIRM was refused: it will never be confirmed
         for c in self._unconfirmed:
             if c.id == fid:
@@ -584,7 +607,6 @@ class Connection(asyncio.Protocol):
         else:
             return
         self._unconfirmed.remove(c)
-        exc: BaseException = QueueFull(str(err)) if err.code == ErrorCode.QUEUE_FULL else err
         c._state = exc
         if c._fut is not None and not c._fut.done():
             c._fut.set_exception(exc)

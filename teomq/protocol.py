@@ -72,6 +72,7 @@ class ErrorCode(enum.IntEnum):
     NOT_ALLOWED = 9  # frame type not valid in this direction or state, or a request the sender may not make
     UNKNOWN_COMMAND = 10  # SEND refused: not a command of the broker's schema (message not accepted)
     INTERNAL = 11  # the broker failed to handle a frame of this connection (a bug, logged there): closed
+    STORAGE = 12  # SEND refused: the broker cannot store it now (disk full, write error); not accepted, retryable
 
 
 class ApiCommand(enum.IntEnum):

@@ -21,10 +21,12 @@ control plane around it (docs/storage.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,10 @@ MAX_SEGMENT_SIZE = 1 << 30
 #: fsync always: records no confirmation waits for (requests, delivery states) are synced this
 #: often (milliseconds); a pass with confirmations waiting starts a round at once
 ALWAYS_BACKSTOP_MS = 100
+#: a disk error (new messages refused) is retried this often (milliseconds), whatever the policy
+RETRY_MS = 100
+#: refused messages are logged at most this often (seconds)
+REFUSAL_LOG_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,9 @@ class DiskStorage:
         self._started = 0.0
         self.failed: OSError | None = None      # a sync failed: fail-stop
         self._write_failure_logged = False
+        self._refusing_since: float | None = None   # loop time new messages began to be refused
+        self._refusal_log_time = 0.0
+        self._refused_at_start = self._refused_logged = 0
         self._lock_fd = -1
         self._dir_fd = -1
         self._syncer: Syncer | None = None
@@ -104,7 +113,13 @@ class DiskStorage:
 
     def open(self) -> dict[str, Any]:
         """Lock the directory and read the log back. Raises StorageError when another broker
-        holds the directory, LogFormatError (a StorageError) for a log it cannot read."""
+        holds the directory, LogFormatError (a StorageError) for a log it cannot read.
+
+        SIGXFSZ is ignored from here on (when called in the main thread): a file size limit
+        (RLIMIT_FSIZE) makes a write fail with EFBIG, a disk error the broker rides out, instead
+        of killing the process."""
+        with contextlib.suppress(ValueError):     # not the main thread: the embedder's choice
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -199,7 +214,6 @@ class DiskStorage:
 
     def _interval(self) -> None:
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._period(), self._interval)
         lg = self._log()
         if lg.error:
             if lg.retry_write():
@@ -209,8 +223,34 @@ class DiskStorage:
                 log.error("storage: writing the log failed: %s (retried; confirmations wait)", lg.error_text)
         if not lg.error:
             self._write_failure_logged = False
+        if lg.refusing:
+            self._check_refusing(lg, loop.time())
         if not self._busy and self._syncer is not None:
             self._start_round()
+        # a disk error is retried every RETRY_MS whatever the policy's period
+        period = self._period()
+        if lg.refusing and not lg.stopped:
+            period = min(period, RETRY_MS / 1000)
+        self._timer = loop.call_later(period, self._interval)
+
+    def _check_refusing(self, lg: SegmentLog, now: float) -> None:
+        # new messages are refused (STORAGE errors): log it, try to resume, log what was refused
+        if self._refusing_since is None:
+            self._refusing_since = self._refusal_log_time = now
+            self._refused_at_start = self._refused_logged = lg.n_refused
+            log.error("storage: new messages are refused: %s; deliveries and answers go on, %s",
+                      lg.refusing_text, "restart the broker once the disk is sound (a sync failed)" if lg.stopped
+                      else f"and the broker tries again every {RETRY_MS} ms")
+        if not lg.stopped and lg.resume():
+            log.warning("storage: new messages are accepted again after %.1f s (%d refused meanwhile)",
+                        now - self._refusing_since, lg.n_refused - self._refused_at_start)
+            self._refusing_since = None
+            return
+        if lg.n_refused != self._refused_logged and now - self._refusal_log_time >= REFUSAL_LOG_S:
+            log.warning("storage: %d messages refused in the last %.1f s: %s", lg.n_refused - self._refused_logged,
+                        now - self._refusal_log_time, lg.refusing_text)
+            self._refused_logged = lg.n_refused
+            self._refusal_log_time = now
 
     def _start_round(self) -> None:
         lg = self._log()
@@ -257,6 +297,7 @@ class DiskStorage:
             self.sync_errors += 1
             self.failed = error
             lg.notify_written = False
+            lg.stop_accepting(error.errno or 5, "fdatasync failed")
             log.critical("storage: fdatasync failed: %s; no message is confirmed from now on: what it covered "
                          "may not be on disk (restart the broker once the disk is sound)", error)
             return

@@ -36,6 +36,7 @@ cdef class Dispatcher(Scheduler):
     cdef size_t queued(self) noexcept
     cdef size_t held(self) noexcept
     cdef int refuse(self, Endpoint conn, uint64_t fid, bint parked) except -1
+    cdef int refuse_storage(self, Endpoint conn, uint64_t fid) except -1
     cdef int on_command_hook(self, Endpoint conn, int kind, FrameHeader *h,
                              const char *p, size_t n) except -1
     cdef int confirm(self, Endpoint conn, uint64_t fid) except -1

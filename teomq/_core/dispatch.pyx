@@ -21,7 +21,7 @@ from libc.string cimport memcmp
 from teomq._core.command_parser cimport name_length
 from teomq._core.endpoint cimport Outbox, S_CLOSED, confirm_now
 from teomq._core.frame_codec cimport (
-    E_QUEUE_FULL, F_API, F_CONFIRM, F_NO_REPLY, F_REDELIVERED, HEADER_SIZE, note_received,
+    E_QUEUE_FULL, E_STORAGE, F_API, F_CONFIRM, F_NO_REPLY, F_REDELIVERED, HEADER_SIZE, note_received,
 )
 from teomq._core.ring_queue cimport Msg
 from teomq._core.seglog cimport SegmentLog
@@ -90,6 +90,13 @@ cdef class Dispatcher(Scheduler):
             self.on_refused()
         return 0
 
+    cdef int refuse_storage(self, Endpoint conn, uint64_t fid) except -1:
+        # STORAGE: the durable store refuses new messages now (full disk, a write error); the
+        # control plane logs it (storage.py), counted in the log's n_refused
+        self.n_refused += 1
+        conn._add_error(E_STORAGE, fid, (<SegmentLog>self.store).refusal)
+        return 0
+
     # -- accepting (accept() is inline in dispatch.pxd) -----------------------------------
 
     cdef int enqueue(self, Endpoint conn, FrameHeader *h, const char *p, size_t n,
@@ -109,7 +116,8 @@ cdef class Dispatcher(Scheduler):
         m.msg_id = h.fid
         m.route = route
         m.copy = False
-        store_append(self.store, &m, p, n)   # after the fields: a durable store records them
+        if store_append(self.store, &m, p, n):   # after the fields: a durable store records them
+            return self.refuse_storage(conn, h.fid)  # it cannot now (a disk error): m untouched
         if n == h.length and conn.framed:
             note_received(p - HEADER_SIZE, h.length, &m.rx)
         else:

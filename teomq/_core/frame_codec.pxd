@@ -45,6 +45,7 @@ cdef enum ErrCode:
     E_SHUTDOWN = 8
     E_NOT_ALLOWED = 9
     E_UNKNOWN_COMMAND = 10
+    E_STORAGE = 12
 
 cdef struct FrameHeader:
     uint8_t ftype

@@ -17,6 +17,8 @@ cdef enum:
     MSG_REC = 32
     STATE_REC = 16
     PREALLOC_STEP = 1 << 20 # a segment file is preallocated this much at a time, ahead of its writes
+    STATE_RESERVE = 256 << 10  # preallocated room only state records may use (a full disk):
+                            # 16,384 delivered/done records; at most a quarter of a segment
 
 cdef enum DoneReason:
     DONE_ANSWERED = 1       # answered (or acknowledged without an answer)
@@ -71,6 +73,13 @@ cdef class SegmentLog(Store):
     cdef readonly uint64_t n_deleted
     cdef readonly int error             # errno of the last failed write (0: none)
     cdef readonly object error_text
+    # disk errors: while refusing (an errno) new messages get STORAGE errors; state records go on
+    cdef readonly int refusing
+    cdef readonly object refusing_text
+    cdef bytes refusal                  # the ERROR payload refused SENDs get
+    cdef bint roll_due                  # the active segment is full and starting the next failed
+    cdef readonly bint stopped          # refusing for good (a failed fdatasync): restart the broker
+    cdef readonly uint64_t n_refused
     # recovery
     cdef Entry *entries
     cdef size_t nentries
@@ -83,7 +92,10 @@ cdef class SegmentLog(Store):
     cdef bint durable(self, Msg *m) noexcept
     cdef int confirm_later(self, Endpoint conn, uint64_t fid) except -1
     cdef int release_confirms(self, uint64_t upto) except -1
-    cdef int make_room(self, size_t n) except -1
+    cdef int make_room(self, size_t n, bint message) except -1
+    cdef int grow(self, Segment *s, uint64_t need) except -1
+    cdef int set_refusing(self, int err, str what) except -1
+    cdef size_t reserve_room(self) noexcept
     cdef char *reserve(self, size_t n) except NULL
     cdef int seal_and_write(self) except -1
     cdef int room_for_segment(self) except -1

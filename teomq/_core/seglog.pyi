@@ -62,6 +62,24 @@ class SegmentLog(Store):
     @property
     def error_text(self) -> str | None: ...
     @property
+    def refusing(self) -> int:
+        """errno of the disk error new messages are refused for (STORAGE errors); 0: accepting."""
+    @property
+    def refusing_text(self) -> str | None: ...
+    @property
+    def stopped(self) -> bool:
+        """Refusing for good (a failed fdatasync)."""
+    @property
+    def n_refused(self) -> int:
+        """Messages refused for a disk error."""
+    @property
+    def refusal_payload(self) -> bytes | None:
+        """The ERROR payload a refused SEND gets (None when accepting)."""
+    def resume(self) -> bool:
+        """While refusing: write what waits, start a due segment, make room; True once accepting."""
+    def stop_accepting(self, err: int, what: str) -> None:
+        """Refuse new messages for good."""
+    @property
     def recovery(self) -> dict[str, Any]: ...
     @property
     def segments(self) -> list[tuple[str, int, int]]:

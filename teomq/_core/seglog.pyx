@@ -39,6 +39,7 @@ from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 from teomq._core.crc32c cimport teomq_crc32c_update
 from teomq._core.endpoint cimport S_CLOSED, Outbox, confirm_now
+from teomq._core.frame_codec cimport E_STORAGE
 from teomq._core.frame_codec cimport (
     teomq_ld16,
     teomq_ld32,
@@ -50,6 +51,8 @@ from teomq._core.frame_codec cimport (
 from teomq._core.ring_queue cimport payload_new, payload_release
 from teomq._core.routes cimport R_QUEUE, Route
 from teomq._core.store cimport mem_append
+
+import msgpack
 
 from teomq.errors import LogFormatError
 
@@ -202,20 +205,67 @@ cdef class SegmentLog(Store):
         r = PyList_GET_ITEM(<PyObject *>self.routes, m.route)
         return (<Route>r).kind == R_QUEUE
 
-    cdef int make_room(self, size_t n) except -1:
+    cdef int make_room(self, size_t n, bint message) except -1:
         # Before a record of n bytes: when the pass's batch with it would pass the active
         # segment's size, the batch so far is written and the next segment begun (before a
-        # message is numbered, so every segment's messages follow its base_seq).
+        # message is numbered, so every segment's messages follow its base_seq). 1 when a
+        # message cannot be taken (refusing: the write or the next segment failed); a state
+        # record goes on in the active segment past its size then, from its reserve.
         cdef Segment *s
         if self.nsegs == 0:
             raise RuntimeError("the log is not open: recover() and finish_recovery() first")
+        if self.roll_due:
+            return 1 if message else 0     # (resume() starts the next segment)
         s = &self.segs[self.nsegs - 1]
         if s.end > SEG_HEADER and s.end + pad8(self.used + n) > self.segment_size:
             if self.count:
                 self.seal_and_write()
                 if self.count:
-                    return 0      # the write failed: it stays in this segment's batch
-            self.open_segment()
+                    return 1 if message else 0   # the write failed: it stays in this segment's batch
+            try:
+                self.open_segment()
+            except OSError as e:
+                self.roll_due = True
+                self.set_refusing(e.errno or 5, e.strerror or str(e))
+                return 1 if message else 0
+        return 0
+
+    cdef size_t reserve_room(self) noexcept:
+        # the active segment's room kept for state records
+        return STATE_RESERVE if STATE_RESERVE < self.segment_size // 4 else <size_t>(self.segment_size // 4)
+
+    cdef int grow(self, Segment *s, uint64_t need) except -1:
+        # preallocate s up to ``need`` bytes (whole steps): 0, or refusing with the errno
+        cdef uint64_t step
+        cdef uint64_t most = self.segment_size + self.reserve_room()
+        cdef int err
+        if need <= s.alloc:
+            return 0
+        step = (need - s.alloc + PREALLOC_STEP - 1) // PREALLOC_STEP * PREALLOC_STEP
+        if s.alloc + step > most and need <= most:
+            step = most - s.alloc       # a segment holds its size and its reserve, no more
+        err = posix_fallocate(s.fd, <long>s.alloc, <long>step)
+        if err == 0:
+            s.alloc += step
+            return 0
+        if err == 95:       # EOPNOTSUPP: no preallocation here; the writes themselves tell
+            s.alloc = need
+            return 0
+        self.set_refusing(err, f"preallocating {segment_name(s.no)} to {s.alloc + step} bytes")
+        return err
+
+    cdef int set_refusing(self, int err, str what) except -1:
+        # new messages get STORAGE errors until resume() (the control plane's timer) succeeds
+        cdef str why = strerror(err).decode(errors='replace')
+        cdef str text = what if what.endswith(why) else f"{what}: {why}"
+        if err == 27:       # EFBIG
+            text += " (the file size limit, RLIMIT_FSIZE: give a -segment-size below it)"
+        if self.refusing == 0 or self.refusing_text != text:
+            self.refusing_text = text
+            self.refusal = msgpack.packb({"code": E_STORAGE, "errno": err,
+                                          "reason": f"the broker cannot store messages now ({text}); "
+                                                    "message not accepted, send it again later"})
+        self.refusing = err
         return 0
 
     cdef char *reserve(self, size_t n) except NULL:
@@ -240,14 +290,26 @@ cdef class SegmentLog(Store):
         return b
 
     cdef int append(self, Msg *m, const char *p, size_t n) except -1:
+        # 0: accepted and recorded; 1: refused (refusing: a disk error), m untouched
         cdef bytes name
         cdef size_t k
         cdef char *r
         if not self.durable(m):
             return mem_append(self, m, p, n)
+        cdef Segment *s
+        if self.refusing:
+            self.n_refused += 1
+            return 1
         name = (<Route>PyList_GET_ITEM(<PyObject *>self.routes, m.route)).name
         k = <size_t>PyBytes_GET_SIZE(name)
-        self.make_room(MSG_REC + k + n)
+        if self.make_room(MSG_REC + k + n, True):
+            self.n_refused += 1
+            return 1
+        s = &self.segs[self.nsegs - 1]
+        if s.end + pad8(self.used + MSG_REC + k + n) + self.reserve_room() > s.alloc and \
+                self.grow(s, s.end + pad8(self.used + MSG_REC + k + n) + self.reserve_room()):
+            self.n_refused += 1
+            return 1
         mem_append(self, m, p, n)
         r = self.reserve(MSG_REC + k + n)
         r[0] = REC_MSG
@@ -305,7 +367,7 @@ cdef class SegmentLog(Store):
         cdef char *r
         if not self.durable(m):
             return 0
-        self.make_room(STATE_REC)
+        self.make_room(STATE_REC, False)
         r = self.reserve(STATE_REC)
         r[0] = REC_DELIVERED
         r[1] = 0
@@ -321,13 +383,12 @@ cdef class SegmentLog(Store):
         if not self.durable(m):
             return
         try:
-            self.make_room(STATE_REC)
+            self.make_room(STATE_REC, False)
             r = self.reserve(STATE_REC)
-        except (MemoryError, OSError) as e:
-            # (state records never failing for lack of room: issue 14) the message is
-            # delivered again after a restart
-            self.error = 12 if isinstance(e, MemoryError) else (e.errno or 5)
-            self.error_text = f"no room for a done record: {e}"
+        except MemoryError as e:
+            # no memory for the batch: the message is delivered again after a restart
+            self.error = 12
+            self.error_text = f"no memory for a done record: {e}"
             return
         r[0] = REC_DONE
         r[1] = DONE_ANSWERED
@@ -398,16 +459,19 @@ cdef class SegmentLog(Store):
         crc = teomq_crc32c_update(teomq_crc32c_update(0, h, 36), h + BATCH_HEADER, padded)
         teomq_st32(h + 36, crc)
         if s.end + total > s.alloc:
-            # preallocate ahead of the writes, a step at a time (a failure here shows in the write)
+            # preallocate ahead of the writes, a step at a time; state records past a failed
+            # preallocation use the room kept for them (a failure here shows in the write)
             grow = (s.end + total - s.alloc + PREALLOC_STEP - 1) // PREALLOC_STEP * PREALLOC_STEP
             if posix_fallocate(s.fd, <long>s.alloc, <long>grow) == 0:
                 s.alloc += grow
         with nogil:
             err = write_all(s.fd, h, total, s.end)
         if err:
-            # kept for the next pass; the control plane reports it (storage errors: issue 14)
+            # kept for the next pass and the control plane's retry (retry_write); new messages
+            # are refused meanwhile
             self.error = err
             self.error_text = strerror(err).decode(errors="replace")
+            self.set_refusing(err, f"writing {segment_name(s.no)} at offset {s.end}")
             self.used = BATCH_HEADER + body
             return 0
         s.end += total
@@ -503,6 +567,44 @@ cdef class SegmentLog(Store):
             if self.waiters:
                 (<Outbox>self.outbox).schedule()
         return self.count == 0
+
+    def resume(self):
+        """While refusing: write what waits, start the next segment if one is due, make room
+        for new messages (a preallocation step beyond the state records' reserve). True once
+        new messages are accepted again (the control plane's timer calls it)."""
+        cdef Segment *s
+        if not self.refusing:
+            return True
+        if self.stopped or self.nsegs == 0:
+            return False
+        if self.count:
+            self.write_pass()
+            if self.count:
+                return False
+        if self.roll_due:
+            try:
+                self.open_segment()
+            except OSError as e:
+                self.set_refusing(e.errno or 5, e.strerror or str(e))
+                return False
+            self.roll_due = False
+        s = &self.segs[self.nsegs - 1]
+        if self.grow(s, s.end + self.reserve_room() + PREALLOC_STEP if self.segment_size > PREALLOC_STEP
+                     else s.end + self.reserve_room() + self.segment_size // 2):
+            return False
+        self.refusing = 0
+        self.error = 0
+        return True
+
+    def stop_accepting(self, int err, str what):
+        """Refuse new messages for good (a failed fdatasync: nothing more can be promised)."""
+        self.set_refusing(err, what)
+        self.stopped = True
+
+    @property
+    def refusal_payload(self):
+        """The ERROR payload a SEND refused while refusing gets (None when accepting)."""
+        return self.refusal if self.refusing else None
 
     def sync_targets(self):
         """(batches, [(fd, end, segment number, directory entry synced)]): the syncer's next
