@@ -342,7 +342,7 @@ class BrokerConnection(ControlledEndpoint, CoreConnection, asyncio.BufferedProto
         self.accept_hello(role != "producer", granted)
         if session is not None:
             disp.bind_session(self, session)
-        if b._disp is not None and b._disp.backpressure and role != "consumer":
+        if b._disp is not None and (b._disp.backpressure or b._stopping) and role != "consumer":
             b.hold_back(self, True)  # as _backpressure does: a pure consumer sends nothing to hold
         if granted < prefetch:
             log.info("%s %s connected from %s (prefetch %d asked, %d granted: the broker's limit)",
@@ -430,7 +430,7 @@ class InprocClient(ControlledEndpoint, InprocEndpoint):
         self.refused_logged = (0, 0)
         self._paused = set()
         broker._conns.add(self)
-        if disp.backpressure and role != "consumer":
+        if (disp.backpressure or broker._stopping) and role != "consumer":
             broker.hold_back(self, True)  # as _backpressure does: a pure consumer sends nothing to hold
         if granted < prefetch:
             log.info("%s %s connected from %s (prefetch %d asked, %d granted: the broker's limit)",
@@ -585,6 +585,7 @@ class Broker:
         self._errors = 0
         self._book: AddressBook | None = None
         self._ticker: asyncio.TimerHandle | None = None
+        self._stopping = False   # close() is draining: producers stay held back
 
     async def start(self) -> None:
         """Load (or create) the key, listen, and record the address."""
@@ -666,12 +667,47 @@ class Broker:
             if self._server is not None:  # cancelled from outside, not by close()
                 raise
 
-    async def close(self) -> None:
-        """Stop listening, tell every client, close every connection."""
+    async def drain(self, timeout: float) -> int:
+        """The first half of a graceful stop: stop listening, take no new messages (producers are
+        held back: their sends park, never accepted), make no new deliveries, and wait up to
+        ``timeout`` seconds while the answers to what consumers hold are still relayed. Returns
+        how many messages are still in flight. Cancel it to stop waiting; then :meth:`close`."""
+        disp = self._disp
+        if self._server is None or disp is None:
+            return 0
+        self._server.close()
+        self._stopping = True
+        disp.paused = True
+        for conn in list(self._conns):
+            if conn.handshaken and conn.role != "consumer":
+                self.hold_back(conn, True)
+        inflight = disp.stats()["inflight"]
+        before = disp.n_answered
+        log.info("broker stopping: new messages and deliveries stopped; waiting up to %g s for the answers to "
+                 "%d messages in flight", timeout, inflight)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while disp.stats()["inflight"] and loop.time() < deadline:
+                await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        finally:
+            left = disp.stats()["inflight"]
+            log.info("broker stopping: %d of %d messages in flight answered; %d still in flight go back to their "
+                     "queues", disp.n_answered - before, inflight, left)
+        return int(left)
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop listening, tell every client, close every connection and the storage (synced).
+        With ``grace`` > 0, :meth:`drain` for up to that many seconds first. What consumers
+        still hold goes back to its queue: kept on disk with disk storage, lost with memory
+        storage (logged). Idempotent."""
         if self._server is None:
             return
+        if grace > 0:
+            await self.drain(grace)
         server, self._server = self._server, None
         server.close()
+        disp = self._disp
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -680,6 +716,8 @@ class Broker:
         await server.wait_closed()
         if self.storage is not None:
             self.storage.close()
+        elif disp is not None and disp.stats()["queue"]:
+            log.warning("broker stopping: %d queued messages are lost (-storage memory)", disp.stats()["queue"])
         if self._msglog is not None:
             self._msglog.close()
             if self._msglog.dropped != self._msglog_dropped:
@@ -709,6 +747,8 @@ class Broker:
 
     def _backpressure(self, on: bool) -> None:
         # Queued plus in-flight messages reached the high mark (or are back at the low one).
+        if self._stopping:
+            return  # close() holds every producer back until it is done
         conns = [c for c in self._conns if c.handshaken and c.role != "consumer"]
         s = self._disp.stats() if self._disp is not None else {"held": 0, "queue": 0}
         if on:

@@ -231,6 +231,10 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
     flag(parser, "segment-size", type=int_at_least(MIN_SEGMENT_SIZE, MAX_SEGMENT_SIZE), default=DEFAULT_SEGMENT_SIZE,
           metavar="BYTES", help=f"disk storage: bytes a log segment file is rolled at (preallocated 1 MiB at a time), "
           f"{MIN_SEGMENT_SIZE} to {MAX_SEGMENT_SIZE} (default: %(default)s)")
+    flag(parser, "shutdown-timeout", type=float_value(positive=False), default=10.0, metavar="SECONDS",
+          help="on SIGTERM or SIGINT: seconds to wait for the answers to the messages consumers hold, with new "
+          "messages and deliveries stopped, before closing (what is still unanswered goes back to its queue; "
+          "a second signal stops waiting; 0: close at once) (default: %(default)s)")
     flag(parser, "max-payload", type=int_at_least(1, MAX_PAYLOAD_LIMIT), default=DEFAULT_MAX_PAYLOAD,
           metavar="BYTES", help="largest message or answer accepted, in bytes (default: %(default)s)")
     flag(parser, "queue-max", type=int_at_least(1), default=1_000_000, metavar="N",
@@ -558,6 +562,15 @@ async def _broker(args: argparse.Namespace) -> int:
             await _first(serve, stopper.stop.wait())
         finally:
             await _stop_task(stats)
+            if stopper.stop.is_set() and args.shutdown_timeout > 0:
+                # drain first (the web gateway's pages are clients like any other), until the
+                # -shutdown-timeout or a second signal
+                drain = asyncio.ensure_future(broker.drain(args.shutdown_timeout))
+                await _first(asyncio.shield(drain), stopper.force.wait())
+                if not drain.done():
+                    log.info("stopping now: a second signal")
+                    drain.cancel()
+                await asyncio.gather(drain, return_exceptions=True)
             if web is not None:
                 await web.close()
             await broker.close()

@@ -190,8 +190,9 @@ class CliProc:
 
     # -- ending ----------------------------------------------------------------------------
 
-    def terminate(self, grace: float = 10.0) -> int:
-        """SIGTERM, then SIGKILL if still running after ``grace`` seconds; the exit status."""
+    def terminate(self, grace: float = 20.0) -> int:
+        """SIGTERM, then SIGKILL if still running after ``grace`` seconds (past a broker's
+        -shutdown-timeout, 10 s); the exit status."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
@@ -268,7 +269,7 @@ class ProcGroup:
         return BrokerProc(proc, address, port)
 
     def cleanup(self) -> None:
-        """SIGTERM everything still running (SIGKILL after 10 s); close the pipes."""
+        """SIGTERM everything still running (SIGKILL after 20 s); close the pipes."""
         for proc in reversed(self.procs):
             try:
                 proc.terminate()

@@ -44,13 +44,14 @@ VALUED = [
     ("broker", "storage", "memory", "storage", "memory"),
     ("broker", "fsync", "interval:50", "fsync", "interval:50"),
     ("broker", "segment-size", "65536", "segment_size", 65536),
+    ("broker", "shutdown-timeout", "2.5", "shutdown_timeout", 2.5),
 ]
 SWITCHES = [("broker", "nomsg"), ("broker", "stat"), ("broker", "noweb"), ("consumer", "nomsg"), ("consumer", "stat"),
             ("consumer", "reconnect"), ("consumer", "api"), ("consumer", "control"), ("producer", "nomsg"), ("producer", "stat")]
 FLAGS = {
     "broker": ["listen", "data-dir", "nomsg", "stat", "stat-interval", "max-payload", "queue-max", "loop",
                "log-level", "log-file", "command", "schema", "dispatch-run", "backlog-max", "web", "web-origin", "noweb",
-               "storage", "fsync", "segment-size"],
+               "storage", "fsync", "segment-size", "shutdown-timeout"],
     "consumer": ["broker", "name", "nomsg", "stat", "stat-interval", "prefetch", "work-ms", "reconnect", "loop",
                  "log-level", "log-file", "subscribe", "api", "control"],
     "producer": ["broker", "name", "delay", "count", "window", "timeout", "nomsg", "stat", "stat-interval",

@@ -39,6 +39,7 @@ cdef class Scheduler:
     cdef dict session_names      # a session's name (HELLO) -> its endpoint, while connected
     cdef readonly double lease   # seconds a delivery may stay unanswered (0: no lease)
     cdef readonly int32_t run    # most consecutive messages of a queue route one consumer takes
+    cdef public bint paused      # no new deliveries from queue routes (a broker shutting down)
     cdef readonly double now     # the clock, as of the last tick()
     cdef readonly int32_t consumers
     cdef readonly size_t n_route_queued   # waiting in routes (count toward queue_max)

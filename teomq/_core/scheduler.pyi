@@ -28,6 +28,8 @@ class Scheduler:
     @property
     def now(self) -> float:
         """The clock, as of the last tick()."""
+    #: no new deliveries from queue routes or fanout backlogs (a broker shutting down)
+    paused: bool
     @property
     def consumers(self) -> int: ...
     @property

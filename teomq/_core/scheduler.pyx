@@ -86,6 +86,8 @@ cdef inline PyObject *take_ready(Scheduler s, Route r, int32_t *sid) noexcept:
     # consumers without credit are dropped.
     cdef PyObject *c
     cdef int32_t i
+    if s.paused:
+        return NULL
     while r.ready.count:
         i = slots_find(&s.subtab.t, r.ready.items[r.ready.head])
         if i >= 0:
@@ -464,7 +466,7 @@ cdef class Scheduler:
         cdef int32_t i
         cdef Sub *s
         cdef Route r
-        while c.credit > 0 and c.backlog is not None and c.backlog.pop_front(&m):
+        while c.credit > 0 and not self.paused and c.backlog is not None and c.backlog.pop_front(&m):
             self.n_backlog -= 1
             self.deliver(c, &m)
             (<Route>self.routes[m.route]).n_out += 1
