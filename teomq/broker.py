@@ -36,8 +36,10 @@ from teomq._core.routes import KINDS
 from teomq._core.frame_codec import encode_frame
 from teomq.addressbook import DEFAULT_PORT, AddressBook, default_data_dir
 from teomq.storage import (
+    DEFAULT_MEMORY_MAX,
     DEFAULT_SEGMENT_SIZE,
     MAX_SEGMENT_SIZE,
+    MIN_MEMORY_MAX,
     MIN_SEGMENT_SIZE,
     STORAGE_MODES,
     DiskStorage,
@@ -522,6 +524,10 @@ class Broker:
         fsync: when the log is made durable (disk storage): ``"always"`` (each loop pass's
             records, by a thread, grouped), ``"interval:MS"`` or ``"never"``.
         segment_size: bytes a log segment file is rolled at (preallocated 1 MiB at a time).
+        memory_max: disk storage: bytes of memory queued messages may hold; past it new ones
+            are paged out (only a 16-byte index entry each stays in memory, the rest is read
+            back from the log as consumers take them). Memory storage keeps every message in
+            memory (bounded by ``queue_max``).
     """
 
     def __init__(
@@ -542,6 +548,7 @@ class Broker:
         storage: str | None = None,
         fsync: str = "always",
         segment_size: int = DEFAULT_SEGMENT_SIZE,
+        memory_max: int = DEFAULT_MEMORY_MAX,
     ) -> None:
         if not 0 < max_payload < 1 << 31:
             raise ValueError("max_payload must be between 1 and 2**31 - 1 bytes")
@@ -560,6 +567,9 @@ class Broker:
         if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
             raise ValueError(f"segment_size must be between {MIN_SEGMENT_SIZE} and {MAX_SEGMENT_SIZE} bytes")
         self.segment_size = segment_size
+        if memory_max < MIN_MEMORY_MAX:
+            raise ValueError(f"memory_max must be at least {MIN_MEMORY_MAX} bytes")
+        self.memory_max = memory_max
         self.storage: DiskStorage | None = None
         self.backlog_max = backlog_max
         self.dispatch_run = dispatch_run
@@ -586,6 +596,8 @@ class Broker:
         self._book: AddressBook | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._stopping = False   # close() is draining: producers stay held back
+        self._paging = False     # messages are paged out (logged at the edges)
+        self._paged_logged = 0
 
     async def start(self) -> None:
         """Load (or create) the key, listen, and record the address."""
@@ -617,6 +629,7 @@ class Broker:
         if self.storage_mode == "disk":
             storage = DiskStorage(self.data_dir, self.fsync, segment_size=self.segment_size)
             storage.open()               # StorageError: locked by another broker, unreadable log
+            self._disp.mem_max = self.memory_max
             try:
                 storage.attach(self._disp, loop)
             except BaseException:
@@ -644,9 +657,23 @@ class Broker:
         loop = asyncio.get_running_loop()
         if self._disp is not None:
             self._disp.tick(loop.time())
+            if self._disp.n_paged_out != self._paged_logged:
+                self._report_paging(self._disp)
         if self._msglog is not None and self._msglog.dropped != self._msglog_dropped:
             self._report_msglog()
         self._ticker = loop.call_later(TICK_INTERVAL, self._tick)
+
+    def _report_paging(self, disp: Dispatcher) -> None:
+        # the edges: messages begin to be paged out / every one is read back
+        out = disp.n_paged_out - disp.n_paged_in
+        if out and not self._paging:
+            self._paging = True
+            log.info("queues: the memory budget is spent (-memory-max %d bytes, %d in use): new messages are paged "
+                     "out to the log, %d so far", self.memory_max, disp.mem_queued, out)
+        elif not out and self._paging:
+            self._paging = False
+            self._paged_logged = disp.n_paged_out
+            log.info("queues: every paged-out message is read back (%d paged out since the start)", disp.n_paged_out)
 
     def _report_msglog(self) -> None:
         m = cast(MessageLog, self._msglog)

@@ -55,8 +55,10 @@ from teomq.argtypes import flag, float_value, int_at_least
 from teomq.loops import run as run_on_loop
 from teomq.stats_printer import command_lines, print_stats, web_line
 from teomq.storage import (
+    DEFAULT_MEMORY_MAX,
     DEFAULT_SEGMENT_SIZE,
     MAX_SEGMENT_SIZE,
+    MIN_MEMORY_MAX,
     MIN_SEGMENT_SIZE,
     STORAGE_MODES,
     FsyncPolicy,
@@ -197,6 +199,23 @@ class _Parser(argparse.ArgumentParser):
 
 
 
+def _bytes_value(low: int) -> Callable[[str], int]:
+    """A size in bytes: a whole number, or one with KiB, MiB or GiB after it (``64MiB``)."""
+    units = {"": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+    def parse(text: str) -> int:
+        digits = text.rstrip("KMGiB")
+        unit = text[len(digits):]
+        if not digits.isdigit() or unit not in units:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or with KiB, MiB or GiB: 64MiB)")
+        value = int(digits) * units[unit]
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is less than {low} bytes")
+        return value
+
+    return parse
+
+
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
     """A switch: ``-name`` turns it on; Go's ``-name=true|false`` also parses."""
     flag(parser, name, nargs="?", const=True, default=False, type=_go_bool, metavar="true|false", help=help)
@@ -231,6 +250,10 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
     flag(parser, "segment-size", type=int_at_least(MIN_SEGMENT_SIZE, MAX_SEGMENT_SIZE), default=DEFAULT_SEGMENT_SIZE,
           metavar="BYTES", help=f"disk storage: bytes a log segment file is rolled at (preallocated 1 MiB at a time), "
           f"{MIN_SEGMENT_SIZE} to {MAX_SEGMENT_SIZE} (default: %(default)s)")
+    flag(parser, "memory-max", type=_bytes_value(MIN_MEMORY_MAX), default=DEFAULT_MEMORY_MAX, metavar="BYTES",
+          help="disk storage: memory queued messages may hold (a number of bytes, or with KiB, MiB or GiB); past "
+          "it new messages are paged out to the log, 16 bytes of memory each, and read back as consumers take "
+          "them (default: %(default)s, 64 MiB)")
     flag(parser, "shutdown-timeout", type=float_value(positive=False), default=10.0, metavar="SECONDS",
           help="on SIGTERM or SIGINT: seconds to wait for the answers to the messages consumers hold, with new "
           "messages and deliveries stopped, before closing (what is still unanswered goes back to its queue; "
@@ -512,7 +535,7 @@ async def _broker(args: argparse.Namespace) -> int:
     broker = Broker(host, port, data_dir=args.data_dir, max_payload=args.max_payload, queue_max=args.queue_max,
                     log_messages=not args.nomsg, commands=schema, backlog_max=args.backlog_max,
                     dispatch_run=args.dispatch_run, storage=args.storage, fsync=args.fsync,
-                    segment_size=args.segment_size,
+                    segment_size=args.segment_size, memory_max=args.memory_max,
                     message_log=args.log_file if args.log_file is not None else _stderr_fd())
     try:
         await broker.start()

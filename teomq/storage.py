@@ -49,6 +49,9 @@ STORAGE_MODES = ("disk", "memory")
 #: what one preallocation may cost)
 MIN_SEGMENT_SIZE = 4096
 MAX_SEGMENT_SIZE = 1 << 30
+#: disk storage: memory queued messages may hold before new ones are paged out (-memory-max)
+DEFAULT_MEMORY_MAX = 64 << 20
+MIN_MEMORY_MAX = 1 << 20
 #: fsync always: records no confirmation waits for (requests, delivery states) are synced this
 #: often (milliseconds); a pass with confirmations waiting starts a round at once
 ALWAYS_BACKSTOP_MS = 100
@@ -91,6 +94,7 @@ class DiskStorage:
         self.recovery: dict[str, Any] = {}
         self.restored = 0
         self.kept = 0
+        self.paged_out = 0
         self.syncs = 0
         self.sync_errors = 0
         self.recovery_seconds = 0.0
@@ -151,6 +155,7 @@ class DiskStorage:
         lg = self._log()
         dispatcher.set_store(lg)
         self.restored, self.kept = dispatcher.restore()
+        self.paged_out = dispatcher.n_paged_out
         lg.finish_recovery()
         self.recovery_seconds = time.perf_counter() - self._started
         self._report_recovery()
@@ -334,9 +339,10 @@ class DiskStorage:
                         "kept on disk, not delivered", self.kept)
         data = r.get("data", 0)
         secs = self.recovery_seconds
-        log.info("storage: %s, fsync %s: %d segments (%d bytes of log), %d batches read, %d messages restored%s "
+        log.info("storage: %s, fsync %s: %d segments (%d bytes of log), %d batches read, %d messages restored%s%s "
                  "in %.3f s (%.0f MB/s)", self.dir, self.policy, r.get("segments", 0), data, r.get("batches", 0),
-                 self.restored, f", {r['bad_batches']} damaged batches skipped" if r.get("bad_batches") else "",
+                 self.restored, f" ({self.paged_out} of them paged out: the memory budget)" if self.paged_out else "",
+                 f", {r['bad_batches']} damaged batches skipped" if r.get("bad_batches") else "",
                  secs, data / secs / 1e6 if secs > 0 else 0.0)
 
     def stats(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from teomq._core.endpoint cimport Outbox, S_CLOSED, confirm_now
 from teomq._core.frame_codec cimport (
     E_QUEUE_FULL, E_STORAGE, F_API, F_CONFIRM, F_NO_REPLY, F_REDELIVERED, HEADER_SIZE, note_received,
 )
-from teomq._core.ring_queue cimport Msg
+from teomq._core.ring_queue cimport Idx, Msg, idxq_push, msg_cost
 from teomq._core.seglog cimport SegmentLog
 from teomq._core.routes cimport R_FANOUT, R_HELLO, R_MSG, R_QUEUE, Route
 from teomq._core.slots cimport list_item
@@ -38,6 +38,12 @@ cdef enum:
 #: on_command kinds besides the RouteKind values: not a command, not an API command
 CMD_UNKNOWN = 0
 CMD_UNKNOWN_API = -1
+
+cdef extern from "<malloc.h>" nogil:
+    int malloc_trim(size_t pad)
+
+# waiting messages' memory that, once freed, is given back to the OS at the next tick
+cdef size_t TRIM_STEP = 16 << 20
 
 cdef bytes ERR_QUEUE_FULL = msgpack.packb(
     {"code": E_QUEUE_FULL, "reason": "queue is full: message not accepted"})
@@ -246,11 +252,21 @@ cdef class Dispatcher(Scheduler):
         get that credit back until it answers something. Driven by one timer of the broker.
         """
         cdef Endpoint c
+        cdef Route r
         self.now = now
         if self.lease > 0.0 and self.n_inflight:
             for c in self.conns:
                 if c is not None and c.fl_head >= 0:
                     self.expire(c)
+        if self.n_paged_out != self.n_paged_in:
+            for r in self.routes:     # a read back that failed is tried again
+                if r.spill.count and r.waiting.count == 0:
+                    self.mark_pending(r)
+        if self.mem_queued > self.trim_mark:
+            self.trim_mark = self.mem_queued
+        elif self.trim_mark >= self.mem_queued + TRIM_STEP or (self.mem_queued == 0 and self.trim_mark > TRIM_STEP // 16):
+            malloc_trim(0)            # the payload blocks of a drain, given back to the OS
+            self.trim_mark = self.mem_queued
         self.pump()
         self.schedule_flush()
 
@@ -293,6 +309,7 @@ cdef class Dispatcher(Scheduler):
         the log, live. In C: no Python object per message."""
         cdef SegmentLog log = <SegmentLog?>self.store
         cdef Msg m
+        cdef Idx e
         cdef const char *name
         cdef size_t name_len
         cdef const char *last_name = NULL
@@ -301,7 +318,12 @@ cdef class Dispatcher(Scheduler):
         cdef Route r
         cdef size_t restored = 0
         cdef size_t kept = 0
-        while log.next_restored(&m, &name, &name_len):
+        cdef bint load = True
+        while True:
+            # past the memory budget the rest stay paged out: only their index entries
+            load = load and not (self.mem_max and self.mem_queued >= self.mem_max)
+            if not log.next_restored(&m, &name, &name_len, &e, load):
+                break
             if last_name == NULL or name_len != last_len or memcmp(name, last_name, name_len) != 0:
                 last_name = name
                 last_len = name_len
@@ -315,11 +337,16 @@ cdef class Dispatcher(Scheduler):
                 log.forget(&m)
                 kept += 1
                 continue
-            if m.attempt:
-                m.flags |= F_REDELIVERED
-            m.route = idx
             r = <Route>list_item(<PyObject *>self.routes, idx)
-            r.waiting.push_back_always(&m)
+            if load:
+                if m.attempt:
+                    m.flags |= F_REDELIVERED
+                m.route = idx
+                r.waiting.push_back_always(&m)
+                self.mem_queued += msg_cost(&m)
+            else:
+                idxq_push(&r.spill, &e)
+                self.n_paged_out += 1
             self.n_route_queued += 1
             self.mark_pending(r)
             restored += 1
@@ -403,7 +430,7 @@ cdef class Dispatcher(Scheduler):
         cdef Route r
         if self.basic:
             return []
-        return [{"name": r.name, "routing": r.routing, "queued": r.waiting.count,
+        return [{"name": r.name, "routing": r.routing, "queued": r.waiting.count + r.spill.count,
                  "subscribers": r.nmembers, "in": r.n_in, "out": r.n_out}
                 for r in self.routes if r.kind == R_FANOUT or r.kind == R_QUEUE]
 
@@ -428,4 +455,6 @@ cdef class Dispatcher(Scheduler):
             "unknown_commands": self.n_unknown_commands,
             "subscriptions": self.subtab.t.used - (self.consumers if self.basic else 0),
             "last_seq": self.store.last_seq,
+            "paged_out": self.n_paged_out - self.n_paged_in,
+            "memory_queued": self.mem_queued,
         }

@@ -45,6 +45,82 @@ cdef struct Msg:
     bint copy            # a fanout copy: meant for one subscriber, never handed to another
 
 
+# What a queued message paged out to the durable log keeps in memory: where its record is.
+# 16 bytes, in blocks of IDX_BLOCK entries (64 KiB), a FIFO per queue route (IdxQueue): a block
+# is freed as soon as its last entry is taken, so a drained queue holds at most one block.
+cdef struct Idx:
+    uint32_t seg         # the segment's number (low 32 bits)
+    uint32_t off         # the message record's offset in the segment file
+    uint32_t attempt     # deliveries recorded before a restart (REDELIVERED when paged in)
+    uint32_t len         # the record's length: MSG_REC + name + payload
+
+cdef enum:
+    IDX_BLOCK = 4095
+
+cdef struct IdxBlock:
+    IdxBlock *next
+    uint32_t head        # first entry in use
+    uint32_t tail        # one past the last
+    Idx items[IDX_BLOCK]
+
+cdef struct IdxQueue:
+    IdxBlock *first
+    IdxBlock *last
+    size_t count
+
+cdef inline int idxq_push(IdxQueue *q, const Idx *e) except -1:
+    cdef IdxBlock *b = q.last
+    if b == NULL or b.tail == IDX_BLOCK:
+        b = <IdxBlock *>malloc(sizeof(IdxBlock))
+        if b == NULL:
+            raise MemoryError()
+        b.next = NULL
+        b.head = 0
+        b.tail = 0
+        if q.last == NULL:
+            q.first = b
+        else:
+            q.last.next = b
+        q.last = b
+    b.items[b.tail] = e[0]
+    b.tail += 1
+    q.count += 1
+    return 0
+
+cdef inline Idx *idxq_front(IdxQueue *q) noexcept:
+    # the oldest entry (NULL when empty)
+    if q.count == 0:
+        return NULL
+    return &q.first.items[q.first.head]
+
+cdef inline void idxq_pop(IdxQueue *q) noexcept:
+    # drop the oldest entry (the queue is not empty); an emptied block is freed at once
+    cdef IdxBlock *b = q.first
+    b.head += 1
+    q.count -= 1
+    if b.head == b.tail:
+        q.first = b.next
+        if q.first == NULL:
+            q.last = NULL
+        free(b)
+
+cdef inline void idxq_free(IdxQueue *q) noexcept:
+    cdef IdxBlock *b = q.first
+    cdef IdxBlock *n
+    while b != NULL:
+        n = b.next
+        free(b)
+        b = n
+    q.first = NULL
+    q.last = NULL
+    q.count = 0
+
+
+cdef inline size_t msg_cost(const Msg *m) noexcept:
+    # memory a queued Msg holds: its slot, its payload block's head and malloc's, the payload
+    return sizeof(Msg) + PAYLOAD_HEAD + 16 + m.length
+
+
 cdef class MsgRing:
     """FIFO of Msg structs in a power-of-two ring that doubles up to a bound.
 
@@ -61,4 +137,5 @@ cdef class MsgRing:
     cdef int push_front(self, const Msg *m) except -1
     cdef int push_back_always(self, const Msg *m) except -1   # past the bound too (recovery)
     cdef bint pop_front(self, Msg *out) noexcept       # False when empty
+    cdef void _shrink(self) noexcept
     cdef int _make(self, Msg *m, payload, msg_id) except -1

@@ -13,6 +13,8 @@ from teomq.errors import QueueFull
 
 # Largest ring: 2**32 slots (128 GiB of Msg structs) is far past any sane bound.
 cdef size_t MAX_CAP = (<size_t>1) << 32
+# A ring larger than this (slots: 256 KiB of Msg structs) shrinks once it drains (pop_front).
+cdef size_t SHRINK_FROM = 4096
 
 
 @cython.final
@@ -93,7 +95,27 @@ cdef class MsgRing:
         out[0] = self.items[self.head]
         self.head = (self.head + 1) & (self.cap - 1)
         self.count -= 1
+        if self.count < self.cap >> 3 and self.cap > SHRINK_FROM:
+            self._shrink()
         return True
+
+    cdef void _shrink(self) noexcept:
+        # a ring that drained to an eighth of its slots gives back half of them (memory is
+        # returned after a drain); a failed malloc keeps the old ring
+        cdef size_t newcap = self.cap >> 1
+        cdef Msg *n = <Msg *>malloc(newcap * sizeof(Msg))
+        cdef size_t first
+        if n == NULL:
+            return
+        first = self.cap - self.head
+        if first > self.count:
+            first = self.count
+        memcpy(n, self.items + self.head, first * sizeof(Msg))
+        memcpy(n + first, self.items, (self.count - first) * sizeof(Msg))
+        free(self.items)
+        self.items = n
+        self.cap = newcap
+        self.head = 0
 
     # -- Python view, for tests and benchmarks --------------------------------------------
 

@@ -1,6 +1,6 @@
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 
-from teomq._core.ring_queue cimport MsgRing
+from teomq._core.ring_queue cimport IdxQueue, MsgRing
 from teomq._core.slots cimport Slots
 
 
@@ -46,7 +46,8 @@ cdef class Route:
     cdef readonly int32_t index
     cdef readonly bytes name
     cdef readonly int kind
-    cdef readonly MsgRing waiting     # messages no subscriber could take yet (FIFO)
+    cdef readonly MsgRing waiting     # messages no subscriber could take yet (FIFO), in memory
+    cdef IdxQueue spill               # and behind them those paged out (the durable log), FIFO
     cdef int32_t *members             # sub ids of its subscribers
     cdef readonly int32_t nmembers
     cdef int32_t mcap

@@ -19,7 +19,7 @@ cimport cython
 from libc.stdint cimport int32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 
-from teomq._core.ring_queue cimport MsgRing
+from teomq._core.ring_queue cimport MsgRing, idxq_free
 from teomq._core.slots cimport slots_free, slots_init, slots_put, slots_take_into
 
 # Command queues are bounded by the dispatcher's total (queue_max), not one by one.
@@ -83,6 +83,7 @@ cdef class Route:
     def __dealloc__(self):
         free(self.members)
         u64ring_free(&self.ready)
+        idxq_free(&self.spill)
 
     cdef int add_member(self, int32_t sid, Sub *subs) except -1:
         cdef int32_t *n
@@ -107,7 +108,12 @@ cdef class Route:
 
     @property
     def queued(self) -> int:
-        return self.waiting.count
+        return self.waiting.count + self.spill.count
+
+    @property
+    def paged_out(self) -> int:
+        """Waiting messages paged out to the durable log (only their index entries in memory)."""
+        return self.spill.count
 
     @property
     def routing(self) -> str:

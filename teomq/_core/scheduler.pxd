@@ -42,7 +42,13 @@ cdef class Scheduler:
     cdef public bint paused      # no new deliveries from queue routes (a broker shutting down)
     cdef readonly double now     # the clock, as of the last tick()
     cdef readonly int32_t consumers
-    cdef readonly size_t n_route_queued   # waiting in routes (count toward queue_max)
+    cdef readonly size_t n_route_queued   # waiting in routes (count toward queue_max), paged out too
+    cdef public size_t mem_max            # memory budget of waiting messages (bytes; 0: none):
+                                          # past it a durable store's messages are paged out
+    cdef readonly size_t mem_queued       # memory waiting messages hold (ring_queue.pxd: msg_cost)
+    cdef size_t trim_mark                 # mem_queued when memory was last given back (tick)
+    cdef readonly uint64_t n_paged_out
+    cdef readonly uint64_t n_paged_in
     cdef readonly size_t n_backlog        # fanout copies in consumers' backlogs
     cdef readonly size_t backlog_max
     cdef public object on_slow_consumer   # None, or callable(endpoint, route name): a backlog got full

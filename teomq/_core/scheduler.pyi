@@ -30,6 +30,15 @@ class Scheduler:
         """The clock, as of the last tick()."""
     #: no new deliveries from queue routes or fanout backlogs (a broker shutting down)
     paused: bool
+    #: memory budget of waiting messages in bytes (0: none); past it a durable store's are paged out
+    mem_max: int
+    @property
+    def mem_queued(self) -> int:
+        """Memory waiting messages hold (their slots, payload blocks and payloads)."""
+    @property
+    def n_paged_out(self) -> int: ...
+    @property
+    def n_paged_in(self) -> int: ...
     @property
     def consumers(self) -> int: ...
     @property

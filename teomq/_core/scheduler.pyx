@@ -22,7 +22,7 @@ from libc.stdlib cimport free, malloc, realloc
 
 from teomq._core.endpoint cimport S_CLOSED, S_READY
 from teomq._core.frame_codec cimport E_UNKNOWN_ID, F_NO_ANSWER, F_NO_REPLY, F_REDELIVERED
-from teomq._core.ring_queue cimport payload_release
+from teomq._core.ring_queue cimport Idx, idxq_push, msg_cost, payload_release
 from teomq._core.routes cimport R_QUEUE, Sub, u64ring_pop, u64ring_push
 from teomq._core.slots cimport (
     list_item, slots_find, slots_free, slots_handle, slots_init, slots_put, slots_take, slots_take_into,
@@ -42,6 +42,37 @@ cdef int _fit(list records, int32_t cap) except -1:
     while len(records) < cap:
         records.append(None)
     return 0
+
+
+cdef inline int wait_push(Scheduler s, Route r, Msg *m) except -1:
+    # m joins the tail of r's waiting messages: in memory, or paged out (only its 16-byte
+    # index entry kept, its payload released) when the durable store has its record and the
+    # memory budget is spent, or r already has messages paged out (FIFO: they come first)
+    cdef Idx e
+    if s.store.hooked and (r.spill.count or (s.mem_max and s.mem_queued >= s.mem_max)) and s.store.locate(m, &e):
+        idxq_push(&r.spill, &e)
+        payload_release(m.data)
+        s.n_paged_out += 1
+    else:
+        r.waiting.push_back_always(m)
+        s.mem_queued += msg_cost(m)
+    s.n_route_queued += 1
+    return 0
+
+
+cdef inline bint wait_pop(Scheduler s, Route r, Msg *m) except -1:
+    # the head of r's waiting messages, read back from the log first if it is paged out;
+    # False when none (or the read failed: logged by the store, tried again at the next tick)
+    if r.waiting.count == 0:
+        if r.spill.count == 0:
+            return False
+        s.n_paged_in += s.store.page_in(&r.spill, r.waiting, r.index, &s.mem_queued, s.mem_max)
+        if r.waiting.count == 0:
+            return False
+    r.waiting.pop_front(m)
+    s.mem_queued -= msg_cost(m)
+    s.n_route_queued -= 1
+    return True
 
 
 cdef inline Endpoint sub_conn(Scheduler s, int32_t sid):
@@ -108,7 +139,7 @@ cdef inline int list_sub(Scheduler s, Route r, int32_t sid) except -1:
     # put subscription sid (of route r) at the tail of r's ready ring
     s.subtab.items[sid].listed = True
     u64ring_push(&r.ready, slots_handle(&s.subtab.t, sid))
-    if r.waiting.count:
+    if r.waiting.count or r.spill.count:
         s.mark_pending(r)
     return 0
 
@@ -312,6 +343,7 @@ cdef class Scheduler:
         else:
             r = <Route>self.routes[f.msg.route]
             r.waiting.push_front(&f.msg)
+            self.mem_queued += msg_cost(&f.msg)
             self.n_route_queued += 1
             self.mark_pending(r)
             self.n_redelivered += 1
@@ -362,13 +394,11 @@ cdef class Scheduler:
         # while it holds anything, newcomers wait behind it).
         cdef int32_t sid
         cdef PyObject *c
-        if r.waiting.count == 0:
+        if r.waiting.count == 0 and r.spill.count == 0:
             c = take_ready(self, r, &sid)
             if c != NULL:
                 return deliver_to_sub(self, r, sid, c, m)
-        r.waiting.push_back(m)
-        self.n_route_queued += 1
-        return 0
+        return wait_push(self, r, m)
 
     cdef int route_fanout(self, Route r, Msg *m) except -1:
         # A copy to every subscriber, sharing one payload block; a subscriber without
@@ -378,9 +408,7 @@ cdef class Scheduler:
         cdef int32_t i
         cdef Endpoint c
         if r.nmembers == 0:
-            r.waiting.push_back(m)
-            self.n_route_queued += 1
-            return 0
+            return wait_push(self, r, m)
         m.copy = True
         self.store.share(m, r.nmembers - 1)
         for i in range(r.nmembers):
@@ -434,7 +462,7 @@ cdef class Scheduler:
                 list_sub(self, r, sid)
             else:
                 c.unlisted = True
-        elif r.waiting.count:
+        elif r.waiting.count or r.spill.count:
             self.mark_pending(r)
         return 0
 
@@ -491,19 +519,15 @@ cdef class Scheduler:
         while self.pending_routes:
             r = <Route>self.pending_routes.pop()
             r.pending = False
-            while r.waiting.count:
+            while r.waiting.count or r.spill.count:
                 if r.kind == R_QUEUE:
                     c = take_ready(self, r, &sid)
-                    if c == NULL:
+                    if c == NULL or not wait_pop(self, r, &m):
                         break
-                    r.waiting.pop_front(&m)
-                    self.n_route_queued -= 1
                     deliver_to_sub(self, r, sid, c, &m)
                 else:
-                    if r.nmembers == 0:
+                    if r.nmembers == 0 or not wait_pop(self, r, &m):
                         break
-                    r.waiting.pop_front(&m)
-                    self.n_route_queued -= 1
                     self.route_fanout(r, &m)
         return 0
 

@@ -1,7 +1,7 @@
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from teomq._core.endpoint cimport Endpoint
-from teomq._core.ring_queue cimport Msg
+from teomq._core.ring_queue cimport Idx, IdxQueue, Msg, MsgRing
 from teomq._core.store cimport Store
 
 # The on-disk format (docs/storage.md is the spec; teomq/_py/seglog.py reads it in Python).
@@ -80,6 +80,19 @@ cdef class SegmentLog(Store):
     cdef bint roll_due                  # the active segment is full and starting the next failed
     cdef readonly bint stopped          # refusing for good (a failed fdatasync): restart the broker
     cdef readonly uint64_t n_refused
+    # paging: where the latest message record is (locate), and the read-back window
+    cdef uint64_t loc_seq
+    cdef uint32_t loc_seg
+    cdef uint32_t loc_off
+    cdef uint32_t loc_len
+    cdef char *rbuf
+    cdef size_t rcap
+    cdef uint32_t win_no                # the window holds win_len bytes of segment win_no
+    cdef uint64_t win_off               # from this offset (win_no 0: none)
+    cdef size_t win_len
+    cdef readonly uint64_t n_reads      # preads of paged-out records
+    cdef readonly uint64_t n_read_errors
+    cdef readonly object read_error_text
     # recovery
     cdef Entry *entries
     cdef size_t nentries
@@ -109,4 +122,6 @@ cdef class SegmentLog(Store):
     cdef int read_batch(self, size_t si, size_t off, uint32_t length) except -1
     cdef Entry *find_entry(self, uint64_t seq) noexcept
     cdef int forget(self, Msg *m) except -1
-    cdef int next_restored(self, Msg *m, const char **name, size_t *name_len) except -1
+    cdef int next_restored(self, Msg *m, const char **name, size_t *name_len, Idx *e, bint load) except -1
+    cdef Segment *seg_by_no(self, uint32_t no) noexcept
+    cdef const char *record_at(self, const Idx *e) except? NULL

@@ -29,7 +29,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.ref cimport PyObject
 from libc.errno cimport EINTR, errno
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset, strerror
 
@@ -39,7 +39,7 @@ from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 from teomq._core.crc32c cimport teomq_crc32c_update
 from teomq._core.endpoint cimport S_CLOSED, Outbox, confirm_now
-from teomq._core.frame_codec cimport E_STORAGE
+from teomq._core.frame_codec cimport E_STORAGE, F_REDELIVERED
 from teomq._core.frame_codec cimport (
     teomq_ld16,
     teomq_ld32,
@@ -48,7 +48,7 @@ from teomq._core.frame_codec cimport (
     teomq_st32,
     teomq_st64,
 )
-from teomq._core.ring_queue cimport payload_new, payload_release
+from teomq._core.ring_queue cimport idxq_front, idxq_pop, msg_cost, payload_new, payload_release
 from teomq._core.routes cimport R_QUEUE, Route
 from teomq._core.store cimport mem_append
 
@@ -65,6 +65,7 @@ cdef extern from "<fcntl.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t pwrite(int fd, const void *buf, size_t n, long offset)
+    ssize_t pread(int fd, void *buf, size_t n, long offset)
     int close(int fd)
 
 cdef extern from "<sys/mman.h>" nogil:
@@ -84,6 +85,13 @@ cdef extern from "syncer_impl.h" nogil:
 
 cdef const char *SEG_MAGIC = "TQSEGLOG"
 cdef const char *BATCH_MAGIC = "TQLB"
+
+# paging (read back): bytes one pread takes, messages one page_in reads at least / at most
+cdef size_t PAGE_READ = 1 << 20
+cdef int PAGE_MIN = 64
+cdef int PAGE_MAX = 8192
+# Idx.attempt: a message restored from the log (its record's session is a former process's)
+cdef uint32_t RESTORED = 0x80000000
 
 #: the log's format version (segment and batch headers)
 FORMAT_VERSION = LOG_VERSION
@@ -114,6 +122,22 @@ cdef uint64_t now_ns() noexcept nogil:
 
 cdef inline size_t pad8(size_t n) noexcept nogil:
     return (n + 7) & ~(<size_t>7)
+
+
+cdef ssize_t pread_all(int fd, char *p, size_t n, uint64_t off) noexcept nogil:
+    # bytes read (fewer at the end of the file), or -1 (errno)
+    cdef ssize_t k
+    cdef size_t done = 0
+    while done < n:
+        k = pread(fd, p + done, n - done, <long>(off + done))
+        if k < 0:
+            if errno == EINTR:
+                continue
+            return -1
+        if k == 0:
+            break
+        done += <size_t>k
+    return <ssize_t>done
 
 
 cdef int write_all(int fd, const char *p, size_t n, uint64_t off) noexcept nogil:
@@ -184,6 +208,7 @@ cdef class SegmentLog(Store):
             free(self.segs)
         free(self.buf)
         free(self.entries)
+        free(self.rbuf)
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -325,8 +350,121 @@ cdef class SegmentLog(Store):
             memcpy(r + MSG_REC + k, p, n)
         if self.batch_seq == 0:
             self.batch_seq = m.seq
-        self.segs[self.nsegs - 1].live += 1
+        s = &self.segs[self.nsegs - 1]
+        s.live += 1
+        # where the record will be: the batch is written at the segment's end (locate)
+        self.loc_seq = m.seq
+        self.loc_seg = <uint32_t>s.no
+        self.loc_off = <uint32_t>(s.end + <uint64_t>(r - self.buf))
+        self.loc_len = <uint32_t>(MSG_REC + k + n)
         return 0
+
+    cdef bint locate(self, const Msg *m, Idx *e) noexcept:
+        if m.seq != self.loc_seq or m.seq == 0:
+            return False
+        e.seg = self.loc_seg
+        e.off = self.loc_off
+        e.attempt = 0
+        e.len = self.loc_len
+        return True
+
+    cdef Segment *seg_by_no(self, uint32_t no) noexcept:
+        # the open segment numbered ``no`` (low 32 bits), or NULL
+        cdef size_t lo = 0
+        cdef size_t hi = self.nsegs
+        cdef size_t mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if <uint32_t>self.segs[mid].no < no:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < self.nsegs and <uint32_t>self.segs[lo].no == no:
+            return &self.segs[lo]
+        return NULL
+
+    cdef const char *record_at(self, const Idx *e) except? NULL:
+        # a paged-out message's record: in the pass's unwritten batch, in the read window, or
+        # read into it (one pread of up to PAGE_READ bytes: the records after it come along);
+        # NULL when it cannot be read (counted, the text kept)
+        cdef Segment *s = self.seg_by_no(e.seg)
+        cdef size_t want
+        cdef ssize_t got
+        cdef char *b
+        if s == NULL or s.fd < 0:
+            self.n_read_errors += 1
+            self.read_error_text = f"segment {e.seg} of a paged-out message is not open"
+            return NULL
+        if s == &self.segs[self.nsegs - 1] and e.off >= s.end:
+            return self.buf + (e.off - s.end)         # not written yet: this pass's batch
+        if self.win_no == e.seg and e.off >= self.win_off and e.off + e.len <= self.win_off + self.win_len:
+            return self.rbuf + (e.off - self.win_off)
+        want = PAGE_READ if PAGE_READ > e.len else e.len
+        if e.off + want > s.end:
+            want = <size_t>(s.end - e.off)            # only what is written: records never change
+        if want > self.rcap:
+            b = <char *>realloc(self.rbuf, want)
+            if b == NULL:
+                raise MemoryError()
+            self.rbuf = b
+            self.rcap = want
+        self.n_reads += 1
+        with nogil:
+            got = pread_all(s.fd, self.rbuf, want, e.off)
+        if got < <ssize_t>e.len:
+            self.win_no = 0
+            self.n_read_errors += 1
+            self.read_error_text = (f"reading {segment_name(s.no)} at offset {e.off}: "
+                                    f"{strerror(errno).decode(errors='replace') if got < 0 else 'short read'}")
+            return NULL
+        self.win_no = e.seg
+        self.win_off = e.off
+        self.win_len = <size_t>got
+        return self.rbuf
+
+    cdef int page_in(self, IdxQueue *q, MsgRing into, int32_t route, size_t *mem, size_t mem_max) except -1:
+        # Read paged-out messages back from the front of q into ``into`` (in order): at least
+        # PAGE_MIN (or all), at most PAGE_MAX, fewer once mem reaches mem_max.
+        cdef Idx *e
+        cdef const char *r
+        cdef Msg m
+        cdef uint32_t n
+        cdef int loaded = 0
+        while q.count and loaded < PAGE_MAX and (loaded < PAGE_MIN or mem_max == 0 or mem[0] < mem_max):
+            e = idxq_front(q)
+            r = self.record_at(e)
+            if r == NULL:
+                break
+            if r[0] != REC_MSG or e.len < MSG_REC:
+                self.n_read_errors += 1
+                self.read_error_text = f"segment {e.seg} offset {e.off}: not a message record"
+                break
+            n = teomq_ld32(r + 4)
+            m.data = payload_new(n)
+            if m.data == NULL:
+                raise MemoryError()
+            if n:
+                memcpy(m.data, r + MSG_REC + <uint8_t>r[1], n)
+            m.length = n
+            m.flags = teomq_ld16(r + 2)
+            m.seq = teomq_ld64(r + 8)
+            m.msg_id = teomq_ld64(r + 16)
+            if e.attempt & RESTORED:
+                m.session = 0                     # its producer's session went with the restart
+                m.attempt = e.attempt & ~RESTORED
+                if m.attempt:
+                    m.flags |= F_REDELIVERED
+            else:
+                m.session = teomq_ld64(r + 24)
+                m.attempt = e.attempt
+            m.route = route
+            m.copy = False
+            m.rx.shift = 0
+            into.push_back_always(&m)
+            mem[0] += msg_cost(&m)
+            idxq_pop(q)
+            loaded += 1
+        return loaded
 
     # -- confirmations ------------------------------------------------------------------
 
@@ -901,9 +1039,10 @@ cdef class SegmentLog(Store):
             return &self.entries[lo]
         return NULL
 
-    cdef int next_restored(self, Msg *m, const char **name, size_t *name_len) except -1:
-        # The next live recovered message as a Msg (payload copied out of the mapped file into
-        # a block; session 0: its producer's session is gone), and its route's name; 0 at the end.
+    cdef int next_restored(self, Msg *m, const char **name, size_t *name_len, Idx *e, bint load) except -1:
+        # The next live recovered message as a Msg (load: payload copied out of the mapped file
+        # into a block; session 0: its producer's session is gone), or (not load) as the index
+        # entry of a paged-out message in *e; and its route's name. 0 at the end.
         cdef Entry *en
         cdef const char *r
         cdef uint32_t n
@@ -916,14 +1055,21 @@ cdef class SegmentLog(Store):
             n = teomq_ld32(r + 4)
             name_len[0] = <uint8_t>r[1]
             name[0] = r + MSG_REC
+            m.length = n
+            m.seq = en.seq
+            if not load:
+                m.data = NULL
+                e.seg = <uint32_t>self.segs[en.seg].no
+                e.off = <uint32_t>en.off
+                e.attempt = en.attempts | RESTORED
+                e.len = <uint32_t>(MSG_REC + name_len[0] + n)
+                return 1
             m.data = payload_new(n)
             if m.data == NULL:
                 raise MemoryError()
             if n:
                 memcpy(m.data, r + MSG_REC + name_len[0], n)
-            m.length = n
             m.flags = teomq_ld16(r + 2)
-            m.seq = en.seq
             m.msg_id = teomq_ld64(r + 16)
             m.session = 0
             m.attempt = en.attempts
@@ -953,9 +1099,8 @@ cdef class SegmentLog(Store):
                 self.segs[i].map = NULL
             if self.segs[i].fd >= 0:
                 os.fdatasync(self.segs[i].fd)   # what a restart read is durable from here on
-                if not (reuse and i == self.nsegs - 1):
-                    close(self.segs[i].fd)
-                    self.segs[i].fd = -1
+                # kept open (only read from now on, but for the active one): messages paged out
+                # are read back from them
             self.segs[i].synced = self.segs[i].end
         free(self.entries)
         self.entries = NULL

@@ -1,7 +1,7 @@
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from teomq._core.ring_queue cimport Msg, payload_new, payload_release
+from teomq._core.ring_queue cimport Idx, IdxQueue, Msg, MsgRing, payload_new, payload_release
 
 
 cdef class Store:
@@ -22,6 +22,8 @@ cdef class Store:
     cdef int delivered(self, Msg *m) except -1
     cdef void done(self, Msg *m) noexcept
     cdef int write_pass(self) except -1
+    cdef bint locate(self, const Msg *m, Idx *e) noexcept
+    cdef int page_in(self, IdxQueue *q, MsgRing into, int32_t route, size_t *mem, size_t mem_max) except -1
 
 
 cdef inline int mem_append(Store s, Msg *m, const char *p, size_t n) except -1:

@@ -34,3 +34,12 @@ cdef class Store:
 
     cdef int write_pass(self) except -1:
         return 0
+
+    cdef bint locate(self, const Msg *m, Idx *e) noexcept:
+        # where m's record is, if it has one (the durable store, right after append): a queued
+        # message over the memory budget keeps only that (paged out); the in-memory store: never
+        return False
+
+    cdef int page_in(self, IdxQueue *q, MsgRing into, int32_t route, size_t *mem, size_t mem_max) except -1:
+        # read paged-out messages back from the front of q into ``into``: how many
+        return 0
