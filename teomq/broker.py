@@ -524,6 +524,9 @@ class Broker:
         fsync: when the log is made durable (disk storage): ``"always"`` (each loop pass's
             records, by a thread, grouped), ``"interval:MS"`` or ``"never"``.
         segment_size: bytes a log segment file is rolled at (preallocated 1 MiB at a time).
+        queue_max_bytes: payload bytes all queues together may have waiting (0: no bound but
+            the disk's); past it a SEND is refused with QUEUE_FULL. Per command, the schema's
+            ``max_messages`` and ``max_bytes`` bound what waits in its queue the same way.
         memory_max: disk storage: bytes of memory queued messages may hold; past it new ones
             are paged out (only a 16-byte index entry each stays in memory, the rest is read
             back from the log as consumers take them). Memory storage keeps every message in
@@ -549,6 +552,7 @@ class Broker:
         fsync: str = "always",
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         memory_max: int = DEFAULT_MEMORY_MAX,
+        queue_max_bytes: int = 0,
     ) -> None:
         if not 0 < max_payload < 1 << 31:
             raise ValueError("max_payload must be between 1 and 2**31 - 1 bytes")
@@ -570,6 +574,9 @@ class Broker:
         if memory_max < MIN_MEMORY_MAX:
             raise ValueError(f"memory_max must be at least {MIN_MEMORY_MAX} bytes")
         self.memory_max = memory_max
+        if queue_max_bytes < 0:
+            raise ValueError("queue_max_bytes must be 0 (none) or a number of bytes")
+        self.queue_max_bytes = queue_max_bytes
         self.storage: DiskStorage | None = None
         self.backlog_max = backlog_max
         self.dispatch_run = dispatch_run
@@ -598,6 +605,9 @@ class Broker:
         self._stopping = False   # close() is draining: producers stay held back
         self._paging = False     # messages are paged out (logged at the edges)
         self._paged_logged = 0
+        self._limit_logged = 0   # SENDs refused at queue limits: logged at most once a second
+        self._limit_log_at = 0.0
+        self._limit_counts: dict[str, int] = {}
 
     async def start(self) -> None:
         """Load (or create) the key, listen, and record the address."""
@@ -626,6 +636,10 @@ class Broker:
                 table.add(name)
                 kinds.append(KINDS[name])
             self._disp.set_schema(table, kinds)
+            for i, c in enumerate(self.commands):
+                if c.max_messages or c.max_bytes:
+                    self._disp.set_limits(i, c.max_messages, c.max_bytes)
+        self._disp.queue_max_bytes = self.queue_max_bytes
         if self.storage_mode == "disk":
             storage = DiskStorage(self.data_dir, self.fsync, segment_size=self.segment_size)
             storage.open()               # StorageError: locked by another broker, unreadable log
@@ -659,6 +673,8 @@ class Broker:
             self._disp.tick(loop.time())
             if self._disp.n_paged_out != self._paged_logged:
                 self._report_paging(self._disp)
+            if self._disp.n_limit_refused != self._limit_logged and loop.time() >= self._limit_log_at:
+                self._report_limits(self._disp, loop.time())
         if self._msglog is not None and self._msglog.dropped != self._msglog_dropped:
             self._report_msglog()
         self._ticker = loop.call_later(TICK_INTERVAL, self._tick)
@@ -674,6 +690,30 @@ class Broker:
             self._paging = False
             self._paged_logged = disp.n_paged_out
             log.info("queues: every paged-out message is read back (%d paged out since the start)", disp.n_paged_out)
+
+    def _report_limits(self, disp: Dispatcher, now: float) -> None:
+        # SENDs refused at a queue's limit: one line per queue, at most once a second
+        self._limit_logged = disp.n_limit_refused
+        self._limit_log_at = now + REFUSAL_LOG_INTERVAL
+        counts = [(r["name"], r["refused"]) for r in disp.route_stats()] or [(b"", disp.n_limit_refused)]
+        for raw, refused in counts:
+            name = raw.decode("utf-8", "replace") or "the queue"
+            new = refused - self._limit_counts.get(name, 0)
+            if new:
+                self._limit_counts[name] = refused
+                log.warning("%d message%s refused: '%s' is at its limit (%s)", new, "" if new == 1 else "s", name,
+                            self._limit_text(name))
+
+    def _limit_text(self, name: str) -> str:
+        c = next((c for c in self.commands or () if c.name == name), None)
+        parts = []
+        if c is not None and c.max_messages:
+            parts.append(f"max_messages {c.max_messages}")
+        if c is not None and c.max_bytes:
+            parts.append(f"max_bytes {c.max_bytes}")
+        if self.queue_max_bytes:
+            parts.append(f"-queue-max-bytes {self.queue_max_bytes}")
+        return ", ".join(parts)
 
     def _report_msglog(self) -> None:
         m = cast(MessageLog, self._msglog)

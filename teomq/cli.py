@@ -250,6 +250,10 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
     flag(parser, "segment-size", type=int_at_least(MIN_SEGMENT_SIZE, MAX_SEGMENT_SIZE), default=DEFAULT_SEGMENT_SIZE,
           metavar="BYTES", help=f"disk storage: bytes a log segment file is rolled at (preallocated 1 MiB at a time), "
           f"{MIN_SEGMENT_SIZE} to {MAX_SEGMENT_SIZE} (default: %(default)s)")
+    flag(parser, "queue-max-bytes", type=_bytes_value(0), default=0, metavar="BYTES",
+          help="most payload bytes all queues together may have waiting (a number, or with KiB, MiB or GiB); a "
+          "SEND past it is refused with QUEUE_FULL (retryable); per command, a -schema's max_messages and "
+          "max_bytes do the same for its queue (default: 0, no bound but the disk's)")
     flag(parser, "memory-max", type=_bytes_value(MIN_MEMORY_MAX), default=DEFAULT_MEMORY_MAX, metavar="BYTES",
           help="disk storage: memory queued messages may hold (a number of bytes, or with KiB, MiB or GiB); past "
           "it new messages are paged out to the log, 16 bytes of memory each, and read back as consumers take "
@@ -275,7 +279,8 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
           "loses new copies instead of holding up the others (default: %(default)s)")
     flag(parser, "schema", metavar="FILE",
           help='run the command scheme with the commands of a JSON file: {"commands": [{"name", '
-          '"description", "pattern", "routing"}, ...]}; combines with -command')
+          '"description", "pattern", "routing", "max_messages", "max_bytes"}, ...]} (the last two: limits on '
+          'what waits in its queue, 0 for none); combines with -command')
     flag(parser, "web", type=parse_listen, default=f"127.0.0.1:{DEFAULT_WEB_PORT}", metavar="HOST:PORT",
           help="web port: the teoproxy-compatible WebSocket gateway on /ws and the web consumer page; "
           "':PORT' means 127.0.0.1, port 0 any free port (default: %(default)s)")
@@ -536,6 +541,7 @@ async def _broker(args: argparse.Namespace) -> int:
                     log_messages=not args.nomsg, commands=schema, backlog_max=args.backlog_max,
                     dispatch_run=args.dispatch_run, storage=args.storage, fsync=args.fsync,
                     segment_size=args.segment_size, memory_max=args.memory_max,
+                    queue_max_bytes=args.queue_max_bytes,
                     message_log=args.log_file if args.log_file is not None else _stderr_fd())
     try:
         await broker.start()

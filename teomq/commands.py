@@ -35,6 +35,8 @@ __all__ = ["BROKER_COMMANDS", "Command", "CommandCall", "CommandSchema", "Comman
 ROUTINGS = ("fanout", "queue")
 #: Names the broker answers itself; a schema cannot use them.
 BROKER_COMMANDS = ("subscribe", "unsubscribe", "hello", "msg")
+#: what a schema file's command may say
+_SCHEMA_KEYS = frozenset({"name", "description", "pattern", "routing", "max_messages", "max_bytes"})
 _SPEC = re.compile(r"^(?P<name>[^/:]+)(?:/(?P<pattern>[^:]*))?(?::(?P<routing>[a-z]+))?$")
 
 
@@ -46,6 +48,10 @@ class Command:
     description: str = ""
     pattern: str = ""
     routing: str = "fanout"
+    #: a broker's limits on the messages waiting in this command's queue (0: none): past them a
+    #: SEND is refused with QUEUE_FULL (retryable); messages in flight do not count
+    max_messages: int = 0
+    max_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -55,6 +61,10 @@ class Command:
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing of command {self.name!r} must be one of {', '.join(ROUTINGS)}, "
                              f"not {self.routing!r}")
+        for what in ("max_messages", "max_bytes"):
+            value = getattr(self, what)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{what} of command {self.name!r} must be a whole number, 0 for none, not {value!r}")
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -148,7 +158,8 @@ class CommandSchema:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CommandSchema:
-        """Read a schema file: JSON ``{"commands": [{"name", "description", "pattern", "routing"}, ...]}``."""
+        """Read a schema file: JSON ``{"commands": [{"name", "description", "pattern", "routing",
+        "max_messages", "max_bytes"}, ...]}`` (all but the name optional)."""
         with open(path, encoding="utf-8") as f:
             try:
                 doc = json.load(f)
@@ -159,9 +170,9 @@ class CommandSchema:
             raise ValueError(f'{path}: expected {{"commands": [...]}}')
         schema = cls()
         for i, item in enumerate(items):
-            if not isinstance(item, dict) or not set(item) <= {"name", "description", "pattern", "routing"}:
+            if not isinstance(item, dict) or not set(item) <= _SCHEMA_KEYS:
                 raise ValueError(f"{path}: command #{i + 1} must be an object with keys "
-                                 "name, description, pattern, routing")
+                                 f"{', '.join(sorted(_SCHEMA_KEYS))}")
             try:
                 schema.add(Command(**item))
             except (TypeError, ValueError) as e:

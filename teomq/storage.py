@@ -109,6 +109,8 @@ class DiskStorage:
         self._syncer: Syncer | None = None
         self._round: tuple[int, list[tuple[int, int, int, bool]]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._dispatcher: Any = None
+        self._read_errors_logged = 0
         self._busy = False
         self._timer: asyncio.TimerHandle | None = None
         self._record = os.environ.get(SYNCED_RECORD_ENV, "") not in ("", "0")
@@ -154,6 +156,7 @@ class DiskStorage:
         """The dispatcher keeps its queues in the log: recovered messages restored, syncer started."""
         lg = self._log()
         dispatcher.set_store(lg)
+        self._dispatcher = dispatcher
         self.restored, self.kept = dispatcher.restore()
         self.paged_out = dispatcher.n_paged_out
         lg.finish_recovery()
@@ -230,6 +233,12 @@ class DiskStorage:
             self._write_failure_logged = False
         if lg.refusing:
             self._check_refusing(lg, loop.time())
+        if lg.n_read_errors != self._read_errors_logged:
+            log.error("storage: %d reads of paged-out messages failed: %s (their queue waits; tried again)",
+                      lg.n_read_errors - self._read_errors_logged, lg.read_error_text)
+            self._read_errors_logged = lg.n_read_errors
+        if self._dispatcher is not None and not lg.refusing:
+            self._compact()
         if not self._busy and self._syncer is not None:
             self._start_round()
         # a disk error is retried every RETRY_MS whatever the policy's period
@@ -237,6 +246,19 @@ class DiskStorage:
         if lg.refusing and not lg.stopped:
             period = min(period, RETRY_MS / 1000)
         self._timer = loop.call_later(period, self._interval)
+
+    def _compact(self) -> None:
+        # the oldest segment pinned by a few live messages: copy them forward (Dispatcher.compact)
+        try:
+            copied, left = self._dispatcher.compact()
+        except OSError as e:
+            log.warning("storage: compaction stopped: %s (tried again later)", e)
+            return
+        if left:
+            log.warning("storage: the oldest segment keeps %d live messages that are not in this broker's queues "
+                        "(kept for commands it does not have): it cannot be compacted", left)
+        elif copied:
+            log.debug("storage: compaction copied %d live messages forward out of the oldest segment", copied)
 
     def _check_refusing(self, lg: SegmentLog, now: float) -> None:
         # new messages are refused (STORAGE errors): log it, try to resume, log what was refused

@@ -45,13 +45,17 @@ VALUED = [
     ("broker", "fsync", "interval:50", "fsync", "interval:50"),
     ("broker", "segment-size", "65536", "segment_size", 65536),
     ("broker", "shutdown-timeout", "2.5", "shutdown_timeout", 2.5),
+    ("broker", "memory-max", "8MiB", "memory_max", 8 << 20),
+    ("broker", "memory-max", "2000000", "memory_max", 2_000_000),
+    ("broker", "queue-max-bytes", "1GiB", "queue_max_bytes", 1 << 30),
 ]
 SWITCHES = [("broker", "nomsg"), ("broker", "stat"), ("broker", "noweb"), ("consumer", "nomsg"), ("consumer", "stat"),
             ("consumer", "reconnect"), ("consumer", "api"), ("consumer", "control"), ("producer", "nomsg"), ("producer", "stat")]
 FLAGS = {
     "broker": ["listen", "data-dir", "nomsg", "stat", "stat-interval", "max-payload", "queue-max", "loop",
                "log-level", "log-file", "command", "schema", "dispatch-run", "backlog-max", "web", "web-origin", "noweb",
-               "storage", "fsync", "segment-size", "shutdown-timeout"],
+               "storage", "fsync", "segment-size", "shutdown-timeout", "memory-max",
+               "queue-max-bytes"],
     "consumer": ["broker", "name", "nomsg", "stat", "stat-interval", "prefetch", "work-ms", "reconnect", "loop",
                  "log-level", "log-file", "subscribe", "api", "control"],
     "producer": ["broker", "name", "delay", "count", "window", "timeout", "nomsg", "stat", "stat-interval",

@@ -3,6 +3,7 @@ from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 from teomq._core.command_parser cimport CommandTable
 from teomq._core.endpoint cimport Endpoint
 from teomq._core.frame_codec cimport F_API, F_NO_REPLY, HEADER_SIZE, FrameHeader
+from teomq._core.routes cimport Route
 from teomq._core.scheduler cimport Scheduler
 
 
@@ -20,6 +21,8 @@ cdef class Dispatcher(Scheduler):
     cdef readonly uint32_t max_payload
     cdef readonly uint64_t n_in
     cdef readonly uint64_t n_refused
+    cdef readonly uint64_t n_limit_refused   # of them, at a queue's limit or queue_max_bytes
+    cdef public uint64_t queue_max_bytes     # payload bytes all routes may have waiting (0: none)
     cdef readonly uint64_t n_unknown_commands
     # command mode (table is None in the basic scheme)
     cdef readonly CommandTable table
@@ -37,6 +40,8 @@ cdef class Dispatcher(Scheduler):
     cdef size_t held(self) noexcept
     cdef int refuse(self, Endpoint conn, uint64_t fid, bint parked) except -1
     cdef int refuse_storage(self, Endpoint conn, uint64_t fid) except -1
+    cdef bint over_limit(self, Route r, size_t n) noexcept
+    cdef int refuse_limit(self, Endpoint conn, uint64_t fid, Route r) except -1
     cdef int on_command_hook(self, Endpoint conn, int kind, FrameHeader *h,
                              const char *p, size_t n) except -1
     cdef int confirm(self, Endpoint conn, uint64_t fid) except -1

@@ -23,7 +23,8 @@ CMD_UNKNOWN: Final = 0
 CMD_UNKNOWN_API: Final = -1
 
 _RouteStats = TypedDict("_RouteStats", {
-    "name": bytes, "routing": str, "queued": int, "subscribers": int, "in": int, "out": int,
+    "name": bytes, "routing": str, "queued": int, "subscribers": int, "in": int, "out": int, "bytes": int,
+    "refused": int,
 })
 
 @final
@@ -97,5 +98,14 @@ class Dispatcher(Scheduler):
     def subscriptions_of(self, conn: Endpoint) -> list[bytes]:
         """Names of the commands ``conn`` is subscribed to (none in the basic scheme)."""
     def route_stats(self) -> list[_RouteStats]:
-        """Per command: name, routing, queued, subscribers, in, out."""
+        """Per command: name, routing, queued, subscribers, in, out, bytes (waiting), refused (at its limits)."""
+    def set_limits(self, idx: int, max_messages: int, max_bytes: int) -> None:
+        """Limits on what waits in route ``idx`` (0: none); past them a SEND gets QUEUE_FULL."""
+    def compact(self) -> tuple[int, int]:
+        """Copy forward the live messages of the segment the log chose to empty: (copied, left)."""
+    #: payload bytes all routes may have waiting (0: none)
+    queue_max_bytes: int
+    @property
+    def n_limit_refused(self) -> int:
+        """SENDs refused at a queue's limits or queue_max_bytes."""
     def stats(self) -> dict[str, int]: ...

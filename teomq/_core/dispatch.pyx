@@ -23,10 +23,10 @@ from teomq._core.endpoint cimport Outbox, S_CLOSED, confirm_now
 from teomq._core.frame_codec cimport (
     E_QUEUE_FULL, E_STORAGE, F_API, F_CONFIRM, F_NO_REPLY, F_REDELIVERED, HEADER_SIZE, note_received,
 )
-from teomq._core.ring_queue cimport Idx, Msg, idxq_push, msg_cost
+from teomq._core.ring_queue cimport Idx, IdxBlock, Msg, idxq_push, msg_cost
 from teomq._core.seglog cimport SegmentLog
 from teomq._core.routes cimport R_FANOUT, R_HELLO, R_MSG, R_QUEUE, Route
-from teomq._core.slots cimport list_item
+from teomq._core.slots cimport list_item, slots_used
 from teomq._core.store cimport store_append
 
 import msgpack
@@ -96,6 +96,31 @@ cdef class Dispatcher(Scheduler):
             self.on_refused()
         return 0
 
+    cdef bint over_limit(self, Route r, size_t n) noexcept:
+        # a SEND of n bytes into r would pass r's limits or the broker's bytes bound
+        return ((r.max_messages and r.waiting.count + r.spill.count >= r.max_messages) or
+                (r.max_bytes and r.q_bytes + n > r.max_bytes) or
+                (self.queue_max_bytes and self.q_bytes + n > self.queue_max_bytes))
+
+    cdef int refuse_limit(self, Endpoint conn, uint64_t fid, Route r) except -1:
+        # QUEUE_FULL at a queue's limit (the command's) or at -queue-max-bytes; the control
+        # plane logs them from route_stats (Broker._tick)
+        cdef str what
+        self.n_refused += 1
+        self.n_limit_refused += 1
+        r.n_refused += 1
+        conn.n_refused += 1
+        name = r.name.decode("utf-8", "replace") if r.name else "the queue"
+        if (r.max_messages and r.waiting.count + r.spill.count >= r.max_messages) or \
+                (r.max_bytes and r.q_bytes >= r.max_bytes):
+            what = f"'{name}' is at its limit"
+        else:
+            what = f"the broker's -queue-max-bytes {self.queue_max_bytes} is reached"
+        conn._add_error(E_QUEUE_FULL, fid, msgpack.packb({
+            "code": E_QUEUE_FULL, "reason": f"queue is full: {what} ({r.waiting.count + r.spill.count} messages, "
+            f"{r.q_bytes} bytes waiting); message not accepted, send it again later"}))
+        return 0
+
     cdef int refuse_storage(self, Endpoint conn, uint64_t fid) except -1:
         # STORAGE: the durable store refuses new messages now (full disk, a write error); the
         # control plane logs it (storage.py), counted in the log's n_refused
@@ -116,6 +141,10 @@ cdef class Dispatcher(Scheduler):
             return conn._park(h, p + n - h.length)
         if self.held() >= self.queue_max:
             return self.refuse(conn, h.fid, False)
+        r = list_item(<PyObject *>self.routes, route)   # borrowed: the routes list holds it
+        if ((<Route>r).max_messages or (<Route>r).max_bytes or self.queue_max_bytes) and \
+                self.over_limit(<Route>r, n):
+            return self.refuse_limit(conn, h.fid, <Route>r)
         m.flags = flags
         m.attempt = 0
         m.session = conn.session
@@ -128,12 +157,11 @@ cdef class Dispatcher(Scheduler):
             note_received(p - HEADER_SIZE, h.length, &m.rx)
         else:
             m.rx.shift = 0          # a stripped or unframed payload: its CRC is computed afresh
-        r = list_item(<PyObject *>self.routes, route)   # borrowed: the routes list holds it
         (<Route>r).n_in += 1
         if (<Route>r).kind == R_QUEUE:
             self.route_queue(<Route>r, &m)
         else:
-            self.route_fanout(<Route>r, &m)
+            self.route_fanout(<Route>r, &m, False)
         self.n_in += 1
         if h.flags & F_CONFIRM and conn.confirms:
             self.confirm(conn, h.fid)
@@ -331,7 +359,8 @@ cdef class Dispatcher(Scheduler):
                     idx = 0 if name_len == 0 else -1
                 else:
                     idx = self._route_index(PyBytes_FromStringAndSize(name, name_len)) if name_len else -1
-                    if idx >= 0 and (<Route>self.routes[idx]).kind != R_QUEUE:
+                    if idx >= 0 and (<Route>self.routes[idx]).kind != R_QUEUE and \
+                            (<Route>self.routes[idx]).kind != R_FANOUT:
                         idx = -1
             if idx < 0:
                 log.forget(&m)
@@ -348,6 +377,8 @@ cdef class Dispatcher(Scheduler):
                 idxq_push(&r.spill, &e)
                 self.n_paged_out += 1
             self.n_route_queued += 1
+            r.q_bytes += m.length
+            self.q_bytes += m.length
             self.mark_pending(r)
             restored += 1
         if not self.backpressure and self.held() >= self.queue_high:
@@ -355,6 +386,54 @@ cdef class Dispatcher(Scheduler):
             if self.on_backpressure is not None:
                 self.on_backpressure(True)
         return restored, kept
+
+    def compact(self):
+        """Compaction (the durable store's): when the log chose a segment to empty
+        (SegmentLog.compact_due), copy forward every live message of it this dispatcher holds:
+        in flight, queued in memory, paged out (their index entries then point at the copies).
+        Returns (copied, left): left live in that segment (0: it is deleted once the batch with
+        the copies is stored). (0, 0) when there is nothing to do. Not per message: run by the
+        control plane's timer."""
+        cdef SegmentLog log
+        cdef Route r
+        cdef Msg *m
+        cdef IdxBlock *b
+        cdef uint32_t j
+        cdef int32_t i
+        cdef size_t k
+        cdef uint64_t copied = 0
+        cdef uint32_t no
+        if not self.store.hooked:
+            return 0, 0
+        log = <SegmentLog>self.store
+        if not log.compact_due():
+            return 0, 0
+        no = <uint32_t>log.compact_no
+        try:
+            for i in range(self.flights_cap):
+                if slots_used(&self.fslots, i):
+                    m = &self.flights[i].msg
+                    if not m.copy and log.durable(m) and log.compacting(m.seq):
+                        log.move_msg(m)
+                        copied += 1
+            for r in self.routes:
+                if r.kind != R_QUEUE and r.kind != R_FANOUT:
+                    continue
+                for k in range(r.waiting.count):
+                    m = &r.waiting.items[(r.waiting.head + k) & (r.waiting.cap - 1)]
+                    if log.compacting(m.seq):
+                        log.move_msg(m)
+                        copied += 1
+                b = r.spill.first
+                while b != NULL:
+                    for j in range(b.head, b.tail):
+                        if b.items[j].seg == no:
+                            log.move_idx(&b.items[j])
+                            copied += 1
+                    b = b.next
+        finally:
+            left = log.compact_end()
+        return copied, left
 
     # -- command mode, for the control plane ----------------------------------------------
 
@@ -370,6 +449,13 @@ cdef class Dispatcher(Scheduler):
         self.routes = [Route(i, table.name_of(i), int(kinds[i])) for i in range(len(table))]
         self.table = table
         self.basic = False
+
+    def set_limits(self, int32_t idx, uint64_t max_messages, uint64_t max_bytes):
+        """Limits on what waits in route ``idx`` (a queue or fanout command): messages and
+        payload bytes, 0 for none. Past them a SEND to it is refused with QUEUE_FULL."""
+        cdef Route r = <Route>self.routes[idx]
+        r.max_messages = max_messages
+        r.max_bytes = max_bytes
 
     cdef int32_t _route_index(self, name) except -2:
         if self.table is None:
@@ -431,7 +517,8 @@ cdef class Dispatcher(Scheduler):
         if self.basic:
             return []
         return [{"name": r.name, "routing": r.routing, "queued": r.waiting.count + r.spill.count,
-                 "subscribers": r.nmembers, "in": r.n_in, "out": r.n_out}
+                 "subscribers": r.nmembers, "in": r.n_in, "out": r.n_out, "bytes": r.q_bytes,
+                 "refused": r.n_refused}
                 for r in self.routes if r.kind == R_FANOUT or r.kind == R_QUEUE]
 
     def stats(self) -> dict:
@@ -456,5 +543,7 @@ cdef class Dispatcher(Scheduler):
             "subscriptions": self.subtab.t.used - (self.consumers if self.basic else 0),
             "last_seq": self.store.last_seq,
             "paged_out": self.n_paged_out - self.n_paged_in,
+            "queued_bytes": self.q_bytes,
+            "limit_refused": self.n_limit_refused,
             "memory_queued": self.mem_queued,
         }

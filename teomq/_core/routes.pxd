@@ -56,6 +56,10 @@ cdef class Route:
     cdef bint pending                 # in the dispatcher's list of routes to drain
     cdef readonly uint64_t n_in       # messages routed here
     cdef readonly uint64_t n_out      # deliveries made from here
+    cdef public uint64_t max_messages # limits on what waits here (0: none): past them QUEUE_FULL
+    cdef public uint64_t max_bytes
+    cdef readonly uint64_t q_bytes    # payload bytes waiting here (in memory and paged out)
+    cdef readonly uint64_t n_refused  # SENDs refused at those limits
     cdef int add_member(self, int32_t sid, Sub *subs) except -1
     cdef void remove_member(self, int32_t sid, Sub *subs) noexcept
 

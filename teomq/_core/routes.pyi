@@ -30,7 +30,20 @@ class Route:
     def n_out(self) -> int:
         """Deliveries made from here."""
     @property
-    def queued(self) -> int: ...
+    def queued(self) -> int:
+        """Waiting messages, in memory and paged out."""
+    @property
+    def paged_out(self) -> int:
+        """Waiting messages paged out to the durable log."""
+    #: limits on what waits here (0: none)
+    max_messages: int
+    max_bytes: int
+    @property
+    def q_bytes(self) -> int:
+        """Payload bytes waiting here."""
+    @property
+    def n_refused(self) -> int:
+        """SENDs refused at its limits."""
     @property
     def routing(self) -> str:
         """"fanout", "queue" or "broker"."""

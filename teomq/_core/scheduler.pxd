@@ -47,6 +47,7 @@ cdef class Scheduler:
                                           # past it a durable store's messages are paged out
     cdef readonly size_t mem_queued       # memory waiting messages hold (ring_queue.pxd: msg_cost)
     cdef size_t trim_mark                 # mem_queued when memory was last given back (tick)
+    cdef readonly uint64_t q_bytes        # payload bytes waiting in all routes
     cdef readonly uint64_t n_paged_out
     cdef readonly uint64_t n_paged_in
     cdef readonly size_t n_backlog        # fanout copies in consumers' backlogs
@@ -86,7 +87,7 @@ cdef class Scheduler:
     @cython.final
     cdef int route_queue(self, Route r, Msg *m) except -1
     @cython.final
-    cdef int route_fanout(self, Route r, Msg *m) except -1
+    cdef int route_fanout(self, Route r, Msg *m, bint waited) except -1
     @cython.final
     cdef int mark_pending(self, Route r) except -1
     @cython.final

@@ -36,6 +36,9 @@ class Scheduler:
     def mem_queued(self) -> int:
         """Memory waiting messages hold (their slots, payload blocks and payloads)."""
     @property
+    def q_bytes(self) -> int:
+        """Payload bytes waiting in all routes."""
+    @property
     def n_paged_out(self) -> int: ...
     @property
     def n_paged_in(self) -> int: ...

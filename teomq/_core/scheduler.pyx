@@ -33,6 +33,8 @@ from teomq._core.store cimport store_delivered, store_done
 import msgpack
 
 cdef int32_t SLOTS_MAX = 0x40000000
+# a queue with messages paged out reads the next ones back once fewer than this are in memory
+cdef size_t PAGE_AHEAD = 2048
 cdef bytes ERR_UNKNOWN_ID = msgpack.packb(
     {"code": E_UNKNOWN_ID, "reason": "answer for a delivery this connection does not hold"})
 
@@ -57,21 +59,24 @@ cdef inline int wait_push(Scheduler s, Route r, Msg *m) except -1:
         r.waiting.push_back_always(m)
         s.mem_queued += msg_cost(m)
     s.n_route_queued += 1
+    r.q_bytes += m.length
+    s.q_bytes += m.length
     return 0
 
 
 cdef inline bint wait_pop(Scheduler s, Route r, Msg *m) except -1:
     # the head of r's waiting messages, read back from the log first if it is paged out;
     # False when none (or the read failed: logged by the store, tried again at the next tick)
-    if r.waiting.count == 0:
-        if r.spill.count == 0:
-            return False
+    if r.waiting.count < PAGE_AHEAD and r.spill.count:
+        # read ahead before the head runs dry: consumers never wait for a read of their own
         s.n_paged_in += s.store.page_in(&r.spill, r.waiting, r.index, &s.mem_queued, s.mem_max)
-        if r.waiting.count == 0:
-            return False
+    if r.waiting.count == 0:
+        return False
     r.waiting.pop_front(m)
     s.mem_queued -= msg_cost(m)
     s.n_route_queued -= 1
+    r.q_bytes -= m.length
+    s.q_bytes -= m.length
     return True
 
 
@@ -345,6 +350,8 @@ cdef class Scheduler:
             r.waiting.push_front(&f.msg)
             self.mem_queued += msg_cost(&f.msg)
             self.n_route_queued += 1
+            r.q_bytes += f.msg.length
+            self.q_bytes += f.msg.length
             self.mark_pending(r)
             self.n_redelivered += 1
         flight_release(self, idx)
@@ -400,7 +407,7 @@ cdef class Scheduler:
                 return deliver_to_sub(self, r, sid, c, m)
         return wait_push(self, r, m)
 
-    cdef int route_fanout(self, Route r, Msg *m) except -1:
+    cdef int route_fanout(self, Route r, Msg *m, bint waited) except -1:
         # A copy to every subscriber, sharing one payload block; a subscriber without
         # credit keeps its copies in its backlog, in order, up to backlog_max: past that it
         # is a slow consumer and new copies for it are dropped (the others are not held up).
@@ -408,7 +415,13 @@ cdef class Scheduler:
         cdef int32_t i
         cdef Endpoint c
         if r.nmembers == 0:
+            # it waits for a subscriber in the route's queue: durable like a queue's message
+            # (a durable store records it now; the fanout copies later are not)
+            if self.store.hooked:
+                self.store.keep(m)
             return wait_push(self, r, m)
+        if waited and self.store.hooked:
+            self.store.handed(m)      # it waited (recorded): done as a queued message
         m.copy = True
         self.store.share(m, r.nmembers - 1)
         for i in range(r.nmembers):
@@ -528,7 +541,7 @@ cdef class Scheduler:
                 else:
                     if r.nmembers == 0 or not wait_pop(self, r, &m):
                         break
-                    self.route_fanout(r, &m)
+                    self.route_fanout(r, &m, True)
         return 0
 
     cdef int drop_subs(self, Endpoint c) except -1:

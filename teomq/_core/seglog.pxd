@@ -14,6 +14,8 @@ cdef enum:
                             # [seq][msg id][session] name payload (32 + name + payload bytes)
     REC_DELIVERED = 2       # [type][0][0 u16][attempt u32][seq]: a delivery was made (16 bytes)
     REC_DONE = 3            # [type][reason][0 u16][0 u32][seq]: nothing more to deliver (16 bytes)
+    REC_MOVED = 4           # a live message copied forward out of an old segment (compaction):
+                            # a message record's layout; its seq is older than the batch's
     MSG_REC = 32
     STATE_REC = 16
     PREALLOC_STEP = 1 << 20 # a segment file is preallocated this much at a time, ahead of its writes
@@ -25,10 +27,17 @@ cdef enum DoneReason:
     DONE_DROPPED = 2        # dropped by the broker (a fanout copy's subscriber went away)
 
 
+cdef struct Moved:
+    # a message whose record was copied forward (compaction): the segment that holds it now
+    uint64_t seq
+    uint64_t no
+
+
 cdef struct Segment:
     uint64_t no             # its number: file NNNNNNNNNNNNNNNNNNNN.seg
     uint64_t base_seq       # its messages have seq > base_seq (the log's last seq when it began)
-    uint64_t live           # its messages not yet done
+    uint64_t live           # its messages not yet done (moved ones counted where they are now)
+    uint64_t live_bytes     # their records' bytes (what compaction would copy)
     uint64_t end            # bytes written (header and whole batches)
     uint64_t alloc          # bytes preallocated (posix_fallocate), ahead of end
     uint64_t synced         # bytes the syncer has made durable (its fdatasync returned)
@@ -93,6 +102,20 @@ cdef class SegmentLog(Store):
     cdef readonly uint64_t n_reads      # preads of paged-out records
     cdef readonly uint64_t n_read_errors
     cdef readonly object read_error_text
+    # compaction: messages copied forward (their segments by seq: moved), the one being emptied
+    cdef Moved *moved
+    cdef size_t nmoved
+    cdef size_t moved_cap
+    cdef Entry *rmoved                  # recovery: copies of messages whose first record is gone
+    cdef size_t nrmoved
+    cdef size_t rmoved_cap
+    cdef uint64_t drop_hold             # no segment is deleted before this batch is stored
+    cdef uint64_t compact_no            # the segment being emptied (0: none)
+    cdef uint64_t compact_lo            # its messages' seqs: (lo, hi], unless moved
+    cdef uint64_t compact_hi
+    cdef uint64_t stuck_no              # a segment compaction could not empty (kept messages)
+    cdef readonly uint64_t n_moved
+    cdef readonly uint64_t n_compactions
     # recovery
     cdef Entry *entries
     cdef size_t nentries
@@ -103,6 +126,8 @@ cdef class SegmentLog(Store):
     cdef readonly dict recovery
 
     cdef bint durable(self, Msg *m) noexcept
+    cdef int record(self, Msg *m, const char *p, bytes name) except -1
+    cdef void state_done(self, Msg *m) noexcept
     cdef int confirm_later(self, Endpoint conn, uint64_t fid) except -1
     cdef int release_confirms(self, uint64_t upto) except -1
     cdef int make_room(self, size_t n, bint message) except -1
@@ -124,4 +149,13 @@ cdef class SegmentLog(Store):
     cdef int forget(self, Msg *m) except -1
     cdef int next_restored(self, Msg *m, const char **name, size_t *name_len, Idx *e, bint load) except -1
     cdef Segment *seg_by_no(self, uint32_t no) noexcept
+    cdef int moved_set(self, uint64_t seq, uint64_t no) except -1
+    cdef Moved *moved_find(self, uint64_t seq) noexcept
+    cdef Entry *rmoved_entry(self, uint64_t seq) except NULL
+    cdef int merge_rmoved(self) except -1
+    cdef bint compacting(self, uint64_t seq) noexcept
+    cdef int move_msg(self, Msg *m) except -1
+    cdef int move_idx(self, Idx *e) except -1
+    cdef char *move_room(self, size_t n, uint32_t attempt) except? NULL
+    cdef int moved_here(self, uint64_t seq, size_t n, uint32_t attempt, char *r) except -1
     cdef const char *record_at(self, const Idx *e) except? NULL

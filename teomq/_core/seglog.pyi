@@ -75,6 +75,22 @@ class SegmentLog(Store):
     @property
     def refusal_payload(self) -> bytes | None:
         """The ERROR payload a refused SEND gets (None when accepting)."""
+    @property
+    def n_read_errors(self) -> int:
+        """Reads of paged-out messages that failed."""
+    @property
+    def read_error_text(self) -> str | None: ...
+    @property
+    def n_reads(self) -> int: ...
+    @property
+    def n_moved(self) -> int:
+        """Live messages copied forward by compaction."""
+    @property
+    def n_compactions(self) -> int: ...
+    def compact_due(self) -> bool:
+        """Choose the segment to empty, if one is worth it (Dispatcher.compact then copies)."""
+    def compact_end(self) -> int:
+        """After Dispatcher.compact: the live messages left in that segment."""
     def resume(self) -> bool:
         """While refusing: write what waits, start a due segment, make room; True once accepting."""
     def stop_accepting(self, err: int, what: str) -> None:

@@ -21,8 +21,9 @@ Recovery (``recover``, then the dispatcher's ``restore``, then ``finish_recovery
 segment in order: whole batches whose CRC holds are read record by record; a batch whose CRC
 fails is skipped to the next batch that verifies (counted, reported); when none follows, the
 log's tail was torn there: it is cut (zeroed) at the last whole batch, the bytes reported. A
-segment or batch of another format version raises LogFormatError. Fanout messages are not
-recorded (a copy belongs to a connected subscriber).
+segment or batch of another format version raises LogFormatError. A fanout message is recorded
+only while it waits for a subscriber (``keep``; ``handed`` ends it): its copies belong to
+connected subscribers and are not recorded.
 """
 
 cimport cython
@@ -31,7 +32,7 @@ from cpython.ref cimport PyObject
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcmp, memcpy, memset, strerror
+from libc.string cimport memcmp, memcpy, memmove, memset, strerror
 
 import os
 
@@ -49,7 +50,7 @@ from teomq._core.frame_codec cimport (
     teomq_st64,
 )
 from teomq._core.ring_queue cimport idxq_front, idxq_pop, msg_cost, payload_new, payload_release
-from teomq._core.routes cimport R_QUEUE, Route
+from teomq._core.routes cimport R_FANOUT, R_QUEUE, Route
 from teomq._core.store cimport mem_append
 
 import msgpack
@@ -209,6 +210,8 @@ cdef class SegmentLog(Store):
         free(self.buf)
         free(self.entries)
         free(self.rbuf)
+        free(self.moved)
+        free(self.rmoved)
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -228,7 +231,8 @@ cdef class SegmentLog(Store):
         if m.copy or m.route < 0 or m.route >= PyList_GET_SIZE(<PyObject *>self.routes):
             return False
         r = PyList_GET_ITEM(<PyObject *>self.routes, m.route)
-        return (<Route>r).kind == R_QUEUE
+        # a queue's messages; a fanout command's while it waits for a subscriber (not its copies)
+        return (<Route>r).kind == R_QUEUE or (<Route>r).kind == R_FANOUT
 
     cdef int make_room(self, size_t n, bint message) except -1:
         # Before a record of n bytes: when the pass's batch with it would pass the active
@@ -315,19 +319,19 @@ cdef class SegmentLog(Store):
         return b
 
     cdef int append(self, Msg *m, const char *p, size_t n) except -1:
-        # 0: accepted and recorded; 1: refused (refusing: a disk error), m untouched
-        cdef bytes name
+        # 0: accepted (a queue's message recorded; a fanout one's room made, recorded by keep()
+        # if it waits); 1: refused (refusing: a disk error), m untouched
+        cdef Route route
         cdef size_t k
-        cdef char *r
+        cdef Segment *s
         if not self.durable(m):
             return mem_append(self, m, p, n)
-        cdef Segment *s
         if self.refusing:
             self.n_refused += 1
             return 1
-        name = (<Route>PyList_GET_ITEM(<PyObject *>self.routes, m.route)).name
-        k = <size_t>PyBytes_GET_SIZE(name)
-        if self.make_room(MSG_REC + k + n, True):
+        route = <Route>PyList_GET_ITEM(<PyObject *>self.routes, m.route)
+        k = <size_t>PyBytes_GET_SIZE(route.name)
+        if self.make_room(MSG_REC + k + n, True):     # before numbering: it may start a segment
             self.n_refused += 1
             return 1
         s = &self.segs[self.nsegs - 1]
@@ -336,7 +340,23 @@ cdef class SegmentLog(Store):
             self.n_refused += 1
             return 1
         mem_append(self, m, p, n)
-        r = self.reserve(MSG_REC + k + n)
+        if route.kind == R_QUEUE:
+            self.record(m, p, route.name)
+        return 0
+
+    cdef int keep(self, Msg *m) except -1:
+        # a fanout message with no subscriber waits in its route's queue: recorded now (append
+        # made the room, in the same enqueue, so it goes where its seq says)
+        if self.durable(m) and m.seq == self.last_seq:
+            self.record(m, m.data, (<Route>PyList_GET_ITEM(<PyObject *>self.routes, m.route)).name)
+        return 0
+
+    cdef int record(self, Msg *m, const char *p, bytes name) except -1:
+        # the message record of m (payload p[0:m.length]) in the pass's batch
+        cdef size_t k = <size_t>PyBytes_GET_SIZE(name)
+        cdef size_t n = m.length
+        cdef char *r = self.reserve(MSG_REC + k + n)
+        cdef Segment *s
         r[0] = REC_MSG
         r[1] = <char>k
         teomq_st16(r + 2, m.flags)
@@ -352,6 +372,7 @@ cdef class SegmentLog(Store):
             self.batch_seq = m.seq
         s = &self.segs[self.nsegs - 1]
         s.live += 1
+        s.live_bytes += MSG_REC + k + n
         # where the record will be: the batch is written at the segment's end (locate)
         self.loc_seq = m.seq
         self.loc_seg = <uint32_t>s.no
@@ -435,7 +456,7 @@ cdef class SegmentLog(Store):
             r = self.record_at(e)
             if r == NULL:
                 break
-            if r[0] != REC_MSG or e.len < MSG_REC:
+            if (r[0] != REC_MSG and r[0] != REC_MOVED) or e.len < MSG_REC:
                 self.n_read_errors += 1
                 self.read_error_text = f"segment {e.seg} offset {e.off}: not a message record"
                 break
@@ -515,11 +536,23 @@ cdef class SegmentLog(Store):
         return 0
 
     cdef void done(self, Msg *m) noexcept:
+        payload_release(m.data)
+        if self.durable(m):
+            self.state_done(m)
+
+    cdef int handed(self, Msg *m) except -1:
+        # a fanout message that waited goes to its subscribers as copies (its payload with
+        # them): done as a waiting message
+        if self.durable(m):
+            self.state_done(m)
+        return 0
+
+    cdef void state_done(self, Msg *m) noexcept:
+        # the done record of a recorded message, and it no longer counts as live
         cdef char *r
         cdef Segment *s
-        payload_release(m.data)
-        if not self.durable(m):
-            return
+        cdef Moved *mv
+        cdef size_t size
         try:
             self.make_room(STATE_REC, False)
             r = self.reserve(STATE_REC)
@@ -534,8 +567,17 @@ cdef class SegmentLog(Store):
         teomq_st32(r + 4, 0)
         teomq_st64(r + 8, m.seq)
         s = self.segment_of(m.seq)
+        if self.nmoved:
+            mv = self.moved_find(m.seq)
+            if mv != NULL:          # copied forward: counted where it is now
+                s = self.seg_by_no(<uint32_t>mv.no)
+                memmove(mv, mv + 1, (self.nmoved - <size_t>(mv - self.moved) - 1) * sizeof(Moved))
+                self.nmoved -= 1
         if s != NULL and s.live:
             s.live -= 1
+            size = MSG_REC + <size_t>PyBytes_GET_SIZE((<Route>PyList_GET_ITEM(<PyObject *>self.routes, m.route)).name) \
+                + m.length
+            s.live_bytes = s.live_bytes - size if s.live_bytes > size else 0
 
     cdef Segment *segment_of(self, uint64_t seq) noexcept:
         # the segment whose messages include seq (base_seq < seq <= next one's base_seq)
@@ -551,6 +593,161 @@ cdef class SegmentLog(Store):
             else:
                 hi = mid
         return &self.segs[lo]
+
+    # -- compaction -----------------------------------------------------------------------
+
+    cdef Moved *moved_find(self, uint64_t seq) noexcept:
+        cdef size_t lo = 0
+        cdef size_t hi = self.nmoved
+        cdef size_t mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self.moved[mid].seq < seq:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < self.nmoved and self.moved[lo].seq == seq:
+            return &self.moved[lo]
+        return NULL
+
+    cdef int moved_set(self, uint64_t seq, uint64_t no) except -1:
+        # message seq is in segment no now (sorted by seq: few, so an insert may move the rest)
+        cdef size_t lo = 0
+        cdef size_t hi = self.nmoved
+        cdef size_t mid
+        cdef Moved *g
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self.moved[mid].seq < seq:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < self.nmoved and self.moved[lo].seq == seq:
+            self.moved[lo].no = no
+            return 0
+        if self.nmoved == self.moved_cap:
+            g = <Moved *>realloc(self.moved, (self.moved_cap * 2 + 64) * sizeof(Moved))
+            if g == NULL:
+                raise MemoryError()
+            self.moved = g
+            self.moved_cap = self.moved_cap * 2 + 64
+        memmove(&self.moved[lo + 1], &self.moved[lo], (self.nmoved - lo) * sizeof(Moved))
+        self.moved[lo].seq = seq
+        self.moved[lo].no = no
+        self.nmoved += 1
+        return 0
+
+    def compact_due(self):
+        """Choose the segment to empty, if one is worth it: the oldest, when it pins later ones
+        (three segments or more) and what is live in it is at most an eighth of a segment. The
+        dispatcher then copies those messages forward (Dispatcher.compact) and calls
+        compact_end. False while an earlier compaction's copies are not yet stored."""
+        cdef Segment *s0
+        if self.nsegs < 3 or self.refusing or self.compact_no or self.drop_hold:
+            return False
+        s0 = &self.segs[0]
+        if s0.live == 0 or s0.no == self.stuck_no or s0.live_bytes * 8 > self.segment_size:
+            return False
+        self.compact_no = s0.no
+        self.compact_lo = s0.base_seq
+        self.compact_hi = self.segs[1].base_seq
+        return True
+
+    cdef bint compacting(self, uint64_t seq) noexcept:
+        # message seq is in the segment being emptied
+        cdef Moved *mv
+        if self.nmoved:
+            mv = self.moved_find(seq)
+            if mv != NULL:
+                return mv.no == self.compact_no
+        return self.compact_lo < seq <= self.compact_hi
+
+    cdef char *move_room(self, size_t n, uint32_t attempt) except? NULL:
+        # room in the pass's batch for a copied message record (and its delivered record)
+        cdef Segment *s
+        cdef size_t need = n + (STATE_REC if attempt else 0)
+        if self.make_room(need, True):
+            raise OSError(self.refusing or 5, self.refusing_text or "no room for a copied record")
+        s = &self.segs[self.nsegs - 1]
+        if self.grow(s, s.end + pad8(self.used + need) + self.reserve_room()):
+            raise OSError(self.refusing, self.refusing_text)
+        return self.reserve(n)
+
+    cdef int moved_here(self, uint64_t seq, size_t n, uint32_t attempt, char *r) except -1:
+        # the copy of message seq (n bytes at r, in the pass's batch) is made: counted in the
+        # active segment, not in the one being emptied; its attempts recorded again
+        cdef Segment *s = &self.segs[self.nsegs - 1]
+        cdef Segment *old = self.seg_by_no(<uint32_t>self.compact_no)
+        cdef char *d
+        if attempt:
+            d = self.reserve(STATE_REC)
+            d[0] = REC_DELIVERED
+            d[1] = 0
+            teomq_st16(d + 2, 0)
+            teomq_st32(d + 4, attempt)
+            teomq_st64(d + 8, seq)
+        s.live += 1
+        s.live_bytes += n
+        if old != NULL and old.live:
+            old.live -= 1
+            old.live_bytes = old.live_bytes - n if old.live_bytes > n else 0
+        self.moved_set(seq, s.no)
+        self.n_moved += 1
+        return 0
+
+    cdef int move_msg(self, Msg *m) except -1:
+        # copy forward a message the dispatcher holds in memory (queued or in flight)
+        cdef bytes name = (<Route>PyList_GET_ITEM(<PyObject *>self.routes, m.route)).name
+        cdef size_t k = <size_t>PyBytes_GET_SIZE(name)
+        cdef size_t n = MSG_REC + k + m.length
+        cdef char *r = self.move_room(n, m.attempt)
+        r[0] = REC_MOVED
+        r[1] = <char>k
+        teomq_st16(r + 2, m.flags)
+        teomq_st32(r + 4, m.length)
+        teomq_st64(r + 8, m.seq)
+        teomq_st64(r + 16, m.msg_id)
+        teomq_st64(r + 24, m.session)
+        if k:
+            memcpy(r + MSG_REC, PyBytes_AS_STRING(name), k)
+        if m.length:
+            memcpy(r + MSG_REC + k, m.data, m.length)
+        return self.moved_here(m.seq, n, m.attempt, r)
+
+    cdef int move_idx(self, Idx *e) except -1:
+        # copy forward a paged-out message: its record read back, written again, e moved to it
+        cdef const char *rec = self.record_at(e)     # (in the read window: not the batch's buffer)
+        cdef char *r
+        cdef Segment *s
+        cdef uint32_t attempt = e.attempt & ~RESTORED
+        cdef uint64_t off
+        if rec == NULL:
+            raise OSError(5, self.read_error_text)
+        r = self.move_room(e.len, attempt)
+        memcpy(r, rec, e.len)
+        r[0] = REC_MOVED
+        if e.attempt & RESTORED:
+            teomq_st64(r + 24, 0)       # its producer's session went with a restart
+        s = &self.segs[self.nsegs - 1]
+        off = s.end + <uint64_t>(r - self.buf)
+        self.moved_here(teomq_ld64(r + 8), e.len, attempt, r)
+        e.seg = <uint32_t>s.no
+        e.off = <uint32_t>off
+        return 0
+
+    def compact_end(self):
+        """After Dispatcher.compact: how many live messages are left in the segment (0: it goes
+        once the batch with the copies is stored; else it is not tried again: its messages are
+        not the dispatcher's, those kept for commands this broker does not have)."""
+        cdef Segment *old = self.seg_by_no(<uint32_t>self.compact_no)
+        cdef uint64_t left = old.live if old != NULL else 0
+        if left:
+            self.stuck_no = self.compact_no
+        else:
+            self.drop_hold = self.n_batches + (1 if self.count else 0)
+            self.n_compactions += 1
+        self.compact_no = 0
+        return left
 
     # -- once per loop pass ---------------------------------------------------------------
 
@@ -677,6 +874,11 @@ cdef class SegmentLog(Store):
         # delete the oldest segments while they (and so everything before them) hold nothing live
         cdef size_t k = 0
         cdef size_t i
+        if self.drop_hold:
+            # compaction's copies first: stored (synced, or written where that is the promise)
+            if (self.n_batches if self.confirm_on_write else self.synced_batches) < self.drop_hold:
+                return 0
+            self.drop_hold = 0
         while k + 1 < self.nsegs and self.segs[k].live == 0:
             k += 1
         if k == 0:
@@ -809,6 +1011,10 @@ cdef class SegmentLog(Store):
             "bytes_written": self.bytes_written,
             "segments_deleted": self.n_deleted,
             "live": sum(self.segs[i].live for i in range(self.nsegs)),
+            "disk_bytes": sum(self.segs[i].alloc if self.segs[i].alloc > self.segs[i].end else self.segs[i].end
+                              for i in range(self.nsegs)),
+            "moved": self.n_moved,
+            "compactions": self.n_compactions,
         }
 
     # -- recovery -------------------------------------------------------------------------
@@ -821,6 +1027,9 @@ cdef class SegmentLog(Store):
         Raises LogFormatError for a segment or batch of another format version."""
         cdef size_t i
         cdef size_t live
+        cdef Entry *en
+        cdef Segment *s
+        cdef const char *r
         numbers = segment_numbers(self.path)
         self.recovery = {"segments": 0, "batches": 0, "records": 0, "messages": 0,
                          "bad_batches": 0, "skipped": [], "cut": [], "empty": [], "bytes": 0}
@@ -829,10 +1038,17 @@ cdef class SegmentLog(Store):
         for i in range(self.nsegs):
             self.scan_segment(i)
         self.recovery["data"] = sum(self.segs[i].end for i in range(self.nsegs))   # log bytes in use
+        self.merge_rmoved()
         live = 0
         for i in range(self.nentries):
             if not self.entries[i].done:
-                self.segs[self.entries[i].seg].live += 1
+                en = &self.entries[i]
+                s = &self.segs[en.seg]
+                s.live += 1
+                r = s.map + en.off
+                s.live_bytes += MSG_REC + <uint8_t>r[1] + teomq_ld32(r + 4)
+                if self.segment_of(en.seq) != s:
+                    self.moved_set(en.seq, s.no)    # a copy (compaction): counted where it is
                 live += 1
         self.recovery.update(segments=self.nsegs, batches=self.rec_batches, records=self.rec_records,
                              messages=live)
@@ -1008,6 +1224,17 @@ cdef class SegmentLog(Store):
                 if seq > self.last_seq:
                     self.last_seq = seq
                 p += MSG_REC + <uint8_t>p[1] + teomq_ld32(p + 4)
+            elif t == REC_MOVED:
+                if e - p < MSG_REC or <size_t>(e - p) < MSG_REC + <uint8_t>p[1] + <size_t>teomq_ld32(p + 4):
+                    raise LogFormatError(f"{segment_name(self.segs[si].no)}: a copied message record at offset "
+                                         f"{p - base} runs past its batch")
+                seq = teomq_ld64(p + 8)
+                en = self.find_entry(seq)
+                if en == NULL:             # its first record is gone with its segment
+                    en = self.rmoved_entry(seq)
+                en.seg = <uint32_t>si       # the copy: where it is now
+                en.off = <uint64_t>(p - base)
+                p += MSG_REC + <uint8_t>p[1] + teomq_ld32(p + 4)
             elif t == REC_DELIVERED or t == REC_DONE:
                 if e - p < STATE_REC:
                     raise LogFormatError(f"{segment_name(self.segs[si].no)}: a state record at offset "
@@ -1037,7 +1264,74 @@ cdef class SegmentLog(Store):
                 hi = mid
         if lo < self.nentries and self.entries[lo].seq == seq:
             return &self.entries[lo]
+        if self.nrmoved:
+            lo = 0
+            hi = self.nrmoved
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if self.rmoved[mid].seq < seq:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo < self.nrmoved and self.rmoved[lo].seq == seq:
+                return &self.rmoved[lo]
         return NULL
+
+    cdef Entry *rmoved_entry(self, uint64_t seq) except NULL:
+        # recovery: a new entry for a copied message whose first record is gone (kept apart,
+        # sorted, merged into entries after the scan)
+        cdef size_t lo = 0
+        cdef size_t hi = self.nrmoved
+        cdef size_t mid
+        cdef Entry *g
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self.rmoved[mid].seq < seq:
+                lo = mid + 1
+            else:
+                hi = mid
+        if self.nrmoved == self.rmoved_cap:
+            g = <Entry *>realloc(self.rmoved, (self.rmoved_cap * 2 + 64) * sizeof(Entry))
+            if g == NULL:
+                raise MemoryError()
+            self.rmoved = g
+            self.rmoved_cap = self.rmoved_cap * 2 + 64
+        memmove(&self.rmoved[lo + 1], &self.rmoved[lo], (self.nrmoved - lo) * sizeof(Entry))
+        self.nrmoved += 1
+        g = &self.rmoved[lo]
+        g.seq = seq
+        g.attempts = 0
+        g.done = 0
+        return g
+
+    cdef int merge_rmoved(self) except -1:
+        # recovery, after the scan: the copies' entries merged into entries (both sorted)
+        cdef Entry *g
+        cdef size_t i
+        cdef size_t j
+        cdef size_t k
+        if self.nrmoved == 0:
+            return 0
+        g = <Entry *>malloc((self.nentries + self.nrmoved) * sizeof(Entry))
+        if g == NULL:
+            raise MemoryError()
+        i = j = k = 0
+        while i < self.nentries or j < self.nrmoved:
+            if j == self.nrmoved or (i < self.nentries and self.entries[i].seq < self.rmoved[j].seq):
+                g[k] = self.entries[i]
+                i += 1
+            else:
+                g[k] = self.rmoved[j]
+                j += 1
+            k += 1
+        free(self.entries)
+        self.entries = g
+        self.nentries = k
+        self.entries_cap = k
+        free(self.rmoved)
+        self.rmoved = NULL
+        self.nrmoved = self.rmoved_cap = 0
+        return 0
 
     cdef int next_restored(self, Msg *m, const char **name, size_t *name_len, Idx *e, bint load) except -1:
         # The next live recovered message as a Msg (load: payload copied out of the mapped file

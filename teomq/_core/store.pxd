@@ -23,6 +23,8 @@ cdef class Store:
     cdef void done(self, Msg *m) noexcept
     cdef int write_pass(self) except -1
     cdef bint locate(self, const Msg *m, Idx *e) noexcept
+    cdef int keep(self, Msg *m) except -1
+    cdef int handed(self, Msg *m) except -1
     cdef int page_in(self, IdxQueue *q, MsgRing into, int32_t route, size_t *mem, size_t mem_max) except -1
 
 

@@ -35,6 +35,15 @@ cdef class Store:
     cdef int write_pass(self) except -1:
         return 0
 
+    cdef int keep(self, Msg *m) except -1:
+        # a fanout message waits for a subscriber (none yet): the durable store records it
+        return 0
+
+    cdef int handed(self, Msg *m) except -1:
+        # a fanout message that waited (kept) is handed to its subscribers: its copies are
+        # theirs, the message itself is done (its payload stays with the copies)
+        return 0
+
     cdef bint locate(self, const Msg *m, Idx *e) noexcept:
         # where m's record is, if it has one (the durable store, right after append): a queued
         # message over the memory budget keeps only that (paged out); the in-memory store: never

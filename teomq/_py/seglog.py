@@ -18,7 +18,7 @@ BATCH_MAGIC = b"TQLB"
 VERSION = 1
 SEG_HEADER = 64
 BATCH_HEADER = 40
-REC_PAD, REC_MSG, REC_DELIVERED, REC_DONE = 0, 1, 2, 3
+REC_PAD, REC_MSG, REC_DELIVERED, REC_DONE, REC_MOVED = 0, 1, 2, 3, 4
 MSG_REC = 32
 STATE_REC = 16
 
@@ -64,7 +64,7 @@ class Batch:
         base = self.offset + BATCH_HEADER
         while p < len(body) and body[p] != REC_PAD:
             t = body[p]
-            if t == REC_MSG:
+            if t in (REC_MSG, REC_MOVED):   # a moved one: a live message copied forward
                 _, k, flags, n, seq, mid, sess = _MSG.unpack_from(body, p)
                 name = body[p + MSG_REC:p + MSG_REC + k]
                 payload = body[p + MSG_REC + k:p + MSG_REC + k + n]

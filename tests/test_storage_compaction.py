@@ -1,0 +1,202 @@
+"""Compaction (docs/storage.md, "Compaction"): a few old live messages do not pin the disk.
+
+The oldest segment, when what is live in it is at most an eighth of a segment, has its live
+messages copied forward (in flight, queued in memory, or paged out) and goes once the copies
+are stored; the segments behind it that hold nothing live go with it. Real CLI brokers with
+small segments (1 MiB); the disk in use is sampled from the files while the load runs; SIGKILL
+and a restart show that the copied messages are still there, and only they.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from procs import ProcGroup
+from teomq.client import Consumer, Producer
+
+pytestmark = pytest.mark.integration
+
+HANG = 120.0
+MiB = 1 << 20
+
+
+def disk_use(qdir: Path) -> int:
+    """Bytes the segment files take on disk (their allocated blocks)."""
+    total = 0
+    for p in qdir.glob("*.seg"):
+        try:
+            total += p.stat().st_blocks * 512
+        except FileNotFoundError:
+            pass
+    return total
+
+
+async def behind(answered, sent: int, backlog: int = 20_000) -> None:  # type: ignore[no-untyped-def]
+    """Wait while more than ``backlog`` messages wait for the consumer: what is live stays small,
+    so what the disk holds beyond it is what compaction must free."""
+    deadline = asyncio.get_running_loop().time() + HANG
+    while sent - answered() > backlog:
+        assert asyncio.get_running_loop().time() < deadline, "the consumer stopped"
+        await asyncio.sleep(0.005)
+
+
+class Sampler:
+    """The largest disk_use seen, sampled every 50 ms in a thread."""
+
+    def __init__(self, qdir: Path) -> None:
+        self.qdir = qdir
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, disk_use(self.qdir))
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_one_unanswered_message_does_not_pin_the_disk(procs: ProcGroup, tmp_path: Path) -> None:
+    """A consumer holds the first message and never answers; 2,000,000 more are published and
+    answered behind it (the producer at most 20,000 ahead of the consumer). The log written is
+    some 400 MB; the disk in use stays under 16 MiB. After
+    SIGKILL and a restart the held message, and only it, is there."""
+    d = tmp_path / "data"
+    broker = procs.broker("-nomsg", "-noweb", "-segment-size", str(MiB), "-queue-max", "4000000", data_dir=d)
+    total = 2_000_000
+    answered = 0
+
+    async def main() -> None:
+        nonlocal answered
+        held = asyncio.Event()
+        never = asyncio.Event()
+
+        async def hold(data: bytes) -> None:
+            held.set()
+            await never.wait()
+
+        def answer(data: bytes) -> None:
+            nonlocal answered
+            answered += 1
+
+        async with Producer(broker.endpoint, timeout=HANG) as p, \
+                Consumer(broker.endpoint, hold, prefetch=1, timeout=0.1):
+            await p.publish(b"the one held" + b"." * 88)
+            await asyncio.wait_for(held.wait(), HANG)
+            async with Consumer(broker.endpoint, answer, prefetch=512, timeout=HANG):
+                for i in range(total):
+                    p.publish(b"%09d" % i + b"x" * 91)
+                    if i % 1024 == 1023:
+                        await p.confirmed(4096)
+                        await behind(lambda: answered, i)
+                await p.confirmed(0)
+                deadline = asyncio.get_running_loop().time() + HANG
+                while answered < total:
+                    assert asyncio.get_running_loop().time() < deadline, f"{answered} answered"
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)        # the last done records written, segments deleted
+            assert broker.proc.kill9() == -signal.SIGKILL
+
+    with Sampler(d / "queues") as sampler:
+        asyncio.run(main())
+    print(f"disk in use at most {sampler.peak / MiB:.1f} MiB for {total} messages")
+    assert sampler.peak < 16 * MiB, sampler.peak
+    again = procs.broker("-nomsg", "-noweb", "-segment-size", str(MiB), data_dir=d)
+    again.proc.wait_for_line(r"storage: .* 1 messages restored", stderr=True)
+    got: list[bytes] = []
+
+    async def take() -> None:
+        def handler(data: bytes) -> None:
+            got.append(bytes(data))
+
+        async with Consumer(again.endpoint, handler, timeout=HANG):
+            while not got:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)
+
+    asyncio.run(take())
+    assert got == [b"the one held" + b"." * 88]
+    assert again.proc.terminate() == 0
+
+
+def test_paged_out_messages_are_copied_forward_too(procs: ProcGroup, tmp_path: Path) -> None:
+    """Commands `a` and `c` have no consumer and 10 messages each, paged out (the memory budget,
+    1 MiB, is spent by command `b`'s backlog when they come); 200,000 messages of `b` are answered
+    behind them (the producer at most 20,000 ahead). The disk stays bounded; a consumer of `a`
+    then gets its 10, read back from their copies; after SIGKILL and a restart a consumer of `c`
+    gets its 10."""
+    d = tmp_path / "data"
+    args = ("-nomsg", "-noweb", "-segment-size", str(MiB), "-memory-max", "1MiB", "-command", "a:queue",
+            "-command", "b:queue", "-command", "c:queue")
+    broker = procs.broker(*args, data_dir=d)
+    first = 2000
+    total = 200_000
+    answered = 0
+
+    async def main() -> None:
+        nonlocal answered
+
+        def answer(data: bytes) -> None:
+            nonlocal answered
+            answered += 1
+
+        async with Producer(broker.endpoint, timeout=HANG) as p:
+            for i in range(first):             # 2 MB of b with nobody to take it: over the budget
+                p.publish(b"b/" + b"%09d" % i + b"x" * 989)
+            await p.confirmed(0)
+            for i in range(10):
+                p.publish(b"a/" + b"kept-%d" % i)
+                p.publish(b"c/" + b"kept-%d" % i)
+            await p.confirmed(0)
+            async with Consumer(broker.endpoint, answer, prefetch=512, timeout=HANG) as c:
+                await c.subscribe("b")
+                for i in range(first, total):
+                    p.publish(b"b/" + b"%09d" % i + b"x" * 91)
+                    if i % 1024 == 1023:
+                        await p.confirmed(4096)
+                        await behind(lambda: answered + first, i)
+                await p.confirmed(0)
+                deadline = asyncio.get_running_loop().time() + HANG
+                while answered < total:
+                    assert asyncio.get_running_loop().time() < deadline, f"{answered} answered"
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)
+
+    async def take(spec: str, command: str, got: list[bytes]) -> None:
+        def handler(data: bytes) -> None:
+            got.append(bytes(data))
+
+        async with Consumer(spec, handler, timeout=HANG) as c:
+            await c.subscribe(command)
+            deadline = asyncio.get_running_loop().time() + HANG
+            while len(got) < 10:
+                assert asyncio.get_running_loop().time() < deadline, got
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)
+
+    with Sampler(d / "queues") as sampler:
+        asyncio.run(main())
+    print(f"disk in use at most {sampler.peak / MiB:.1f} MiB")
+    assert sampler.peak < 16 * MiB, sampler.peak
+    assert broker.proc.wait_for_line(r"queues: the memory budget is spent", stderr=True)
+    got_a: list[bytes] = []
+    asyncio.run(take(broker.endpoint, "a", got_a))      # read back from their copies
+    assert got_a == [b"a/kept-%d" % i for i in range(10)]
+    assert broker.proc.kill9() == -signal.SIGKILL
+    again = procs.broker(*args, data_dir=d)
+    again.proc.wait_for_line(r"storage: .* 10 messages restored", stderr=True)
+    got_c: list[bytes] = []
+    asyncio.run(take(again.endpoint, "c", got_c))
+    assert got_c == [b"c/kept-%d" % i for i in range(10)]
+    assert again.proc.terminate() == 0
