@@ -57,6 +57,9 @@ class Workload:
     inflight: int
     size: int
     count: int = 0  # drain: messages; 0 = timed
+    teomq_opts: tuple[str, ...] = ()  # teomq driver options (-o KEY=VALUE), e.g. its durable mode
+    #: only with --workloads naming it (long: the durable peers take minutes for it)
+    optional: bool = False
 
     def args(self, duration: float, warmup: float, count: int | None) -> list[str]:
         a = [self.workload, "--producers", str(self.producers), "--consumers", str(self.consumers),
@@ -81,6 +84,10 @@ WORKLOADS = [
     Workload("rpc-4x4x32-64KiB", "rpc", 4, 4, 32, 65536),
     Workload("publish-4x4-100B", "publish", 4, 4, 32, 100),
     Workload("drain-100k-100B", "drain", 4, 4, 32, 100, count=100_000),
+    # every system durable, each producer with at most 1,024 unconfirmed enqueues (a batch of
+    # 1,024, confirmed before the next; NATS: publish_async_max_pending 1,024, a sliding window)
+    Workload("drain-1M-100B-durable", "drain", 4, 4, 1024, 100, count=1_000_000,
+             teomq_opts=("storage=disk", "fsync=always", "confirm=1", "queue_max=4000000"), optional=True),
 ]
 
 
@@ -351,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in systems:
         if s not in SYSTEMS:
             ap.error(f"unknown system {s!r}")
-    workloads = WORKLOADS
+    workloads = [w for w in WORKLOADS if not w.optional]
     if args.workloads:
         wanted = args.workloads.split(",")
         workloads = [w for w in WORKLOADS if w.key in wanted]
@@ -392,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
                     log_path = os.path.join(tmp, f"{w.key}-{system}-{rep}.log")
                     cmd = [sys.executable, "-m", "teomq", "bench", *w.args(duration, warmup, drain_count),
                            "--driver", SYSTEMS[system], "--loop", args.loop, "--json", json_path, "--no-progress"]
-                    limit = duration + warmup + 240.0
+                    if system == "teomq":
+                        cmd += [a for o in w.teomq_opts for a in ("-o", o)]
+                    limit = duration + warmup + 240.0 + ((drain_count or w.count) / 2000 if w.workload == "drain" else 0)
                     print(f"[{n}] {w.key} {system} (repeat {rep + 1}/{args.repeat}) ...", end=" ", flush=True)
                     load_before = os.getloadavg()
                     t = time.monotonic()

@@ -60,13 +60,17 @@ def _version(binary: str) -> str:
     return m.group(1) if m else out.strip()
 
 
+#: unacked js.publish_async per producer (drain): as every system gets (nats-py's default: 4,000)
+JS_PENDING = 1024
+
+
 async def _connect(url: str, name: str) -> nats.NATS:
     # no reconnects: a benchmark must see a lost server, not wait through it
     return await nats.connect(url, name=name, allow_reconnect=False, connect_timeout=5)
 
 
 async def _ensure_stream(nc: nats.NATS, queue: str) -> Any:
-    js = nc.jetstream()
+    js = nc.jetstream(publish_async_max_pending=JS_PENDING)
     name = stream_name(queue)
     cfg = nats.js.api.StreamConfig(name=name, subjects=[queue], storage=nats.js.api.StorageType.FILE)
     try:
@@ -150,7 +154,7 @@ class NatsProducer(ProducerSide):
 
     async def writable(self) -> None:
         # the client's own flow control: nc.publish blocks once 2 MiB are pending (TCP
-        # backpressure), js.publish_async once 4,000 acks are outstanding
+        # backpressure), js.publish_async once JS_PENDING acks are outstanding
         await self._outbox.flushed()
 
     async def drain(self) -> None:
@@ -231,7 +235,7 @@ class NatsDriver(Driver):
                   "(acked once written to the OS, not fsynced per message: nats-server's default)")
     description = ("nats-py: rpc = queue-group subscribers + msg.respond, producer with one inbox "
                    "subscription and a reply map (nats-py's resp mux); publish = core publish to a "
-                   "queue group; drain = JetStream file stream, js.publish_async + durable pull "
+                   "queue group; drain = JetStream file stream, js.publish_async (at most 1,024 unacked) + durable pull "
                    "consumer fetch(256) + ack")
 
     def start_server(self, workdir: str) -> Server:

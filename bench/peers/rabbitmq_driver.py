@@ -46,7 +46,7 @@ from teomq.benchmark.driver import (
 REPLY_TO = "amq.rabbitmq.reply-to"
 PREFETCH = 64
 DRAIN_PREFETCH = 256
-CONFIRM_WINDOW = 4096
+CONFIRM_WINDOW = 1024   # unconfirmed publishes per producer (drain): as every system gets
 RABBIT_BIN = "/usr/lib/rabbitmq/bin"
 
 
@@ -186,7 +186,7 @@ class RabbitDriver(Driver):
                   "persistent messages, confirmed after they are written to disk")
     description = ("aio-pika: rpc = direct reply-to (amq.rabbitmq.reply-to) + correlation_id, consumers "
                    "prefetch 64 + ack; publish = non-persistent to a queue; drain = durable queue, "
-                   "persistent messages, publisher confirms (gather, window 4096), prefetch 256")
+                   "persistent messages, publisher confirms (gather, window 1024), prefetch 256")
 
     def start_server(self, workdir: str) -> Server:
         base = os.path.join(workdir, "rabbitmq")

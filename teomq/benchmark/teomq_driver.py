@@ -19,7 +19,9 @@ Options (``--option KEY=VALUE``): ``prefetch`` (consumer credit, default 64), ``
 broker logs every message, its default, with ``-log-level INFO``; its stderr goes to a file in
 the work directory; default 0: ``-nomsg -log-level WARNING``), ``storage`` (the broker's
 ``-storage``: default memory, as the peers' drivers keep theirs; disk: the queues in the work
-directory) and ``fsync`` (its ``-fsync``, default always).
+directory), ``fsync`` (its ``-fsync``, default always), ``confirm`` (1: publish/drain wait for the
+broker's confirmations, ``Client.confirmed``: writable() until at most ``confirm_window``
+(default 0) are unconfirmed, drain() until none; default 0: accepted is enough).
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class TeomqDriver(Driver):
         log_on = self._opt("log", "0") not in ("0", "false", "no", "")
         storage = self._opt("storage", "memory")
         self.durability = "memory" if storage == "memory" else f"{storage}, fsync {self._opt('fsync', 'always')}"
+        if self._opt("confirm", "0") not in ("0", ""):
+            self.durability += (f"; publish/drain confirmed (at most {self._opt('confirm_window', '0')} unconfirmed "
+                                "after each batch)")
         cmd = [sys.executable, "-m", "teomq", "broker", "-listen", "127.0.0.1:0", "-noweb",
                "-data-dir", os.path.join(workdir, "broker"), "-loop", self.loop,
                "-queue-max", self._opt("queue_max", "1000000"),
@@ -120,7 +125,8 @@ class TeomqDriver(Driver):
 
         client = Producer(url, name=f"bench-producer-{index}", timeout=float(self._opt("timeout", "10")))
         await client.connect()
-        return _TeomqProducer(client, self._opt("mode", "send"))
+        return _TeomqProducer(client, self._opt("mode", "send"), int(self._opt("confirm", "0")) != 0,
+                              int(self._opt("confirm_window", "0")))
 
     async def consumer(self, url: str, index: int, workload: str, queue: str,
                        handler: Handler) -> ConsumerSide:
@@ -139,10 +145,12 @@ class _TeomqProducer(ProducerSide):
     #: send() callbacks, one per distinct ``done`` (the harness reuses one per in-flight slot)
     _MAX_ADAPTERS = 4096
 
-    def __init__(self, client: Any, mode: str) -> None:
+    def __init__(self, client: Any, mode: str, confirm: bool = False, window: int = 0) -> None:
         if mode not in ("send", "request"):
             raise ValueError(f"teomq driver: mode must be send or request, not {mode!r}")
         self._client = client
+        self._confirm = confirm
+        self._window = window
         self._send = client.send
         self._adapters: dict[Done, Callable[[int, Any, Any], None]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
@@ -179,9 +187,13 @@ class _TeomqProducer(ProducerSide):
         self._client.publish(payload)
 
     async def writable(self) -> None:
+        if self._confirm:     # a window of unconfirmed publishes (the broker's CONFIRM frames)
+            await self._client.confirmed(self._window)
         await self._client.drain()
 
     async def drain(self) -> None:
+        if self._confirm:
+            await self._client.confirmed(0)
         await self._client.drain()
         ping = getattr(self._client, "ping", None)
         if ping is not None:  # the exact barrier, once the client has one
