@@ -108,8 +108,7 @@ cdef class Dispatcher(Scheduler):
         cdef str what
         self.n_refused += 1
         self.n_limit_refused += 1
-        r.n_refused += 1
-        conn.n_refused += 1
+        r.n_refused += 1                # (not conn.n_refused: those are -queue-max's, logged as such)
         name = r.name.decode("utf-8", "replace") if r.name else "the queue"
         if (r.max_messages and r.waiting.count + r.spill.count >= r.max_messages) or \
                 (r.max_bytes and r.q_bytes >= r.max_bytes):
