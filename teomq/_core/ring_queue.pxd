@@ -132,6 +132,7 @@ cdef class MsgRing:
     cdef size_t count
     cdef size_t cap            # always a power of two
     cdef readonly size_t max_items
+    cdef bint _relocate(self, size_t newcap) noexcept
     cdef int _grow(self) except -1
     cdef int push_back(self, const Msg *m) except -1   # 0 stored, 1 full (m untouched)
     cdef int push_front(self, const Msg *m) except -1

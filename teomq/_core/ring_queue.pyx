@@ -43,16 +43,13 @@ cdef class MsgRing:
                 payload_release(self.items[(self.head + i) & (self.cap - 1)].data)
             free(self.items)
 
-    cdef int _grow(self) except -1:
-        # Double the ring and unwrap it so head is 0 again.
-        cdef size_t newcap = self.cap << 1
-        cdef Msg *n
+    cdef bint _relocate(self, size_t newcap) noexcept:
+        # the items into a new ring of newcap slots, unwrapped so head is 0 again; False when
+        # malloc fails (the old ring kept)
+        cdef Msg *n = <Msg *>malloc(newcap * sizeof(Msg))
         cdef size_t first
-        if newcap > MAX_CAP:
-            raise MemoryError(f"queue cannot grow past {MAX_CAP} messages")
-        n = <Msg *>malloc(newcap * sizeof(Msg))
         if n == NULL:
-            raise MemoryError()
+            return False
         first = self.cap - self.head
         if first > self.count:
             first = self.count
@@ -62,6 +59,14 @@ cdef class MsgRing:
         self.items = n
         self.cap = newcap
         self.head = 0
+        return True
+
+    cdef int _grow(self) except -1:
+        # double the ring
+        if self.cap << 1 > MAX_CAP:
+            raise MemoryError(f"queue cannot grow past {MAX_CAP} messages")
+        if not self._relocate(self.cap << 1):
+            raise MemoryError()
         return 0
 
     cdef int push_back(self, const Msg *m) except -1:
@@ -102,20 +107,7 @@ cdef class MsgRing:
     cdef void _shrink(self) noexcept:
         # a ring that drained to an eighth of its slots gives back half of them (memory is
         # returned after a drain); a failed malloc keeps the old ring
-        cdef size_t newcap = self.cap >> 1
-        cdef Msg *n = <Msg *>malloc(newcap * sizeof(Msg))
-        cdef size_t first
-        if n == NULL:
-            return
-        first = self.cap - self.head
-        if first > self.count:
-            first = self.count
-        memcpy(n, self.items + self.head, first * sizeof(Msg))
-        memcpy(n + first, self.items, (self.count - first) * sizeof(Msg))
-        free(self.items)
-        self.items = n
-        self.cap = newcap
-        self.head = 0
+        self._relocate(self.cap >> 1)
 
     # -- Python view, for tests and benchmarks --------------------------------------------
 

@@ -167,6 +167,21 @@ cdef bint batch_ok(const char *p, size_t avail) noexcept nogil:
     return teomq_crc32c_update(teomq_crc32c_update(0, p, 36), p + BATCH_HEADER, length) == teomq_ld32(p + 36)
 
 
+cdef inline size_t seq_lower_bound(const char *base, size_t n, size_t stride, uint64_t seq) noexcept nogil:
+    # in an array of n records of ``stride`` bytes, sorted by the uint64 seq each begins with
+    # (Entry, Moved): the index of the first whose seq is not below ``seq``
+    cdef size_t lo = 0
+    cdef size_t hi = n
+    cdef size_t mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if (<const uint64_t *>(base + mid * stride))[0] < seq:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 cdef bint all_zero(const char *p, size_t n) noexcept nogil:
     cdef size_t i
     for i in range(n):
@@ -597,31 +612,15 @@ cdef class SegmentLog(Store):
     # -- compaction -----------------------------------------------------------------------
 
     cdef Moved *moved_find(self, uint64_t seq) noexcept:
-        cdef size_t lo = 0
-        cdef size_t hi = self.nmoved
-        cdef size_t mid
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if self.moved[mid].seq < seq:
-                lo = mid + 1
-            else:
-                hi = mid
+        cdef size_t lo = seq_lower_bound(<const char *>self.moved, self.nmoved, sizeof(Moved), seq)
         if lo < self.nmoved and self.moved[lo].seq == seq:
             return &self.moved[lo]
         return NULL
 
     cdef int moved_set(self, uint64_t seq, uint64_t no) except -1:
         # message seq is in segment no now (sorted by seq: few, so an insert may move the rest)
-        cdef size_t lo = 0
-        cdef size_t hi = self.nmoved
-        cdef size_t mid
+        cdef size_t lo = seq_lower_bound(<const char *>self.moved, self.nmoved, sizeof(Moved), seq)
         cdef Moved *g
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if self.moved[mid].seq < seq:
-                lo = mid + 1
-            else:
-                hi = mid
         if lo < self.nmoved and self.moved[lo].seq == seq:
             self.moved[lo].no = no
             return 0
@@ -1253,26 +1252,11 @@ cdef class SegmentLog(Store):
         return 0
 
     cdef Entry *find_entry(self, uint64_t seq) noexcept:
-        cdef size_t lo = 0
-        cdef size_t hi = self.nentries
-        cdef size_t mid
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if self.entries[mid].seq < seq:
-                lo = mid + 1
-            else:
-                hi = mid
+        cdef size_t lo = seq_lower_bound(<const char *>self.entries, self.nentries, sizeof(Entry), seq)
         if lo < self.nentries and self.entries[lo].seq == seq:
             return &self.entries[lo]
         if self.nrmoved:
-            lo = 0
-            hi = self.nrmoved
-            while lo < hi:
-                mid = (lo + hi) >> 1
-                if self.rmoved[mid].seq < seq:
-                    lo = mid + 1
-                else:
-                    hi = mid
+            lo = seq_lower_bound(<const char *>self.rmoved, self.nrmoved, sizeof(Entry), seq)
             if lo < self.nrmoved and self.rmoved[lo].seq == seq:
                 return &self.rmoved[lo]
         return NULL
@@ -1280,16 +1264,8 @@ cdef class SegmentLog(Store):
     cdef Entry *rmoved_entry(self, uint64_t seq) except NULL:
         # recovery: a new entry for a copied message whose first record is gone (kept apart,
         # sorted, merged into entries after the scan)
-        cdef size_t lo = 0
-        cdef size_t hi = self.nrmoved
-        cdef size_t mid
+        cdef size_t lo = seq_lower_bound(<const char *>self.rmoved, self.nrmoved, sizeof(Entry), seq)
         cdef Entry *g
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if self.rmoved[mid].seq < seq:
-                lo = mid + 1
-            else:
-                hi = mid
         if self.nrmoved == self.rmoved_cap:
             g = <Entry *>realloc(self.rmoved, (self.rmoved_cap * 2 + 64) * sizeof(Entry))
             if g == NULL:
