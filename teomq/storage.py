@@ -12,7 +12,8 @@ control plane around it (docs/storage.md):
   confirmations wait (else within ALWAYS_BACKSTOP_MS), in a thread
   in C (``Syncer``, syncer_impl.h: it never takes the GIL), one round at a time, each round covering everything
   written before it began (group commit); ``interval:MS`` syncs every MS milliseconds;
-  ``never`` leaves it to the OS;
+  ``never`` leaves it to the OS (the syncer then syncs only compaction's copies, before the
+  segment they came from is deleted);
 - with ``TEOMQ_TEST_SYNCED_RECORD=1`` in its environment the broker writes ``synced.json``, the
   bytes of each segment its syncs covered, after every round: ``power_cut`` cuts the files back
   to it, as a power failure would (tests only).
@@ -110,6 +111,7 @@ class DiskStorage:
         self._round: tuple[int, list[tuple[int, int, int, bool]]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dispatcher: Any = None
+        self._next_sync = 0.0          # loop time the policy's next sync round is due
         self._read_errors_logged = 0
         self._busy = False
         self._timer: asyncio.TimerHandle | None = None
@@ -165,17 +167,18 @@ class DiskStorage:
         if self._record:
             self._write_record()
         self._loop = loop
-        if self.policy.mode != "never":
-            self._syncer = Syncer(self._dir_fd)
-            loop.add_reader(self._syncer.fd, self._round_ended)
-        self._timer = loop.call_later(self._period(), self._interval)
+        # every policy has the syncer: never uses it only for compaction's copies
+        self._syncer = Syncer(self._dir_fd)
+        loop.add_reader(self._syncer.fd, self._round_ended)
+        self._next_sync = loop.time() + self._period()
+        self._timer = loop.call_later(RETRY_MS / 1000, self._tick)
         if self.policy.mode == "always":
             lg.on_written = self._written
             lg.notify_written = True
 
     def _period(self) -> float:
-        # always: the backstop for records no confirmation waits for (requests, state records);
-        # never: only a failed write's retry
+        # seconds between sync rounds: interval's; always: the backstop for records no
+        # confirmation waits for (requests, state records); never: none but compaction's
         return self.policy.interval_ms / 1000 if self.policy.mode == "interval" else ALWAYS_BACKSTOP_MS / 1000
 
     def close(self) -> None:
@@ -195,7 +198,7 @@ class DiskStorage:
             try:
                 lg.close()
             except OSError as e:
-                log.error("storage: the last sync failed: %s", e)
+                log.error("storage: closing the log failed: %s (what it did not write is lost)", e)
             st = lg.stats()
             log.info("storage: closed: %d records in %d batches, %d syncs; %d messages stay queued on disk",
                      st["records"], st["batches"], self.syncs, st["live"])
@@ -217,11 +220,26 @@ class DiskStorage:
         return self.log
 
     def _written(self) -> None:
-        # always: a pass wrote records while confirmations wait, and the syncer is idle
-        self._start_round()
+        # always: a pass wrote records while confirmations wait, and the syncer is idle. Called
+        # from inside the pass's flush: an error here must not cost the pass its output
+        try:
+            self._start_round()
+        except Exception:
+            log.exception("storage: starting a sync round failed (the next tick tries again)")
 
-    def _interval(self) -> None:
+    def _tick(self) -> None:
+        # every RETRY_MS whatever the policy: write retries, disk errors, read errors,
+        # compaction, and the policy's sync rounds when due; never stops on an error
         loop = asyncio.get_running_loop()
+        try:
+            self._housekeeping(loop.time())
+        except Exception:
+            log.exception("storage: housekeeping failed (tried again in %d ms)", RETRY_MS)
+        finally:
+            if self.log is not None and not loop.is_closed():
+                self._timer = loop.call_later(RETRY_MS / 1000, self._tick)
+
+    def _housekeeping(self, now: float) -> None:
         lg = self._log()
         if lg.error:
             if lg.retry_write():
@@ -232,20 +250,17 @@ class DiskStorage:
         if not lg.error:
             self._write_failure_logged = False
         if lg.refusing:
-            self._check_refusing(lg, loop.time())
+            self._check_refusing(lg, now)
         if lg.n_read_errors != self._read_errors_logged:
             log.error("storage: %d reads of paged-out messages failed: %s (their queue waits; tried again)",
                       lg.n_read_errors - self._read_errors_logged, lg.read_error_text)
             self._read_errors_logged = lg.n_read_errors
         if self._dispatcher is not None and not lg.refusing:
             self._compact()
-        if not self._busy and self._syncer is not None:
+        due = lg.drop_pending or (self.policy.mode != "never" and now >= self._next_sync)
+        if due and not self._busy and self._syncer is not None:
             self._start_round()
-        # a disk error is retried every RETRY_MS whatever the policy's period
-        period = self._period()
-        if lg.refusing and not lg.stopped:
-            period = min(period, RETRY_MS / 1000)
-        self._timer = loop.call_later(period, self._interval)
+            self._next_sync = now + self._period()
 
     def _compact(self) -> None:
         # the oldest segment pinned by a few live messages: copy them forward (Dispatcher.compact)

@@ -41,7 +41,7 @@ cdef class Dispatcher(Scheduler):
     cdef int refuse(self, Endpoint conn, uint64_t fid, bint parked) except -1
     cdef int refuse_storage(self, Endpoint conn, uint64_t fid) except -1
     cdef bint over_limit(self, Route r, size_t n) noexcept
-    cdef int refuse_limit(self, Endpoint conn, uint64_t fid, Route r) except -1
+    cdef int refuse_limit(self, Endpoint conn, uint64_t fid, Route r, size_t n) except -1
     cdef int on_command_hook(self, Endpoint conn, int kind, FrameHeader *h,
                              const char *p, size_t n) except -1
     cdef int confirm(self, Endpoint conn, uint64_t fid) except -1

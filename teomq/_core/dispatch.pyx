@@ -102,7 +102,7 @@ cdef class Dispatcher(Scheduler):
                 (r.max_bytes and r.q_bytes + n > r.max_bytes) or
                 (self.queue_max_bytes and self.q_bytes + n > self.queue_max_bytes))
 
-    cdef int refuse_limit(self, Endpoint conn, uint64_t fid, Route r) except -1:
+    cdef int refuse_limit(self, Endpoint conn, uint64_t fid, Route r, size_t n) except -1:
         # QUEUE_FULL at a queue's limit (the command's) or at -queue-max-bytes; the control
         # plane logs them from route_stats (Broker._tick)
         cdef str what
@@ -111,7 +111,7 @@ cdef class Dispatcher(Scheduler):
         r.n_refused += 1                # (not conn.n_refused: those are -queue-max's, logged as such)
         name = r.name.decode("utf-8", "replace") if r.name else "the queue"
         if (r.max_messages and r.waiting.count + r.spill.count >= r.max_messages) or \
-                (r.max_bytes and r.q_bytes >= r.max_bytes):
+                (r.max_bytes and r.q_bytes + n > r.max_bytes):
             what = f"'{name}' is at its limit"
         else:
             what = f"the broker's -queue-max-bytes {self.queue_max_bytes} is reached"
@@ -143,7 +143,7 @@ cdef class Dispatcher(Scheduler):
         r = list_item(<PyObject *>self.routes, route)   # borrowed: the routes list holds it
         if ((<Route>r).max_messages or (<Route>r).max_bytes or self.queue_max_bytes) and \
                 self.over_limit(<Route>r, n):
-            return self.refuse_limit(conn, h.fid, <Route>r)
+            return self.refuse_limit(conn, h.fid, <Route>r, n)
         m.flags = flags
         m.attempt = 0
         m.session = conn.session
@@ -408,6 +408,7 @@ cdef class Dispatcher(Scheduler):
         if not log.compact_due():
             return 0, 0
         no = <uint32_t>log.compact_no
+        left = 0
         try:
             for i in range(self.flights_cap):
                 if slots_used(&self.fslots, i):
@@ -430,8 +431,10 @@ cdef class Dispatcher(Scheduler):
                             log.move_idx(&b.items[j])
                             copied += 1
                     b = b.next
-        finally:
-            left = log.compact_end()
+        except BaseException:
+            log.compact_abort()       # tried again later: a transient error must not stop it
+            raise
+        left = log.compact_end()
         return copied, left
 
     # -- command mode, for the control plane ----------------------------------------------

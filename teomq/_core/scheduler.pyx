@@ -539,7 +539,7 @@ cdef class Scheduler:
                         break
                     deliver_to_sub(self, r, sid, c, &m)
                 else:
-                    if r.nmembers == 0 or not wait_pop(self, r, &m):
+                    if r.nmembers == 0 or self.paused or not wait_pop(self, r, &m):
                         break
                     self.route_fanout(r, &m, True)
         return 0

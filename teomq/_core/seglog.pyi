@@ -91,6 +91,11 @@ class SegmentLog(Store):
         """Choose the segment to empty, if one is worth it (Dispatcher.compact then copies)."""
     def compact_end(self) -> int:
         """After Dispatcher.compact: the live messages left in that segment."""
+    def compact_abort(self) -> None:
+        """Dispatcher.compact stopped on an error: tried again at a later round."""
+    @property
+    def drop_pending(self) -> bool:
+        """Compaction's copies wait for a sync before segments may be deleted."""
     def resume(self) -> bool:
         """While refusing: write what waits, start a due segment, make room; True once accepting."""
     def stop_accepting(self, err: int, what: str) -> None:

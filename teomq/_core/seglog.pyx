@@ -571,10 +571,10 @@ cdef class SegmentLog(Store):
         try:
             self.make_room(STATE_REC, False)
             r = self.reserve(STATE_REC)
-        except MemoryError as e:
-            # no memory for the batch: the message is delivered again after a restart
-            self.error = 12
-            self.error_text = f"no memory for a done record: {e}"
+        except Exception as e:
+            # no memory for the batch (or a bug): the message is delivered again after a restart
+            self.error = 12 if isinstance(e, MemoryError) else 5
+            self.error_text = f"no done record: {e!r}"
             return
         r[0] = REC_DONE
         r[1] = DONE_ANSWERED
@@ -734,6 +734,18 @@ cdef class SegmentLog(Store):
         e.off = <uint32_t>off
         return 0
 
+    def compact_abort(self):
+        """Dispatcher.compact stopped on an error (a disk error, a failed read): what it copied
+        stays copied, the rest is tried again at a later round."""
+        self.compact_no = 0
+        if self.count:
+            self.drop_hold = self.n_batches + 1   # the copies made so far: synced before a deletion
+
+    @property
+    def drop_pending(self):
+        """Compaction's copies wait for a sync before segments may be deleted."""
+        return self.drop_hold != 0
+
     def compact_end(self):
         """After Dispatcher.compact: how many live messages are left in the segment (0: it goes
         once the batch with the copies is stored; else it is not tried again: its messages are
@@ -874,8 +886,9 @@ cdef class SegmentLog(Store):
         cdef size_t k = 0
         cdef size_t i
         if self.drop_hold:
-            # compaction's copies first: stored (synced, or written where that is the promise)
-            if (self.n_batches if self.confirm_on_write else self.synced_batches) < self.drop_hold:
+            # compaction's copies first: synced, whatever the fsync policy (the originals were
+            # durable; a power cut must not lose them with a copy only written)
+            if self.synced_batches < self.drop_hold:
                 return 0
             self.drop_hold = 0
         while k + 1 < self.nsegs and self.segs[k].live == 0:
@@ -892,7 +905,7 @@ cdef class SegmentLog(Store):
             except OSError:
                 pass
             self.n_deleted += 1
-        memcpy(self.segs, self.segs + k, (self.nsegs - k) * sizeof(Segment))
+        memmove(self.segs, self.segs + k, (self.nsegs - k) * sizeof(Segment))
         self.nsegs -= k
         return 0
 
@@ -952,10 +965,17 @@ cdef class SegmentLog(Store):
         the segment's, the caller's to close: a segment deleted meanwhile cannot make the
         syncer sync whatever file got its number."""
         cdef size_t i
-        return self.n_batches, [
-            (os.dup(self.segs[i].fd), self.segs[i].end, self.segs[i].no, self.segs[i].dir_synced)
-            for i in range(self.nsegs)
-            if self.segs[i].fd >= 0 and (self.segs[i].end > self.segs[i].synced or not self.segs[i].dir_synced)]
+        cdef list targets = []
+        try:
+            for i in range(self.nsegs):
+                if self.segs[i].fd >= 0 and (self.segs[i].end > self.segs[i].synced or not self.segs[i].dir_synced):
+                    targets.append((os.dup(self.segs[i].fd), self.segs[i].end, self.segs[i].no,
+                                    self.segs[i].dir_synced))
+        except BaseException:
+            for t in targets:         # (a dup that failed: EMFILE) none of them leaks
+                os.close(t[0])
+            raise
+        return self.n_batches, targets
 
     def mark_synced(self, targets, uint64_t batches):
         """The syncer's round over ``targets`` (from sync_targets, with ``batches``) finished:
@@ -983,8 +1003,10 @@ cdef class SegmentLog(Store):
         """Write what the pass gathered, make every open segment durable (whatever the fsync
         policy: a clean stop keeps everything) and close it."""
         cdef size_t i
+        cdef uint32_t unwritten = 0
         if self.count:
             self.seal_and_write()
+            unwritten = self.count          # the write failed (refusing says why)
         self.pending = False
         for i in range(self.nsegs):
             if self.segs[i].fd >= 0:
@@ -992,6 +1014,9 @@ cdef class SegmentLog(Store):
                 self.segs[i].synced = self.segs[i].end
                 close(self.segs[i].fd)
                 self.segs[i].fd = -1
+        if unwritten:
+            raise OSError(self.error or 5, f"the last batch ({unwritten} records) could not be written: "
+                                           f"{self.refusing_text}")
 
     # -- views ----------------------------------------------------------------------------
 
