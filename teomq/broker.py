@@ -524,8 +524,9 @@ class Broker:
         fsync: when the log is made durable (disk storage): ``"always"`` (each loop pass's
             records, by a thread, grouped), ``"interval:MS"`` or ``"never"``.
         segment_size: bytes a log segment file is rolled at (preallocated 1 MiB at a time).
-        queue_max_bytes: payload bytes all queues together may have waiting (0: no bound but
-            the disk's); past it a SEND is refused with QUEUE_FULL. Per command, the schema's
+        queue_max_bytes: bytes of the messages all queues together may have waiting (each
+            message's payload as sent; 0: no bound but the disk's); past it a SEND is refused
+            with QUEUE_FULL. Per command, the schema's
             ``max_messages`` and ``max_bytes`` bound what waits in its queue the same way.
         memory_max: disk storage: bytes of memory queued messages may hold; past it new ones
             are paged out (only a 16-byte index entry each stays in memory, the rest is read

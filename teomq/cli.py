@@ -251,7 +251,7 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
           metavar="BYTES", help=f"disk storage: bytes a log segment file is rolled at (preallocated 1 MiB at a time), "
           f"{MIN_SEGMENT_SIZE} to {MAX_SEGMENT_SIZE} (default: %(default)s)")
     flag(parser, "queue-max-bytes", type=_bytes_value(0), default=0, metavar="BYTES",
-          help="most payload bytes all queues together may have waiting (a number, or with KiB, MiB or GiB); a "
+          help="most bytes of messages all queues together may have waiting (a number, or with KiB, MiB or GiB); a "
           "SEND past it is refused with QUEUE_FULL (retryable); per command, a -schema's max_messages and "
           "max_bytes do the same for its queue (default: 0, no bound but the disk's)")
     flag(parser, "memory-max", type=_bytes_value(MIN_MEMORY_MAX), default=DEFAULT_MEMORY_MAX, metavar="BYTES",
