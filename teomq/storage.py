@@ -112,6 +112,7 @@ class DiskStorage:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dispatcher: Any = None
         self._next_sync = 0.0          # loop time the policy's next sync round is due
+        self._oldest = (0, 0)          # the oldest segment and its live count at the last tick
         self._read_errors_logged = 0
         self._busy = False
         self._timer: asyncio.TimerHandle | None = None
@@ -263,7 +264,12 @@ class DiskStorage:
             self._next_sync = now + self._period()
 
     def _compact(self) -> None:
-        # the oldest segment pinned by a few live messages: copy them forward (Dispatcher.compact)
+        # the oldest segment pinned by a few live messages: copy them forward (Dispatcher.compact);
+        # not while consumers are taking its messages (its live count fell since the last tick):
+        # a queue drained in order empties it by itself, and copies would be written for nothing
+        oldest, self._oldest = self._oldest, self._log().oldest
+        if oldest[0] == self._oldest[0] and self._oldest[1] < oldest[1]:
+            return
         try:
             copied, left = self._dispatcher.compact()
         except OSError as e:
@@ -347,7 +353,9 @@ class DiskStorage:
             self.syncs += 1
             lg.mark_synced(targets, batches)
             if self._record:
-                self._write_record()
+                self._write_record()      # (before a deletion: the record says what was synced)
+            if lg.drop_pending:
+                lg.drop_done()            # compaction's emptied segment, with no pass to do it
         if self.policy.mode == "always":
             if lg.waiting:
                 self._start_round()      # what arrived during the round

@@ -91,6 +91,11 @@ class SegmentLog(Store):
         """Choose the segment to empty, if one is worth it (Dispatcher.compact then copies)."""
     def compact_end(self) -> int:
         """After Dispatcher.compact: the live messages left in that segment."""
+    def drop_done(self) -> None:
+        """Delete the oldest segments that hold nothing live."""
+    @property
+    def oldest(self) -> tuple[int, int]:
+        """(number, live messages) of the oldest segment; (0, 0) when there is none."""
     def compact_abort(self) -> None:
         """Dispatcher.compact stopped on an error: tried again at a later round."""
     @property

@@ -734,6 +734,18 @@ cdef class SegmentLog(Store):
         e.off = <uint32_t>off
         return 0
 
+    def drop_done(self):
+        """Delete the oldest segments that hold nothing live (as every pass's write does): for
+        the control plane, once a sync lets compaction's emptied segment go with no traffic."""
+        self.drop_done_segments()
+
+    @property
+    def oldest(self):
+        """(number, live messages) of the oldest segment; (0, 0) when there is none."""
+        if self.nsegs == 0:
+            return 0, 0
+        return self.segs[0].no, self.segs[0].live
+
     def compact_abort(self):
         """Dispatcher.compact stopped on an error (a disk error, a failed read): what it copied
         stays copied, the rest is tried again at a later round."""
