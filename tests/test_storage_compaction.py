@@ -63,6 +63,23 @@ async def settled(qdir: Path) -> None:
         await asyncio.sleep(0.05)
 
 
+async def publish_answered(p: Producer, prefix: bytes, numbers: range, answered, total: int,  # type: ignore[no-untyped-def]
+                           qdir: Path) -> None:
+    """Publish the numbered messages (100 bytes after ``prefix``), confirmed, at most 20,000
+    ahead of the consumer; wait until ``answered()`` reaches ``total`` and the disk settled."""
+    for i in numbers:
+        p.publish(prefix + b"%09d" % i + b"x" * 91)
+        if i % 1024 == 1023:
+            await p.confirmed(4096)
+            await behind(answered, i)
+    await p.confirmed(0)
+    deadline = asyncio.get_running_loop().time() + HANG
+    while answered() < total:
+        assert asyncio.get_running_loop().time() < deadline, f"{answered()} answered"
+        await asyncio.sleep(0.05)
+    await settled(qdir)
+
+
 class Sampler:
     """The largest disk_use seen, sampled every 50 ms in a thread."""
 
@@ -113,17 +130,7 @@ def test_one_unanswered_message_does_not_pin_the_disk(procs: ProcGroup, tmp_path
             await p.publish(b"the one held" + b"." * 88)
             await asyncio.wait_for(held.wait(), HANG)
             async with Consumer(broker.endpoint, answer, prefetch=512, timeout=HANG):
-                for i in range(total):
-                    p.publish(b"%09d" % i + b"x" * 91)
-                    if i % 1024 == 1023:
-                        await p.confirmed(4096)
-                        await behind(lambda: answered, i)
-                await p.confirmed(0)
-                deadline = asyncio.get_running_loop().time() + HANG
-                while answered < total:
-                    assert asyncio.get_running_loop().time() < deadline, f"{answered} answered"
-                    await asyncio.sleep(0.05)
-                await settled(d / "queues")
+                await publish_answered(p, b"", range(total), lambda: answered, total, d / "queues")
             assert broker.proc.kill9() == -signal.SIGKILL
 
     with Sampler(d / "queues") as sampler:
@@ -179,17 +186,7 @@ def test_paged_out_messages_are_copied_forward_too(procs: ProcGroup, tmp_path: P
             await p.confirmed(0)
             async with Consumer(broker.endpoint, answer, prefetch=512, timeout=HANG) as c:
                 await c.subscribe("b")
-                for i in range(first, total):
-                    p.publish(b"b/" + b"%09d" % i + b"x" * 91)
-                    if i % 1024 == 1023:
-                        await p.confirmed(4096)
-                        await behind(lambda: answered + first, i)
-                await p.confirmed(0)
-                deadline = asyncio.get_running_loop().time() + HANG
-                while answered < total:
-                    assert asyncio.get_running_loop().time() < deadline, f"{answered} answered"
-                    await asyncio.sleep(0.05)
-                await settled(d / "queues")
+                await publish_answered(p, b"b/", range(first, total), lambda: answered, total, d / "queues")
 
     async def take(spec: str, command: str, got: list[bytes]) -> None:
         def handler(data: bytes) -> None:

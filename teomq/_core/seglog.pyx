@@ -182,6 +182,18 @@ cdef inline size_t seq_lower_bound(const char *base, size_t n, size_t stride, ui
     return lo
 
 
+cdef int room_for_one(void **items, size_t count, size_t *cap, size_t size) except -1:
+    # a realloc'd array (of ``size``-byte records, count used) has room for one more
+    cdef void *g
+    if count == cap[0]:
+        g = realloc(items[0], (cap[0] * 2 + 64) * size)
+        if g == NULL:
+            raise MemoryError()
+        items[0] = g
+        cap[0] = cap[0] * 2 + 64
+    return 0
+
+
 cdef bint all_zero(const char *p, size_t n) noexcept nogil:
     cdef size_t i
     for i in range(n):
@@ -620,16 +632,10 @@ cdef class SegmentLog(Store):
     cdef int moved_set(self, uint64_t seq, uint64_t no) except -1:
         # message seq is in segment no now (sorted by seq: few, so an insert may move the rest)
         cdef size_t lo = seq_lower_bound(<const char *>self.moved, self.nmoved, sizeof(Moved), seq)
-        cdef Moved *g
         if lo < self.nmoved and self.moved[lo].seq == seq:
             self.moved[lo].no = no
             return 0
-        if self.nmoved == self.moved_cap:
-            g = <Moved *>realloc(self.moved, (self.moved_cap * 2 + 64) * sizeof(Moved))
-            if g == NULL:
-                raise MemoryError()
-            self.moved = g
-            self.moved_cap = self.moved_cap * 2 + 64
+        room_for_one(<void **>&self.moved, self.nmoved, &self.moved_cap, sizeof(Moved))
         memmove(&self.moved[lo + 1], &self.moved[lo], (self.nmoved - lo) * sizeof(Moved))
         self.moved[lo].seq = seq
         self.moved[lo].no = no
@@ -1303,12 +1309,7 @@ cdef class SegmentLog(Store):
         # sorted, merged into entries after the scan)
         cdef size_t lo = seq_lower_bound(<const char *>self.rmoved, self.nrmoved, sizeof(Entry), seq)
         cdef Entry *g
-        if self.nrmoved == self.rmoved_cap:
-            g = <Entry *>realloc(self.rmoved, (self.rmoved_cap * 2 + 64) * sizeof(Entry))
-            if g == NULL:
-                raise MemoryError()
-            self.rmoved = g
-            self.rmoved_cap = self.rmoved_cap * 2 + 64
+        room_for_one(<void **>&self.rmoved, self.nrmoved, &self.rmoved_cap, sizeof(Entry))
         memmove(&self.rmoved[lo + 1], &self.rmoved[lo], (self.nrmoved - lo) * sizeof(Entry))
         self.nrmoved += 1
         g = &self.rmoved[lo]
