@@ -13,10 +13,18 @@ __version__ = "0.1.0"
 from teomq.errors import (  # noqa: E402
     AddressError,
     BrokerError,
+    Cancelled,
     ConnectionLost,
+    DeadLettered,
+    Expired,
+    NoConsumer,
     ProtocolError,
     QueueFull,
+    QueueFullError,
+    Reject,
+    Rejected,
     RequestTimeout,
+    Retry,
     TeomqError,
     UnknownCommand,
 )
@@ -37,10 +45,19 @@ __all__ = [
     "CommandSchema",
     "AddressError",
     "BrokerError",
+    "Cancelled",
     "ConnectionLost",
+    "DeadLettered",
+    "DeliveryContext",
+    "Expired",
+    "NoConsumer",
     "ProtocolError",
     "QueueFull",
+    "QueueFullError",
+    "Reject",
+    "Rejected",
     "RequestTimeout",
+    "Retry",
     "TeomqError",
     "UnknownCommand",
 ]
@@ -52,7 +69,7 @@ def __getattr__(name: str) -> object:
         from teomq.broker import Broker
 
         return Broker
-    if name in ("Producer", "Consumer", "Client"):
+    if name in ("Producer", "Consumer", "Client", "DeliveryContext"):
         from teomq import client
 
         return getattr(client, name)

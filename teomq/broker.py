@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -45,7 +46,18 @@ from teomq.storage import (
     DiskStorage,
     FsyncPolicy,
 )
-from teomq.commands import BROKER_COMMANDS, Command, CommandSchema
+from teomq.commands import (
+    BROKER_COMMANDS,
+    DEFAULT_DLQ_MAX,
+    DEFAULT_LEASE,
+    DEFAULT_MAX_CRASHES,
+    DEFAULT_MAX_DELIVERIES,
+    DEFAULT_RETRY_BASE,
+    DEFAULT_RETRY_MAX,
+    Command,
+    CommandSchema,
+)
+from teomq.deadletters import DeadLetter, DeadLetterQueue
 from teomq.errors import ProtocolError, UnknownCommand
 from teomq.identity import BrokerIdentity, welcome_signature_payload
 from teomq.transports import socket_writer
@@ -62,6 +74,8 @@ _SUBSCRIBE, _UNSUBSCRIBE, _HELLO = KINDS["subscribe"], KINDS["unsubscribe"], KIN
 MAX_PREFETCH = 65535
 #: longest session id a HELLO may give (the id a client keeps for the life of its object)
 MAX_SESSION = 128
+#: most dead letters one ``dlq list`` answer carries
+DLQ_LIST_MAX = 1000
 #: Seconds between the dispatcher's clock ticks (Dispatcher.tick: leases, later deadlines).
 TICK_INTERVAL = 0.25
 #: Seconds between the broker's summaries of refused messages (the first is logged at once).
@@ -146,8 +160,11 @@ class ControlledEndpoint:
             self._subscription(kind == _SUBSCRIBE, fid, flags, data)
         elif kind == CMD_UNKNOWN:
             self._refuse(fid, ErrorCode.UNKNOWN_COMMAND, str(UnknownCommand(data)))
+        elif kind == CMD_UNKNOWN_API and data[:1] == bytes((ApiCommand.DLQ,)):
+            self.broker._dlq_command(self, fid, flags, data[1:])
         elif kind == CMD_UNKNOWN_API:
-            known = f"the broker has {int(ApiCommand.HELLO)} hello and {int(ApiCommand.MSG)} msg"
+            known = (f"the broker has {int(ApiCommand.HELLO)} hello, {int(ApiCommand.MSG)} msg and "
+                     f"{int(ApiCommand.DLQ)} dlq")
             self._refuse(fid, ErrorCode.UNKNOWN_COMMAND,
                          f"API command {data[0]} not found ({known})" if data
                          else f"API SEND without a command number ({known})")
@@ -321,6 +338,8 @@ class BrokerConnection(ControlledEndpoint, CoreConnection, asyncio.BufferedProto
         self.role = role
         self.caps = frozenset(caps).intersection(CAPABILITIES)  # unknown ones are ignored
         self.confirms = "confirm" in self.caps  # its SENDs flagged CONFIRM get CONFIRM frames
+        self.leases = "lease" in self.caps  # late answers: LEASE_EXPIRED; RETRY and REJECT honoured
+        self.cancels = "cancel" in self.caps  # told (CANCEL) when a producer withdraws a delivery
         granted = min(prefetch, MAX_PREFETCH)
         b = self.broker
         identity = cast(BrokerIdentity, b.identity)  # set by start(), before any connection
@@ -337,6 +356,7 @@ class BrokerConnection(ControlledEndpoint, CoreConnection, asyncio.BufferedProto
         }
         if role != "producer":
             welcome["prefetch"] = granted
+            welcome["lease"] = cast(Dispatcher, b._disp).min_lease()  # a consumer's TOUCH comes well within it
         if b.commands is not None and hello.get("commands") is True:
             welcome["commands"] = [c.as_dict() for c in b.commands]
         # WELCOME goes out before any DELIVER that accept_hello makes possible.
@@ -554,6 +574,12 @@ class Broker:
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         memory_max: int = DEFAULT_MEMORY_MAX,
         queue_max_bytes: int = 0,
+        lease: float = DEFAULT_LEASE,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        max_crashes: int = DEFAULT_MAX_CRASHES,
+        retry_base: float = DEFAULT_RETRY_BASE,
+        retry_max: float = DEFAULT_RETRY_MAX,
+        dlq_max: int = DEFAULT_DLQ_MAX,
     ) -> None:
         if not 0 < max_payload < 1 << 31:
             raise ValueError("max_payload must be between 1 and 2**31 - 1 bytes")
@@ -578,6 +604,21 @@ class Broker:
         if queue_max_bytes < 0:
             raise ValueError("queue_max_bytes must be 0 (none) or a number of bytes")
         self.queue_max_bytes = queue_max_bytes
+        if not 0 <= lease <= 86400:
+            raise ValueError("lease must be 0 (none) to 86400 seconds")
+        if not 0 <= max_deliveries <= 10000 or not 0 <= max_crashes <= 10000:
+            raise ValueError("max_deliveries and max_crashes must be 0 (no limit) to 10000")
+        if not 0 < retry_base <= retry_max <= 86400:
+            raise ValueError("retry_base must be above 0 and at most retry_max (at most 86400 seconds)")
+        if dlq_max < 1:
+            raise ValueError("dlq_max must be at least 1")
+        self.lease = lease
+        self.max_deliveries = max_deliveries
+        self.max_crashes = max_crashes
+        self.retry_base = retry_base
+        self.retry_max = retry_max
+        self.dlq_max = dlq_max
+        self.dlq: DeadLetterQueue | None = None
         self.storage: DiskStorage | None = None
         self.backlog_max = backlog_max
         self.dispatch_run = dispatch_run
@@ -640,7 +681,20 @@ class Broker:
             for i, c in enumerate(self.commands):
                 if c.max_messages or c.max_bytes:
                     self._disp.set_limits(i, c.max_messages, c.max_bytes)
+                if c.lease or c.max_deliveries or c.max_crashes:
+                    self._disp.set_route_delivery(i, lease=c.lease, max_deliveries=c.max_deliveries,
+                                                  max_crashes=c.max_crashes)
         self._disp.queue_max_bytes = self.queue_max_bytes
+        self._disp.set_delivery(lease=self.lease, max_deliveries=self.max_deliveries, max_crashes=self.max_crashes,
+                                retry_base=self.retry_base, retry_max=self.retry_max, realtime=True)
+        self._disp.on_dead = self._dead_letters
+        dlq_path = self.data_dir / "dlq" / "deadletters.log" if self.storage_mode == "disk" else None
+        self.dlq = DeadLetterQueue(dlq_path, self.dlq_max, sync=self.fsync.mode != "never")
+        self.dlq.open()             # ValueError: not a dead-letter file; OSError: unreadable
+        if self.dlq.recovery_note:
+            log.warning("dead-letter queue %s: %s", dlq_path, self.dlq.recovery_note)
+        elif len(self.dlq):
+            log.info("dead-letter queue: %d dead letters (teomq dlq list)", len(self.dlq))
         if self.storage_mode == "disk":
             storage = DiskStorage(self.data_dir, self.fsync, segment_size=self.segment_size)
             storage.open()               # StorageError: locked by another broker, unreadable log
@@ -679,6 +733,95 @@ class Broker:
         if self._msglog is not None and self._msglog.dropped != self._msglog_dropped:
             self._report_msglog()
         self._ticker = loop.call_later(TICK_INTERVAL, self._tick)
+
+    # -- the dead-letter queue (docs/semantics.md) -------------------------------------------
+
+    def _dead_letters(self, docs: list[dict[str, Any]]) -> None:
+        """The core's dead letters of a pass: stored (synced) before their messages leave their
+        queues; raising keeps them there, live, to be tried again a second later."""
+        dlq = cast(DeadLetterQueue, self.dlq)
+        now = time.time()
+        letters = [DeadLetter(id=0, route=d["route"], payload=d["payload"], reason=d["reason"], detail=d["detail"],
+                              attempts=d["attempts"], nacks=d["nacks"], crashes=d["crashes"],
+                              consumers=list(d["consumers"]), errors=list(d["errors"]), producer=d["producer"],
+                              msg_id=d["msg_id"], accepted_at=0.0, dead_at=now) for d in docs]
+        try:
+            evicted = dlq.add(letters)
+        except OSError as exc:
+            log.error("dead-letter queue: cannot store %d dead letters (%s): they stay in their queues, tried "
+                      "again in a second", len(letters), exc)
+            raise
+        for dl in letters:
+            where = f"'{dl.route}'" if dl.route else "the queue"
+            log.warning("message #%d of %s (from %s) dead-lettered as %d: %s after %d deliveries (%d failed, "
+                        "%d crashed)%s", dl.msg_id, where, dl.producer or "?", dl.id, dl.reason, dl.attempts,
+                        dl.nacks, dl.crashes, f": {dl.detail[:200]}" if dl.detail else "")
+        if evicted:
+            log.warning("dead-letter queue: past -dlq-max %d, the %d oldest dead letters were dropped (%d so far)",
+                        self.dlq_max, evicted, dlq.n_evicted)
+
+    def _dlq_command(self, ep: ControlledEndpoint, fid: int, flags: int, data: bytes) -> None:
+        """API command 131 (``teomq dlq``): msgpack {"op": list|show|replay|purge, ...}, answered
+        with msgpack. Permissions come with the security work: any client may call it."""
+        dlq = cast(DeadLetterQueue, self.dlq)
+        try:
+            req = msgpack.unpackb(data) if data else None
+        except Exception:
+            req = None
+        if not isinstance(req, dict) or req.get("op") not in ("list", "show", "replay", "purge"):
+            ep._refuse(fid, ErrorCode.NOT_ALLOWED, "dlq: the request is msgpack {\"op\": list|show|replay|purge, ...}")
+            return
+        op = req["op"]
+        try:
+            if op == "list":
+                offset = max(0, int(req.get("offset", 0)))
+                limit = min(DLQ_LIST_MAX, max(1, int(req.get("limit", 100))))
+                answer: dict[str, Any] = {"total": len(dlq), "evicted": dlq.n_evicted,
+                                          "letters": [dl.summary() for dl in dlq.list(offset, limit)]}
+            elif op == "show":
+                dl = dlq.get(int(req.get("id", -1)))
+                if dl is None:
+                    ep._refuse(fid, ErrorCode.NOT_ALLOWED, f"dlq show: no dead letter {req.get('id')!r}")
+                    return
+                answer = {"letter": dl.to_doc()}
+            else:
+                ids = dlq.ids() if req.get("all") else [int(i) for i in req.get("ids", [])]
+                answer = self._dlq_replay(ids) if op == "replay" else {"purged": len(dlq.remove(ids))}
+                log.info("dlq %s by %s %s: %s", op, ep.role, ep.name, answer)
+        except (TypeError, ValueError) as exc:
+            ep._refuse(fid, ErrorCode.NOT_ALLOWED, f"dlq {op}: {exc}")
+            return
+        except OSError as exc:
+            ep._refuse(fid, ErrorCode.STORAGE, f"dlq {op}: the dead-letter queue cannot be written: {exc}")
+            return
+        ep._reply(fid, flags, msgpack.packb(answer))
+
+    def _dlq_replay(self, ids: list[int]) -> dict[str, Any]:
+        # each back in its queue as a new message (no producer waits for it), then out of the
+        # dead-letter queue: written to the log first (a crash between: in both, never neither)
+        disp = cast(Dispatcher, self._disp)
+        dlq = cast(DeadLetterQueue, self.dlq)
+        done: list[int] = []
+        failed: dict[int, str] = {}
+        for i in ids:
+            dl = dlq.get(i)
+            if dl is None:
+                failed[i] = "no such dead letter"
+                continue
+            if self.commands is None:
+                idx = 0 if dl.route == "" else -1
+            else:
+                idx = next((k for k, c in enumerate(self.commands) if c.name == dl.route), -1)
+            if idx < 0:
+                failed[i] = f"this broker has no queue '{dl.route}'"
+            elif disp.replay(idx, dl.payload):
+                done.append(i)
+            else:
+                failed[i] = "its queue is full, or the log refuses new messages now"
+        if done:
+            disp.flush()           # the pass's records written before they leave the dead-letter queue
+            dlq.remove(done)
+        return {"replayed": len(done), "failed": {str(k): v for k, v in failed.items()}}
 
     def _report_paging(self, disp: Dispatcher) -> None:
         # the edges: messages begin to be paged out / every one is read back
@@ -779,9 +922,13 @@ class Broker:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        if disp is not None:
+            disp.paused = True     # what consumers hold goes back uncounted: not their failure
         for conn in list(self._conns):
             conn._close_with_error(ErrorCode.SHUTDOWN, "broker is shutting down")
         await server.wait_closed()
+        if self.dlq is not None:
+            self.dlq.close()
         if self.storage is not None:
             self.storage.close()
         elif disp is not None and disp.stats()["queue"]:

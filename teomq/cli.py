@@ -48,7 +48,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from teomq.addressbook import DEFAULT_PORT, DEFAULT_WEB_PORT, default_data_dir
-from teomq.commands import Command, CommandSchema, parse_command_spec
+from teomq.commands import (
+    DEFAULT_DLQ_MAX,
+    DEFAULT_LEASE,
+    DEFAULT_MAX_CRASHES,
+    DEFAULT_MAX_DELIVERIES,
+    DEFAULT_RETRY_BASE,
+    DEFAULT_RETRY_MAX,
+    Command,
+    CommandSchema,
+    parse_command_spec,
+)
 from teomq.errors import BrokerError, ConnectionLost, TeomqError
 from teomq.protocol import DEFAULT_MAX_PAYLOAD, MAX_PAYLOAD_LIMIT
 from teomq.argtypes import flag, float_value, int_at_least
@@ -262,6 +272,24 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
           help="on SIGTERM or SIGINT: seconds to wait for the answers to the messages consumers hold, with new "
           "messages and deliveries stopped, before closing (what is still unanswered goes back to its queue; "
           "a second signal stops waiting; 0: close at once) (default: %(default)s)")
+    flag(parser, "lease", type=float_value(positive=False), default=DEFAULT_LEASE, metavar="SECONDS",
+          help="seconds a delivery may stay unanswered; a consumer's running handler keeps extending it (teomq's "
+          "client sends TOUCH), a hung or stopped consumer loses it and the message goes to another; per "
+          "command a -schema's lease; 0: no lease (default: %(default)s)")
+    flag(parser, "max-deliveries", type=int_at_least(0, 10000), default=DEFAULT_MAX_DELIVERIES, metavar="N",
+          help="failed deliveries of a message (nacks, handler errors, crashes) before it goes to the "
+          "dead-letter queue; per command a -schema's max_deliveries; 0: no limit (default: %(default)s)")
+    flag(parser, "max-crashes", type=int_at_least(0, 10000), default=DEFAULT_MAX_CRASHES, metavar="N",
+          help="of them, deliveries ended on the consumer's side (its connection died, its lease ran out) before "
+          "the message is quarantined in the dead-letter queue; 0: no limit (default: %(default)s)")
+    flag(parser, "retry-base", type=float_value(positive=True), default=DEFAULT_RETRY_BASE, metavar="SECONDS",
+          help="backoff of a failed delivery the consumer gave no delay for: about base * 2^(n-1) seconds after "
+          "its n-th failure, jittered, up to -retry-max (default: %(default)s)")
+    flag(parser, "retry-max", type=float_value(positive=True), default=DEFAULT_RETRY_MAX, metavar="SECONDS",
+          help="longest such backoff (default: %(default)s)")
+    flag(parser, "dlq-max", type=int_at_least(1), default=DEFAULT_DLQ_MAX, metavar="N",
+          help="most dead letters kept (in DIR/dlq with disk storage); past it the oldest go, counted and logged "
+          "(default: %(default)s; see teomq dlq)")
     flag(parser, "max-payload", type=int_at_least(1, MAX_PAYLOAD_LIMIT), default=DEFAULT_MAX_PAYLOAD,
           metavar="BYTES", help="largest message or answer accepted, in bytes (default: %(default)s)")
     flag(parser, "queue-max", type=int_at_least(1), default=1_000_000, metavar="N",
@@ -279,8 +307,9 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
           "loses new copies instead of holding up the others (default: %(default)s)")
     flag(parser, "schema", metavar="FILE",
           help='run the command scheme with the commands of a JSON file: {"commands": [{"name", '
-          '"description", "pattern", "routing", "max_messages", "max_bytes"}, ...]} (the last two: limits on '
-          'what waits in its queue, 0 for none); combines with -command')
+          '"description", "pattern", "routing", "max_messages", "max_bytes", "lease", "max_deliveries", '
+          '"max_crashes"}, ...]} (max_messages, max_bytes: limits on what waits in its queue; the last three: '
+          'its own -lease, -max-deliveries, -max-crashes; 0 for none or the broker\'s); combines with -command')
     flag(parser, "web", type=parse_listen, default=f"127.0.0.1:{DEFAULT_WEB_PORT}", metavar="HOST:PORT",
           help="web port: the teoproxy-compatible WebSocket gateway on /ws and the web consumer page; "
           "':PORT' means 127.0.0.1, port 0 any free port (default: %(default)s)")
@@ -348,7 +377,7 @@ def build_broker_parser(prog: str = "teomq-broker") -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``teomq`` with its ``broker``, ``consumer``, ``producer`` and ``bench`` subcommands."""
+    """The parser of ``teomq`` with its ``broker``, ``consumer``, ``producer``, ``bench`` and ``dlq`` subcommands."""
     parser = _Parser(
         prog="teomq",
         description="teomq message queue: a broker and example consumer and producer.",
@@ -379,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(
         sub.add_parser("bench", help="benchmark a broker end to end (rpc, publish, drain)",
                        description=bench.DESCRIPTION, allow_abbrev=False)
+    )
+    from teomq import dlq_cli
+
+    dlq_cli.add_arguments(
+        sub.add_parser("dlq", help="the broker's dead-letter queue: list, show, replay, purge",
+                       description=dlq_cli.DESCRIPTION, allow_abbrev=False)
     )
     # listed here for --help; main() hands everything after "example" to teomq.example_cli
     sub.add_parser("example", add_help=False,
@@ -541,7 +576,9 @@ async def _broker(args: argparse.Namespace) -> int:
                     log_messages=not args.nomsg, commands=schema, backlog_max=args.backlog_max,
                     dispatch_run=args.dispatch_run, storage=args.storage, fsync=args.fsync,
                     segment_size=args.segment_size, memory_max=args.memory_max,
-                    queue_max_bytes=args.queue_max_bytes,
+                    queue_max_bytes=args.queue_max_bytes, lease=args.lease,
+                    max_deliveries=args.max_deliveries, max_crashes=args.max_crashes,
+                    retry_base=args.retry_base, retry_max=args.retry_max, dlq_max=args.dlq_max,
                     message_log=args.log_file if args.log_file is not None else _stderr_fd())
     try:
         await broker.start()

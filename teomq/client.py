@@ -20,14 +20,14 @@ from typing import Any, Union
 
 from teomq.addressbook import resolve_broker
 from teomq.client_connection import (
-    _API, _NO_REPLY, _PING, _SEND, Collector, Confirmation, Connection, consumer_log, log,
-    to_payload as _to_payload,
+    _API, _NO_REPLY, _PING, _SEND, DEFAULT_MAX_HANDLER_TIME, Collector, Confirmation, Connection, DeliveryContext,
+    consumer_log, log, to_payload as _to_payload,
 )
 from teomq.commands import Command, CommandCall, CommandSchema
 from teomq.errors import BrokerError, ConnectionLost, RequestTimeout, UnknownCommand
 from teomq.protocol import MAX_PAYLOAD_LIMIT, ApiCommand, ErrorCode
 
-__all__ = ["Client", "Confirmation", "Consumer", "Producer"]
+__all__ = ["Client", "Confirmation", "Consumer", "DeliveryContext", "Producer"]
 
 _CONFIRM_FLAG = 0x10  # SEND: confirm it once stored (protocol.Flag.CONFIRM)
 
@@ -37,10 +37,24 @@ Payload = Union[bytes, bytearray, memoryview, str]
 BrokerSpec = Union[str, tuple[str, int]]
 #: send() callback: (message id, answer or None, error or None); called exactly once.
 SendCallback = Callable[[int, Union[bytes, None], Union[BaseException, None]], object]
-#: Consumer handler: data -> bytes | bytearray | memoryview | str | None, or an awaitable of that.
-Handler = Callable[[bytes], Any]
+#: Consumer handler: data -> bytes | bytearray | memoryview | str | None, or an awaitable of that;
+#: or (data, DeliveryContext) -> the same, when it declares a second parameter.
+Handler = Callable[..., Any]
 
 _ROLES = ("producer", "consumer", "both")
+_FAIL_FAST = 0x40  # SEND: refused NO_CONSUMER when nobody consumes its queue (protocol.Flag.FAIL_FAST)
+
+
+def _takes_context(fn: object) -> bool:
+    """Whether a handler declares a second parameter without a default: it gets a DeliveryContext."""
+    if fn is None:
+        return False
+    try:
+        params = list(inspect.signature(fn).parameters.values())  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
 
 
 class _StatsView(Mapping[str, int]):
@@ -100,7 +114,8 @@ class Client:
     def __init__(self, broker: BrokerSpec, *, name: str | None = None, role: str = "both",
                  prefetch: int = 64, handler: Handler | None = None, timeout: float = 5.0,
                  max_payload: int | None = None,
-                 on_refused: Callable[[int, BrokerError], None] | None = None) -> None:
+                 on_refused: Callable[[int, BrokerError], None] | None = None,
+                 max_handler_time: float = DEFAULT_MAX_HANDLER_TIME) -> None:
         if role not in _ROLES:
             raise ValueError(f"role must be one of {', '.join(_ROLES)}, not {role!r}")
         consumes = role != "producer"
@@ -127,6 +142,10 @@ class Client:
         self._prefetch = prefetch if consumes else 0
         self._handler = handler if consumes else None
         self._handler_async = inspect.iscoroutinefunction(handler)
+        self._wants_context = _takes_context(handler) if consumes else False
+        if not (isinstance(max_handler_time, (int, float)) and 0 < max_handler_time < math.inf):
+            raise ValueError(f"max_handler_time must be a positive number of seconds, not {max_handler_time!r}")
+        self._max_handler_time = float(max_handler_time)
         self._timeout = float(timeout)
         self._max_payload = max_payload
         if on_refused is not None and not callable(on_refused):
@@ -139,11 +158,15 @@ class Client:
         self._address: str | None = None
         #: Counters. Producing: sent, replies, timeouts, refused (ERROR for a message), held_back
         #: (times the broker held this client back with FLOW; its SENDs waited in the client).
-        #: Consuming: received, answered (incl. None -> NO_ANSWER), errors (handler raised
-        #: or returned a bad answer; acknowledged with NO_ANSWER), redelivered.
+        #: cancelled (requests withdrawn). Consuming: received, answered (incl. None -> NO_ANSWER),
+        #: errors (handler raised or returned a bad answer: retried by the broker), retried
+        #: (handlers that raised Retry), rejected (raised Reject), redelivered, late_answers
+        #: (answers the broker refused: the lease had run out), handler_timeouts (handlers
+        #: cancelled past max_handler_time).
         self._subscriptions: dict[str, None] = {}  # ordered set
-        self._counts: dict[str, int] = dict.fromkeys(("sent", "replies", "timeouts", "refused", "held_back",
-                                                      "received", "answered", "errors", "redelivered"), 0)
+        self._counts: dict[str, int] = dict.fromkeys((
+            "sent", "replies", "timeouts", "refused", "held_back", "cancelled", "received", "answered", "errors",
+            "retried", "rejected", "redelivered", "late_answers", "handler_timeouts"), 0)
         self._stats_view = _StatsView(self)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -279,7 +302,7 @@ class Client:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         return conn, payload, timeout
 
-    async def request(self, data: Payload, timeout: float | None = None) -> bytes:
+    async def request(self, data: Payload, timeout: float | None = None, *, fail_fast: bool = False) -> bytes:
         """Send a message and wait for its answer.
 
         If the connection is held back (the broker reads slower than we write, or told
@@ -287,17 +310,28 @@ class Client:
 
         Args:
             data: the message (str is sent UTF-8 encoded).
-            timeout: seconds to wait for the answer; default the client's ``timeout``.
+            timeout: seconds to wait for the answer; default the client's ``timeout``. It is
+                the request's deadline too: the broker never delivers it later (docs/semantics.md).
+            fail_fast: raise :class:`NoConsumer` at once when nobody consumes its queue, instead
+                of waiting in the queue for a consumer.
 
         Returns:
             The consumer's answer.
 
         Raises:
-            RequestTimeout: no answer within ``timeout``.
-            BrokerError: the broker refused the message (e.g. QUEUE_FULL).
+            Expired: no consumer took it within ``timeout`` (the broker removed it), or no answer
+                came (a subclass of RequestTimeout: a broker without deadlines raises that).
+            QueueFullError: the broker's queue is full (not accepted; retryable).
+            DeadLettered: it failed too often at its consumers (in the dead-letter queue).
+            Rejected: its consumer rejected it (``teomq.Reject``).
+            NoConsumer: ``fail_fast`` and nobody consumes it.
+            BrokerError: the broker refused the message otherwise (UNKNOWN_COMMAND...).
             StorageError: the broker cannot store messages now (a disk error); retryable.
             ConnectionLost: the connection closed before the answer came.
             ValueError: payload over :attr:`max_payload`.
+
+        Cancelling the awaiting task withdraws the request: the broker takes it out of its
+        queue, or tells the consumer that holds it (its DeliveryContext shows it cancelled).
         """
         conn, payload, timeout = self._prepare(data, timeout)
         if conn.paused:
@@ -309,10 +343,10 @@ class Client:
             if conn._closing:
                 raise conn._lost()
         fut = conn._loop.create_future()
-        if timeout == self._timeout and type(payload) is bytes:
+        if timeout == self._timeout and type(payload) is bytes and not fail_fast:
             mid = conn.submit(payload, fut, True)
         else:
-            mid = conn.submit_custom(payload, fut, timeout)
+            mid = conn.submit_custom(payload, fut, timeout, _FAIL_FAST if fail_fast else 0)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -558,12 +592,23 @@ class Consumer(Client):
     awaitable). It returns the answer: bytes, bytearray, memoryview or str (sent
     UTF-8), or None to acknowledge without an answer (ANSWER with NO_ANSWER; the
     producer then gets no reply and times out). A plain handler runs inline in the
-    read path; an async one runs as a task, at most ``prefetch`` at once.
+    read path; an async one runs as a task, at most ``prefetch`` at once. A handler that
+    declares a second parameter, ``handler(data, ctx)``, gets a :class:`DeliveryContext`
+    (attempt number, handler time left, cancelled); plain handlers pay nothing for it.
 
-    If the handler raises (or returns another type, or an answer over the payload
-    limit), the error is logged on the ``teomq.consumer`` logger, counted in
-    ``stats["errors"]``, and the delivery is acknowledged with NO_ANSWER so that a
-    poison message is not redelivered forever.
+    Outcomes (docs/semantics.md): raise :class:`teomq.Retry` (``delay`` seconds, or the
+    broker's backoff) to have the message delivered again later, behind the others of its
+    queue; raise :class:`teomq.Reject` to send it to the dead-letter queue at once (its
+    producer gets :class:`teomq.Rejected`). Any other exception (or another return type, or
+    an answer over the payload limit) is logged on the ``teomq.consumer`` logger, counted in
+    ``stats["errors"]`` and retried with the broker's backoff; after the broker's
+    ``max_deliveries`` failures the message is dead-lettered, never looped forever.
+
+    **Leases.** While an async handler runs, the client extends its delivery's lease (one
+    TOUCH frame per connection every third of the broker's lease, with every running
+    delivery's id), up to ``max_handler_time`` seconds (default 600): past it the handler is
+    cancelled and the message goes to another consumer when the lease runs out. A sync
+    handler blocks the event loop: it must return within the lease.
 
     With ``producer=True`` the consumer may also call :meth:`request`,
     :meth:`send` and :meth:`publish` on the same connection.
@@ -588,13 +633,16 @@ class Consumer(Client):
     def __init__(self, broker: BrokerSpec, handler: Handler | None = None, *, name: str | None = None,
                  prefetch: int = 64, producer: bool = False, timeout: float = 5.0,
                  max_payload: int | None = None,
-                 on_refused: Callable[[int, BrokerError], None] | None = None) -> None:
+                 on_refused: Callable[[int, BrokerError], None] | None = None,
+                 max_handler_time: float = DEFAULT_MAX_HANDLER_TIME) -> None:
         self._fallback = handler
         self._schema = CommandSchema(reserve_broker_names=False)
-        self._command_handlers: list[Callable[[CommandCall], Any]] = []
+        self._command_handlers: list[Callable[..., Any]] = []
+        self._command_ctx: list[bool] = []   # that handler takes a DeliveryContext too
         super().__init__(broker, name=name, role="both" if producer else "consumer",
                          prefetch=prefetch, handler=handler if handler is not None else self._dispatch,
-                         timeout=timeout, max_payload=max_payload, on_refused=on_refused)
+                         timeout=timeout, max_payload=max_payload, on_refused=on_refused,
+                         max_handler_time=max_handler_time)
 
     def command(self, name: str, description: str = "", pattern: str = "", *,
                 subscribe: bool = True) -> Callable[[Callable[[CommandCall], Any]], Callable[[CommandCall], Any]]:
@@ -614,21 +662,27 @@ class Consumer(Client):
                 self._handler_async = False
             self._schema.add(name, description, pattern)
             self._command_handlers.append(fn)
+            self._command_ctx.append(_takes_context(fn))
+            if self._command_ctx[-1] or (self._fallback is not None and _takes_context(self._fallback)):
+                self._wants_context = True  # _dispatch passes it on
             if subscribe:
                 self._subscriptions[name] = None
             return fn
         return register
 
-    def _dispatch(self, data: bytes) -> Any:
+    def _dispatch(self, data: bytes, ctx: DeliveryContext | None = None) -> Any:
         """Handler of a command consumer: parse with the schema (in C), call the command's handler."""
         try:
             idx, call = self._schema.parse_indexed(data)
         except UnknownCommand as exc:
             if self._fallback is not None:
-                return self._fallback(data)
+                return self._fallback(data, ctx) if ctx is not None and _takes_context(self._fallback) \
+                    else self._fallback(data)
             consumer_log.warning("%s: no handler for command '%s'; acknowledged without an answer",
                                  self.name, exc.name[:256].decode("utf-8", "replace"))
             return None
+        if ctx is not None and self._command_ctx[idx]:
+            return self._command_handlers[idx](call, ctx)
         return self._command_handlers[idx](call)
 
     @property

@@ -66,9 +66,16 @@ from teomq.errors import (
     AddressError,
     BrokerError,
     ConnectionLost,
+    DeadLettered,
+    Expired,
+    NoConsumer,
     ProtocolError,
     QueueFull,
+    QueueFullError,
+    Reject,
+    Rejected,
     RequestTimeout,
+    Retry,
     StorageError,
 )
 from teomq.identity import verify_welcome
@@ -93,6 +100,11 @@ _SEND = int(FrameType.SEND)
 _ANSWER = int(FrameType.ANSWER)
 _FLOW = int(FrameType.FLOW)
 _CONFIRM = int(FrameType.CONFIRM)
+_TOUCH = int(FrameType.TOUCH)
+_CANCEL = int(FrameType.CANCEL)
+_DEADLINE = int(Flag.DEADLINE)
+_RETRY = int(Flag.RETRY)
+_REJECT = int(Flag.REJECT)
 _NO_REPLY = int(Flag.NO_REPLY)
 _NO_ANSWER = int(Flag.NO_ANSWER)
 _REDELIVERED = int(Flag.REDELIVERED)
@@ -107,18 +119,76 @@ _HANDSHAKE_LIMIT = 8 << 20
 _REFUSAL_LOG_INTERVAL = 1.0
 #: ERROR codes that refuse a SEND (it was not accepted)
 _REFUSALS = frozenset({int(ErrorCode.QUEUE_FULL), int(ErrorCode.UNKNOWN_COMMAND), int(ErrorCode.NOT_ALLOWED),
-                       int(ErrorCode.STORAGE)})
+                       int(ErrorCode.STORAGE), int(ErrorCode.NO_CONSUMER)})
+#: Seconds past a request's deadline (its timeout) the client waits for the broker's word
+#: (EXPIRED, or the answer of a consumer that took it in time) before it raises Expired itself.
+DEADLINE_GRACE = 0.5
+#: A consumer's handler limit by default (Consumer(max_handler_time=...)): past it the lease is
+#: no longer extended, the handler is cancelled and the message goes to another consumer.
+DEFAULT_MAX_HANDLER_TIME = 600.0
+#: ERROR codes about one of our ANSWERs (its id is a delivery id)
+_ANSWER_ERRORS = frozenset({int(ErrorCode.UNKNOWN_ID), int(ErrorCode.LEASE_EXPIRED)})
+#: ERROR codes about an accepted request (not refusals): late ones are not logged as refusals
+_LATE_WORD = frozenset({int(ErrorCode.EXPIRED), int(ErrorCode.DEAD_LETTERED), int(ErrorCode.REJECTED)})
+_TYPED = {int(ErrorCode.DEAD_LETTERED): DeadLettered, int(ErrorCode.REJECTED): Rejected,
+          int(ErrorCode.NO_CONSUMER): NoConsumer}
 
 
 def _typed_refusal(err: BrokerError, errno: int, *, confirmation: bool) -> BaseException:
-    """What the caller of a refused SEND gets: StorageError (retryable) for STORAGE; a
-    Confirmation QueueFull for QUEUE_FULL (a request keeps its BrokerError with that code);
-    any other refusal the BrokerError."""
+    """What the caller of a refused or failed SEND gets: StorageError (retryable) for STORAGE;
+    for QUEUE_FULL a QueueFull (a Confirmation's) or QueueFullError (a request's: also the
+    BrokerError); Expired, DeadLettered, Rejected, NoConsumer for theirs; else the BrokerError."""
     if err.code == ErrorCode.STORAGE:
         return StorageError(err.reason, errno)
-    if confirmation and err.code == ErrorCode.QUEUE_FULL:
-        return QueueFull(str(err))
+    if err.code == ErrorCode.QUEUE_FULL:
+        return QueueFull(str(err)) if confirmation else QueueFullError(err.code, err.reason)
+    if err.code == ErrorCode.EXPIRED:
+        return Expired(err.reason, err.code)
+    typed = _TYPED.get(err.code)
+    if typed is not None:
+        return typed(err.code, err.reason)
     return err
+
+
+class DeliveryContext:
+    """What a consumer's handler gets as its second parameter, if it declares one.
+
+    ``attempt``: this delivery's number (1 for the first; from a broker that speaks "lease",
+    else 1 or 2 by ``redelivered``); ``redelivered``: an earlier delivery was not answered;
+    ``delivery_id``; ``cancelled``: its producer withdrew the request (CANCEL): nobody waits
+    for the answer; ``remaining()``: seconds left of the handler limit (``max_handler_time``).
+    """
+
+    __slots__ = ("delivery_id", "attempt", "redelivered", "cancelled", "_until", "_loop", "_event")
+
+    def __init__(self, did: int, flags: int, until: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.delivery_id = did
+        self.redelivered = bool(flags & _REDELIVERED)
+        self.attempt = (flags >> 8) or (2 if self.redelivered else 1)
+        self.cancelled = False
+        self._until = until
+        self._loop = loop
+        self._event: asyncio.Event | None = None
+
+    def remaining(self) -> float:
+        return max(0.0, self._until - self._loop.time())
+
+    async def wait_cancelled(self) -> None:
+        """Return once its producer cancels the request."""
+        if self.cancelled:
+            return
+        if self._event is None:
+            self._event = asyncio.Event()
+        await self._event.wait()
+
+    def _cancel(self) -> None:
+        self.cancelled = True
+        if self._event is not None:
+            self._event.set()
+
+    def __repr__(self) -> str:
+        return (f"<DeliveryContext {self.delivery_id} attempt {self.attempt}"
+                f"{' cancelled' if self.cancelled else ''}>")
 
 
 def to_payload(data: object) -> bytes | bytearray | memoryview:
@@ -264,7 +334,14 @@ class Connection(asyncio.Protocol):
         self._handler_async = client._handler_async
         self._prefetch = client._prefetch
         self._tasks: dict[asyncio.Future[Any], int] = {}
-        self._backlog: deque[tuple[int, bytes]] = deque()
+        self._backlog: deque[tuple[int, int, bytes]] = deque()
+        self._wants_context = client._wants_context  # the handler takes (data, DeliveryContext)
+        self._max_handler_time = client._max_handler_time
+        self._running: dict[int, tuple[float, DeliveryContext | None, asyncio.Future[Any] | None]] = {}
+        self._touch_timer: asyncio.TimerHandle | None = None
+        self.lease = 0.0  # the broker's shortest lease (WELCOME), 0: none
+        self.leases = self.deadlines = self.cancels = False  # the broker speaks "lease", "deadline", "cancel"
+        self._grace = 0.0  # past a request's deadline: DEADLINE_GRACE once the broker takes deadlines
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -280,7 +357,8 @@ class Connection(asyncio.Protocol):
         self._core.set_writer(socket_writer(transport, backlog=True))  # None past TLS or a wrapping transport
         c = self._client
         hello = {"v": 1, "role": c._role, "name": c.name, "prefetch": c._prefetch,
-                 "nonce": self._nonce, "auth": None, "caps": ["flow", "confirm"], "session": c.session}
+                 "nonce": self._nonce, "auth": None,
+                 "caps": ["flow", "confirm", "lease", "deadline", "cancel"], "session": c.session}
         if c._produces:  # only a producer needs to know which commands fan out
             hello["commands"] = True
         transport.write(encode_frame(int(FrameType.HELLO), 0, 0, msgpack.packb(hello)))  # type: ignore[attr-defined]
@@ -330,6 +408,10 @@ class Connection(asyncio.Protocol):
                 fut.set_result(None)
         elif ftype == _CONFIRM and self.address is not None:
             self._on_confirm(fid, payload)
+        elif ftype == _CANCEL and self.address is not None:
+            running = self._running.get(fid)
+            if running is not None and running[1] is not None:
+                running[1]._cancel()
         elif ftype == _FLOW and self.address is not None:
             self._held = bool(flags & FLOW_HOLD)
             self._sync_fast()
@@ -345,15 +427,6 @@ class Connection(asyncio.Protocol):
             name = FrameType(ftype).name
             self._fail(f"broker sent an unexpected {name} frame", None,
                        error_code=ErrorCode.NOT_ALLOWED)
-
-    def _on_result(self, did: int, payload: bytes, result: Any, exc: BaseException | None) -> None:
-        """A sync handler's result the core did not send as is (None, str, awaitable...), or its error."""
-        if exc is not None:
-            self._reject(did, "handler raised", exc)
-        elif inspect.isawaitable(result):
-            self._start(did, payload, result)
-        else:
-            self._answer(did, result)
 
     @staticmethod
     def _on_callback_error(mid: int, exc: BaseException) -> None:
@@ -441,6 +514,10 @@ class Connection(asyncio.Protocol):
         self._backlog.clear()
         for task in list(self._tasks):
             task.cancel()  # its answer could not be sent; the broker redelivers the message
+        self._running.clear()
+        if self._touch_timer is not None:
+            self._touch_timer.cancel()
+            self._touch_timer = None
         for mid, entry in pending:
             self._complete(mid, entry, None, self._lost())
         self.closed.set_result(None)
@@ -527,7 +604,13 @@ class Connection(asyncio.Protocol):
         self.address = address
         self.server = str(doc.get("server", ""))
         caps = doc.get("caps")
-        self.confirms = isinstance(caps, list) and "confirm" in caps
+        caps = caps if isinstance(caps, list) else []
+        self.confirms = "confirm" in caps
+        self.leases = "lease" in caps
+        self.deadlines = "deadline" in caps
+        self.cancels = "cancel" in caps
+        lease = doc.get("lease")
+        self.lease = float(lease) if isinstance(lease, (int, float)) and lease > 0 else 0.0
         self.scheme = "command" if doc.get("scheme") == "command" else "basic"
         commands = doc.get("commands")
         if isinstance(commands, list):
@@ -545,7 +628,10 @@ class Connection(asyncio.Protocol):
             self._prefetch = granted
         core.set_max_payload(limit)  # frames after WELCOME are held to the broker's own limit
         core.max_send = self.max_send
-        if self._handler is not None and not self._handler_async:
+        if self.deadlines:  # requests carry the default timeout as their deadline
+            core.deadline_ms = min(int(self._timeout * 1000), 0xFFFFFFFF)
+            self._grace = DEADLINE_GRACE
+        if self._handler is not None and not self._handler_async and not self._wants_context:
             core.handler = self._handler  # sync handler: DELIVERs are run in the core from now on
         self._sync_fast()
         self.welcome.set_result(None)
@@ -560,7 +646,8 @@ class Connection(asyncio.Protocol):
             errno = 0
         if fid == 0 or self.address is None:
             self._fail(f"broker closed the connection: {err}", err)
-        elif err.code == ErrorCode.UNKNOWN_ID:  # about one of our ANSWERs (a delivery id)
+        elif err.code in _ANSWER_ERRORS:  # about one of our ANSWERs (a delivery id)
+            self.stats["late_answers"] += 1
             log.warning("broker refused the answer to delivery %d: %s", fid, err)
         else:
             entry = self._core.pop(fid)
@@ -569,6 +656,8 @@ class Connection(asyncio.Protocol):
             self.stats["refused"] += 1
             if entry is not None:
                 self._complete(fid, entry, None, _typed_refusal(err, errno, confirmation=False))
+            elif err.code in _LATE_WORD:  # about a request we gave up on already (Expired, cancelled)
+                log.debug("broker on message %d, given up already: %s", fid, err)
             else:  # a publish(), or a request already timed out
                 if self._unconfirmed and fid >= self._unconfirmed[0].id and err.code in _REFUSALS:
                     self._refuse_confirm(fid, _typed_refusal(err, errno, confirmation=True))
@@ -684,10 +773,18 @@ class Connection(asyncio.Protocol):
         return mid
 
     def submit_custom(self, payload: Any, entry: Any, timeout: float, flags: int = 0) -> int:
-        """Send a request whose timeout differs from the client's default (or a collect())."""
+        """Send a request whose timeout differs from the client's default (or a collect()).
+        With a broker that takes deadlines, a request (not a collect(), not an API call)
+        carries its timeout as its deadline."""
         mid = self._core.take_id()
         self._custom[mid] = entry
-        heapq.heappush(self._heap, (self._loop.time() + timeout, mid, timeout))
+        grace = 0.0
+        if self.deadlines and type(entry) is not Collector and not flags & _API and \
+                len(payload) + 4 <= self._core.max_payload:
+            flags |= _DEADLINE
+            payload = int(min(timeout * 1000, 0xFFFFFFFF)).to_bytes(4, "little") + bytes(payload)
+            grace = self._grace
+        heapq.heappush(self._heap, (self._loop.time() + timeout + grace, mid, timeout))
         self._write(_SEND, flags, mid, payload)
         self.stats["sent"] += 1
         if self._timer is None:
@@ -695,9 +792,16 @@ class Connection(asyncio.Protocol):
         return mid
 
     def forget(self, mid: int) -> None:
-        """Drop a pending request (its awaiting task was cancelled)."""
-        if self._core.pop(mid) is None:
-            self._custom.pop(mid, None)
+        """Drop a pending request (its awaiting task was cancelled): the broker is told to
+        withdraw it (CANCEL) when it speaks "cancel"."""
+        if self._core.pop(mid) is None and self._custom.pop(mid, None) is None:
+            return
+        if self.cancels and not self._closing:
+            self.stats["cancelled"] += 1
+            self._wbuf.add(_CANCEL, 0, mid, b"")  # not held back by FLOW: it frees room
+            if not self._core.flush_scheduled:
+                self._core.flush_scheduled = True
+                self._loop.call_soon(self._flush)
 
     def next_id(self) -> int:
         return self._core.take_id()
@@ -715,8 +819,9 @@ class Connection(asyncio.Protocol):
         now = self._loop.time()
         last_sent = core.next_id - 1
         if last_sent > self._bucket_last:
-            # every id up to last_sent was sent at or before now
-            buckets.append((now + self._timeout, last_sent))
+            # every id up to last_sent was sent at or before now (past its deadline, the grace:
+            # the broker's EXPIRED, or a late consumer's answer, may still come)
+            buckets.append((now + self._timeout + self._grace, last_sent))
             self._bucket_last = last_sent
         expired: list[tuple[int, Any, float]] = []
         last = 0
@@ -732,8 +837,12 @@ class Connection(asyncio.Protocol):
                 expired.append((mid, entry, timeout))
         for mid, entry, timeout in expired:
             self.stats["timeouts"] += 1
-            self._complete(mid, entry, None, RequestTimeout(
-                f"no answer to message {mid} within {timeout:g} s"))
+            if self._grace and type(entry) is not Collector:
+                err: RequestTimeout = Expired(f"no answer to message {mid} within its deadline of {timeout:g} s "
+                                              f"(and no word from the broker {self._grace:g} s after it)")
+            else:
+                err = RequestTimeout(f"no answer to message {mid} within {timeout:g} s")
+            self._complete(mid, entry, None, err)
         if self._closing:
             return
         if core.npending or custom:
@@ -787,45 +896,104 @@ class Connection(asyncio.Protocol):
             return
         if self._by_user:
             return  # closing: left unanswered, the broker redelivers it
+        ctx = None
+        if self._wants_context:
+            ctx = DeliveryContext(did, flags, self._loop.time() + self._max_handler_time, self._loop)
         if self._handler_async:
             if len(self._tasks) >= self._prefetch:
-                self._backlog.append((did, payload))
+                self._backlog.append((did, flags, payload))
+                self._track(did, ctx, None)
             else:
-                self._start(did, payload, None)
+                self._start(did, payload, None, ctx)
             return
         try:
-            result = handler(payload)
+            result = handler(payload, ctx) if ctx is not None else handler(payload)
         except Exception as exc:
-            self._reject(did, "handler raised", exc)
+            self._failed(did, exc)
             return
         if inspect.isawaitable(result):
-            self._start(did, payload, result)
+            self._start(did, payload, result, ctx)
             return
         self._answer(did, result)
 
-    def _start(self, did: int, payload: bytes, awaitable: Awaitable[Any] | None) -> None:
+    def _start(self, did: int, payload: bytes, awaitable: Awaitable[Any] | None,
+               ctx: DeliveryContext | None = None) -> None:
         try:
             if awaitable is None:
-                awaitable = self._handler(payload)  # type: ignore[misc]
+                handler = self._handler
+                assert handler is not None  # a consumer's
+                awaitable = handler(payload, ctx) if ctx is not None else handler(payload)
             task = asyncio.ensure_future(awaitable)
         except Exception as exc:
-            self._reject(did, "handler raised", exc)
+            self._running.pop(did, None)
+            self._failed(did, exc)
             return
         self._tasks[task] = did
+        self._track(did, ctx, task)
         task.add_done_callback(self._task_done)
 
+    def _track(self, did: int, ctx: DeliveryContext | None, task: asyncio.Future[Any] | None) -> None:
+        # a delivery whose handler runs (or waits for a task slot): its lease is kept by TOUCH
+        started = self._running.get(did)
+        self._running[did] = (started[0] if started is not None else self._loop.time(), ctx, task)
+        if self._touch_timer is None and not self._closing:
+            self._touch_timer = self._loop.call_later(self._touch_interval(), self._touch)
+
+    def _touch_interval(self) -> float:
+        # well within the lease (a third of it), and often enough to see the handler limit pass
+        interval = self.lease / 3 if self.lease else 1.0
+        return max(0.05, min(interval, self._max_handler_time / 4 if self._max_handler_time else interval))
+
+    def _touch(self) -> None:
+        """Every third of a lease while handlers run: one TOUCH frame of their delivery ids (the
+        broker extends their leases); a handler past max_handler_time is cancelled instead and
+        its delivery left to the lease (the broker gives it to another consumer)."""
+        self._touch_timer = None
+        if self._closing or not self._running:
+            return
+        now = self._loop.time()
+        limit = self._max_handler_time
+        keep: list[int] = []
+        for did, (started, _ctx, task) in list(self._running.items()):
+            if limit and now - started > limit:
+                del self._running[did]
+                self.stats["handler_timeouts"] += 1
+                consumer_log.error("delivery %d: the handler ran past max_handler_time (%g s): cancelled; its lease "
+                                   "is no longer extended, the broker gives the message to another consumer", did, limit)
+                if task is not None:
+                    self._tasks.pop(task, None)
+                    task.cancel()
+                else:
+                    self._backlog = deque(b for b in self._backlog if b[0] != did)
+            else:
+                keep.append(did)
+        if keep and self.leases and self.lease:
+            step = max(1, self.max_send // 8)
+            for i in range(0, len(keep), step):
+                chunk = keep[i:i + step]
+                self._wbuf.add(_TOUCH, 0, 0, b"".join(d.to_bytes(8, "little") for d in chunk))
+            if not self._core.flush_scheduled:
+                self._core.flush_scheduled = True
+                self._loop.call_soon(self._flush)
+        if self._running:
+            self._touch_timer = self._loop.call_later(self._touch_interval(), self._touch)
+
     def _task_done(self, task: asyncio.Future[Any]) -> None:
-        did = self._tasks.pop(task)
+        did = self._tasks.pop(task, None)
+        if did is None:
+            return  # cancelled past max_handler_time: left to the lease
+        self._running.pop(did, None)
         if not task.cancelled():
             exc = task.exception()
             if exc is not None:
-                self._reject(did, "handler raised", exc)
+                self._failed(did, exc)
             else:
                 self._answer(did, task.result())
         backlog = self._backlog
         while backlog and len(self._tasks) < self._prefetch and not self._by_user:
-            did, payload = backlog.popleft()
-            self._start(did, payload, None)
+            did, flags, payload = backlog.popleft()
+            entry = self._running.get(did)
+            self._start(did, payload, None, entry[1] if entry is not None else None)
 
     def _answer(self, did: int, result: Any) -> None:
         """ANSWER a delivery with the handler's result (None -> NO_ANSWER)."""
@@ -836,20 +1004,51 @@ class Connection(asyncio.Protocol):
         try:
             data = to_payload(result)
         except TypeError:
-            self._reject(did, f"handler returned {type(result).__name__}, "
-                              "expected bytes, bytearray, memoryview, str or None")
+            self._failed(did, None, f"handler returned {type(result).__name__}, "
+                                    "expected bytes, bytearray, memoryview, str or None")
             return
         if len(data) > self.max_send:
-            self._reject(did, f"answer of {len(data)} bytes is over the limit of {self.max_send}")
+            self._failed(did, None, f"answer of {len(data)} bytes is over the limit of {self.max_send}")
             return
         self.stats["answered"] += 1
         self._write(_ANSWER, 0, did, data)
 
-    def _reject(self, did: int, why: str, exc: BaseException | None = None) -> None:
-        """Count and log a failed delivery; ANSWER it with NO_ANSWER so it is not redelivered."""
+    def _on_result(self, did: int, payload: bytes, result: Any, exc: BaseException | None) -> None:
+        """A sync handler's result the core did not send as is (None, str, awaitable...), or its error."""
+        if exc is not None:
+            self._failed(did, exc)
+        elif inspect.isawaitable(result):
+            self._start(did, payload, result)
+        else:
+            self._answer(did, result)
+
+    def _failed(self, did: int, exc: BaseException | None, why: str | None = None) -> None:
+        """The handler did not answer: Retry (a nack, after its delay or the broker's backoff),
+        Reject (the dead-letter queue at once), any other error (logged, counted, a nack with
+        the broker's backoff). A broker without "lease" gets NO_ANSWER, as before it had them."""
+        if isinstance(exc, Retry):
+            self.stats["retried"] += 1
+            if self.leases:
+                self._write(_ANSWER, _RETRY, did, msgpack.packb({"delay": exc.delay, "error": None}))
+            else:
+                self._write(_ANSWER, _NO_ANSWER, did, b"")
+            return
+        if isinstance(exc, Reject):
+            self.stats["rejected"] += 1
+            consumer_log.warning("delivery %d: rejected: %s", did, exc.reason)
+            if self.leases:
+                self._write(_ANSWER, _REJECT, did, msgpack.packb({"reason": exc.reason}))
+            else:
+                self._write(_ANSWER, _NO_ANSWER, did, b"")
+            return
         self.stats["errors"] += 1
-        consumer_log.error("delivery %d: %s; acknowledged without an answer", did, why, exc_info=exc)
-        self._write(_ANSWER, _NO_ANSWER, did, b"")
+        text = why if why is not None else f"handler raised {type(exc).__name__}: {exc}"
+        if self.leases:
+            consumer_log.error("delivery %d: %s; the broker retries it later", did, text, exc_info=exc)
+            self._write(_ANSWER, _RETRY, did, msgpack.packb({"delay": None, "error": text[:1000]}))
+        else:
+            consumer_log.error("delivery %d: %s; acknowledged without an answer", did, text, exc_info=exc)
+            self._write(_ANSWER, _NO_ANSWER, did, b"")
 
     async def shutdown(self, grace: float) -> None:
         """Finish running handlers (up to ``grace`` s), flush, close, wait for the close."""

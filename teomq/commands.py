@@ -35,8 +35,17 @@ __all__ = ["BROKER_COMMANDS", "Command", "CommandCall", "CommandSchema", "Comman
 ROUTINGS = ("fanout", "queue")
 #: Names the broker answers itself; a schema cannot use them.
 BROKER_COMMANDS = ("subscribe", "unsubscribe", "hello", "msg")
+#: delivery guarantees (docs/semantics.md): the broker's defaults (-lease, -max-deliveries,
+#: -max-crashes, -retry-base, -retry-max, -dlq-max); a command's own lease and limits override them
+DEFAULT_LEASE = 30.0
+DEFAULT_MAX_DELIVERIES = 20
+DEFAULT_MAX_CRASHES = 3
+DEFAULT_RETRY_BASE = 1.0
+DEFAULT_RETRY_MAX = 60.0
+DEFAULT_DLQ_MAX = 10_000
 #: what a schema file's command may say
-_SCHEMA_KEYS = frozenset({"name", "description", "pattern", "routing", "max_messages", "max_bytes"})
+_SCHEMA_KEYS = frozenset({"name", "description", "pattern", "routing", "max_messages", "max_bytes", "lease",
+                          "max_deliveries", "max_crashes"})
 _SPEC = re.compile(r"^(?P<name>[^/:]+)(?:/(?P<pattern>[^:]*))?(?::(?P<routing>[a-z]+))?$")
 
 
@@ -52,6 +61,12 @@ class Command:
     #: SEND is refused with QUEUE_FULL (retryable); messages in flight do not count
     max_messages: int = 0
     max_bytes: int = 0
+    #: delivery guarantees of its messages (docs/semantics.md), 0 for the broker's (-lease,
+    #: -max-deliveries, -max-crashes): seconds a delivery may stay unanswered; failed deliveries
+    #: before the dead-letter queue; of them, endings on the consumer's side
+    lease: float = 0.0
+    max_deliveries: int = 0
+    max_crashes: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -61,10 +76,16 @@ class Command:
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing of command {self.name!r} must be one of {', '.join(ROUTINGS)}, "
                              f"not {self.routing!r}")
-        for what in ("max_messages", "max_bytes"):
+        for what in ("max_messages", "max_bytes", "max_deliveries", "max_crashes"):
             value = getattr(self, what)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{what} of command {self.name!r} must be a whole number, 0 for none, not {value!r}")
+        for what in ("max_deliveries", "max_crashes"):
+            if getattr(self, what) > 10000:
+                raise ValueError(f"{what} of command {self.name!r} must be at most 10000")
+        if not isinstance(self.lease, (int, float)) or isinstance(self.lease, bool) or not 0 <= self.lease <= 86400:
+            raise ValueError(f"lease of command {self.name!r} must be 0 (the broker's) to 86400 seconds, "
+                             f"not {self.lease!r}")
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -159,7 +180,8 @@ class CommandSchema:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CommandSchema:
         """Read a schema file: JSON ``{"commands": [{"name", "description", "pattern", "routing",
-        "max_messages", "max_bytes"}, ...]}`` (all but the name optional)."""
+        "max_messages", "max_bytes", "lease", "max_deliveries", "max_crashes"}, ...]}`` (all but
+        the name optional)."""
         with open(path, encoding="utf-8") as f:
             try:
                 doc = json.load(f)

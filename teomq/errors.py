@@ -54,6 +54,63 @@ class RequestTimeout(TeomqError, TimeoutError):
     """No answer arrived within the request's timeout."""
 
 
+class Expired(RequestTimeout):
+    """The request's deadline (its timeout) passed before a consumer took it: the broker removed
+    it, it was never delivered (``code`` EXPIRED); or, with no word from the broker within a short
+    grace past the deadline, the client gave up on it (``code`` 0)."""
+
+    def __init__(self, reason: str, code: int = 0) -> None:
+        super().__init__(reason)
+        self.code = int(code)
+        self.reason = reason
+
+
+class QueueFullError(BrokerError, QueueFull):
+    """A request the broker refused with QUEUE_FULL (not accepted; retryable): a BrokerError
+    with that code and a QueueFull."""
+
+
+class DeadLettered(BrokerError):
+    """The request went to the broker's dead-letter queue: it failed ``max_deliveries`` times, or
+    ended ``max_crashes`` times on its consumers' side (``teomq dlq show`` has its history)."""
+
+
+class Rejected(BrokerError):
+    """A consumer rejected the request (its handler raised :class:`teomq.Reject`); ``reason``
+    says why. It is in the dead-letter queue."""
+
+
+class NoConsumer(BrokerError):
+    """``request(..., fail_fast=True)``: nobody consumed the request's queue; not accepted."""
+
+
+class Cancelled(TeomqError):
+    """A ``send()`` whose caller cancelled it (:meth:`teomq.Client.cancel`): withdrawn from the
+    broker's queue, or its consumer told; no answer will come."""
+
+
+class Retry(Exception):
+    """Raised by a consumer's handler: this delivery failed, try it again. The message goes
+    behind the others of its queue, after ``delay`` seconds, or (``delay`` None) after an
+    exponential backoff with jitter (the broker's ``-retry-base`` and ``-retry-max``). Past the
+    command's ``max_deliveries`` failures it is dead-lettered."""
+
+    def __init__(self, delay: float | None = None) -> None:
+        if delay is not None and not delay >= 0:
+            raise ValueError(f"delay must be None or a number of seconds >= 0, not {delay!r}")
+        super().__init__("retry" if delay is None else f"retry in {delay:g} s")
+        self.delay = delay
+
+
+class Reject(Exception):
+    """Raised by a consumer's handler: this message can never succeed. It goes to the
+    dead-letter queue at once, and its producer gets :class:`Rejected` with ``reason``."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason)
+        self.reason = str(reason)
+
+
 class ConnectionLost(TeomqError, ConnectionError):
     """The connection to the broker closed while requests were pending."""
 

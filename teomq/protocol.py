@@ -40,9 +40,11 @@ class FrameType(enum.IntEnum):
     PONG = 9
     FLOW = 10  # broker -> client that announced the "flow" capability: flags HOLD (1) or 0 (go on)
     CONFIRM = 11  # broker -> client: id = its last SEND flagged CONFIRM now stored, payload u32 count
+    TOUCH = 12  # consumer -> broker ("lease"): payload u64 delivery ids whose handlers still run
+    CANCEL = 13  # ("cancel") client -> broker: id = its message id; broker -> consumer: id = delivery id
 
 
-MAX_FRAME_TYPE = 11
+MAX_FRAME_TYPE = 13
 
 
 class Flag(enum.IntFlag):
@@ -52,12 +54,16 @@ class Flag(enum.IntFlag):
     REDELIVERED = 0x4  # DELIVER: an earlier delivery of this message was not answered
     API = 0x8  # SEND: payload is [u8 API command][data], answered by the broker itself
     CONFIRM = 0x10  # SEND: confirm it (a CONFIRM frame) once stored by the broker's fsync policy
+    DEADLINE = 0x20  # SEND ("deadline"): payload begins with u32 ms the producer waits at most
+    FAIL_FAST = 0x40  # SEND ("deadline"): refused NO_CONSUMER when nobody consumes its queue
+    RETRY = 0x20  # ANSWER ("lease"): nack, payload msgpack {"delay": s or nil, "error": text or nil}
+    REJECT = 0x40  # ANSWER ("lease"): dead-letter it, payload msgpack {"reason": text}
 
 
 #: FLOW flag: hold SENDs back until a FLOW without it comes (answers, pings keep flowing).
 FLOW_HOLD = 0x1
 #: Capabilities a client may announce in HELLO ("caps"); the broker names those it speaks in WELCOME.
-CAPABILITIES = ("flow", "confirm")
+CAPABILITIES = ("flow", "confirm", "lease", "deadline", "cancel")
 
 
 class ErrorCode(enum.IntEnum):
@@ -73,6 +79,11 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_COMMAND = 10  # SEND refused: not a command of the broker's schema (message not accepted)
     INTERNAL = 11  # the broker failed to handle a frame of this connection (a bug, logged there): closed
     STORAGE = 12  # SEND refused: the broker cannot store it now (disk full, write error); not accepted, retryable
+    DEAD_LETTERED = 13  # the request went to the dead-letter queue (too many failures or crashes)
+    REJECTED = 14  # a consumer rejected the request (Reject): it is in the dead-letter queue
+    EXPIRED = 15  # the request's deadline passed before a consumer took it: removed, never delivered
+    NO_CONSUMER = 16  # SEND flagged FAIL_FAST refused: nobody consumes its queue (not accepted)
+    LEASE_EXPIRED = 17  # ANSWER refused: its lease ran out and the message went back (or to another consumer)
 
 
 class ApiCommand(enum.IntEnum):
@@ -80,6 +91,7 @@ class ApiCommand(enum.IntEnum):
 
     HELLO = 129  # answers "Hello <data>"
     MSG = 130  # feeds <data> in as if it had been sent normally; answers "OK"
+    DLQ = 131  # the dead-letter queue: <data> is msgpack {"op": list|show|replay|purge, ...} (docs/semantics.md)
 
 
 #: Error codes after which the sender of the bad frame is disconnected.

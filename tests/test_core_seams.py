@@ -23,7 +23,7 @@ import pytest
 import teomq
 from teomq._core.frame_codec import FrameDecoder, encode_frame
 from teomq.broker import BrokerConnection
-from teomq.protocol import DEFAULT_MAX_PAYLOAD, ErrorCode, FrameType as T
+from teomq.protocol import CAPABILITIES, DEFAULT_MAX_PAYLOAD, ErrorCode, FrameType as T
 from rawwire import hello
 from test_broker_api import LONG, make_broker, spec
 from waiting import until
@@ -223,7 +223,7 @@ def test_a_client_without_capabilities_is_served_as_before(arun: Any, tmp_path: 
             consumer = await peer(broker.port, "consumer", answer=True)
             both = await peer(broker.port, "both", answer=True)  # no caps, consumes too: never gets FLOW
             welcome = msgpack.unpackb(both.of(T.WELCOME)[0][3])
-            assert welcome["caps"] == ["flow", "confirm"] and welcome["prefetch"] == 64
+            assert welcome["caps"] == list(CAPABILITIES) and welcome["prefetch"] == 64
             assert both.transport is not None and consumer.transport is not None
             consumer.transport.pause_reading()  # answers stop: held messages reach the bound
             at_pong: list[int] = []
@@ -238,7 +238,7 @@ def test_a_client_without_capabilities_is_served_as_before(arun: Any, tmp_path: 
             assert not both.of(T.FLOW) and not both.of(T.ERROR)
             assert sorted(f[2] for f in both.of(T.REPLY)) == list(range(1, 201))
             flow = await peer(broker.port, "both", caps=["flow", "no-such-cap"])
-            assert msgpack.unpackb(flow.of(T.WELCOME)[0][3])["caps"] == ["flow", "confirm"]
+            assert msgpack.unpackb(flow.of(T.WELCOME)[0][3])["caps"] == list(CAPABILITIES)
 
     arun(main())
 

@@ -27,7 +27,8 @@ A failure prints the falsifying steps; replay them by calling the machine's meth
 
 ``BasicMachine`` also runs the clock (``Dispatcher.tick(now)``) with or without a lease: a
 delivery unanswered for the lease goes back to the head of the queue, flagged REDELIVERED, and
-its consumer gets that credit back only with a later (refused) answer for it.
+its consumer gets that credit back only with a later (refused) answer for it, and its free
+credit is withheld (no new delivery) until it answers something.
 """
 
 from __future__ import annotations
@@ -202,6 +203,7 @@ class Conn:
         self.slow = False
         self.client_errors = 0
         self.lapsed = 0                      # deliveries whose lease expired, credit not back yet
+        self.withheld = 0                    # free credit taken at an expiry, back at its next answer
         self.when: dict[int, float] = {}     # delivery id -> the clock when it was delivered
 
 
@@ -510,6 +512,7 @@ class DispatchMachine(RuleBasedStateMachine):
         def model():
             self.n_unknown_answers += 1
             self.exp_errors[(cm.cid, ErrorCode.UNKNOWN_ID, did)] += 1
+            cm.withheld = 0  # any answer ends the lapse
             if cm.lapsed:  # a late answer for an expired delivery: its credit comes back
                 cm.lapsed -= 1
 
@@ -571,7 +574,9 @@ class DispatchMachine(RuleBasedStateMachine):
             assert len(cm.held) <= cm.prefetch, f"conn {cm.cid} holds {len(cm.held)} > prefetch {cm.prefetch}"
             assert c.inflight <= cm.prefetch, f"conn {cm.cid}: {c.inflight} in flight > prefetch {cm.prefetch}"
             assert c.lapsed == cm.lapsed
-            assert c.credit + c.inflight + c.lapsed == cm.prefetch, (cm.cid, c.credit, c.inflight, c.lapsed, cm.prefetch)
+            assert c.withheld == cm.withheld, (cm.cid, c.withheld, cm.withheld)
+            assert c.credit + c.inflight + c.lapsed + c.withheld == cm.prefetch, \
+                (cm.cid, c.credit, c.inflight, c.lapsed, c.withheld, cm.prefetch)
             assert c.parked_sends == len(cm.parked)
             assert c.n_refused == cm.n_refused
             assert c.commands == self.exp_commands[cm.cid]
@@ -648,6 +653,7 @@ class BasicMachine(DispatchMachine):
 
     def _model_answer(self, cm: Conn, did: int, no_answer: bool, answer: bytes) -> None:
         key, _ = cm.held.pop(did)
+        cm.withheld = 0
         self.live_dids.discard(did)
         self.stale_dids.append(did)
         m = self.msgs[key]
@@ -712,7 +718,7 @@ class BasicMachine(DispatchMachine):
                 cm.when[did] = self.clock
                 self.live_dids.add(did)
                 self.n_out_seen += 1
-                assert len(cm.held) + cm.lapsed <= cm.prefetch, \
+                assert len(cm.held) + cm.lapsed + cm.withheld <= cm.prefetch, \
                     f"conn {cid} holds {len(cm.held)} (and {cm.lapsed} lapsed) > prefetch {cm.prefetch}"
         if self.order_known and not partial:
             assert set(delivered) == set(before[:len(delivered)]), \
@@ -796,7 +802,7 @@ class BasicMachine(DispatchMachine):
     def tick(self, advance):
         """The clock moves on: with a lease, deliveries unanswered for it go back to the head
         of the queue (each consumer's newest first, consumers in slot order), flagged
-        REDELIVERED; their consumer's credit stays spent."""
+        REDELIVERED; their consumer's credit stays spent, and its free credit is withheld."""
         self.clock += advance
         for cm in sorted(self.live(), key=lambda c: c.conn.slot):
             if not self.lease:
@@ -811,6 +817,8 @@ class BasicMachine(DispatchMachine):
                 self.msgs[key].requeued = True
                 keys.append(key)
             cm.lapsed += len(gone)
+            if gone and cm.consumer:
+                cm.withheld += cm.prefetch - len(cm.held) - cm.lapsed - cm.withheld
             self.n_expired += len(gone)
             self.n_redelivered += len(gone)
             self.unseen = keys + self.unseen
@@ -833,10 +841,11 @@ class BasicMachine(DispatchMachine):
             assert s["queue"] == len(self.unseen), (s, self.unseen)
             if self.unseen:
                 # nothing waits while a consumer has credit
-                idle = [c.cid for c in self.live() if c.consumer and len(c.held) + c.lapsed < c.prefetch]
+                idle = [c.cid for c in self.live()
+                        if c.consumer and len(c.held) + c.lapsed + c.withheld < c.prefetch]
                 assert not idle, f"{len(self.unseen)} queued while conns {idle} have credit"
                 for c in self.live():
-                    assert c.conn.credit == c.prefetch - len(c.held) - c.lapsed
+                    assert c.conn.credit == c.prefetch - len(c.held) - c.lapsed - c.withheld
             else:
                 self.order_known = True
 

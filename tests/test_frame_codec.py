@@ -113,7 +113,7 @@ def spec_header_verdict(header: bytes, max_payload: int) -> int | None:
     magic, version, ftype, _flags, reserved, _fid, length, _crc = HEADER.unpack(header)
     if magic != b"TQ" or version != 1 or reserved != 0:
         return ErrorCode.BAD_FRAME
-    if not 1 <= ftype <= 11:  # the spec (docs/protocol.md): types 1..11
+    if not 1 <= ftype <= 13:  # the spec (docs/protocol.md): types 1..13
         return ErrorCode.UNKNOWN_TYPE
     if length > max_payload:
         return ErrorCode.TOO_LARGE

@@ -3,7 +3,9 @@
 The rule (docs/protocol.md, "Which consumer gets a message"): consumers with credit stand in a
 line; the one at its head takes a run of up to min(its free credit when the run begins, run)
 consecutive messages, then goes to the back if it still has credit; one without credit leaves
-the line until an answer gives credit back, and then joins at the back. Hypothesis drives the
+the line until an answer gives credit back, and then joins at the back. A message whose consumer
+went away goes first to a consumer in the line that has answered before, when the head has not
+(docs/semantics.md: a new or hung consumer is not trusted with it). Hypothesis drives the
 compiled Dispatcher (basic scheme, in-process consumers: no event loop, the flush inline)
 through random sends, acknowledgements, consumers coming and going, and checks every
 delivery, in order, against this model, and that nothing is lost or held twice.
@@ -37,6 +39,7 @@ class Model:
         self.waiting: deque[tuple[int, bool]] = deque()  # (message, redelivered)
         self.held: dict[int, list[tuple[int, bool]]] = {}  # consumer -> its deliveries, in order
         self.out: list[tuple[int, int, bool]] = []  # (consumer, message, redelivered), in order
+        self.proven: set[int] = set()     # consumers that have answered
 
     def _head(self) -> int | None:
         while self.line:
@@ -73,7 +76,15 @@ class Model:
             c = self._head()
             if c is None:
                 return
-            self._deliver(c, self.waiting.popleft())
+            m = self.waiting.popleft()
+            if m[1] and c not in self.proven:
+                alt = next((a for a in self.line if self.credit.get(a, 0) > 0 and a in self.proven), None)
+                if alt is not None:  # out of turn: the head's run and the line stay as they are
+                    self.credit[alt] -= 1
+                    self.held[alt].append(m)
+                    self.out.append((alt, m[0], m[1]))
+                    continue
+            self._deliver(c, m)
 
     def connect(self, c: int, prefetch: int) -> None:
         self.credit[c] = prefetch
@@ -94,6 +105,7 @@ class Model:
     def ack(self, c: int, k: int) -> None:
         self.held[c].pop(k)
         self.credit[c] += 1
+        self.proven.add(c)
         self._join(c)
         self.pump()
 

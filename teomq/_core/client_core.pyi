@@ -37,6 +37,8 @@ class ClientCore(FrameDecoder):
     #: sync consumer handler: its plain-bytes result is encoded as the ANSWER
     handler: Callable[[bytes], object] | None
     max_send: int
+    #: requests carry this deadline in ms (SEND flag DEADLINE); 0: none
+    deadline_ms: int
     @property
     def sent(self) -> int: ...
     @property

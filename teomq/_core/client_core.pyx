@@ -25,7 +25,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 
 from teomq._core.frame_codec cimport (
-    F_REDELIVERED, FrameDecoder, FrameHeader, T_ANSWER, T_DELIVER, T_REPLY, T_SEND, WriteBuffer,
+    F_DEADLINE, F_REDELIVERED, FrameDecoder, FrameHeader, T_ANSWER, T_DELIVER, T_REPLY, T_SEND, WriteBuffer,
     as_u64,
 )
 from teomq._core.writer cimport SocketWriter, write_out
@@ -47,6 +47,7 @@ cdef class ClientCore(FrameDecoder):
     cdef uint64_t low_id            # no pending id is below this
     cdef public object handler      # sync consumer handler, or None
     cdef public uint32_t max_send
+    cdef public uint32_t deadline_ms    # requests carry this deadline (F_DEADLINE; 0: none, a broker without "deadline")
     cdef object on_frame
     cdef object on_result
     cdef object on_callback_error
@@ -114,8 +115,7 @@ cdef class ClientCore(FrameDecoder):
                 or <size_t>PyBytes_GET_SIZE(payload) > self.max_send or (not is_future and not callable(entry))):
             return -1
         mid = self._register(entry, is_future)
-        self.wbuf.add_frame(T_SEND, 0, mid, PyBytes_AS_STRING(payload), <size_t>PyBytes_GET_SIZE(payload))
-        self.sent += 1
+        self._add_send(mid, payload)
         if not self.timer_armed:
             self.arm_cb()               # arms the timer and sets timer_armed
         if not self.flush_scheduled:
@@ -129,10 +129,18 @@ cdef class ClientCore(FrameDecoder):
         if type(payload) is not bytes:
             raise TypeError("submit() takes bytes")
         mid = self._register(entry, is_future)
-        self.wbuf.add_frame(T_SEND, 0, mid, PyBytes_AS_STRING(payload),
-                            <size_t>PyBytes_GET_SIZE(payload))
-        self.sent += 1
+        self._add_send(mid, payload)
         return mid
+
+    cdef inline int _add_send(self, uint64_t mid, bytes payload) except -1:
+        # a request's SEND: with its deadline (the default timeout) when the broker takes one
+        if self.deadline_ms and <size_t>PyBytes_GET_SIZE(payload) + 4 <= self.max_payload:   # (the broker's limit)
+            self.wbuf.add_frame_u32(T_SEND, F_DEADLINE, mid, self.deadline_ms, PyBytes_AS_STRING(payload),
+                                    <size_t>PyBytes_GET_SIZE(payload))
+        else:
+            self.wbuf.add_frame(T_SEND, 0, mid, PyBytes_AS_STRING(payload), <size_t>PyBytes_GET_SIZE(payload))
+        self.sent += 1
+        return 0
 
     def register(self, entry, bint is_future) -> int:
         """Track ``entry`` (a Future or a send() callback) under a fresh message id."""

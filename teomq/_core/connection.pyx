@@ -15,7 +15,7 @@ SocketWriter (writer.pyx) when the protocol layer gave it one, else to the trans
 from cpython.buffer cimport PyBUF_WRITE
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.memoryview cimport PyMemoryView_FromMemory
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint16_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
@@ -23,10 +23,11 @@ from teomq._core.dispatch cimport accept, park_full
 from teomq._core.endpoint cimport S_CLOSED, S_NEW, S_READY, mark_dirty
 from teomq._core.frame_codec cimport (
     E_HANDSHAKE, E_NOT_ALLOWED, EXT_MAX, INPLACE_MIN, F_REDELIVERED, HEADER_SIZE, T_ANSWER, T_DELIVER, T_ERROR,
-    T_CONFIRM, T_HELLO, T_PING, T_PONG, T_REPLY, T_SEND, Received, teomq_st32, check_partial, grow_buffer, parse_header,
+    T_CANCEL, T_CONFIRM, T_HELLO, T_PING, T_PONG, T_REPLY, T_SEND, T_TOUCH, Received, teomq_st32, check_partial, grow_buffer, parse_header,
     protocol_error, verify_crc, note_received,
 )
 from teomq._core.ring_queue cimport Msg
+from teomq._core.scheduler cimport monotonic_now
 from teomq._core.writer cimport write_out
 
 import msgpack
@@ -77,6 +78,8 @@ cdef class CoreConnection(Endpoint):
 
     def buffer_updated(self, Py_ssize_t nbytes):
         self.rlen += nbytes
+        if self.disp.realtime:
+            self.disp.now = monotonic_now()   # one clock read per read: deadlines, leases
         try:
             self._process()
         except ProtocolError as exc:
@@ -128,6 +131,10 @@ cdef class CoreConnection(Endpoint):
                         mark_dirty(self)
                 elif h.ftype == T_PONG:
                     pass
+                elif h.ftype == T_TOUCH:
+                    disp.touch(self, payload, h.length)
+                elif h.ftype == T_CANCEL:
+                    disp.cancel(self, h.fid)
                 else:
                     # WELCOME, DELIVER, REPLY, FLOW, CONFIRM come only from a broker: refuse this frame, keep the connection
                     self._add_error(E_NOT_ALLOWED, h.fid, ERR_NOT_ALLOWED)
@@ -239,10 +246,14 @@ cdef class CoreConnection(Endpoint):
         # Msg (one sendmsg); it stays valid until then: a Flight is released only by its
         # answer, which cannot come before its DELIVER was written, or by detach(), which
         # drops this output first.
+        # a consumer that speaks "lease" gets the attempt number in flag bits 8-15 (255: 255 or more)
+        cdef uint16_t flags = m.flags & F_REDELIVERED
+        if self.leases:
+            flags |= (m.attempt if m.attempt < 255 else 255) << 8
         if m.length >= INPLACE_MIN and m.rx.shift and self.writer is not None and self.out.n_ext < EXT_MAX:
-            self.out.add_in_place(T_DELIVER, m.flags & F_REDELIVERED, did, m.data, m.length, &m.rx)
+            self.out.add_in_place(T_DELIVER, flags, did, m.data, m.length, &m.rx)
         else:
-            self.out.add_forward(T_DELIVER, m.flags & F_REDELIVERED, did, m.data, m.length, &m.rx)
+            self.out.add_forward(T_DELIVER, flags, did, m.data, m.length, &m.rx)
         return mark_dirty(self)
 
     cdef int reply(self, uint64_t msg_id, const char *p, size_t n, const Received *rx) except -1:
@@ -255,6 +266,12 @@ cdef class CoreConnection(Endpoint):
     cdef int _add_error(self, int code, uint64_t fid, bytes payload) except -1:
         self.out.add_frame(T_ERROR, 0, fid, payload, len(payload))
         return mark_dirty(self)
+
+    cdef int notify_cancel(self, uint64_t did) except -1:
+        if self.cancels:
+            self.out.add_frame(T_CANCEL, 0, did, NULL, 0)
+            mark_dirty(self)
+        return 0
 
     cdef int _flush(self) except -1:
         cdef char count[4]

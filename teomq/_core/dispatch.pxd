@@ -2,7 +2,7 @@ from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 
 from teomq._core.command_parser cimport CommandTable
 from teomq._core.endpoint cimport Endpoint
-from teomq._core.frame_codec cimport F_API, F_NO_REPLY, HEADER_SIZE, FrameHeader
+from teomq._core.frame_codec cimport F_API, F_DEADLINE, F_FAIL_FAST, F_NO_REPLY, HEADER_SIZE, FrameHeader
 from teomq._core.routes cimport Route
 from teomq._core.scheduler cimport Scheduler
 
@@ -32,10 +32,18 @@ cdef class Dispatcher(Scheduler):
     cdef list shared_payloads
     cdef uint64_t shared_big_seq
     cdef object shared_big
+    # the SEND being accepted (accept_flagged): bytes stripped before its payload, its deadline,
+    # whether it fails fast
+    cdef uint32_t in_strip
+    cdef uint32_t in_deadline
+    cdef bint in_fail_fast
+    cdef readonly uint64_t n_no_consumer
+    cdef double dead_retry_at          # on_dead failed: tried again from then (tick)
 
     cdef int enqueue(self, Endpoint conn, FrameHeader *h, const char *p, size_t n,
                      uint16_t flags, int32_t route) except -1
-    cdef int accept_command(self, Endpoint conn, FrameHeader *h, const char *payload) except -1
+    cdef int accept_command(self, Endpoint conn, FrameHeader *h, const char *payload, size_t n) except -1
+    cdef int accept_flagged(self, Endpoint conn, FrameHeader *h, const char *payload) except -1
     cdef size_t queued(self) noexcept
     cdef size_t held(self) noexcept
     cdef int refuse(self, Endpoint conn, uint64_t fid, bint parked) except -1
@@ -53,8 +61,10 @@ cdef class Dispatcher(Scheduler):
 cdef inline int accept(Dispatcher d, Endpoint conn, FrameHeader *h, const char *payload) except -1:
     # A SEND of conn's, verified: into the basic queue, or through the command lookup
     # (command mode, or an API SEND). Inline: every SEND of every read comes here.
+    if h.flags & (F_DEADLINE | F_FAIL_FAST):
+        return d.accept_flagged(conn, h, payload)
     if d.table is not None or h.flags & F_API:
-        return d.accept_command(conn, h, payload)
+        return d.accept_command(conn, h, payload, h.length)
     return d.enqueue(conn, h, payload, h.length, h.flags & F_NO_REPLY, 0)
 
 

@@ -101,6 +101,21 @@ class Dispatcher(Scheduler):
         """Per command: name, routing, queued, subscribers, in, out, bytes (waiting), refused (at its limits)."""
     def set_limits(self, idx: int, max_messages: int, max_bytes: int) -> None:
         """Limits on what waits in route ``idx`` (0: none); past them a SEND gets QUEUE_FULL."""
+    def set_delivery(self, *, lease: float = -1.0, max_deliveries: int = -1, max_crashes: int = -1,
+                     retry_base: float = -1.0, retry_max: float = -1.0, realtime: bool = False) -> None:
+        """The broker's delivery guarantees (docs/semantics.md); one left out keeps its value."""
+    def set_route_delivery(self, idx: int, *, lease: float = 0.0, max_deliveries: int = 0,
+                           max_crashes: int = 0) -> None:
+        """Route ``idx``'s own lease, max_deliveries, max_crashes (0: the broker's)."""
+    def route_lease_of(self, idx: int) -> float:
+        """The lease route ``idx``'s deliveries get (0: none)."""
+    def min_lease(self) -> float:
+        """The shortest lease of any route (0: none): WELCOME's ``lease``."""
+    def replay(self, idx: int, payload: ReadableBuffer) -> bool:
+        """A new message of no producer into route ``idx`` (a dead letter put back); False: refused now."""
+    @property
+    def n_no_consumer(self) -> int:
+        """SENDs flagged FAIL_FAST refused: nobody consumed their queue."""
     def compact(self) -> tuple[int, int]:
         """Copy forward the live messages of the segment the log chose to empty: (copied, left)."""
     #: payload bytes all routes may have waiting (0: none)

@@ -21,8 +21,10 @@ from libc.string cimport memcmp
 from teomq._core.command_parser cimport name_length
 from teomq._core.endpoint cimport Outbox, S_CLOSED, confirm_now
 from teomq._core.frame_codec cimport (
-    E_QUEUE_FULL, E_STORAGE, F_API, F_CONFIRM, F_NO_REPLY, F_REDELIVERED, HEADER_SIZE, note_received,
+    E_NO_CONSUMER, E_NOT_ALLOWED, E_QUEUE_FULL, E_STORAGE, F_API, F_CONFIRM, F_DEADLINE, F_FAIL_FAST, F_NO_REPLY,
+    F_REDELIVERED, HEADER_SIZE, note_received, note_received_strip, teomq_ld32,
 )
+from teomq._core.scheduler cimport clock_cs, monotonic_now
 from teomq._core.ring_queue cimport Idx, IdxBlock, Msg, idxq_push, msg_cost
 from teomq._core.seglog cimport SegmentLog
 from teomq._core.routes cimport R_FANOUT, R_HELLO, R_MSG, R_QUEUE, Route
@@ -47,6 +49,11 @@ cdef size_t TRIM_STEP = 16 << 20
 
 cdef bytes ERR_QUEUE_FULL = msgpack.packb(
     {"code": E_QUEUE_FULL, "reason": "queue is full: message not accepted"})
+cdef bytes ERR_NO_CONSUMER = msgpack.packb(
+    {"code": E_NO_CONSUMER, "reason": "no consumer: nobody consumes this queue now (the SEND asked to fail "
+     "fast); message not accepted"})
+cdef bytes ERR_SHORT_DEADLINE = msgpack.packb(
+    {"code": E_NOT_ALLOWED, "reason": "a SEND flagged DEADLINE needs its 4-byte deadline before the payload"})
 cdef bytes ERR_HELD_BACK = msgpack.packb(
     {"code": E_QUEUE_FULL, "reason": "held back: the broker is at its high mark and this connection's "
      "parked messages reached their bound; message not accepted"})
@@ -79,7 +86,7 @@ cdef class Dispatcher(Scheduler):
         # Every message the broker holds for a producer: waiting or in flight. The one thing
         # queue_max bounds (and the high and low marks of back-pressure watch). Fanout copies
         # belong to their subscribers and are bounded per subscriber (prefetch, backlog_max).
-        return self.n_route_queued + self.n_inflight - self.n_copies_inflight
+        return self.n_route_queued + self.n_delayed + self.dead_msgs.count + self.n_inflight - self.n_copies_inflight
 
     cdef int refuse(self, Endpoint conn, uint64_t fid, bint parked) except -1:
         # QUEUE_FULL: the bound is reached, or (parked) this held-back connection's parked
@@ -144,16 +151,25 @@ cdef class Dispatcher(Scheduler):
         if ((<Route>r).max_messages or (<Route>r).max_bytes or self.queue_max_bytes) and \
                 self.over_limit(<Route>r, n):
             return self.refuse_limit(conn, h.fid, <Route>r, n)
+        if self.in_fail_fast and (<Route>r).nmembers == 0:
+            self.n_refused += 1
+            self.n_no_consumer += 1
+            return conn._add_error(E_NO_CONSUMER, h.fid, ERR_NO_CONSUMER)
         m.flags = flags
         m.attempt = 0
         m.session = conn.session
         m.msg_id = h.fid
         m.route = route
         m.copy = False
+        m.crashes = 0
+        m.nacks = 0
+        m.deadline = self.in_deadline
         if store_append(self.store, &m, p, n):   # after the fields: a durable store records them
             return self.refuse_storage(conn, h.fid)  # it cannot now (a disk error): m untouched
         if n == h.length and conn.framed:
             note_received(p - HEADER_SIZE, h.length, &m.rx)
+        elif self.in_strip and n + self.in_strip == h.length and conn.framed:
+            note_received_strip(p - self.in_strip - HEADER_SIZE, h.length, self.in_strip, &m.rx)
         else:
             m.rx.shift = 0          # a stripped or unframed payload: its CRC is computed afresh
         (<Route>r).n_in += 1
@@ -174,11 +190,34 @@ cdef class Dispatcher(Scheduler):
             self.on_message(conn, h.fid, PyBytes_FromStringAndSize(p, n))
         return 0
 
-    cdef int accept_command(self, Endpoint conn, FrameHeader *h, const char *payload) except -1:
+    cdef int accept_flagged(self, Endpoint conn, FrameHeader *h, const char *payload) except -1:
+        # A SEND flagged DEADLINE (its payload begins with u32 ms, relative: the absolute time
+        # is the broker's, so clocks need not agree) or FAIL_FAST: noted for enqueue, stripped
+        cdef const char *p = payload
+        cdef size_t n = h.length
+        cdef uint64_t due
+        if h.flags & F_DEADLINE:
+            if n < 4:
+                return conn._add_error(E_NOT_ALLOWED, h.fid, ERR_SHORT_DEADLINE)
+            due = <uint64_t>clock_cs(self) + teomq_ld32(p) // 10 + 1
+            self.in_deadline = <uint32_t>due if due < 0xFFFFFFFFu else 0xFFFFFFFFu
+            self.in_strip = 4
+            p += 4
+            n -= 4
+        self.in_fail_fast = (h.flags & F_FAIL_FAST) != 0
+        try:
+            if self.table is not None or h.flags & F_API:
+                return self.accept_command(conn, h, p, n)
+            return self.enqueue(conn, h, p, n, h.flags & F_NO_REPLY, 0)
+        finally:
+            self.in_strip = 0
+            self.in_deadline = 0
+            self.in_fail_fast = False
+
+    cdef int accept_command(self, Endpoint conn, FrameHeader *h, const char *payload, size_t n) except -1:
         # A SEND in command mode, or an API SEND: find what its name leads to (in C, no
         # Python object unless the broker itself must answer), strip msg/ prefixes.
         cdef const char *p = payload
-        cdef size_t n = h.length
         cdef size_t k
         cdef int32_t idx
         cdef int kind
@@ -246,6 +285,11 @@ cdef class Dispatcher(Scheduler):
         """Deliver what waits and can be delivered now; end back-pressure when it may end."""
         if self.pending_routes:
             self.drain_routes()
+        if self.dead_msgs.count and self.now >= self.dead_retry_at:
+            try:
+                self.flush_dead()
+            except Exception:
+                self.dead_retry_at = self.now + 1.0   # on_dead logged it; they stay, live
         # Back at the low mark; or nothing much waits and what is held is mostly in flight with
         # consumers that have not answered yet (a hung one must not stall every producer while
         # half of the bound is free).
@@ -281,10 +325,19 @@ cdef class Dispatcher(Scheduler):
         cdef Endpoint c
         cdef Route r
         self.now = now
-        if self.lease > 0.0 and self.n_inflight:
+        if self.n_inflight:
             for c in self.conns:
                 if c is not None and c.fl_head >= 0:
                     self.expire(c)
+        if self.n_delayed:
+            self.delay_due()
+        if self.n_suspects:
+            for r in self.routes:       # (a reservation may have been lost: tried again)
+                if r.suspects.count:
+                    self.mark_pending(r)
+        for r in self.routes:
+            if r.waiting.count:
+                self.sweep_head(r)
         if self.n_paged_out != self.n_paged_in:
             for r in self.routes:     # a read back that failed is tried again
                 if r.spill.count and r.waiting.count == 0:
@@ -416,9 +469,24 @@ cdef class Dispatcher(Scheduler):
                     if not m.copy and log.durable(m) and log.compacting(m.seq):
                         log.move_msg(m)
                         copied += 1
+            for k in range(self.n_delayed):     # waiting for their retry
+                m = &self.delayed[k].msg
+                if log.durable(m) and log.compacting(m.seq):
+                    log.move_msg(m)
+                    copied += 1
+            for k in range(self.dead_msgs.count):   # on their way to the dead-letter queue
+                m = &self.dead_msgs.items[(self.dead_msgs.head + k) & (self.dead_msgs.cap - 1)]
+                if log.durable(m) and log.compacting(m.seq):
+                    log.move_msg(m)
+                    copied += 1
             for r in self.routes:
                 if r.kind != R_QUEUE and r.kind != R_FANOUT:
                     continue
+                for k in range(r.suspects.count):
+                    m = &r.suspects.items[(r.suspects.head + k) & (r.suspects.cap - 1)]
+                    if log.compacting(m.seq):
+                        log.move_msg(m)
+                        copied += 1
                 for k in range(r.waiting.count):
                     m = &r.waiting.items[(r.waiting.head + k) & (r.waiting.cap - 1)]
                     if log.compacting(m.seq):
@@ -458,6 +526,88 @@ cdef class Dispatcher(Scheduler):
         cdef Route r = <Route>self.routes[idx]
         r.max_messages = max_messages
         r.max_bytes = max_bytes
+
+    def set_delivery(self, *, double lease=-1.0, int32_t max_deliveries=-1, int32_t max_crashes=-1,
+                     double retry_base=-1.0, double retry_max=-1.0, bint realtime=False):
+        """The broker's delivery guarantees (docs/semantics.md); an argument left out keeps its
+        value. ``lease``: seconds a delivery may stay unanswered (0: none); ``max_deliveries``:
+        failed deliveries (nacks and crashes) before the dead-letter queue, ``max_crashes``: of
+        them, ended on the consumer's side (0: no limit); ``retry_base``/``retry_max``: the
+        backoff of a nack without a delay. ``realtime``: the clock is read at every read
+        (CLOCK_MONOTONIC, loop.time()'s), not only moved by tick()."""
+        if lease >= 0.0:
+            self.lease = lease
+        if max_deliveries >= 0:
+            self.max_deliveries = max_deliveries
+        if max_crashes >= 0:
+            self.max_crashes = max_crashes
+        if retry_base >= 0.0:
+            self.retry_base = retry_base
+        if retry_max >= 0.0:
+            self.retry_max = retry_max
+        if self.retry_max < self.retry_base:
+            raise ValueError("retry_max must be at least retry_base")
+        self.realtime = realtime
+        if realtime:
+            self.now = monotonic_now()
+            self.epoch = self.now
+
+    def set_route_delivery(self, int32_t idx, *, double lease=0.0, int32_t max_deliveries=0,
+                           int32_t max_crashes=0):
+        """Route ``idx``'s own lease, max_deliveries and max_crashes (0: the broker's)."""
+        cdef Route r = <Route>self.routes[idx]
+        if lease < 0.0 or max_deliveries < 0 or max_crashes < 0:
+            raise ValueError("lease, max_deliveries and max_crashes are 0 (the broker's) or more")
+        r.lease = lease
+        r.max_deliveries = max_deliveries
+        r.max_crashes = max_crashes
+
+    def route_lease_of(self, int32_t idx) -> float:
+        """The lease route ``idx``'s deliveries get (seconds; 0: none)."""
+        cdef Route r = <Route>self.routes[idx]
+        return r.lease if r.lease > 0.0 else self.lease
+
+    def min_lease(self) -> float:
+        """The shortest lease of any route (0: none): what WELCOME tells a consumer."""
+        cdef Route r
+        cdef double least = self.lease
+        for r in self.routes:
+            if r.lease > 0.0 and (least == 0.0 or r.lease < least):
+                least = r.lease
+        return least
+
+    def replay(self, int32_t idx, payload) -> bool:
+        """Accept ``payload`` into route ``idx`` as a new message of no producer (a dead letter
+        put back: ``teomq dlq replay``). False when the bound or the store refuses it now."""
+        cdef Msg m
+        cdef Route r = <Route>self.routes[idx]
+        cdef bytes data = bytes(payload)
+        if r.kind != R_QUEUE and r.kind != R_FANOUT:
+            raise ValueError(f"route {idx} is not a queue or fanout command")
+        if self.held() >= self.queue_max or \
+                ((r.max_messages or r.max_bytes or self.queue_max_bytes) and self.over_limit(r, len(data))):
+            return False
+        m.flags = F_NO_REPLY
+        m.attempt = 0
+        m.session = 0
+        m.msg_id = 0
+        m.route = idx
+        m.copy = False
+        m.crashes = 0
+        m.nacks = 0
+        m.deadline = 0
+        m.rx.shift = 0
+        if store_append(self.store, &m, data, len(data)):
+            return False
+        r.n_in += 1
+        self.n_in += 1
+        if r.kind == R_QUEUE:
+            self.route_queue(r, &m)
+        else:
+            self.route_fanout(r, &m, False)
+        self.pump()
+        self.schedule_flush()
+        return True
 
     cdef int32_t _route_index(self, name) except -2:
         if self.table is None:
@@ -518,7 +668,7 @@ cdef class Dispatcher(Scheduler):
         cdef Route r
         if self.basic:
             return []
-        return [{"name": r.name, "routing": r.routing, "queued": r.waiting.count + r.spill.count,
+        return [{"name": r.name, "routing": r.routing, "queued": r.waiting.count + r.spill.count + r.suspects.count,
                  "subscribers": r.nmembers, "in": r.n_in, "out": r.n_out, "bytes": r.q_bytes,
                  "refused": r.n_refused}
                 for r in self.routes if r.kind == R_FANOUT or r.kind == R_QUEUE]
@@ -548,4 +698,14 @@ cdef class Dispatcher(Scheduler):
             "queued_bytes": self.q_bytes,
             "limit_refused": self.n_limit_refused,
             "memory_queued": self.mem_queued,
+            "nacked": self.n_nacked,
+            "crashed": self.n_crashed,
+            "dead_lettered": self.n_dead,
+            "rejected": self.n_rejected,
+            "deadline_expired": self.n_deadline_expired,
+            "cancelled": self.n_cancelled,
+            "touched": self.n_touched,
+            "late_answers": self.n_late_answers,
+            "delayed": self.n_delayed,
+            "no_consumer": self.n_no_consumer,
         }

@@ -51,6 +51,11 @@ cdef class Endpoint:
     cdef readonly int32_t prefetch
     cdef readonly uint32_t inflight
     cdef readonly uint32_t lapsed     # deliveries whose lease expired: credit it gets back as it answers
+    cdef readonly int32_t withheld    # credit taken away when a lease expired: back with its next answer
+    cdef readonly bint proven         # it has answered a delivery (redelivered messages go to such first)
+    cdef int32_t reserved             # route whose suspect it drains for (its credit withheld), or -1
+    cdef public bint cancels          # it announced "cancel": told when a producer withdraws what it holds
+    cdef public bint leases           # it announced "lease": late answers get LEASE_EXPIRED
     cdef int32_t fl_head              # its flights, in delivery order
     cdef int32_t fl_tail
     cdef bint framed                  # its SENDs arrive in checksummed frames (their CRC can be forwarded)
@@ -84,6 +89,7 @@ cdef class Endpoint:
     cdef int take(self, Msg *m, uint64_t did) except -1
     cdef int reply(self, uint64_t msg_id, const char *p, size_t n, const Received *rx) except -1
     cdef int _add_error(self, int code, uint64_t fid, bytes payload) except -1
+    cdef int notify_cancel(self, uint64_t did) except -1
     cdef int _park(self, FrameHeader *h, const char *payload) except -1
     cdef int _flush(self) except -1
     cdef void _clear_out(self) noexcept

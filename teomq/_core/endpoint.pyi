@@ -50,6 +50,15 @@ class Endpoint:
     def lapsed(self) -> int:
         """Deliveries whose lease expired: credit it gets back as it answers."""
     @property
+    def withheld(self) -> int:
+        """Credit taken away when a lease expired (or a suspect was given it alone): back with its next answer."""
+    @property
+    def proven(self) -> bool:
+        """It has answered a delivery."""
+    #: it announced "cancel" / "lease" (HELLO caps)
+    cancels: bool
+    leases: bool
+    @property
     def slow_dropped(self) -> int:
         """Fanout copies dropped because its backlog was full."""
     #: while set, whole SEND frames are parked in the core, in order, and accepted later

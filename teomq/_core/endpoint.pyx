@@ -68,6 +68,7 @@ cdef class Endpoint:
 
     def __cinit__(self, *args, **kwargs):
         self.log_name = b"?"
+        self.reserved = -1
         self.fl_head = -1
         self.fl_tail = -1
         self.subs = NULL
@@ -137,6 +138,10 @@ cdef class Endpoint:
 
     cdef int _add_error(self, int code, uint64_t fid, bytes payload) except -1:
         raise NotImplementedError
+
+    cdef int notify_cancel(self, uint64_t did) except -1:
+        # the producer of delivery did withdrew it (an endpoint that announced "cancel")
+        return 0
 
     cdef int _park(self, FrameHeader *h, const char *payload) except -1:
         # held back: keep the SEND h (payload: its h.length bytes) to accept it later, in order

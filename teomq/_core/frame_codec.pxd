@@ -25,7 +25,9 @@ cdef enum FrameType:
     T_PONG = 9
     T_FLOW = 10          # broker -> client that announced "flow": flags 1 hold SENDs back, 0 go on
     T_CONFIRM = 11       # broker -> client: SENDs flagged CONFIRM stored (id: the last; payload: u32 count)
-    T_MAX = 11
+    T_TOUCH = 12         # consumer -> broker ("lease"): payload u64 delivery ids whose leases go on
+    T_CANCEL = 13        # ("cancel") client -> broker: id = its message id, withdrawn; broker -> consumer: id = delivery id
+    T_MAX = 13
 
 cdef enum FrameFlag:
     F_NO_REPLY = 0x1
@@ -33,6 +35,10 @@ cdef enum FrameFlag:
     F_REDELIVERED = 0x4
     F_API = 0x8          # SEND: payload is [u8 API command][data], for the broker itself
     F_CONFIRM = 0x10     # SEND: confirm it once stored (T_CONFIRM)
+    F_DEADLINE = 0x20    # SEND ("deadline"): the payload begins with u32 milliseconds the sender waits at most
+    F_FAIL_FAST = 0x40   # SEND ("deadline"): refused NO_CONSUMER when nobody consumes its queue
+    F_RETRY = 0x20       # ANSWER ("lease"): a nack, msgpack {"delay": seconds or nil, "error": text or nil}
+    F_REJECT = 0x40      # ANSWER ("lease"): dead-letter it, msgpack {"reason": text}
 
 cdef enum ErrCode:
     E_BAD_FRAME = 1
@@ -46,6 +52,11 @@ cdef enum ErrCode:
     E_NOT_ALLOWED = 9
     E_UNKNOWN_COMMAND = 10
     E_STORAGE = 12
+    E_DEAD_LETTERED = 13
+    E_REJECTED = 14
+    E_EXPIRED = 15
+    E_NO_CONSUMER = 16
+    E_LEASE_EXPIRED = 17
 
 cdef struct FrameHeader:
     uint8_t ftype
@@ -79,6 +90,7 @@ cdef struct Received:
     uint32_t shift        # factor of x^(8 length) mod P (crc32c_impl.h); 0: recompute instead
 
 cdef void note_received(const char *frame, uint32_t length, Received *r) noexcept nogil
+cdef void note_received_strip(const char *frame, uint32_t length, uint32_t strip, Received *r) noexcept nogil
 
 
 cdef class FrameDecoder:
@@ -114,6 +126,8 @@ cdef class WriteBuffer:
     cdef int ensure(self, size_t extra) except -1
     cdef int add_frame(self, uint8_t ftype, uint16_t flags, uint64_t fid,
                        const char *payload, size_t n) except -1
+    cdef int add_frame_u32(self, uint8_t ftype, uint16_t flags, uint64_t fid, uint32_t first,
+                           const char *payload, size_t n) except -1
     cdef int add_forward(self, uint8_t ftype, uint16_t flags, uint64_t fid,
                          const char *payload, size_t n, const Received *r) except -1
     cdef int add_forward_header(self, uint8_t ftype, uint16_t flags, uint64_t fid,

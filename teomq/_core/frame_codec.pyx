@@ -151,6 +151,19 @@ cdef void note_received(const char *frame, uint32_t length, Received *r) noexcep
         r.shift = 0
 
 
+cdef void note_received_strip(const char *frame, uint32_t length, uint32_t strip, Received *r) noexcept nogil:
+    """The same for a payload forwarded without its first ``strip`` bytes (a SEND's deadline):
+    the CRC of the header and those bytes stands for the header's, and the factor is that of
+    what is forwarded (CRC32C is affine: the derivation does not need equal lengths)."""
+    r.crc = teomq_ld32(frame + 20)
+    if length - strip >= teomq_crc32c_reframe_min:
+        r.head_crc = teomq_crc32c_update(teomq_crc32c_update(0, frame, 20), frame + 24, strip)
+        r.shift = teomq_crc32c_shift_factor(length - strip)
+    else:
+        r.head_crc = 0
+        r.shift = 0
+
+
 @cython.final
 cdef class WriteBuffer:
     """Reusable output buffer: frames are encoded straight into it; take() hands the bytes out."""
@@ -179,6 +192,18 @@ cdef class WriteBuffer:
             memcpy(p + HEADER_SIZE, payload, n)
         write_header(p, ftype, flags, fid, p + HEADER_SIZE, <uint32_t>n)
         self.length += HEADER_SIZE + n
+        return 0
+
+    cdef int add_frame_u32(self, uint8_t ftype, uint16_t flags, uint64_t fid, uint32_t first,
+                           const char *payload, size_t n) except -1:
+        """add_frame() of a payload that begins with the u32 ``first`` (a SEND's deadline)."""
+        self.ensure(HEADER_SIZE + 4 + n)
+        cdef char *p = self.buf + self.length
+        teomq_st32(p + HEADER_SIZE, first)
+        if n:
+            memcpy(p + HEADER_SIZE + 4, payload, n)
+        write_header(p, ftype, flags, fid, p + HEADER_SIZE, <uint32_t>(n + 4))
+        self.length += HEADER_SIZE + 4 + n
         return 0
 
     cdef int add_forward(self, uint8_t ftype, uint16_t flags, uint64_t fid,

@@ -1,4 +1,4 @@
-from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 
 from teomq._core.frame_codec cimport Received
@@ -38,11 +38,14 @@ cdef struct Msg:
     uint64_t msg_id      # the producer's own message id
     uint64_t seq         # the broker's sequence number, from Store.append
     uint32_t length
-    uint32_t attempt     # deliveries made so far (the first delivery is attempt 1)
+    uint16_t attempt     # deliveries made so far (the first delivery is attempt 1; saturates)
+    uint16_t nacks       # failures its consumers reported (ANSWER flagged RETRY)
     int32_t route        # its route: 0 the basic scheme's queue, else the command's index
     Received rx          # checksum facts of the SEND it came in (payload forwarded, not re-read)
     uint16_t flags       # SEND flags as received (NO_REPLY); REDELIVERED added on requeue
-    bint copy            # a fanout copy: meant for one subscriber, never handed to another
+    uint8_t copy         # a fanout copy: meant for one subscriber, never handed to another
+    uint8_t crashes      # deliveries that ended on the consumer's side (it went away, its lease ran out)
+    uint32_t deadline    # 0: none; else the broker clock (Scheduler.clock_cs) past which it is not delivered
 
 
 # What a queued message paged out to the durable log keeps in memory: where its record is.
@@ -138,5 +141,6 @@ cdef class MsgRing:
     cdef int push_front(self, const Msg *m) except -1
     cdef int push_back_always(self, const Msg *m) except -1   # past the bound too (recovery)
     cdef bint pop_front(self, Msg *out) noexcept       # False when empty
+    cdef bint take_match(self, uint64_t session, uint64_t msg_id, Msg *out) noexcept
     cdef void _shrink(self) noexcept
     cdef int _make(self, Msg *m, payload, msg_id) except -1

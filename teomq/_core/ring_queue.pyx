@@ -104,6 +104,21 @@ cdef class MsgRing:
             self._shrink()
         return True
 
+    cdef bint take_match(self, uint64_t session, uint64_t msg_id, Msg *out) noexcept:
+        # take out the first message of this producer session and message id (a cancel):
+        # the ones after it move up by one; False when there is none. O(count): rare
+        cdef size_t i, j
+        cdef size_t mask = self.cap - 1
+        for i in range(self.count):
+            if self.items[(self.head + i) & mask].session == session and \
+                    self.items[(self.head + i) & mask].msg_id == msg_id:
+                out[0] = self.items[(self.head + i) & mask]
+                for j in range(i, self.count - 1):
+                    self.items[(self.head + j) & mask] = self.items[(self.head + j + 1) & mask]
+                self.count -= 1
+                return True
+        return False
+
     cdef void _shrink(self) noexcept:
         # a ring that drained to an eighth of its slots gives back half of them (memory is
         # returned after a drain); a failed malloc keeps the old ring
@@ -129,6 +144,9 @@ cdef class MsgRing:
         m.rx.shift = 0
         m.route = 0
         m.copy = False
+        m.crashes = 0
+        m.nacks = 0
+        m.deadline = 0
         return 0
 
     def push(self, payload, msg_id=0):

@@ -60,6 +60,12 @@ cdef class Route:
     cdef public uint64_t max_bytes
     cdef readonly uint64_t q_bytes    # payload bytes waiting here (in memory and paged out)
     cdef readonly uint64_t n_refused  # SENDs refused at those limits
+    # delivery guarantees of this route's messages (Dispatcher.set_delivery; 0: the broker's)
+    cdef public double lease          # seconds a delivery may stay unanswered
+    cdef public int32_t max_deliveries  # failed deliveries (nacks and crashes) before the dead-letter queue
+    cdef public int32_t max_crashes   # deliveries ended on the consumer's side before it
+    cdef readonly MsgRing suspects    # messages held when a consumer died or lapsed, each to go alone
+    cdef bint reserving               # a consumer drains its deliveries to take a suspect alone
     cdef int add_member(self, int32_t sid, Sub *subs) except -1
     cdef void remove_member(self, int32_t sid, Sub *subs) noexcept
 

@@ -38,6 +38,10 @@ class Route:
     #: limits on what waits here (0: none)
     max_messages: int
     max_bytes: int
+    #: its own delivery guarantees (0: the broker's)
+    lease: float
+    max_deliveries: int
+    max_crashes: int
     @property
     def q_bytes(self) -> int:
         """Payload bytes waiting here."""

@@ -74,6 +74,7 @@ cdef class Route:
         self.name = name
         self.kind = kind
         self.waiting = MsgRing(16, ROUTE_QUEUE_MAX)
+        self.suspects = MsgRing(16, ROUTE_QUEUE_MAX)
         self.mcap = 4
         self.members = <int32_t *>malloc(self.mcap * sizeof(int32_t))
         if self.members == NULL:
@@ -108,7 +109,7 @@ cdef class Route:
 
     @property
     def queued(self) -> int:
-        return self.waiting.count + self.spill.count
+        return self.waiting.count + self.spill.count + self.suspects.count
 
     @property
     def paged_out(self) -> int:

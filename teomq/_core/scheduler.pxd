@@ -1,5 +1,7 @@
 cimport cython
+from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from teomq._core.endpoint cimport Endpoint, Outbox
 from teomq._core.frame_codec cimport Received
@@ -7,6 +9,19 @@ from teomq._core.ring_queue cimport Msg, MsgRing
 from teomq._core.routes cimport Route, SubTable
 from teomq._core.slots cimport Slots
 from teomq._core.store cimport Store
+
+
+cdef inline double monotonic_now() noexcept nogil:
+    # the clock of asyncio's and uvloop's loop.time() (CLOCK_MONOTONIC), in seconds
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef struct Delayed:
+    # a message put back for later (a nack with a delay, or its backoff): due on the clock
+    double due
+    Msg msg
 
 
 cdef struct Flight:
@@ -62,6 +77,30 @@ cdef class Scheduler:
     cdef readonly uint64_t n_inflight
     cdef readonly uint64_t n_copies_inflight
     cdef readonly uint64_t n_dropped
+    # delivery guarantees (docs/semantics.md): defaults of every route (Route overrides them)
+    cdef readonly double epoch            # the clock's origin for message deadlines (Msg.deadline)
+    cdef public bint realtime             # read the clock at each read (the broker); else tick() moves it
+    cdef readonly int32_t max_deliveries  # failed deliveries before the dead-letter queue
+    cdef readonly int32_t max_crashes     # of them, ended on the consumer's side
+    cdef readonly double retry_base       # backoff of a nack without a delay: base * 2^(n-1), jittered
+    cdef readonly double retry_max
+    cdef uint64_t rng                     # xorshift64 state (backoff jitter)
+    cdef Delayed *delayed                 # binary heap by due time
+    cdef size_t n_delayed_cap
+    cdef readonly size_t n_delayed
+    cdef MsgRing dead_msgs                # dead letters waiting for on_dead (pump), in order
+    cdef list dead_meta                   # and what on_dead is told of each
+    cdef dict history                     # seq -> [consumer names, error texts] of messages that failed
+    cdef public object on_dead            # callable(list of dicts) -> None: store them (raise: kept, tried again)
+    cdef readonly uint64_t n_nacked
+    cdef readonly uint64_t n_crashed
+    cdef readonly uint64_t n_dead
+    cdef readonly uint64_t n_rejected
+    cdef readonly uint64_t n_deadline_expired
+    cdef readonly uint64_t n_cancelled
+    cdef readonly uint64_t n_touched
+    cdef readonly uint64_t n_late_answers
+    cdef readonly size_t n_suspects       # messages in the routes' suspects rings
 
     @cython.final
     cdef int register(self, Endpoint e, Outbox outbox) except -1
@@ -104,3 +143,48 @@ cdef class Scheduler:
     cdef int drop_subs(self, Endpoint c) except -1
     @cython.final
     cdef int expire(self, Endpoint c) except -1
+    @cython.final
+    cdef int nack(self, Endpoint c, Msg *m, uint16_t flags, const char *p, size_t n) except -1
+    @cython.final
+    cdef int to_head(self, Msg *m) except -1
+    @cython.final
+    cdef int note_failure(self, Endpoint c, Msg *m, object error) except -1
+    @cython.final
+    cdef int sweep_head(self, Route r) except -1
+    @cython.final
+    cdef int delay_take(self, size_t at, Msg *out) except -1
+    @cython.final
+    cdef int touch(self, Endpoint c, const char *p, size_t n) except -1
+    @cython.final
+    cdef int cancel(self, Endpoint c, uint64_t msg_id) except -1
+    @cython.final
+    cdef int fail(self, Endpoint c, Msg *m, int how, double delay, object error) except -1
+    @cython.final
+    cdef int dead_letter(self, Msg *m, int reason, object detail) except -1
+    @cython.final
+    cdef int delay_push(self, Msg *m, double due) except -1
+    @cython.final
+    cdef int delay_due(self) except -1
+    @cython.final
+    cdef int notify(self, Msg *m, int code, bytes payload) except -1
+    @cython.final
+    cdef int expire_msg(self, Msg *m) except -1
+    @cython.final
+    cdef int flush_dead(self) except -1
+    @cython.final
+    cdef bint isolating(self, Route r) noexcept
+    @cython.final
+    cdef PyObject *take_idle(self, Route r, int32_t *sid) noexcept
+    @cython.final
+    cdef int serve_suspects(self, Route r) except -1
+    @cython.final
+    cdef int unreserve(self, Endpoint c) except -1
+    @cython.final
+    cdef int requeue_msg(self, Route r, Msg *m, bint front) except -1
+    @cython.final
+    cdef PyObject *take_proven(self, Route r, int32_t *sid) noexcept
+
+
+cdef inline uint32_t clock_cs(Scheduler s) noexcept:
+    # the clock in 10 ms steps from its origin: what a message's deadline is compared with
+    return <uint32_t>((s.now - s.epoch) * 100.0) if s.now > s.epoch else 0

@@ -7,6 +7,9 @@ from typing import Any
 from teomq._core.endpoint import Outbox
 from teomq._core.store import Store
 
+#: why a message was dead-lettered, by the core's number
+DEAD_REASONS: dict[int, str]
+
 class Scheduler:
     """Routes, subscriptions, flights and the endpoint and session tables."""
 
@@ -70,3 +73,39 @@ class Scheduler:
     def n_copies_inflight(self) -> int: ...
     @property
     def n_dropped(self) -> int: ...
+    # delivery guarantees (docs/semantics.md); Dispatcher.set_delivery sets them
+    @property
+    def epoch(self) -> float:
+        """The clock's origin for message deadlines."""
+    #: the clock is read at every read (the broker), not only moved by tick()
+    realtime: bool
+    @property
+    def max_deliveries(self) -> int: ...
+    @property
+    def max_crashes(self) -> int: ...
+    @property
+    def retry_base(self) -> float: ...
+    @property
+    def retry_max(self) -> float: ...
+    @property
+    def n_delayed(self) -> int:
+        """Messages waiting for their retry."""
+    #: the pass's dead letters, stored before their messages leave: ``on_dead(list of dicts)``;
+    #: raising keeps them (tried again a second later)
+    on_dead: Callable[[list[dict[str, Any]]], object] | None
+    @property
+    def n_nacked(self) -> int: ...
+    @property
+    def n_crashed(self) -> int: ...
+    @property
+    def n_dead(self) -> int: ...
+    @property
+    def n_rejected(self) -> int: ...
+    @property
+    def n_deadline_expired(self) -> int: ...
+    @property
+    def n_cancelled(self) -> int: ...
+    @property
+    def n_touched(self) -> int: ...
+    @property
+    def n_late_answers(self) -> int: ...

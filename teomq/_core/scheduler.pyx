@@ -16,13 +16,17 @@ Nothing here knows frames or sockets: an Endpoint (endpoint.pyx) takes deliverie
 and errors in its own way.
 """
 
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 
 from teomq._core.endpoint cimport S_CLOSED, S_READY
-from teomq._core.frame_codec cimport E_UNKNOWN_ID, F_NO_ANSWER, F_NO_REPLY, F_REDELIVERED
-from teomq._core.ring_queue cimport Idx, idxq_push, msg_cost, payload_release
+from teomq._core.frame_codec cimport (
+    E_DEAD_LETTERED, E_EXPIRED, E_LEASE_EXPIRED, E_REJECTED, E_UNKNOWN_ID, F_NO_ANSWER, F_NO_REPLY,
+    F_REDELIVERED, F_REJECT, F_RETRY, teomq_ld64,
+)
+from teomq._core.ring_queue cimport Idx, MsgRing, idxq_push, msg_cost, payload_release
 from teomq._core.routes cimport R_QUEUE, Sub, u64ring_pop, u64ring_push
 from teomq._core.slots cimport (
     list_item, slots_find, slots_free, slots_handle, slots_init, slots_put, slots_take, slots_take_into,
@@ -37,6 +41,29 @@ cdef int32_t SLOTS_MAX = 0x40000000
 cdef size_t PAGE_AHEAD = 2048
 cdef bytes ERR_UNKNOWN_ID = msgpack.packb(
     {"code": E_UNKNOWN_ID, "reason": "answer for a delivery this connection does not hold"})
+cdef bytes ERR_LEASE_EXPIRED = msgpack.packb(
+    {"code": E_LEASE_EXPIRED, "reason": "answer refused: the delivery's lease ran out and the message went "
+     "back to its queue (its producer gets one answer, from the delivery that holds it now)"})
+cdef bytes ERR_EXPIRED = msgpack.packb(
+    {"code": E_EXPIRED, "reason": "expired: the request's deadline passed before a consumer took it; "
+     "it was removed, never delivered"})
+
+# how a delivery failed (Scheduler.fail), and why a message is dead-lettered
+cdef enum:
+    FAIL_NACK = 1        # its consumer said so (ANSWER flagged RETRY)
+    FAIL_CRASH = 2       # its consumer went away, or let the lease run out
+    DEAD_REJECTED = 1
+    DEAD_DELIVERIES = 2
+    DEAD_CRASHES = 3
+DEAD_REASONS = {DEAD_REJECTED: "rejected", DEAD_DELIVERIES: "max_deliveries", DEAD_CRASHES: "max_crashes"}
+# at most this many consumer names and error texts in a failed message's history
+cdef Py_ssize_t HISTORY_NAMES = 16
+cdef Py_ssize_t HISTORY_ERRORS = 8
+
+
+cdef inline double route_lease(Scheduler s, int32_t route) noexcept:
+    cdef double lease = (<Route>list_item(<PyObject *>s.routes, route)).lease
+    return lease if lease > 0.0 else s.lease
 
 
 cdef int _fit(list records, int32_t cap) except -1:
@@ -66,18 +93,22 @@ cdef inline int wait_push(Scheduler s, Route r, Msg *m) except -1:
 
 cdef inline bint wait_pop(Scheduler s, Route r, Msg *m) except -1:
     # the head of r's waiting messages, read back from the log first if it is paged out;
-    # False when none (or the read failed: logged by the store, tried again at the next tick)
-    if r.waiting.count < PAGE_AHEAD and r.spill.count:
-        # read ahead before the head runs dry: consumers never wait for a read of their own
-        s.n_paged_in += s.store.page_in(&r.spill, r.waiting, r.index, &s.mem_queued, s.mem_max)
-    if r.waiting.count == 0:
-        return False
-    r.waiting.pop_front(m)
-    s.mem_queued -= msg_cost(m)
-    s.n_route_queued -= 1
-    r.q_bytes -= m.length
-    s.q_bytes -= m.length
-    return True
+    # False when none (or the read failed: logged by the store, tried again at the next tick).
+    # A request whose deadline passed is removed on the way (its producer told: EXPIRED).
+    while True:
+        if r.waiting.count < PAGE_AHEAD and r.spill.count:
+            # read ahead before the head runs dry: consumers never wait for a read of their own
+            s.n_paged_in += s.store.page_in(&r.spill, r.waiting, r.index, &s.mem_queued, s.mem_max)
+        if r.waiting.count == 0:
+            return False
+        r.waiting.pop_front(m)
+        s.mem_queued -= msg_cost(m)
+        s.n_route_queued -= 1
+        r.q_bytes -= m.length
+        s.q_bytes -= m.length
+        if m.deadline == 0 or m.deadline > clock_cs(s):
+            return True
+        s.expire_msg(m)
 
 
 cdef inline Endpoint sub_conn(Scheduler s, int32_t sid):
@@ -144,7 +175,7 @@ cdef inline int list_sub(Scheduler s, Route r, int32_t sid) except -1:
     # put subscription sid (of route r) at the tail of r's ready ring
     s.subtab.items[sid].listed = True
     u64ring_push(&r.ready, slots_handle(&s.subtab.t, sid))
-    if r.waiting.count or r.spill.count:
+    if r.waiting.count or r.spill.count or r.suspects.count:
         s.mark_pending(r)
     return 0
 
@@ -192,14 +223,27 @@ cdef class Scheduler:
         self.backlog_max = backlog_max
         self.lease = lease
         self.run = run
+        self.max_deliveries = 0      # no limits unless set (set_delivery; the Broker's are 20 and 3)
+        self.max_crashes = 0
+        self.retry_base = 1.0
+        self.retry_max = 60.0
+        self.rng = 0x9E3779B97F4A7C15
+        self.dead_msgs = MsgRing(16, <size_t>1 << 32)
+        self.dead_meta = []
+        self.history = {}
 
     def __dealloc__(self):
         cdef int32_t i
+        cdef size_t k
         if self.flights != NULL:
             for i in range(self.flights_cap):
                 if slots_used(&self.fslots, i):   # (not store.done: GC may have cleared store)
                     payload_release(self.flights[i].msg.data)
             free(self.flights)
+        if self.delayed != NULL:
+            for k in range(self.n_delayed):
+                payload_release(self.delayed[k].msg.data)
+            free(self.delayed)
         slots_free(&self.eslots)
         slots_free(&self.sslots)
         slots_free(&self.fslots)
@@ -248,6 +292,8 @@ cdef class Scheduler:
         if e.state == S_CLOSED:
             return 0
         e.state = S_CLOSED
+        if e.reserved >= 0:
+            self.unreserve(e)
         if e.consumer:
             e.consumer = False
             self.consumers -= 1
@@ -276,12 +322,15 @@ cdef class Scheduler:
     cdef int deliver(self, Endpoint c, Msg *m) except -1:
         cdef int32_t idx = self.flight_alloc()
         cdef Flight *f = &self.flights[idx]
+        cdef double lease
         f.msg = m[0]
-        f.msg.attempt += 1
+        if f.msg.attempt < 0xFFFF:
+            f.msg.attempt += 1
         if m.copy:
             self.n_copies_inflight += 1
         f.consumer = c.slot
-        f.deadline = self.now + self.lease if self.lease > 0.0 else 0.0
+        lease = route_lease(self, m.route)
+        f.deadline = self.now + lease if lease > 0.0 else 0.0
         f.prev = c.fl_tail
         f.next = -1
         if c.fl_tail >= 0:
@@ -304,16 +353,42 @@ cdef class Scheduler:
         cdef int32_t idx = slots_find(&self.fslots, fid)
         cdef int32_t s
         cdef Flight *f
+        cdef Msg m
         if idx < 0 or self.flights[idx].consumer != c.slot:
             self.n_unknown_answers += 1
+            if c.withheld and c.reserved < 0:
+                c.credit += c.withheld    # it answers again: the credit its lapse took comes back
+                c.withheld = 0
             if c.lapsed:
                 # a late answer for a delivery whose lease expired: refused, and c's credit back
                 c.lapsed -= 1
                 c.credit += 1
+                self.n_late_answers += 1
+                self.serve(c)
+                if c.leases:
+                    return c._add_error(E_LEASE_EXPIRED, fid, ERR_LEASE_EXPIRED)
+            elif c.credit > 0:
                 self.serve(c)
             return c._add_error(E_UNKNOWN_ID, fid, ERR_UNKNOWN_ID)
         f = &self.flights[idx]
         flight_unlink(self, c, idx)
+        if flags & (F_RETRY | F_REJECT) and c.leases:
+            # a nack (RETRY) or a reject: the message is not done; c is (its credit comes back)
+            m = f.msg
+            flight_release(self, idx)
+            self.nack(c, &m, flags, p, n)
+            if c.consumer:
+                c.proven = True
+                c.credit += 1
+                if c.reserved < 0 or c.inflight == 0:
+                    c.credit += c.withheld
+                    c.withheld = 0
+                    if c.reserved >= 0:
+                        self.unreserve(c)
+                self.serve(c)
+            return 0
+        if f.msg.nacks or f.msg.crashes:
+            self.history.pop(f.msg.seq, None)
         if not (f.msg.flags & F_NO_REPLY) and not (flags & F_NO_ANSWER):
             s = slots_find(&self.sslots, f.msg.session)
             if s >= 0:
@@ -324,38 +399,74 @@ cdef class Scheduler:
         store_done(self.store, &f.msg)
         flight_release(self, idx)
         if c.consumer:
+            c.proven = True
             c.credit += 1
+            if c.reserved >= 0:
+                if c.inflight == 0:      # drained: the suspect it waited for is its next delivery
+                    c.credit += c.withheld
+                    c.withheld = 0
+                    self.unreserve(c)
+            elif c.withheld:
+                c.credit += c.withheld
+                c.withheld = 0
             if c.unlisted or c.backlog is not None:   # else nothing for serve() to do
                 self.serve(c)
         return 0
 
+    cdef int nack(self, Endpoint c, Msg *m, uint16_t flags, const char *p, size_t n) except -1:
+        # c's ANSWER flagged RETRY ({"delay", "error"}) or REJECT ({"reason"}) for m
+        cdef double delay = -1.0
+        error = None
+        try:
+            doc = msgpack.unpackb(PyBytes_FromStringAndSize(p, n)) if n else {}
+        except Exception:
+            doc = {}
+        if not isinstance(doc, dict):
+            doc = {}
+        if m.copy:
+            store_done(self.store, m)    # a fanout copy is its subscriber's: not retried
+            self.n_nacked += 1
+            return 0
+        if flags & F_REJECT:
+            reason = doc.get("reason")
+            self.note_failure(c, m, reason)
+            self.n_rejected += 1
+            return self.dead_letter(m, DEAD_REJECTED, reason)
+        error = doc.get("error")
+        d = doc.get("delay")
+        if isinstance(d, (int, float)) and d >= 0:
+            delay = d if d < 1e7 else 1e7
+        return self.fail(c, m, FAIL_NACK, delay, error)
+
     cdef int requeue(self, Endpoint c, int32_t idx) except -1:
-        # a flight c no longer holds goes back: to the head of its route, flagged redelivered;
-        # a fanout copy (c's alone) goes with c when c is gone, or to the head of c's backlog
-        cdef Flight *f = &self.flights[idx]
-        cdef Route r
-        f.msg.flags |= F_REDELIVERED
-        if f.msg.copy:
+        # a flight c no longer holds goes back: to the head of its route, flagged redelivered
+        # (an ending on the consumer's side: counted, past max_crashes dead-lettered; not while
+        # the broker stops, nor a lease run out at a consumer that never answered); a fanout copy (c's alone) goes with c when c is gone, or to the
+        # head of c's backlog
+        cdef Msg m = self.flights[idx].msg
+        flight_release(self, idx)
+        m.flags |= F_REDELIVERED
+        if m.copy:
             if c.state == S_CLOSED:
-                store_done(self.store, &f.msg)
+                store_done(self.store, &m)
                 self.n_dropped += 1
             else:
                 if c.backlog is None:
                     c.backlog = self.new_backlog()
-                c.backlog.push_front(&f.msg)
+                c.backlog.push_front(&m)
                 self.n_backlog += 1
                 self.n_redelivered += 1
+        elif self.paused or (c.state != S_CLOSED and not c.proven):
+            # the broker stopping; or a lease run out at a consumer that never answered anything
+            # (a new or hung one is no evidence against the message): back, not counted
+            self.to_head(&m)
         else:
-            r = <Route>self.routes[f.msg.route]
-            r.waiting.push_front(&f.msg)
-            self.mem_queued += msg_cost(&f.msg)
-            self.n_route_queued += 1
-            r.q_bytes += f.msg.length
-            self.q_bytes += f.msg.length
-            self.mark_pending(r)
-            self.n_redelivered += 1
-        flight_release(self, idx)
+            self.fail(c, &m, FAIL_CRASH, 0.0, None)
         return 0
+
+    cdef int to_head(self, Msg *m) except -1:
+        self.n_redelivered += 1
+        return self.requeue_msg(<Route>self.routes[m.route], m, True)
 
     cdef int requeue_all(self, Endpoint c) except -1:
         # newest first onto the heads, so each route's head ends in delivery order
@@ -372,26 +483,408 @@ cdef class Scheduler:
 
     cdef int expire(self, Endpoint c) except -1:
         # c's deliveries whose lease ran out by now go back, newest first onto the heads (as
-        # requeue_all: each route's head ends in delivery order); c's credit does not come back
-        # with them (it comes back as c answers: see answer())
-        cdef int32_t idx = c.fl_head
-        cdef int32_t last = -1
+        # requeue_all: each route's head ends in delivery order). c gets no new delivery until
+        # it answers something: its free credit is withheld, and the expired deliveries' credit
+        # comes back one by one as it answers them late (answer()). Touched leases (TOUCH) are
+        # not in deadline order, so the whole list is looked at.
+        cdef int32_t idx = c.fl_tail
         cdef int32_t prev
         cdef double deadline
-        while idx >= 0:
-            deadline = self.flights[idx].deadline
-            if deadline == 0.0 or deadline > self.now:
-                break
-            last = idx
-            idx = self.flights[idx].next
-        idx = last
+        cdef uint32_t before = c.lapsed
         while idx >= 0:
             prev = self.flights[idx].prev
-            flight_unlink(self, c, idx)
-            c.lapsed += 1
-            self.n_expired += 1
-            self.requeue(c, idx)
+            deadline = self.flights[idx].deadline
+            if deadline != 0.0 and deadline <= self.now:
+                flight_unlink(self, c, idx)
+                c.lapsed += 1
+                self.n_expired += 1
+                self.requeue(c, idx)
             idx = prev
+        if c.lapsed != before and c.consumer:
+            if c.reserved >= 0:
+                self.unreserve(c)       # a lapsed consumer is no one to wait for
+            if c.credit > 0:
+                c.withheld += c.credit
+                c.credit = 0
+                c.unlisted = True
+        return 0
+
+    # -- failures, retries, dead letters (docs/semantics.md) --------------------------------
+
+    cdef int note_failure(self, Endpoint c, Msg *m, object error) except -1:
+        # m's history: who held it, what went wrong (kept while it lives, told to on_dead)
+        cdef list h = self.history.get(m.seq)
+        if h is None:
+            h = [[], []]
+            self.history[m.seq] = h
+        if len(h[0]) < HISTORY_NAMES:
+            h[0].append(c.log_name.decode("utf-8", "replace"))
+        if error is not None:
+            if len(h[1]) >= HISTORY_ERRORS:
+                del h[1][0]
+            h[1].append(str(error)[:1000])
+        return 0
+
+    cdef int fail(self, Endpoint c, Msg *m, int how, double delay, object error) except -1:
+        # A delivery of m (not a fanout copy) failed: counted; past the route's max_crashes or
+        # max_deliveries it is dead-lettered; else a crash puts it back at the head, a nack
+        # behind the others (after delay; delay < 0: backoff with jitter)
+        cdef Route r = <Route>self.routes[m.route]
+        cdef int32_t maxc = r.max_crashes if r.max_crashes > 0 else self.max_crashes
+        cdef int32_t maxd = r.max_deliveries if r.max_deliveries > 0 else self.max_deliveries
+        cdef double base
+        cdef uint64_t x
+        m.flags |= F_REDELIVERED
+        if how == FAIL_NACK:
+            if m.nacks < 0xFFFF:
+                m.nacks += 1
+            self.n_nacked += 1
+        else:
+            if m.crashes < 0xFF:
+                m.crashes += 1
+            self.n_crashed += 1
+            if error is None:
+                error = "its lease ran out" if c.state != S_CLOSED else "its consumer went away"
+        self.note_failure(c, m, error)
+        if maxc > 0 and m.crashes >= maxc:
+            return self.dead_letter(m, DEAD_CRASHES, error)
+        if maxd > 0 and <int32_t>m.nacks + <int32_t>m.crashes >= maxd:
+            return self.dead_letter(m, DEAD_DELIVERIES, error)
+        if how == FAIL_CRASH:
+            return self.to_head(m)
+        self.n_redelivered += 1
+        if delay < 0.0:
+            # exponential backoff, equal jitter: half of base * 2^(nacks - 1), plus up to as much
+            base = self.retry_base * (<double>(1 << (m.nacks - 1 if m.nacks < 31 else 30)))
+            if base > self.retry_max:
+                base = self.retry_max
+            x = self.rng
+            x ^= x << 13
+            x ^= x >> 7
+            x ^= x << 17
+            self.rng = x
+            delay = base / 2.0 + base / 2.0 * (<double>(x >> 11) / 9007199254740992.0)
+        if delay > 0.0:
+            return self.delay_push(m, self.now + delay)
+        return self.requeue_msg(r, m, False)
+
+    cdef int dead_letter(self, Msg *m, int reason, object detail) except -1:
+        # m goes to the dead-letter queue: handed to on_dead at the next pump (flush_dead)
+        self.dead_msgs.push_back_always(m)
+        self.dead_meta.append((reason, detail, self.history.pop(m.seq, None)))
+        return 0
+
+    cdef int flush_dead(self) except -1:
+        # Hand the dead letters to on_dead (the broker stores them: docs/semantics.md); once it
+        # returned, each message is done and its producer told. If it raises they stay, live,
+        # and are tried again at the next tick.
+        cdef list docs = []
+        cdef list meta = self.dead_meta
+        cdef size_t i
+        cdef Msg *m
+        cdef Endpoint prod
+        cdef Msg m_out
+        cdef int32_t si
+        cdef size_t k = len(meta)
+        for i in range(k):
+            m = &self.dead_msgs.items[(self.dead_msgs.head + i) & (self.dead_msgs.cap - 1)]
+            reason, detail, hist = meta[i]
+            si = slots_find(&self.sslots, m.session) if m.session else -1
+            prod = <Endpoint>self.sess_ep[si] if si >= 0 else None
+            docs.append({
+                "route": (<Route>self.routes[m.route]).name.decode("utf-8", "replace"),
+                "payload": PyBytes_FromStringAndSize(m.data, m.length),
+                "msg_id": m.msg_id, "seq": m.seq,
+                "producer": prod.log_name.decode("utf-8", "replace") if prod is not None else "",
+                "attempts": m.attempt, "nacks": m.nacks, "crashes": m.crashes,
+                "reason": DEAD_REASONS[reason], "detail": "" if detail is None else str(detail)[:1000],
+                "consumers": hist[0] if hist is not None else [],
+                "errors": hist[1] if hist is not None else [],
+            })
+        if self.on_dead is not None:
+            self.on_dead(docs)          # raises: nothing below is done, all of them stay
+        self.dead_meta = []
+        for i in range(k):
+            self.dead_msgs.pop_front(&m_out)
+            reason = meta[i][0]
+            self.n_dead += 1
+            self.notify(&m_out, E_REJECTED if reason == DEAD_REJECTED else E_DEAD_LETTERED, msgpack.packb({
+                "code": E_REJECTED if reason == DEAD_REJECTED else E_DEAD_LETTERED,
+                "reason": (f"rejected by its consumer: {docs[i]['detail']}" if reason == DEAD_REJECTED else
+                           f"dead-lettered ({docs[i]['reason']}: {m_out.attempt} deliveries, {m_out.nacks} "
+                           f"failed, {m_out.crashes} crashed): {docs[i]['detail']}")}))
+            store_done(self.store, &m_out)
+        return 0
+
+    cdef int notify(self, Msg *m, int code, bytes payload) except -1:
+        # an ERROR about m to its producer's session (unless it wants no answer, or is gone)
+        cdef int32_t si
+        if m.flags & F_NO_REPLY or m.session == 0:
+            return 0
+        si = slots_find(&self.sslots, m.session)
+        if si >= 0:
+            (<Endpoint>list_item(<PyObject *>self.sess_ep, si))._add_error(code, m.msg_id, payload)
+        return 0
+
+    cdef int expire_msg(self, Msg *m) except -1:
+        # m's deadline passed before any consumer took it: removed, its producer told
+        self.n_deadline_expired += 1
+        if m.nacks or m.crashes:
+            self.history.pop(m.seq, None)
+        self.notify(m, E_EXPIRED, ERR_EXPIRED)
+        store_done(self.store, m)
+        return 0
+
+    cdef int sweep_head(self, Route r) except -1:
+        # requests at the head of r's waiting queue whose deadline passed are removed now (their
+        # producers told), not when a consumer comes; those behind a live one wait for their turn
+        cdef Msg *h
+        cdef Msg m
+        cdef uint32_t now = clock_cs(self)
+        while r.waiting.count:
+            h = &r.waiting.items[r.waiting.head]
+            if h.deadline == 0 or h.deadline > now:
+                break
+            r.waiting.pop_front(&m)
+            self.mem_queued -= msg_cost(&m)
+            self.n_route_queued -= 1
+            r.q_bytes -= m.length
+            self.q_bytes -= m.length
+            self.expire_msg(&m)
+        return 0
+
+    cdef int delay_push(self, Msg *m, double due) except -1:
+        # m waits until due (the binary heap of delayed messages), then joins its queue's tail
+        cdef size_t i, parent
+        cdef Delayed *nd
+        cdef Delayed item
+        if self.n_delayed == self.n_delayed_cap:
+            nd = <Delayed *>realloc(self.delayed, (2 * self.n_delayed_cap + 16) * sizeof(Delayed))
+            if nd == NULL:
+                raise MemoryError()
+            self.delayed = nd
+            self.n_delayed_cap = 2 * self.n_delayed_cap + 16
+        item.due = due
+        item.msg = m[0]
+        i = self.n_delayed
+        self.n_delayed += 1
+        while i > 0:
+            parent = (i - 1) >> 1
+            if self.delayed[parent].due <= due:
+                break
+            self.delayed[i] = self.delayed[parent]
+            i = parent
+        self.delayed[i] = item
+        return 0
+
+    cdef int delay_take(self, size_t at, Msg *out) except -1:
+        # remove heap entry ``at`` into out, the heap kept in order
+        cdef size_t i = at
+        cdef size_t child
+        cdef Delayed last
+        out[0] = self.delayed[at].msg
+        self.n_delayed -= 1
+        if at == self.n_delayed:
+            return 0
+        last = self.delayed[self.n_delayed]
+        # sift up (the last may be earlier than at's parent), then down
+        while i > 0 and self.delayed[(i - 1) >> 1].due > last.due:
+            self.delayed[i] = self.delayed[(i - 1) >> 1]
+            i = (i - 1) >> 1
+        while True:
+            child = 2 * i + 1
+            if child >= self.n_delayed:
+                break
+            if child + 1 < self.n_delayed and self.delayed[child + 1].due < self.delayed[child].due:
+                child += 1
+            if self.delayed[child].due >= last.due:
+                break
+            self.delayed[i] = self.delayed[child]
+            i = child
+        self.delayed[i] = last
+        return 0
+
+    cdef int delay_due(self) except -1:
+        # the delayed messages due by now join the tails of their queues
+        cdef Msg m
+        while self.n_delayed and self.delayed[0].due <= self.now:
+            self.delay_take(0, &m)
+            if m.deadline and m.deadline <= clock_cs(self):
+                self.expire_msg(&m)
+            else:
+                self.requeue_msg(<Route>self.routes[m.route], &m, False)
+        return 0
+
+    cdef bint isolating(self, Route r) noexcept:
+        # suspects are delivered alone only where crashes are limited (else nothing is blamed)
+        return (r.max_crashes if r.max_crashes > 0 else self.max_crashes) > 0
+
+    cdef PyObject *take_idle(self, Route r, int32_t *sid) noexcept:
+        # a consumer of r's ready ring with credit and nothing in flight (borrowed), one that
+        # has answered before first; NULL when none
+        cdef size_t j
+        cdef int32_t i
+        cdef PyObject *c
+        cdef PyObject *found = NULL
+        for j in range(r.ready.count):
+            i = slots_find(&self.subtab.t, r.ready.items[(r.ready.head + j) & (r.ready.cap - 1)])
+            if i >= 0:
+                c = list_item(<PyObject *>self.conns, <Py_ssize_t>(self.subtab.items[i].conn & 0xFFFFFFFFu))
+                if (<Endpoint>c).credit > 0 and (<Endpoint>c).inflight == 0:
+                    if (<Endpoint>c).proven:
+                        sid[0] = i
+                        return c
+                    if found == NULL:
+                        found = c
+                        sid[0] = i
+        return found
+
+    cdef int serve_suspects(self, Route r) except -1:
+        # Suspects (messages a consumer held when it died or lapsed: the cause, or bystanders)
+        # go one at a time, each alone to an idle consumer that gets nothing else until it
+        # answers: a crash with a suspect is that suspect's own. With no consumer idle, one is
+        # reserved: it gets no new deliveries until its own are answered (answer() then hands
+        # it the next suspect); the others serve the queue meanwhile.
+        cdef int32_t sid
+        cdef PyObject *c
+        cdef Endpoint e
+        cdef Msg m
+        while r.suspects.count and not self.paused:
+            c = self.take_idle(r, &sid)
+            if c == NULL:
+                if not r.reserving:
+                    c = self.take_proven(r, &sid)
+                    if c == NULL:
+                        c = take_ready(self, r, &sid)
+                    if c != NULL:
+                        e = <Endpoint>c
+                        e.withheld += e.credit
+                        e.credit = 0
+                        e.unlisted = True
+                        e.reserved = r.index
+                        r.reserving = True
+                return 0
+            r.suspects.pop_front(&m)
+            self.n_suspects -= 1
+            self.mem_queued -= msg_cost(&m)
+            self.n_route_queued -= 1
+            r.q_bytes -= m.length
+            self.q_bytes -= m.length
+            if m.deadline and m.deadline <= clock_cs(self):
+                self.expire_msg(&m)
+                continue
+            e = <Endpoint>c
+            self.deliver(e, &m)
+            r.n_out += 1
+            e.withheld += e.credit       # alone until it answers
+            e.credit = 0
+            e.unlisted = True
+        return 0
+
+    cdef int unreserve(self, Endpoint c) except -1:
+        # c no longer drains for a suspect (it is idle now, gone or lapsed): its route tries again
+        cdef Route r = <Route>self.routes[c.reserved]
+        c.reserved = -1
+        r.reserving = False
+        self.mark_pending(r)
+        return 0
+
+    cdef int requeue_msg(self, Route r, Msg *m, bint front) except -1:
+        # m goes back to r: a suspect (it has crashes, and r blames crashes) to r's suspects,
+        # else to the head (front) or the tail of r's waiting messages
+        if m.crashes and self.isolating(r):
+            if front:
+                r.suspects.push_front(m)
+            else:
+                r.suspects.push_back_always(m)
+            self.n_suspects += 1
+            self.mem_queued += msg_cost(m)
+            self.n_route_queued += 1
+            r.q_bytes += m.length
+            self.q_bytes += m.length
+            return self.mark_pending(r)
+        if front:
+            r.waiting.push_front(m)
+            self.mem_queued += msg_cost(m)
+            self.n_route_queued += 1
+            r.q_bytes += m.length
+            self.q_bytes += m.length
+            return self.mark_pending(r)
+        return self.route_queue(r, m)
+
+    cdef PyObject *take_proven(self, Route r, int32_t *sid) noexcept:
+        # a consumer of r's ready ring with credit that has answered before (borrowed), or
+        # NULL: where a message that made a consumer fail goes first (not to a new, or hung,
+        # consumer whose turn it is). O(ring): only for such messages
+        cdef size_t j
+        cdef int32_t i
+        cdef PyObject *c
+        for j in range(r.ready.count):
+            i = slots_find(&self.subtab.t, r.ready.items[(r.ready.head + j) & (r.ready.cap - 1)])
+            if i >= 0:
+                c = list_item(<PyObject *>self.conns, <Py_ssize_t>(self.subtab.items[i].conn & 0xFFFFFFFFu))
+                if (<Endpoint>c).credit > 0 and (<Endpoint>c).proven:
+                    sid[0] = i
+                    return c
+        return NULL
+
+    cdef int touch(self, Endpoint c, const char *p, size_t n) except -1:
+        # c's handlers still run for these deliveries (TOUCH: u64 delivery ids): their leases
+        # start again from now. Ids c does not hold are ignored (their answers will say)
+        cdef size_t i
+        cdef int32_t idx
+        cdef double lease
+        for i in range(n // 8):
+            idx = slots_find(&self.fslots, teomq_ld64(p + 8 * i))
+            if idx >= 0 and self.flights[idx].consumer == c.slot and self.flights[idx].deadline != 0.0:
+                lease = route_lease(self, self.flights[idx].msg.route)
+                self.flights[idx].deadline = self.now + lease
+                self.n_touched += 1
+        return 0
+
+    cdef int cancel(self, Endpoint c, uint64_t msg_id) except -1:
+        # c's producer gave up on its message msg_id: withdrawn from its queue (or the delayed
+        # ones); one in flight gets no answer relayed and its consumer is told (CANCEL)
+        cdef Msg m
+        cdef Route r
+        cdef size_t k
+        cdef int32_t i
+        if c.session == 0:
+            return 0
+        for r in self.routes:
+            if r.suspects.count and r.suspects.take_match(c.session, msg_id, &m):
+                self.n_suspects -= 1
+                self.mem_queued -= msg_cost(&m)
+                self.n_route_queued -= 1
+                r.q_bytes -= m.length
+                self.q_bytes -= m.length
+                self.n_cancelled += 1
+                self.history.pop(m.seq, None)
+                store_done(self.store, &m)
+                return 0
+            if r.waiting.count and r.waiting.take_match(c.session, msg_id, &m):
+                self.mem_queued -= msg_cost(&m)
+                self.n_route_queued -= 1
+                r.q_bytes -= m.length
+                self.q_bytes -= m.length
+                self.n_cancelled += 1
+                self.history.pop(m.seq, None)
+                store_done(self.store, &m)
+                return 0
+        for k in range(self.n_delayed):
+            if self.delayed[k].msg.session == c.session and self.delayed[k].msg.msg_id == msg_id:
+                self.delay_take(k, &m)
+                self.n_cancelled += 1
+                self.history.pop(m.seq, None)
+                store_done(self.store, &m)
+                return 0
+        for i in range(self.flights_cap):
+            if slots_used(&self.fslots, i) and self.flights[i].msg.session == c.session and \
+                    self.flights[i].msg.msg_id == msg_id and not self.flights[i].msg.copy:
+                self.flights[i].msg.flags |= F_NO_REPLY
+                self.n_cancelled += 1
+                (<Endpoint>self.conns[self.flights[i].consumer]).notify_cancel(slots_handle(&self.fslots, i))
+                return 0
         return 0
 
     # -- routes ---------------------------------------------------------------------------
@@ -528,15 +1021,27 @@ cdef class Scheduler:
         cdef Route r
         cdef Msg m
         cdef int32_t sid
+        cdef int32_t asid
         cdef PyObject *c
+        cdef PyObject *alt
+        if self.paused:
+            return 0   # no deliveries now; the routes stay pending
         while self.pending_routes:
             r = <Route>self.pending_routes.pop()
             r.pending = False
+            if r.suspects.count:
+                self.serve_suspects(r)
             while r.waiting.count or r.spill.count:
                 if r.kind == R_QUEUE:
                     c = take_ready(self, r, &sid)
                     if c == NULL or not wait_pop(self, r, &m):
                         break
+                    if m.flags & F_REDELIVERED and not (<Endpoint>c).proven:
+                        alt = self.take_proven(r, &asid)
+                        if alt != NULL:
+                            self.deliver(<Endpoint>alt, &m)
+                            r.n_out += 1
+                            continue
                     deliver_to_sub(self, r, sid, c, &m)
                 else:
                     if r.nmembers == 0 or self.paused or not wait_pop(self, r, &m):

@@ -507,6 +507,9 @@ cdef class SegmentLog(Store):
                 m.attempt = e.attempt
             m.route = route
             m.copy = False
+            m.crashes = 0
+            m.nacks = 0
+            m.deadline = 0
             m.rx.shift = 0
             into.push_back_always(&m)
             mem[0] += msg_cost(&m)
@@ -1383,6 +1386,9 @@ cdef class SegmentLog(Store):
             m.attempt = en.attempts
             m.route = 0
             m.copy = False
+            m.crashes = 0
+            m.nacks = 0
+            m.deadline = 0
             m.rx.shift = 0
             return 1
         return 0
