@@ -819,7 +819,9 @@ class Broker:
             else:
                 failed[i] = "its queue is full, or the log refuses new messages now"
         if done:
-            disp.flush()           # the pass's records written before they leave the dead-letter queue
+            disp.flush()           # the pass's records written, and synced, before they leave the
+            if self.storage is not None:   # dead-letter queue: a crash between leaves them in both
+                self.storage.sync_now()
             dlq.remove(done)
         return {"replayed": len(done), "failed": {str(k): v for k, v in failed.items()}}
 

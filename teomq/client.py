@@ -24,7 +24,7 @@ from teomq.client_connection import (
     consumer_log, log, to_payload as _to_payload,
 )
 from teomq.commands import Command, CommandCall, CommandSchema
-from teomq.errors import BrokerError, ConnectionLost, RequestTimeout, UnknownCommand
+from teomq.errors import BrokerError, Cancelled, ConnectionLost, RequestTimeout, UnknownCommand
 from teomq.protocol import MAX_PAYLOAD_LIMIT, ApiCommand, ErrorCode
 
 __all__ = ["Client", "Confirmation", "Consumer", "DeliveryContext", "Producer"]
@@ -376,6 +376,17 @@ class Client:
         if timeout == self._timeout and type(payload) is bytes:
             return conn.submit(payload, callback, False)
         return conn.submit_custom(payload, callback, timeout)
+
+    def cancel(self, mid: int) -> bool:
+        """Withdraw a :meth:`send` still waiting for its answer: the broker takes it out of its
+        queue, or tells the consumer that holds it; its callback gets :class:`~teomq.Cancelled`
+        (now, on this loop). False when ``mid`` is not pending (answered, failed, or unknown)."""
+        conn = self._conn
+        entry = conn.forget(mid) if conn is not None else None
+        if entry is None:
+            return False
+        conn._complete(mid, entry, None, Cancelled(f"message {mid} cancelled by its producer"))  # type: ignore[union-attr]
+        return True
 
     def publish(self, data: Payload) -> Confirmation:
         """Send a message with no answer (NO_REPLY); returns a :class:`Confirmation` to await

@@ -318,7 +318,8 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False  # the transport is above its high mark
         self._held = False  # the broker sent FLOW with HOLD
-        self._deferred: list[tuple[int, int, int, bytes]] = []  # SENDs and PINGs made while held
+        self._deferred: list[tuple[int, int, int, bytes]] = []  # SENDs, PINGs, CANCELs made while held
+        self._deferred_due: dict[int, float] = {}  # a deferred SEND's deadline (loop time), by id
         self._resume: asyncio.Future[None] | None = None
         self._refusals_unlogged = 0
         self._refusal_timer: asyncio.TimerHandle | None = None
@@ -507,6 +508,7 @@ class Connection(asyncio.Protocol):
             log.warning("%d publish()ed messages held back by the broker were never sent (%s)", unsent,
                         self._endpoint)
         self._deferred.clear()
+        self._deferred_due.clear()
         pending = self._core.take_all() + list(self._custom.items())
         self._custom.clear()
         self._buckets.clear()
@@ -526,7 +528,7 @@ class Connection(asyncio.Protocol):
 
     def _write(self, ftype: int, flags: int, fid: int, payload: Any) -> None:
         """Encode one frame; it goes out with this loop pass's single write."""
-        if self._held and (ftype == _SEND or ftype == _PING):
+        if self._held and (ftype == _SEND or ftype == _PING or ftype == _CANCEL):
             # held back by the broker: SENDs wait here (answers do not), and a PING after them
             # stays after them, so its PONG still means "everything before it was handled"
             self._deferred.append((ftype, flags, fid, payload if type(payload) is bytes else bytes(payload)))
@@ -547,7 +549,13 @@ class Connection(asyncio.Protocol):
         """The broker let us go on: what was made while held goes out, in order, this pass."""
         deferred, self._deferred = self._deferred, []
         add = self._wbuf.add
+        now = self._loop.time()
         for ftype, flags, fid, payload in deferred:
+            if flags & _DEADLINE and ftype == _SEND:
+                due = self._deferred_due.pop(fid, None)
+                if due is not None:  # the deadline counts from the request, not from now
+                    left = int(min(max(0.0, due - now) * 1000, 0xFFFFFFFF))
+                    payload = left.to_bytes(4, "little") + payload[4:]
             add(ftype, flags, fid, payload)
         if not self._core.flush_scheduled:
             self._core.flush_scheduled = True
@@ -759,7 +767,12 @@ class Connection(asyncio.Protocol):
             return mid
         if self._held:  # rare: tracked now, sent when the broker lets us go on
             mid = self._core.register(entry, is_future)
-            self._deferred.append((_SEND, 0, mid, payload))
+            if self.deadlines and len(payload) + 4 <= self._core.max_payload:
+                self._deferred_due[mid] = self._loop.time() + self._timeout
+                payload = int(min(self._timeout * 1000, 0xFFFFFFFF)).to_bytes(4, "little") + payload
+                self._deferred.append((_SEND, _DEADLINE, mid, payload))
+            else:
+                self._deferred.append((_SEND, 0, mid, payload))
             self.stats["sent"] += 1
             if self._timer is None:
                 self._timer = self._loop.call_later(_TICK, self._tick)
@@ -784,6 +797,8 @@ class Connection(asyncio.Protocol):
             flags |= _DEADLINE
             payload = int(min(timeout * 1000, 0xFFFFFFFF)).to_bytes(4, "little") + bytes(payload)
             grace = self._grace
+            if self._held:
+                self._deferred_due[mid] = self._loop.time() + timeout
         heapq.heappush(self._heap, (self._loop.time() + timeout + grace, mid, timeout))
         self._write(_SEND, flags, mid, payload)
         self.stats["sent"] += 1
@@ -791,17 +806,25 @@ class Connection(asyncio.Protocol):
             self._timer = self._loop.call_later(_TICK, self._tick)
         return mid
 
-    def forget(self, mid: int) -> None:
-        """Drop a pending request (its awaiting task was cancelled): the broker is told to
-        withdraw it (CANCEL) when it speaks "cancel"."""
-        if self._core.pop(mid) is None and self._custom.pop(mid, None) is None:
-            return
+    def forget(self, mid: int) -> Any:
+        """Drop a pending request (its awaiting task was cancelled, or Client.cancel): the
+        broker is told to withdraw it (CANCEL) when it speaks "cancel". Returns its entry, or
+        None when it was not pending."""
+        entry = self._core.pop(mid)
+        if entry is None:
+            entry = self._custom.pop(mid, None)
+            if entry is None:
+                return None
+        self._deferred_due.pop(mid, None)
+        for i, frame in enumerate(self._deferred):
+            if frame[0] == _SEND and frame[2] == mid:
+                del self._deferred[i]  # held back by the broker, never sent: nothing to withdraw
+                self.stats["cancelled"] += 1
+                return entry
         if self.cancels and not self._closing:
             self.stats["cancelled"] += 1
-            self._wbuf.add(_CANCEL, 0, mid, b"")  # not held back by FLOW: it frees room
-            if not self._core.flush_scheduled:
-                self._core.flush_scheduled = True
-                self._loop.call_soon(self._flush)
+            self._write(_CANCEL, 0, mid, b"")  # (after what FLOW holds back: in order)
+        return entry
 
     def next_id(self) -> int:
         return self._core.take_id()
@@ -895,7 +918,8 @@ class Connection(asyncio.Protocol):
                 {"code": int(ErrorCode.NOT_ALLOWED), "reason": "this client does not consume"}))
             return
         if self._by_user:
-            return  # closing: left unanswered, the broker redelivers it
+            self._release(did)  # closing: handed back, the broker gives it to another consumer
+            return
         ctx = None
         if self._wants_context:
             ctx = DeliveryContext(did, flags, self._loop.time() + self._max_handler_time, self._loop)
@@ -958,13 +982,14 @@ class Connection(asyncio.Protocol):
             if limit and now - started > limit:
                 del self._running[did]
                 self.stats["handler_timeouts"] += 1
-                consumer_log.error("delivery %d: the handler ran past max_handler_time (%g s): cancelled; its lease "
-                                   "is no longer extended, the broker gives the message to another consumer", did, limit)
                 if task is not None:
                     self._tasks.pop(task, None)
                     task.cancel()
                 else:
                     self._backlog = deque(b for b in self._backlog if b[0] != did)
+                # a failure of the message's (a nack): the broker gives it to another consumer
+                # after its backoff, and this consumer's credit comes back
+                self._failed(did, None, f"the handler ran past max_handler_time ({limit:g} s): cancelled")
             else:
                 keep.append(did)
         if keep and self.leases and self.lease:
@@ -980,15 +1005,14 @@ class Connection(asyncio.Protocol):
 
     def _task_done(self, task: asyncio.Future[Any]) -> None:
         did = self._tasks.pop(task, None)
-        if did is None:
-            return  # cancelled past max_handler_time: left to the lease
-        self._running.pop(did, None)
-        if not task.cancelled():
-            exc = task.exception()
-            if exc is not None:
-                self._failed(did, exc)
-            else:
-                self._answer(did, task.result())
+        if did is not None:  # (None: cancelled past max_handler_time, nacked then)
+            self._running.pop(did, None)
+            if not task.cancelled():
+                exc = task.exception()
+                if exc is not None:
+                    self._failed(did, exc)
+                else:
+                    self._answer(did, task.result())
         backlog = self._backlog
         while backlog and len(self._tasks) < self._prefetch and not self._by_user:
             did, flags, payload = backlog.popleft()
@@ -1021,6 +1045,12 @@ class Connection(asyncio.Protocol):
             self._start(did, payload, result)
         else:
             self._answer(did, result)
+
+    def _release(self, did: int) -> None:
+        """Hand a delivery back unhandled (closing): no failure of the message's. A broker
+        without "lease" redelivers it when the connection ends."""
+        if self.leases and not self._closing:
+            self._write(_ANSWER, _RETRY, did, msgpack.packb({"delay": 0, "error": None, "release": True}))
 
     def _failed(self, did: int, exc: BaseException | None, why: str | None = None) -> None:
         """The handler did not answer: Retry (a nack, after its delay or the broker's backoff),
@@ -1055,7 +1085,10 @@ class Connection(asyncio.Protocol):
         if self.closed.done():
             return
         self._by_user = True
-        self._core.handler = None  # deliveries from now on are left unanswered: redelivered
+        self._core.handler = None  # deliveries from now on are handed back (_release)
+        for did, _flags, _payload in self._backlog:
+            self._running.pop(did, None)
+            self._release(did)
         self._backlog.clear()
         if self._tasks:
             _, late = await asyncio.wait(list(self._tasks), timeout=grace)

@@ -207,6 +207,32 @@ class DiskStorage:
                 self._write_record()
         self.close_files()
 
+    def sync_now(self) -> None:
+        """fdatasync what the log has written, here on the loop (blocking: for rare operations
+        that must be durable before they go on, such as a dead letter's replay). Nothing under
+        ``-fsync never``. OSError: the sync failed (fail-stop, as a round's)."""
+        lg = self._log()
+        if self.policy.mode == "never" or self.failed is not None:
+            return
+        batches, targets = lg.sync_targets()
+        try:
+            for fd, *_ in targets:
+                os.fdatasync(fd)
+            if any(not t[3] for t in targets) and self._dir_fd >= 0:
+                os.fsync(self._dir_fd)
+        except OSError as e:
+            busy = self._busy
+            self._synced(batches, targets, e)     # fail-stop, logged
+            self._busy = busy                     # (a round of the syncer's may still run)
+            raise
+        finally:
+            for fd, *_ in targets:
+                os.close(fd)
+        lg.mark_synced(targets, batches)
+        self.syncs += 1
+        if self._record:
+            self._write_record()
+
     def close_files(self) -> None:
         for fd in (self._dir_fd, self._lock_fd):
             if fd >= 0:

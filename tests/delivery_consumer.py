@@ -5,7 +5,8 @@ stdout, flushed, so the test sees what it got before it dies or is stopped.
 
 Modes:
 - ``poison``: answers ``ok <data>``; ``poison`` makes the process exit at once (``os._exit``)
-- ``slow SECONDS``: an async handler that takes SECONDS, then answers (the client keeps the lease)
+- ``slow SECONDS``: an async handler that takes SECONDS, then answers (the client keeps the lease);
+  a message that begins with ``quick`` it answers at once
 - ``retry``: raises ``Retry(delay=1)`` at each message's first attempt, answers the second
 - ``fail``: raises RuntimeError every time
 - ``reject``: raises ``Reject("cannot use <data>")``
@@ -54,6 +55,8 @@ def main() -> None:
 
     async def slow_handler(data: bytes, ctx: DeliveryContext) -> bytes:
         seen(data, ctx)
+        if data.startswith(b"quick"):
+            return b"ok " + data
         try:
             await asyncio.sleep(arg)
         except asyncio.CancelledError:

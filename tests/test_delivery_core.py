@@ -395,3 +395,117 @@ def test_a_cancel_withdraws_a_queued_request_and_tells_the_consumer_of_one_in_fl
     assert prod.frames() == []
     ((_, _, _, payload),) = c.of(DELIVER)
     assert payload == b"same id, other session"
+
+
+# -- found in review: each failed before its fix ----------------------------------------------
+
+
+def test_a_late_answer_does_not_end_the_isolation_of_a_suspect() -> None:
+    disp, dead = make(lease=10.0, max_crashes=2)
+    prod = Peer(disp, 1, "producer")
+    c = Peer(disp, 2, "consumer", prefetch=2)
+    prod.send(1, b"warmup")
+    (w,) = c.of(DELIVER)
+    c.answer(w[2])  # proven
+    prod.send(2, b"poison")
+    prod.send(3, b"y")
+    dids = {f[3]: f[2] for f in c.of(DELIVER)}
+    disp.tick(8.0)
+    c.touch(dids[b"y"])
+    disp.tick(10.0)  # poison's lease runs out at a proven consumer: a crash, a suspect now
+    c.answer(dids[b"y"])  # idle: the suspect goes to it, alone
+    ((_, _, s_did, payload),) = c.of(DELIVER)
+    assert payload == b"poison"
+    prod.send(4, b"bystander")
+    c.answer(dids[b"poison"], b"late")  # the first attempt's handler finishes: refused
+    assert errors(c.frames()) == [(dids[b"poison"], ErrorCode.LEASE_EXPIRED)]
+    assert c.conn.inflight == 1 and c.frames() == []  # still alone with the suspect
+    c.conn.detach()  # the poison kills it
+    ((letter,),) = dead
+    assert (letter["payload"], letter["crashes"]) == (b"poison", 2)
+    assert disp.stats()["crashed"] == 2  # the bystander was never with it
+
+
+def test_a_suspect_is_delivered_under_steady_load() -> None:
+    disp, _ = make(lease=0.0, max_crashes=3)
+    prod = Peer(disp, 1, "producer")
+    x = Peer(disp, 9, "consumer", prefetch=1)
+    prod.send(1, b"w")
+    (f,) = x.of(DELIVER)
+    x.answer(f[2])
+    prod.send(2, b"suspect")
+    a = Peer(disp, 10, "consumer", prefetch=4)
+    b = Peer(disp, 11, "consumer", prefetch=4)
+    mid = 100
+    for _ in range(10):
+        prod.send(mid, b"m%d" % mid)
+        mid += 1
+    held = {p: p.of(DELIVER) for p in (a, b)}
+    x.conn.detach()  # "suspect" crashed with x
+    for _ in range(50):  # the queue never empties: a consumer is reserved and drains for it
+        for p in (a, b):
+            if held[p]:
+                p.answer(held[p].pop(0)[2])
+            prod.send(mid, b"m%d" % mid)
+            mid += 1
+            held[p] += p.of(DELIVER)
+        if any(f[3] == b"suspect" for p in (a, b) for f in held[p]):
+            break
+    (holder,) = [p for p in (a, b) if any(f[3] == b"suspect" for f in held[p])]
+    assert [f[3] for f in held[holder]] == [b"suspect"] and holder.conn.inflight == 1  # alone
+
+
+def test_a_cancelled_request_in_flight_is_not_delivered_again() -> None:
+    disp, dead = make(max_deliveries=3, retry_base=0.01, retry_max=0.01)
+    prod = Peer(disp, 1, "producer")
+    a = Peer(disp, 2, "consumer")
+    prod.send(1, b"job")
+    a.of(DELIVER)
+    prod.feed(encode_frame(T.CANCEL, 0, 1, b""))
+    assert [f[0] for f in a.frames()] == [CANCEL]
+    a.conn.detach()  # its consumer goes away: the message is withdrawn, not requeued
+    b = Peer(disp, 3, "consumer")
+    assert b.of(DELIVER) == [] and dead == []
+    assert disp.stats()["held"] == 0 and disp.stats()["queue"] == 0
+
+
+def test_a_parked_request_keeps_its_deadline_from_receipt_and_a_parked_cancel_its_order() -> None:
+    disp, _ = make()
+    prod = Peer(disp, 1, "producer")
+    c = Peer(disp, 2, "consumer")
+    prod.conn.hold_sends = True
+    prod.send(1, b"one second at most", deadline_ms=1000)
+    prod.send(2, b"a minute", deadline_ms=60000)
+    prod.feed(encode_frame(T.CANCEL, 0, 2, b""))  # parked behind the SEND it cancels
+    disp.tick(30.0)
+    prod.conn.hold_sends = False
+    prod.conn.release_sends()
+    assert errors(prod.frames()) == [(1, ErrorCode.EXPIRED)]
+    frames = c.frames()  # the minute one went out, then its consumer was told of the cancel
+    assert [(f[0], f[3]) for f in frames] == [(DELIVER, b"a minute"), (CANCEL, b"")]
+    c.answer(frames[0][2])
+    assert prod.frames() == []
+
+
+def test_a_message_fed_by_msg_carries_no_deadline() -> None:
+    disp, _ = make()
+    prod = Peer(disp, 1, "producer")
+    prod.send(1, bytes([130]) + b"fed", flags=Flag.API, deadline_ms=1000)
+    assert [f[3] for f in prod.of(REPLY)] == [b"OK"]
+    disp.tick(5.0)
+    c = Peer(disp, 2, "consumer")
+    assert [f[3] for f in c.of(DELIVER)] == [b"fed"] and disp.stats()["deadline_expired"] == 0
+
+
+def test_expired_after_a_delivery_says_so() -> None:
+    disp, _ = make()
+    prod = Peer(disp, 1, "producer")
+    c = Peer(disp, 2, "consumer")
+    prod.send(1, b"charge card", deadline_ms=2000)
+    c.of(DELIVER)
+    c.conn.detach()
+    disp.tick(3.0)
+    (err,) = [f for f in prod.frames() if f[0] == ERROR]
+    doc = msgpack.unpackb(err[3])
+    assert doc["code"] == ErrorCode.EXPIRED and "delivered 1 times" in doc["reason"]
+    assert "never delivered" not in doc["reason"]

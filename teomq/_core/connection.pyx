@@ -23,11 +23,12 @@ from teomq._core.dispatch cimport accept, park_full
 from teomq._core.endpoint cimport S_CLOSED, S_NEW, S_READY, mark_dirty
 from teomq._core.frame_codec cimport (
     E_HANDSHAKE, E_NOT_ALLOWED, EXT_MAX, INPLACE_MIN, F_REDELIVERED, HEADER_SIZE, T_ANSWER, T_DELIVER, T_ERROR,
-    T_CANCEL, T_CONFIRM, T_HELLO, T_PING, T_PONG, T_REPLY, T_SEND, T_TOUCH, Received, teomq_st32, check_partial, grow_buffer, parse_header,
+    T_CANCEL, T_CONFIRM, T_HELLO, T_PING, T_PONG, T_REPLY, T_SEND, T_TOUCH, F_DEADLINE, F_DEADLINE_ABS, Received,
+    teomq_ld32, teomq_st16, teomq_st32, check_partial, grow_buffer, parse_header,
     protocol_error, verify_crc, note_received,
 )
 from teomq._core.ring_queue cimport Msg
-from teomq._core.scheduler cimport monotonic_now
+from teomq._core.scheduler cimport clock_cs, monotonic_now
 from teomq._core.writer cimport write_out
 
 import msgpack
@@ -134,7 +135,10 @@ cdef class CoreConnection(Endpoint):
                 elif h.ftype == T_TOUCH:
                     disp.touch(self, payload, h.length)
                 elif h.ftype == T_CANCEL:
-                    disp.cancel(self, h.fid)
+                    if self.parked_len:     # after the SENDs parked before it
+                        self._park(&h, payload)
+                    else:
+                        disp.cancel(self, h.fid)
                 else:
                     # WELCOME, DELIVER, REPLY, FLOW, CONFIRM come only from a broker: refuse this frame, keep the connection
                     self._add_error(E_NOT_ALLOWED, h.fid, ERR_NOT_ALLOWED)
@@ -178,8 +182,10 @@ cdef class CoreConnection(Endpoint):
         cdef Dispatcher disp = self.disp
         cdef const char *frame = payload - HEADER_SIZE
         cdef size_t total = HEADER_SIZE + <size_t>h.length
-        if h.ftype != T_PING and park_full(disp, self, total):
-            return disp.refuse(self, h.fid, True)  # a PING is never refused: it waits at the end
+        cdef char *kept
+        cdef uint64_t due
+        if h.ftype == T_SEND and park_full(disp, self, total):
+            return disp.refuse(self, h.fid, True)  # a PING or CANCEL is never refused: it waits at the end
         if self.parked == NULL:
             self.parked = <char *>malloc(READ_CHUNK)
             if self.parked == NULL:
@@ -187,6 +193,13 @@ cdef class CoreConnection(Endpoint):
             self.parked_cap = READ_CHUNK
         grow_buffer(&self.parked, &self.parked_cap, self.parked_len + total)
         memcpy(self.parked + self.parked_len, frame, total)
+        kept = self.parked + self.parked_len
+        if h.ftype == T_SEND and h.flags & F_DEADLINE and h.length >= 4 and not h.flags & F_DEADLINE_ABS:
+            # its deadline counts from receipt, not from when it is let go: the kept copy carries
+            # the absolute time (its CRC is not checked again; its payload's is computed afresh)
+            due = <uint64_t>clock_cs(disp) + teomq_ld32(kept + HEADER_SIZE) // 10 + 1
+            teomq_st32(kept + HEADER_SIZE, <uint32_t>due if due < 0xFFFFFFFFu else 0xFFFFFFFFu)
+            teomq_st16(kept + 4, h.flags | F_DEADLINE_ABS)
         self.parked_len += total
         disp.parked_bytes += total
         self.n_parked += 1
@@ -214,8 +227,14 @@ cdef class CoreConnection(Endpoint):
                 if h.ftype == T_PING:
                     self.out.add_frame(T_PONG, 0, h.fid, buf + pos - h.length, h.length)
                     mark_dirty(self)
+                elif h.ftype == T_CANCEL:
+                    disp.cancel(self, h.fid)
                 else:
-                    accept(disp, self, &h, buf + pos - h.length)
+                    disp.releasing = True
+                    try:
+                        accept(disp, self, &h, buf + pos - h.length)
+                    finally:
+                        disp.releasing = False
         finally:
             if pos < n and self.state != S_CLOSED:
                 # held again: the rest goes back in front of anything parked meanwhile

@@ -37,6 +37,7 @@ cdef class Dispatcher(Scheduler):
     cdef uint32_t in_strip
     cdef uint32_t in_deadline
     cdef bint in_fail_fast
+    cdef bint releasing                # release_sends() re-accepts parked frames (F_DEADLINE_ABS is ours)
     cdef readonly uint64_t n_no_consumer
     cdef double dead_retry_at          # on_dead failed: tried again from then (tick)
 

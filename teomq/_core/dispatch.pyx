@@ -21,7 +21,8 @@ from libc.string cimport memcmp
 from teomq._core.command_parser cimport name_length
 from teomq._core.endpoint cimport Outbox, S_CLOSED, confirm_now
 from teomq._core.frame_codec cimport (
-    E_NO_CONSUMER, E_NOT_ALLOWED, E_QUEUE_FULL, E_STORAGE, F_API, F_CONFIRM, F_DEADLINE, F_FAIL_FAST, F_NO_REPLY,
+    E_EXPIRED, E_NO_CONSUMER, E_NOT_ALLOWED, E_QUEUE_FULL, E_STORAGE, F_API, F_CONFIRM, F_DEADLINE, F_DEADLINE_ABS, F_FAIL_FAST,
+    F_NO_REPLY,
     F_REDELIVERED, HEADER_SIZE, note_received, note_received_strip, teomq_ld32,
 )
 from teomq._core.scheduler cimport clock_cs, monotonic_now
@@ -52,6 +53,9 @@ cdef bytes ERR_QUEUE_FULL = msgpack.packb(
 cdef bytes ERR_NO_CONSUMER = msgpack.packb(
     {"code": E_NO_CONSUMER, "reason": "no consumer: nobody consumes this queue now (the SEND asked to fail "
      "fast); message not accepted"})
+cdef bytes ERR_EXPIRED_PARKED = msgpack.packb(
+    {"code": E_EXPIRED, "reason": "expired: the request's deadline passed while the broker held its producer back; "
+     "not accepted, never delivered"})
 cdef bytes ERR_SHORT_DEADLINE = msgpack.packb(
     {"code": E_NOT_ALLOWED, "reason": "a SEND flagged DEADLINE needs its 4-byte deadline before the payload"})
 cdef bytes ERR_HELD_BACK = msgpack.packb(
@@ -105,7 +109,7 @@ cdef class Dispatcher(Scheduler):
 
     cdef bint over_limit(self, Route r, size_t n) noexcept:
         # a SEND of n bytes into r would pass r's limits or the broker's bytes bound
-        return ((r.max_messages and r.waiting.count + r.spill.count >= r.max_messages) or
+        return ((r.max_messages and r.waiting.count + r.spill.count + r.suspects.count >= r.max_messages) or
                 (r.max_bytes and r.q_bytes + n > r.max_bytes) or
                 (self.queue_max_bytes and self.q_bytes + n > self.queue_max_bytes))
 
@@ -117,13 +121,13 @@ cdef class Dispatcher(Scheduler):
         self.n_limit_refused += 1
         r.n_refused += 1                # (not conn.n_refused: those are -queue-max's, logged as such)
         name = r.name.decode("utf-8", "replace") if r.name else "the queue"
-        if (r.max_messages and r.waiting.count + r.spill.count >= r.max_messages) or \
+        if (r.max_messages and r.waiting.count + r.spill.count + r.suspects.count >= r.max_messages) or \
                 (r.max_bytes and r.q_bytes + n > r.max_bytes):
             what = f"'{name}' is at its limit"
         else:
             what = f"the broker's -queue-max-bytes {self.queue_max_bytes} is reached"
         conn._add_error(E_QUEUE_FULL, fid, msgpack.packb({
-            "code": E_QUEUE_FULL, "reason": f"queue is full: {what} ({r.waiting.count + r.spill.count} messages, "
+            "code": E_QUEUE_FULL, "reason": f"queue is full: {what} ({r.waiting.count + r.spill.count + r.suspects.count} messages, "
             f"{r.q_bytes} bytes waiting); message not accepted, send it again later"}))
         return 0
 
@@ -151,6 +155,10 @@ cdef class Dispatcher(Scheduler):
         if ((<Route>r).max_messages or (<Route>r).max_bytes or self.queue_max_bytes) and \
                 self.over_limit(<Route>r, n):
             return self.refuse_limit(conn, h.fid, <Route>r, n)
+        if self.in_deadline and self.in_deadline <= clock_cs(self):
+            # (parked until after its deadline) not accepted: its producer gave up already
+            self.n_deadline_expired += 1
+            return conn._add_error(E_EXPIRED, h.fid, ERR_EXPIRED_PARKED)
         if self.in_fail_fast and (<Route>r).nmembers == 0:
             self.n_refused += 1
             self.n_no_consumer += 1
@@ -199,9 +207,12 @@ cdef class Dispatcher(Scheduler):
         if h.flags & F_DEADLINE:
             if n < 4:
                 return conn._add_error(E_NOT_ALLOWED, h.fid, ERR_SHORT_DEADLINE)
-            due = <uint64_t>clock_cs(self) + teomq_ld32(p) // 10 + 1
-            self.in_deadline = <uint32_t>due if due < 0xFFFFFFFFu else 0xFFFFFFFFu
-            self.in_strip = 4
+            if self.releasing and h.flags & F_DEADLINE_ABS:
+                self.in_deadline = teomq_ld32(p)   # parked: set on receipt; the payload's CRC afresh
+            else:
+                due = <uint64_t>clock_cs(self) + teomq_ld32(p) // 10 + 1
+                self.in_deadline = <uint32_t>due if due < 0xFFFFFFFFu else 0xFFFFFFFFu
+                self.in_strip = 4
             p += 4
             n -= 4
         self.in_fail_fast = (h.flags & F_FAIL_FAST) != 0
@@ -236,6 +247,7 @@ cdef class Dispatcher(Scheduler):
                 self.on_command_hook(conn, R_HELLO, h, p, n)
                 return 0
             fed = True
+            self.in_deadline = 0
         while True:
             if self.table is None:      # basic scheme: msg feeds the one queue
                 before = self.n_in
@@ -252,6 +264,7 @@ cdef class Dispatcher(Scheduler):
             k = k + 1 if k < n else k
             if r.kind == R_MSG:
                 fed = True
+                self.in_deadline = 0   # answered OK here: nobody would hear of its expiry
                 p += k
                 n -= k
                 continue
@@ -336,7 +349,7 @@ cdef class Dispatcher(Scheduler):
                 if r.suspects.count:
                     self.mark_pending(r)
         for r in self.routes:
-            if r.waiting.count:
+            if r.waiting.count or r.suspects.count:
                 self.sweep_head(r)
         if self.n_paged_out != self.n_paged_in:
             for r in self.routes:     # a read back that failed is tried again

@@ -54,6 +54,7 @@ cdef class Endpoint:
     cdef readonly int32_t withheld    # credit taken away when a lease expired: back with its next answer
     cdef readonly bint proven         # it has answered a delivery (redelivered messages go to such first)
     cdef int32_t reserved             # route whose suspect it drains for (its credit withheld), or -1
+    cdef uint64_t isolated            # the suspect's delivery it holds alone (its credit withheld), or 0
     cdef public bint cancels          # it announced "cancel": told when a producer withdraws what it holds
     cdef public bint leases           # it announced "lease": late answers get LEASE_EXPIRED
     cdef int32_t fl_head              # its flights, in delivery order

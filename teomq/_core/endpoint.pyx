@@ -69,6 +69,7 @@ cdef class Endpoint:
     def __cinit__(self, *args, **kwargs):
         self.log_name = b"?"
         self.reserved = -1
+        self.isolated = 0
         self.fl_head = -1
         self.fl_tail = -1
         self.subs = NULL

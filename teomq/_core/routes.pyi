@@ -43,6 +43,9 @@ class Route:
     max_deliveries: int
     max_crashes: int
     @property
+    def suspects(self) -> MsgRing:
+        """Messages held when a consumer died or lapsed: each is delivered alone."""
+    @property
     def q_bytes(self) -> int:
         """Payload bytes waiting here."""
     @property

@@ -176,6 +176,8 @@ cdef class Scheduler:
     @cython.final
     cdef PyObject *take_idle(self, Route r, int32_t *sid) noexcept
     @cython.final
+    cdef int withdraw(self, Msg *m) except -1
+    @cython.final
     cdef int serve_suspects(self, Route r) except -1
     @cython.final
     cdef int unreserve(self, Endpoint c) except -1

@@ -109,3 +109,6 @@ class Scheduler:
     def n_touched(self) -> int: ...
     @property
     def n_late_answers(self) -> int: ...
+    @property
+    def n_suspects(self) -> int:
+        """Messages waiting to be delivered alone (held when a consumer died or lapsed)."""

@@ -48,8 +48,11 @@ cdef bytes ERR_EXPIRED = msgpack.packb(
     {"code": E_EXPIRED, "reason": "expired: the request's deadline passed before a consumer took it; "
      "it was removed, never delivered"})
 
-# how a delivery failed (Scheduler.fail), and why a message is dead-lettered
+# how a delivery failed (Scheduler.fail), and why a message is dead-lettered; M_CANCELLED: a
+# Msg flag of the broker's own (never on the wire): its producer withdrew it while in flight
 cdef enum:
+    M_CANCELLED = 0x8000
+    M_ENDED = 0x4000     # its last delivery ended on the consumer's side: a consumer that answers first
     FAIL_NACK = 1        # its consumer said so (ANSWER flagged RETRY)
     FAIL_CRASH = 2       # its consumer went away, or let the lease run out
     DEAD_REJECTED = 1
@@ -91,6 +94,14 @@ cdef inline int wait_push(Scheduler s, Route r, Msg *m) except -1:
     return 0
 
 
+cdef inline void unqueued(Scheduler s, Route r, Msg *m) noexcept:
+    # m left r's waiting messages or suspects (in memory): what they hold goes down
+    s.mem_queued -= msg_cost(m)
+    s.n_route_queued -= 1
+    r.q_bytes -= m.length
+    s.q_bytes -= m.length
+
+
 cdef inline bint wait_pop(Scheduler s, Route r, Msg *m) except -1:
     # the head of r's waiting messages, read back from the log first if it is paged out;
     # False when none (or the read failed: logged by the store, tried again at the next tick).
@@ -102,13 +113,31 @@ cdef inline bint wait_pop(Scheduler s, Route r, Msg *m) except -1:
         if r.waiting.count == 0:
             return False
         r.waiting.pop_front(m)
-        s.mem_queued -= msg_cost(m)
-        s.n_route_queued -= 1
-        r.q_bytes -= m.length
-        s.q_bytes -= m.length
+        unqueued(s, r, m)
         if m.deadline == 0 or m.deadline > clock_cs(s):
             return True
         s.expire_msg(m)
+
+
+cdef int credit_back(Scheduler s, Endpoint c, int32_t n, uint64_t fid) except -1:
+    # c answered delivery fid (or answered late): n credits come back. While c holds a suspect
+    # alone (isolated) or drains for one (reserved) they are withheld: until that suspect's
+    # delivery ends, or until c holds nothing. A lapse's withheld credit comes back with any answer.
+    if c.isolated:
+        if fid != c.isolated:
+            c.withheld += n
+            return 0
+        c.isolated = 0
+    elif c.reserved >= 0:
+        if c.inflight:
+            c.withheld += n
+            return 0
+        s.unreserve(c)       # drained: the suspect it waited for is its next delivery
+    c.credit += n + c.withheld
+    c.withheld = 0
+    if c.credit > 0:
+        s.serve(c)
+    return 0
 
 
 cdef inline Endpoint sub_conn(Scheduler s, int32_t sid):
@@ -356,19 +385,15 @@ cdef class Scheduler:
         cdef Msg m
         if idx < 0 or self.flights[idx].consumer != c.slot:
             self.n_unknown_answers += 1
-            if c.withheld and c.reserved < 0:
-                c.credit += c.withheld    # it answers again: the credit its lapse took comes back
-                c.withheld = 0
             if c.lapsed:
                 # a late answer for a delivery whose lease expired: refused, and c's credit back
                 c.lapsed -= 1
-                c.credit += 1
                 self.n_late_answers += 1
-                self.serve(c)
+                credit_back(self, c, 1, fid)
                 if c.leases:
                     return c._add_error(E_LEASE_EXPIRED, fid, ERR_LEASE_EXPIRED)
-            elif c.credit > 0:
-                self.serve(c)
+            elif c.consumer:
+                credit_back(self, c, 0, fid)   # it answers again: a lapse's withheld credit comes back
             return c._add_error(E_UNKNOWN_ID, fid, ERR_UNKNOWN_ID)
         f = &self.flights[idx]
         flight_unlink(self, c, idx)
@@ -379,13 +404,7 @@ cdef class Scheduler:
             self.nack(c, &m, flags, p, n)
             if c.consumer:
                 c.proven = True
-                c.credit += 1
-                if c.reserved < 0 or c.inflight == 0:
-                    c.credit += c.withheld
-                    c.withheld = 0
-                    if c.reserved >= 0:
-                        self.unreserve(c)
-                self.serve(c)
+                credit_back(self, c, 1, fid)
             return 0
         if f.msg.nacks or f.msg.crashes:
             self.history.pop(f.msg.seq, None)
@@ -400,17 +419,12 @@ cdef class Scheduler:
         flight_release(self, idx)
         if c.consumer:
             c.proven = True
-            c.credit += 1
-            if c.reserved >= 0:
-                if c.inflight == 0:      # drained: the suspect it waited for is its next delivery
-                    c.credit += c.withheld
-                    c.withheld = 0
-                    self.unreserve(c)
-            elif c.withheld:
-                c.credit += c.withheld
-                c.withheld = 0
-            if c.unlisted or c.backlog is not None:   # else nothing for serve() to do
-                self.serve(c)
+            if c.withheld == 0 and c.reserved < 0 and c.isolated == 0:
+                c.credit += 1            # (the steady state)
+                if c.unlisted or c.backlog is not None:   # else nothing for serve() to do
+                    self.serve(c)
+            else:
+                credit_back(self, c, 1, fid)
         return 0
 
     cdef int nack(self, Endpoint c, Msg *m, uint16_t flags, const char *p, size_t n) except -1:
@@ -427,6 +441,12 @@ cdef class Scheduler:
             store_done(self.store, m)    # a fanout copy is its subscriber's: not retried
             self.n_nacked += 1
             return 0
+        if m.flags & M_CANCELLED:
+            return self.withdraw(m)
+        if doc.get("release") is True and flags & F_RETRY:
+            # handed back unhandled (a consumer closing): not a failure, back at the head
+            m.flags |= F_REDELIVERED
+            return self.to_head(m)
         if flags & F_REJECT:
             reason = doc.get("reason")
             self.note_failure(c, m, reason)
@@ -444,9 +464,13 @@ cdef class Scheduler:
         # the broker stops, nor a lease run out at a consumer that never answered); a fanout copy (c's alone) goes with c when c is gone, or to the
         # head of c's backlog
         cdef Msg m = self.flights[idx].msg
+        if c.isolated == slots_handle(&self.fslots, idx):
+            c.isolated = 0               # (a lapse: its credit stays withheld until it answers)
         flight_release(self, idx)
-        m.flags |= F_REDELIVERED
-        if m.copy:
+        m.flags |= F_REDELIVERED | M_ENDED
+        if m.flags & M_CANCELLED:
+            self.withdraw(&m)            # its producer gave up on it: not delivered again
+        elif m.copy:
             if c.state == S_CLOSED:
                 store_done(self.store, &m)
                 self.n_dropped += 1
@@ -536,6 +560,7 @@ cdef class Scheduler:
         cdef uint64_t x
         m.flags |= F_REDELIVERED
         if how == FAIL_NACK:
+            m.flags &= ~M_ENDED          # its consumer is alive: its turn, as any message's
             if m.nacks < 0xFFFF:
                 m.nacks += 1
             self.n_nacked += 1
@@ -627,11 +652,22 @@ cdef class Scheduler:
         return 0
 
     cdef int expire_msg(self, Msg *m) except -1:
-        # m's deadline passed before any consumer took it: removed, its producer told
+        # m's deadline passed before any consumer answered it: removed, its producer told
         self.n_deadline_expired += 1
         if m.nacks or m.crashes:
             self.history.pop(m.seq, None)
-        self.notify(m, E_EXPIRED, ERR_EXPIRED)
+        if m.attempt == 0:
+            self.notify(m, E_EXPIRED, ERR_EXPIRED)
+        else:
+            self.notify(m, E_EXPIRED, msgpack.packb({"code": E_EXPIRED, "reason": (
+                f"expired: the request's deadline passed before it was answered: delivered {m.attempt} times, "
+                f"none answered ({m.nacks} failed, {m.crashes} crashed); it was removed")}))
+        store_done(self.store, m)
+        return 0
+
+    cdef int withdraw(self, Msg *m) except -1:
+        # a cancelled message (its producer gave up) that came back: done, not delivered again
+        self.history.pop(m.seq, None)
         store_done(self.store, m)
         return 0
 
@@ -641,15 +677,20 @@ cdef class Scheduler:
         cdef Msg *h
         cdef Msg m
         cdef uint32_t now = clock_cs(self)
+        while r.suspects.count:
+            h = &r.suspects.items[r.suspects.head]
+            if h.deadline == 0 or h.deadline > now:
+                break
+            r.suspects.pop_front(&m)
+            self.n_suspects -= 1
+            unqueued(self, r, &m)
+            self.expire_msg(&m)
         while r.waiting.count:
             h = &r.waiting.items[r.waiting.head]
             if h.deadline == 0 or h.deadline > now:
                 break
             r.waiting.pop_front(&m)
-            self.mem_queued -= msg_cost(&m)
-            self.n_route_queued -= 1
-            r.q_bytes -= m.length
-            self.q_bytes -= m.length
+            unqueued(self, r, &m)
             self.expire_msg(&m)
         return 0
 
@@ -766,17 +807,15 @@ cdef class Scheduler:
                 return 0
             r.suspects.pop_front(&m)
             self.n_suspects -= 1
-            self.mem_queued -= msg_cost(&m)
-            self.n_route_queued -= 1
-            r.q_bytes -= m.length
-            self.q_bytes -= m.length
+            unqueued(self, r, &m)
             if m.deadline and m.deadline <= clock_cs(self):
                 self.expire_msg(&m)
                 continue
             e = <Endpoint>c
             self.deliver(e, &m)
             r.n_out += 1
-            e.withheld += e.credit       # alone until it answers
+            e.isolated = slots_handle(&self.fslots, e.fl_tail)   # alone until that delivery ends
+            e.withheld += e.credit
             e.credit = 0
             e.unlisted = True
         return 0
@@ -810,7 +849,9 @@ cdef class Scheduler:
             r.q_bytes += m.length
             self.q_bytes += m.length
             return self.mark_pending(r)
-        return self.route_queue(r, m)
+        # behind the others; drain_routes hands it out (to a consumer that has answered first)
+        wait_push(self, r, m)
+        return self.mark_pending(r)
 
     cdef PyObject *take_proven(self, Route r, int32_t *sid) noexcept:
         # a consumer of r's ready ring with credit that has answered before (borrowed), or
@@ -854,19 +895,13 @@ cdef class Scheduler:
         for r in self.routes:
             if r.suspects.count and r.suspects.take_match(c.session, msg_id, &m):
                 self.n_suspects -= 1
-                self.mem_queued -= msg_cost(&m)
-                self.n_route_queued -= 1
-                r.q_bytes -= m.length
-                self.q_bytes -= m.length
+                unqueued(self, r, &m)
                 self.n_cancelled += 1
                 self.history.pop(m.seq, None)
                 store_done(self.store, &m)
                 return 0
             if r.waiting.count and r.waiting.take_match(c.session, msg_id, &m):
-                self.mem_queued -= msg_cost(&m)
-                self.n_route_queued -= 1
-                r.q_bytes -= m.length
-                self.q_bytes -= m.length
+                unqueued(self, r, &m)
                 self.n_cancelled += 1
                 self.history.pop(m.seq, None)
                 store_done(self.store, &m)
@@ -881,7 +916,7 @@ cdef class Scheduler:
         for i in range(self.flights_cap):
             if slots_used(&self.fslots, i) and self.flights[i].msg.session == c.session and \
                     self.flights[i].msg.msg_id == msg_id and not self.flights[i].msg.copy:
-                self.flights[i].msg.flags |= F_NO_REPLY
+                self.flights[i].msg.flags |= F_NO_REPLY | M_CANCELLED
                 self.n_cancelled += 1
                 (<Endpoint>self.conns[self.flights[i].consumer]).notify_cancel(slots_handle(&self.fslots, i))
                 return 0
@@ -1036,7 +1071,7 @@ cdef class Scheduler:
                     c = take_ready(self, r, &sid)
                     if c == NULL or not wait_pop(self, r, &m):
                         break
-                    if m.flags & F_REDELIVERED and not (<Endpoint>c).proven:
+                    if m.flags & M_ENDED and not (<Endpoint>c).proven:
                         alt = self.take_proven(r, &asid)
                         if alt != NULL:
                             self.deliver(<Endpoint>alt, &m)
