@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from procs import BrokerProc, CliProc, ProcGroup, parse_stat
-from teomq import DeadLettered, Expired, Rejected
+from teomq import Cancelled, DeadLettered, Expired, Rejected
 from teomq.client import Consumer, Producer
 from teomq.protocol import FrameType
 
@@ -222,10 +222,17 @@ def test_expired_requests_are_never_dispatched_and_a_cancelled_one_is_withdrawn(
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+            outcomes: list[BaseException | None] = []
+            mid = p.send(b"withdrawn-too", lambda _id, _answer, err: outcomes.append(err), timeout=30)
+            await asyncio.sleep(0.3)
+            assert p.cancel(mid) and not p.cancel(mid)
+            assert len(outcomes) == 1 and isinstance(outcomes[0], Cancelled)
             await asyncio.sleep(0.5)
-            late = consumer(procs, broker, "answer")  # started after every deadline and the cancel
+            late = consumer(procs, broker, "answer")  # started after every deadline and the cancels
             assert await p.request(b"fresh") == b"ok fresh"
+            await wait_for(lambda: got(late), "the consumer's line")
             assert [name for name, _, _ in got(late)] == ["fresh"]
+            assert len(outcomes) == 1
 
     asyncio.run(main())
 
