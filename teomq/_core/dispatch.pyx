@@ -21,9 +21,8 @@ from libc.string cimport memcmp
 from teomq._core.command_parser cimport name_length
 from teomq._core.endpoint cimport Outbox, S_CLOSED, confirm_now
 from teomq._core.frame_codec cimport (
-    E_EXPIRED, E_NO_CONSUMER, E_NOT_ALLOWED, E_QUEUE_FULL, E_STORAGE, F_API, F_CONFIRM, F_DEADLINE, F_DEADLINE_ABS, F_FAIL_FAST,
-    F_NO_REPLY,
-    F_REDELIVERED, HEADER_SIZE, note_received, note_received_strip, teomq_ld32,
+    E_EXPIRED, E_NO_CONSUMER, E_NOT_ALLOWED, E_QUEUE_FULL, E_STORAGE, F_API, F_CONFIRM, F_DEADLINE, F_DEADLINE_ABS,
+    F_FAIL_FAST, F_NO_REPLY, F_REDELIVERED, HEADER_SIZE, note_received, note_received_strip, teomq_ld32,
 )
 from teomq._core.scheduler cimport clock_cs, monotonic_now
 from teomq._core.ring_queue cimport Idx, IdxBlock, Msg, idxq_push, msg_cost

@@ -461,8 +461,9 @@ cdef class Scheduler:
     cdef int requeue(self, Endpoint c, int32_t idx) except -1:
         # a flight c no longer holds goes back: to the head of its route, flagged redelivered
         # (an ending on the consumer's side: counted, past max_crashes dead-lettered; not while
-        # the broker stops, nor a lease run out at a consumer that never answered); a fanout copy (c's alone) goes with c when c is gone, or to the
-        # head of c's backlog
+        # the broker stops, nor a lease run out at a consumer that never answered); a fanout
+        # copy (c's alone) goes with c when c is gone, or to the head of c's backlog; one its
+        # producer cancelled is dropped
         cdef Msg m = self.flights[idx].msg
         if c.isolated == slots_handle(&self.fslots, idx):
             c.isolated = 0               # (a lapse: its credit stays withheld until it answers)
