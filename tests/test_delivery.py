@@ -283,3 +283,30 @@ def test_two_thousand_hung_consumers_do_not_swallow_a_working_consumers_requests
 
     asyncio.run(main(), debug=False)
     assert dlq(procs, broker, "list")[-1].startswith("0 dead letters")
+
+
+def test_a_replayed_dead_letter_is_synced_into_its_queue_before_it_leaves_the_dead_letter_queue(
+        tmp_path: Path) -> None:
+    """``teomq dlq replay`` (Broker._dlq_replay) writes and syncs the message back into its queue
+    before it removes it from the dead-letter queue, within the same call: a power cut at any
+    moment leaves it in one of them. Checked on the log itself, before the loop runs again."""
+    from teomq import Broker, Reject
+
+    async def main() -> None:
+        async with Broker(port=0, log_messages=False, record_address=False, data_dir=tmp_path / "data") as broker:
+            def handler(data: bytes) -> bytes:
+                raise Reject("no")
+
+            async with Consumer(f"127.0.0.1:{broker.port}", handler), \
+                    Producer(f"127.0.0.1:{broker.port}", timeout=HANG) as p:
+                with pytest.raises(Rejected):
+                    await p.request(b"again")
+            dlq_ = broker.dlq
+            assert dlq_ is not None and len(dlq_) == 1
+            log_ = broker.storage.log  # type: ignore[union-attr]
+            assert broker._dlq_replay(dlq_.ids()) == {"replayed": 1, "failed": {}}
+            # nothing the log has written waits for a sync: the replayed record is durable
+            assert log_.sync_targets()[1] == [] and log_.synced_batches == log_.stats()["batches"]
+            assert len(dlq_) == 0
+
+    asyncio.run(main())
