@@ -56,6 +56,7 @@ class PeerConn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         peer = self.peer
         for ftype, flags, fid, payload in self.decoder.feed(data):
+            peer.order.append((ftype, fid))
             if ftype == T.HELLO:
                 hello = msgpack.unpackb(payload)
                 peer.hellos.append(hello)
@@ -93,6 +94,7 @@ class Peer:
         self.answers: list[tuple[int, int, bytes]] = []
         self.pongs: list[int] = []
         self.errors: list[dict[str, Any]] = []
+        self.order: list[tuple[int, int]] = []  # (type, id) of every frame, in arrival order
         self.held: list[tuple[PeerConn, int, bytes]] = []
         self.conns: list[PeerConn] = []
 
@@ -395,6 +397,45 @@ def test_broker_held_to_its_own_payload_limit(arun):
                 await p.request(b"x")
             await until(lambda: peer.errors, "the client's ERROR")
             assert peer.errors[0]["code"] == ErrorCode.TOO_LARGE
+
+    arun(main())
+
+
+def test_a_cancel_keeps_its_place_behind_sends_held_back_by_flow(arun):
+    """Client.cancel of a send() still held back (FLOW) drops it unsent; of one already sent,
+    sends CANCEL after the SENDs held back before it, not past them (found in review)."""
+    caps = ["flow", "confirm", "lease", "deadline", "cancel"]
+
+    def on_hello(conn: PeerConn, hello: dict[str, Any]) -> None:
+        peer = conn.peer
+        welcome = {"v": 1, "address": peer.identity.address, "pubkey": peer.identity.public_key,
+                   "sig": peer.identity.sign_welcome(hello["nonce"]), "max_payload": peer.max_payload,
+                   "server": "scripted-peer", "caps": caps}
+        conn.send(T.WELCOME, 0, 0, msgpack.packb(welcome))
+
+    async def main():
+        from teomq import Cancelled
+        async with Peer(on_send=hold, on_hello=on_hello) as peer, Producer(peer.spec, timeout=30) as p:
+            outcomes: dict[int, list[BaseException | None]] = {}
+
+            def callback(mid: int, answer: bytes | None, err: BaseException | None) -> None:
+                outcomes.setdefault(mid, []).append(err)
+
+            sent = p.send(b"sent", callback)
+            await until(lambda: peer.sends, "the first SEND")
+            peer.conns[0].send(T.FLOW, 1, 0)  # HOLD
+            await until(lambda: p._conn._held, "the hold")
+            unsent = p.send(b"unsent", callback)
+            behind = p.send(b"behind", callback)
+            assert p.cancel(unsent) and p.cancel(sent)
+            assert [type(e) for e in outcomes[unsent] + outcomes[sent]] == [Cancelled, Cancelled]
+            await asyncio.sleep(0.2)
+            assert [f for f in peer.order if f[0] != T.HELLO] == [(T.SEND, sent)]  # both wait
+            peer.conns[0].send(T.FLOW, 0, 0)  # go on
+            await until(lambda: len(peer.order) >= 4, "the held frames")
+            assert [f for f in peer.order if f[0] != T.HELLO] == [(T.SEND, sent), (T.SEND, behind),
+                                                                   (T.CANCEL, sent)]
+            assert behind not in outcomes
 
     arun(main())
 
