@@ -311,3 +311,32 @@ def test_a_replayed_dead_letter_is_synced_into_its_queue_before_it_leaves_the_de
             assert len(dlq_) == 0
 
     asyncio.run(main())
+
+
+def test_the_dead_letter_queue_is_bounded_and_a_commands_own_limit_applies(tmp_path: Path) -> None:
+    """-dlq-max: past it the oldest dead letters go, counted; a schema command's max_deliveries
+    overrides the broker's; with memory storage the dead-letter queue writes no file."""
+    from teomq import Broker
+    from teomq.commands import Command
+
+    async def main() -> None:
+        commands = [Command("jobs", routing="queue", max_deliveries=2)]
+        async with Broker(port=0, log_messages=False, record_address=False, storage="memory", commands=commands,
+                          dlq_max=2, retry_base=0.01, retry_max=0.01, data_dir=tmp_path / "data") as broker:
+            worker = Consumer(f"127.0.0.1:{broker.port}")
+
+            @worker.command("jobs")
+            def jobs(cmd):  # type: ignore[no-untyped-def]
+                raise RuntimeError(f"cannot do {cmd.data}")
+
+            async with worker, Producer(f"127.0.0.1:{broker.port}", timeout=HANG) as p:
+                for i in range(3):
+                    with pytest.raises(DeadLettered, match="max_deliveries"):
+                        await p.request(f"jobs/{i}")
+            dlq_ = broker.dlq
+            assert dlq_ is not None and len(dlq_) == 2 and dlq_.n_evicted == 1
+            assert [(d.payload, d.attempts, d.route) for d in dlq_.list()] == [(b"jobs/1", 2, "jobs"),
+                                                                              (b"jobs/2", 2, "jobs")]
+            assert not (tmp_path / "data" / "dlq").exists()
+
+    asyncio.run(main())

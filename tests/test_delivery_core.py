@@ -509,3 +509,48 @@ def test_expired_after_a_delivery_says_so() -> None:
     doc = msgpack.unpackb(err[3])
     assert doc["code"] == ErrorCode.EXPIRED and "delivered 1 times" in doc["reason"]
     assert "never delivered" not in doc["reason"]
+
+
+def test_a_closing_consumer_hands_back_what_it_cannot_handle_without_a_failure() -> None:
+    disp, dead = make(max_deliveries=1, max_crashes=1)
+    prod = Peer(disp, 1, "producer")
+    c = Peer(disp, 2, "consumer")
+    prod.send(1, b"m")
+    ((_, _, did, _),) = c.of(DELIVER)
+    c.answer(did, msgpack.packb({"delay": 0, "error": None, "release": True}), Flag.RETRY)
+    ((_, flags, did, payload),) = c.of(DELIVER)  # back at the head, no failure counted
+    assert payload == b"m" and flags & Flag.REDELIVERED and dead == []
+    assert disp.stats()["nacked"] == 0 and disp.stats()["crashed"] == 0
+
+
+def test_a_routes_own_limits_and_lease_override_the_brokers() -> None:
+    from teomq._core.command_parser import CommandTable
+    from teomq._core.routes import KINDS
+
+    disp = Dispatcher(queue_max=1000)
+    table = CommandTable()
+    table.add("strict")
+    table.add("lax")
+    table.add("subscribe")
+    disp.set_schema(table, [KINDS["queue"], KINDS["queue"], KINDS["subscribe"]])
+    disp.set_delivery(lease=30.0, max_deliveries=20, retry_base=0.01, retry_max=0.01)
+    disp.set_route_delivery(0, lease=2.0, max_deliveries=2)
+    dead: list[list[dict]] = []
+    disp.on_dead = dead.append
+    disp.tick(0.0)
+    assert (disp.route_lease_of(0), disp.route_lease_of(1), disp.min_lease()) == (2.0, 30.0, 2.0)
+    prod = Peer(disp, 1, "producer")
+    c = Peer(disp, 2, "consumer")
+    c.feed(encode_frame(T.SEND, 0, 1, b"subscribe/strict"))
+    c.feed(encode_frame(T.SEND, 0, 2, b"subscribe/lax"))
+    c.frames()
+    prod.send(1, b"strict/x")
+    prod.send(2, b"lax/y")
+    now = 0.0
+    for _ in range(2):
+        for f in c.of(DELIVER):
+            c.nack(f[2])
+        now += 0.05
+        disp.tick(now)
+    assert [letter["payload"] for d in dead for letter in d] == [b"strict/x"]  # its own max_deliveries
+    assert [f[3] for f in c.of(DELIVER)] == [b"lax/y"]  # the broker's 20: retried again
