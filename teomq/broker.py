@@ -54,6 +54,7 @@ from teomq.commands import (
     DEFAULT_MAX_DELIVERIES,
     DEFAULT_RETRY_BASE,
     DEFAULT_RETRY_MAX,
+    DLQ_LIST_MAX,
     Command,
     CommandSchema,
 )
@@ -74,8 +75,6 @@ _SUBSCRIBE, _UNSUBSCRIBE, _HELLO = KINDS["subscribe"], KINDS["unsubscribe"], KIN
 MAX_PREFETCH = 65535
 #: longest session id a HELLO may give (the id a client keeps for the life of its object)
 MAX_SESSION = 128
-#: most dead letters one ``dlq list`` answer carries
-DLQ_LIST_MAX = 1000
 #: Seconds between the dispatcher's clock ticks (Dispatcher.tick: leases, later deadlines).
 TICK_INTERVAL = 0.25
 #: Seconds between the broker's summaries of refused messages (the first is logged at once).

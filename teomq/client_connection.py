@@ -150,6 +150,16 @@ def _typed_refusal(err: BrokerError, errno: int, *, confirmation: bool) -> BaseE
     return err
 
 
+def _deadline_ms(seconds: float) -> int:
+    """A request's deadline as SEND flag DEADLINE carries it: whole ms, 0 to 2^32 - 1."""
+    return int(min(max(0.0, seconds) * 1000, 0xFFFFFFFF))
+
+
+def _deadline_prefix(seconds: float) -> bytes:
+    """The u32 (little-endian) that begins a SEND flagged DEADLINE."""
+    return _deadline_ms(seconds).to_bytes(4, "little")
+
+
 class DeliveryContext:
     """What a consumer's handler gets as its second parameter, if it declares one.
 
@@ -554,8 +564,7 @@ class Connection(asyncio.Protocol):
             if flags & _DEADLINE and ftype == _SEND:
                 due = self._deferred_due.pop(fid, None)
                 if due is not None:  # the deadline counts from the request, not from now
-                    left = int(min(max(0.0, due - now) * 1000, 0xFFFFFFFF))
-                    payload = left.to_bytes(4, "little") + payload[4:]
+                    payload = _deadline_prefix(due - now) + payload[4:]
             add(ftype, flags, fid, payload)
         if not self._core.flush_scheduled:
             self._core.flush_scheduled = True
@@ -637,7 +646,7 @@ class Connection(asyncio.Protocol):
         core.set_max_payload(limit)  # frames after WELCOME are held to the broker's own limit
         core.max_send = self.max_send
         if self.deadlines:  # requests carry the default timeout as their deadline
-            core.deadline_ms = min(int(self._timeout * 1000), 0xFFFFFFFF)
+            core.deadline_ms = _deadline_ms(self._timeout)
             self._grace = DEADLINE_GRACE
         if self._handler is not None and not self._handler_async and not self._wants_context:
             core.handler = self._handler  # sync handler: DELIVERs are run in the core from now on
@@ -769,7 +778,7 @@ class Connection(asyncio.Protocol):
             mid = self._core.register(entry, is_future)
             if self.deadlines and len(payload) + 4 <= self._core.max_payload:
                 self._deferred_due[mid] = self._loop.time() + self._timeout
-                payload = int(min(self._timeout * 1000, 0xFFFFFFFF)).to_bytes(4, "little") + payload
+                payload = _deadline_prefix(self._timeout) + payload
                 self._deferred.append((_SEND, _DEADLINE, mid, payload))
             else:
                 self._deferred.append((_SEND, 0, mid, payload))
@@ -795,7 +804,7 @@ class Connection(asyncio.Protocol):
         if self.deadlines and type(entry) is not Collector and not flags & _API and \
                 len(payload) + 4 <= self._core.max_payload:
             flags |= _DEADLINE
-            payload = int(min(timeout * 1000, 0xFFFFFFFF)).to_bytes(4, "little") + bytes(payload)
+            payload = _deadline_prefix(timeout) + bytes(payload)
             grace = self._grace
             if self._held:
                 self._deferred_due[mid] = self._loop.time() + timeout

@@ -43,6 +43,8 @@ DEFAULT_MAX_CRASHES = 3
 DEFAULT_RETRY_BASE = 1.0
 DEFAULT_RETRY_MAX = 60.0
 DEFAULT_DLQ_MAX = 10_000
+#: most dead letters one ``teomq dlq list`` answer carries
+DLQ_LIST_MAX = 1000
 #: what a schema file's command may say
 _SCHEMA_KEYS = frozenset({"name", "description", "pattern", "routing", "max_messages", "max_bytes", "lease",
                           "max_deliveries", "max_crashes"})

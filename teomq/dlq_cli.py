@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 
 from teomq.argtypes import flag, float_value, int_at_least
+from teomq.commands import DLQ_LIST_MAX
 
 DESCRIPTION = ("The broker's dead-letter queue: messages that failed -max-deliveries times, crashed their "
                "consumers -max-crashes times, or were rejected by a consumer. list: one line each; show ID: "
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="broker to use: <address> (looked up in the local address book), <address>@host:port, "
          "host:port or :port (required)")
     parser.add_argument("-all", "--all", action="store_true", help="replay or purge every dead letter")
-    flag(parser, "limit", type=int_at_least(1, 1000), default=100, metavar="N",
+    flag(parser, "limit", type=int_at_least(1, DLQ_LIST_MAX), default=100, metavar="N",
          help="list: at most N dead letters (default: %(default)s)")
     flag(parser, "offset", type=int_at_least(0), default=0, metavar="N",
          help="list: skip the N oldest (default: %(default)s)")

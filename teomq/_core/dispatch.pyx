@@ -25,7 +25,7 @@ from teomq._core.frame_codec cimport (
     F_FAIL_FAST, F_NO_REPLY, F_REDELIVERED, HEADER_SIZE, note_received, note_received_strip, teomq_ld32,
 )
 from teomq._core.scheduler cimport clock_cs, monotonic_now
-from teomq._core.ring_queue cimport Idx, IdxBlock, Msg, idxq_push, msg_cost
+from teomq._core.ring_queue cimport Idx, IdxBlock, Msg, idxq_push, msg_cost, msg_fields
 from teomq._core.seglog cimport SegmentLog
 from teomq._core.routes cimport R_FANOUT, R_HELLO, R_MSG, R_QUEUE, Route
 from teomq._core.slots cimport list_item, slots_used
@@ -162,15 +162,7 @@ cdef class Dispatcher(Scheduler):
             self.n_refused += 1
             self.n_no_consumer += 1
             return conn._add_error(E_NO_CONSUMER, h.fid, ERR_NO_CONSUMER)
-        m.flags = flags
-        m.attempt = 0
-        m.session = conn.session
-        m.msg_id = h.fid
-        m.route = route
-        m.copy = False
-        m.crashes = 0
-        m.nacks = 0
-        m.deadline = self.in_deadline
+        msg_fields(&m, flags, conn.session, h.fid, 0, route, self.in_deadline)
         if store_append(self.store, &m, p, n):   # after the fields: a durable store records them
             return self.refuse_storage(conn, h.fid)  # it cannot now (a disk error): m untouched
         if n == h.length and conn.framed:
@@ -599,15 +591,7 @@ cdef class Dispatcher(Scheduler):
         if self.held() >= self.queue_max or \
                 ((r.max_messages or r.max_bytes or self.queue_max_bytes) and self.over_limit(r, len(data))):
             return False
-        m.flags = F_NO_REPLY
-        m.attempt = 0
-        m.session = 0
-        m.msg_id = 0
-        m.route = idx
-        m.copy = False
-        m.crashes = 0
-        m.nacks = 0
-        m.deadline = 0
+        msg_fields(&m, F_NO_REPLY, 0, 0, 0, idx, 0)
         m.rx.shift = 0
         if store_append(self.store, &m, data, len(data)):
             return False

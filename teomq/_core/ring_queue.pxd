@@ -48,6 +48,21 @@ cdef struct Msg:
     uint32_t deadline    # 0: none; else the broker clock (Scheduler.clock_cs) past which it is not delivered
 
 
+cdef inline void msg_fields(Msg *m, uint16_t flags, uint64_t session, uint64_t msg_id, uint32_t attempt,
+                            int32_t route, uint32_t deadline) noexcept nogil:
+    # the fields of a Msg not delivered yet (accepted, replayed, read back from the log): no
+    # fanout copy, no failure counted; the attempts recorded (saturated at 0xFFFF)
+    m.flags = flags
+    m.session = session
+    m.msg_id = msg_id
+    m.attempt = attempt if attempt < 0xFFFF else 0xFFFF
+    m.route = route
+    m.copy = False
+    m.crashes = 0
+    m.nacks = 0
+    m.deadline = deadline
+
+
 # What a queued message paged out to the durable log keeps in memory: where its record is.
 # 16 bytes, in blocks of IDX_BLOCK entries (64 KiB), a FIFO per queue route (IdxQueue): a block
 # is freed as soon as its last entry is taken, so a drained queue holds at most one block.

@@ -136,17 +136,9 @@ cdef class MsgRing:
         if n:
             memcpy(m.data, &view[0], n)
         m.length = <uint32_t>n
-        m.flags = 0
-        m.attempt = 0
-        m.session = 0
-        m.msg_id = mid
+        msg_fields(m, 0, 0, mid, 0, 0, 0)
         m.seq = 0
         m.rx.shift = 0
-        m.route = 0
-        m.copy = False
-        m.crashes = 0
-        m.nacks = 0
-        m.deadline = 0
         return 0
 
     def push(self, payload, msg_id=0):

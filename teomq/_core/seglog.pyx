@@ -49,7 +49,7 @@ from teomq._core.frame_codec cimport (
     teomq_st32,
     teomq_st64,
 )
-from teomq._core.ring_queue cimport idxq_front, idxq_pop, msg_cost, payload_new, payload_release
+from teomq._core.ring_queue cimport idxq_front, idxq_pop, msg_cost, msg_fields, payload_new, payload_release
 from teomq._core.routes cimport R_FANOUT, R_QUEUE, Route
 from teomq._core.store cimport mem_append
 
@@ -494,22 +494,13 @@ cdef class SegmentLog(Store):
             if n:
                 memcpy(m.data, r + MSG_REC + <uint8_t>r[1], n)
             m.length = n
-            m.flags = teomq_ld16(r + 2)
             m.seq = teomq_ld64(r + 8)
-            m.msg_id = teomq_ld64(r + 16)
-            if e.attempt & RESTORED:
-                m.session = 0                     # its producer's session went with the restart
-                m.attempt = e.attempt & ~RESTORED
+            if e.attempt & RESTORED:              # its producer's session went with the restart
+                msg_fields(&m, teomq_ld16(r + 2), 0, teomq_ld64(r + 16), e.attempt & ~RESTORED, route, 0)
                 if m.attempt:
                     m.flags |= F_REDELIVERED
             else:
-                m.session = teomq_ld64(r + 24)
-                m.attempt = e.attempt
-            m.route = route
-            m.copy = False
-            m.crashes = 0
-            m.nacks = 0
-            m.deadline = 0
+                msg_fields(&m, teomq_ld16(r + 2), teomq_ld64(r + 24), teomq_ld64(r + 16), e.attempt, route, 0)
             m.rx.shift = 0
             into.push_back_always(&m)
             mem[0] += msg_cost(&m)
@@ -1380,15 +1371,7 @@ cdef class SegmentLog(Store):
                 raise MemoryError()
             if n:
                 memcpy(m.data, r + MSG_REC + name_len[0], n)
-            m.flags = teomq_ld16(r + 2)
-            m.msg_id = teomq_ld64(r + 16)
-            m.session = 0
-            m.attempt = en.attempts
-            m.route = 0
-            m.copy = False
-            m.crashes = 0
-            m.nacks = 0
-            m.deadline = 0
+            msg_fields(m, teomq_ld16(r + 2), 0, teomq_ld64(r + 16), en.attempts, 0, 0)
             m.rx.shift = 0
             return 1
         return 0
