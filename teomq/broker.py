@@ -680,9 +680,10 @@ class Broker:
             for i, c in enumerate(self.commands):
                 if c.max_messages or c.max_bytes:
                     self._disp.set_limits(i, c.max_messages, c.max_bytes)
-                if c.lease or c.max_deliveries or c.max_crashes:
+                if c.lease or c.max_deliveries or c.max_crashes or c.priority or c.ttl or c.dead_letter_expired:
                     self._disp.set_route_delivery(i, lease=c.lease, max_deliveries=c.max_deliveries,
-                                                  max_crashes=c.max_crashes)
+                                                  max_crashes=c.max_crashes, priority=c.priority, ttl=c.ttl,
+                                                  dead_letter_expired=c.dead_letter_expired)
         self._disp.queue_max_bytes = self.queue_max_bytes
         self._disp.set_delivery(lease=self.lease, max_deliveries=self.max_deliveries, max_crashes=self.max_crashes,
                                 retry_base=self.retry_base, retry_max=self.retry_max, realtime=True)

@@ -15,17 +15,19 @@ import math
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Union
 
 from teomq.addressbook import resolve_broker
 from teomq.client_connection import (
     _API, _NO_REPLY, _PING, _SEND, DEFAULT_MAX_HANDLER_TIME, Collector, Confirmation, Connection, DeliveryContext,
+    _deadline_prefix,
     consumer_log, log, to_payload as _to_payload,
 )
 from teomq.commands import Command, CommandCall, CommandSchema
 from teomq.errors import BrokerError, Cancelled, ConnectionLost, RequestTimeout, UnknownCommand
-from teomq.protocol import MAX_PAYLOAD_LIMIT, ApiCommand, ErrorCode
+from teomq.protocol import DELAY_MAX, MAX_PAYLOAD_LIMIT, PRIORITY_MAX, ApiCommand, ErrorCode, Flag
 
 __all__ = ["Client", "Confirmation", "Consumer", "DeliveryContext", "Producer"]
 
@@ -43,6 +45,46 @@ Handler = Callable[..., Any]
 
 _ROLES = ("producer", "consumer", "both")
 _FAIL_FAST = 0x40  # SEND: refused NO_CONSUMER when nobody consumes its queue (protocol.Flag.FAIL_FAST)
+_DELAY = int(Flag.DELAY)
+_DEADLINE = int(Flag.DEADLINE)
+
+
+def _number(name: str, value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number of seconds, not {value!r}")
+    return float(value)
+
+
+def _schedule(conn: Connection, priority: int | None, delay: float | None,
+              not_before: float | None) -> tuple[int, bytes, float]:
+    """The SEND flags and payload prefix of a priority and a delay (docs/protocol.md), and the
+    delay in seconds. ``not_before`` is a wall-clock time (time.time()); its delay is reckoned
+    here, so the clocks of client and broker need not agree."""
+    flags = 0
+    prefix = b""
+    wait = 0.0
+    if priority is not None:
+        if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= PRIORITY_MAX:
+            raise ValueError(f"priority must be a whole number from 0 to {PRIORITY_MAX}, not {priority!r}")
+        if not conn.priorities:
+            raise RuntimeError("this broker does not take priorities (it does not speak \"priority\")")
+        flags |= (priority + 1) << 8
+    if delay is not None and not_before is not None:
+        raise ValueError("give delay or not_before, not both")
+    if not_before is not None:
+        wait = max(0.0, _number("not_before", not_before) - time.time())
+    elif delay is not None:
+        wait = _number("delay", delay)
+        if wait < 0:
+            raise ValueError(f"delay must be 0 or more seconds, not {delay!r}")
+    if wait > DELAY_MAX:
+        raise ValueError(f"a delay is at most {DELAY_MAX:.0f} seconds, not {wait:g}")
+    if wait > 0:
+        if not conn.delays:
+            raise RuntimeError("this broker does not take delays (it does not speak \"delay\")")
+        flags |= _DELAY
+        prefix = math.ceil(wait * 1000).to_bytes(4, "little")   # rounded up: never early
+    return flags, prefix, wait
 
 
 def _takes_context(fn: object) -> bool:
@@ -302,7 +344,9 @@ class Client:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         return conn, payload, timeout
 
-    async def request(self, data: Payload, timeout: float | None = None, *, fail_fast: bool = False) -> bytes:
+    async def request(self, data: Payload, timeout: float | None = None, *, fail_fast: bool = False,
+                      priority: int | None = None, delay: float | None = None,
+                      not_before: float | None = None) -> bytes:
         """Send a message and wait for its answer.
 
         If the connection is held back (the broker reads slower than we write, or told
@@ -314,6 +358,10 @@ class Client:
                 the request's deadline too: the broker never delivers it later (docs/semantics.md).
             fail_fast: raise :class:`NoConsumer` at once when nobody consumes its queue, instead
                 of waiting in the queue for a consumer.
+            priority: 0 (the lowest) to 7: a higher level is served first; default its
+                command's (the schema's ``priority``, else 0).
+            delay: seconds before it may be delivered (counted in ``timeout``, so shorter);
+                or ``not_before``: a wall-clock time (``time.time()``).
 
         Returns:
             The consumer's answer.
@@ -334,6 +382,12 @@ class Client:
         queue, or tells the consumer that holds it (its DeliveryContext shows it cancelled).
         """
         conn, payload, timeout = self._prepare(data, timeout)
+        flags, prefix, wait = (0, b"", 0.0) if priority is None and delay is None and not_before is None \
+            else _schedule(conn, priority, delay, not_before)
+        if wait >= timeout:
+            raise ValueError(f"a request's delay ({wait:g} s) must be shorter than its timeout ({timeout:g} s)")
+        if prefix and len(prefix) + len(payload) > conn.max_send:
+            raise ValueError(f"payload of {len(payload)} bytes and its delay are over the limit of {conn.max_send}")
         if conn.paused:
             try:
                 await asyncio.wait_for(conn.drain(), timeout)
@@ -343,10 +397,11 @@ class Client:
             if conn._closing:
                 raise conn._lost()
         fut = conn._loop.create_future()
-        if timeout == self._timeout and type(payload) is bytes and not fail_fast:
+        if timeout == self._timeout and type(payload) is bytes and not fail_fast and not flags:
             mid = conn.submit(payload, fut, True)
         else:
-            mid = conn.submit_custom(payload, fut, timeout, _FAIL_FAST if fail_fast else 0)
+            mid = conn.submit_custom(prefix + bytes(payload) if prefix else payload, fut, timeout,
+                                     flags | (_FAIL_FAST if fail_fast else 0))
         try:
             return await fut
         except asyncio.CancelledError:
@@ -388,22 +443,43 @@ class Client:
         conn._complete(mid, entry, None, Cancelled(f"message {mid} cancelled by its producer"))  # type: ignore[union-attr]
         return True
 
-    def publish(self, data: Payload) -> Confirmation:
+    def publish(self, data: Payload, *, priority: int | None = None, delay: float | None = None,
+                not_before: float | None = None, ttl: float | None = None) -> Confirmation:
         """Send a message with no answer (NO_REPLY); returns a :class:`Confirmation` to await
         for the broker's word that it is stored (optional: not awaiting it changes nothing).
+
+        ``priority``: 0 (the lowest) to 7, a higher level served first (default: its command's,
+        else 0). ``delay`` (seconds) or ``not_before`` (a wall-clock time, ``time.time()``): it
+        is stored at once and delivered no earlier. ``ttl``: seconds it may wait for a consumer
+        (counted from now, its delay included); past it the broker removes it (default: its
+        command's ``ttl``, else none). A broker restart keeps all of them (docs/semantics.md).
 
         Does not wait for flow control; call :meth:`drain` between bursts, or keep a window of
         unconfirmed messages with :meth:`confirmed`. A refusal by the broker goes to
         ``on_refused``, the log, and the Confirmation.
         """
         conn, payload, _ = self._prepare(data, None)
+        flags = _NO_REPLY
+        if priority is not None or delay is not None or not_before is not None or ttl is not None:
+            more, prefix, wait = _schedule(conn, priority, delay, not_before)
+            if ttl is not None:
+                if _number("ttl", ttl) <= 0 or ttl > DELAY_MAX:
+                    raise ValueError(f"ttl must be more than 0 and at most {DELAY_MAX:.0f} seconds, not {ttl!r}")
+                if not conn.deadlines:
+                    raise RuntimeError("this broker does not take a time to live (it does not speak \"deadline\")")
+                more |= _DEADLINE
+                prefix = _deadline_prefix(ttl) + prefix
+            if len(prefix) + len(payload) > conn.max_send:
+                raise ValueError(f"payload of {len(payload)} bytes and its prefix are over the limit of {conn.max_send}")
+            flags |= more
+            payload = prefix + bytes(payload)
         if conn.confirms:
             c = conn.publish_confirmation()
-            conn._write(_SEND, _NO_REPLY | _CONFIRM_FLAG, c.id, payload)
+            conn._write(_SEND, flags | _CONFIRM_FLAG, c.id, payload)
             self._counts["sent"] += 1
             return c
         mid = conn.next_id()
-        conn._write(_SEND, _NO_REPLY, mid, payload)
+        conn._write(_SEND, flags, mid, payload)
         self._counts["sent"] += 1
         return Confirmation(None, mid)
 

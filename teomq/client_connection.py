@@ -352,6 +352,7 @@ class Connection(asyncio.Protocol):
         self._touch_timer: asyncio.TimerHandle | None = None
         self.lease = 0.0  # the broker's shortest lease (WELCOME), 0: none
         self.leases = self.deadlines = self.cancels = False  # the broker speaks "lease", "deadline", "cancel"
+        self.priorities = self.delays = False  # ... "priority", "delay"
         self._grace = 0.0  # past a request's deadline: DEADLINE_GRACE once the broker takes deadlines
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -369,7 +370,7 @@ class Connection(asyncio.Protocol):
         c = self._client
         hello = {"v": 1, "role": c._role, "name": c.name, "prefetch": c._prefetch,
                  "nonce": self._nonce, "auth": None,
-                 "caps": ["flow", "confirm", "lease", "deadline", "cancel"], "session": c.session}
+                 "caps": ["flow", "confirm", "lease", "deadline", "cancel", "priority", "delay"], "session": c.session}
         if c._produces:  # only a producer needs to know which commands fan out
             hello["commands"] = True
         transport.write(encode_frame(int(FrameType.HELLO), 0, 0, msgpack.packb(hello)))  # type: ignore[attr-defined]
@@ -626,6 +627,8 @@ class Connection(asyncio.Protocol):
         self.leases = "lease" in caps
         self.deadlines = "deadline" in caps
         self.cancels = "cancel" in caps
+        self.priorities = "priority" in caps
+        self.delays = "delay" in caps
         lease = doc.get("lease")
         self.lease = float(lease) if isinstance(lease, (int, float)) and lease > 0 else 0.0
         self.scheme = "command" if doc.get("scheme") == "command" else "basic"

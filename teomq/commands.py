@@ -47,7 +47,7 @@ DEFAULT_DLQ_MAX = 10_000
 DLQ_LIST_MAX = 1000
 #: what a schema file's command may say
 _SCHEMA_KEYS = frozenset({"name", "description", "pattern", "routing", "max_messages", "max_bytes", "lease",
-                          "max_deliveries", "max_crashes"})
+                          "max_deliveries", "max_crashes", "priority", "ttl", "dead_letter_expired"})
 _SPEC = re.compile(r"^(?P<name>[^/:]+)(?:/(?P<pattern>[^:]*))?(?::(?P<routing>[a-z]+))?$")
 
 
@@ -69,6 +69,12 @@ class Command:
     lease: float = 0.0
     max_deliveries: int = 0
     max_crashes: int = 0
+    #: its messages that name no priority get this one (0, the lowest, to 7); those that name no
+    #: deadline or ttl are removed when not delivered within ``ttl`` seconds (0: never), to the
+    #: dead-letter queue if ``dead_letter_expired``
+    priority: int = 0
+    ttl: float = 0.0
+    dead_letter_expired: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -88,6 +94,14 @@ class Command:
         if not isinstance(self.lease, (int, float)) or isinstance(self.lease, bool) or not 0 <= self.lease <= 86400:
             raise ValueError(f"lease of command {self.name!r} must be 0 (the broker's) to 86400 seconds, "
                              f"not {self.lease!r}")
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool) or not 0 <= self.priority <= 7:
+            raise ValueError(f"priority of command {self.name!r} must be a whole number from 0 to 7, "
+                             f"not {self.priority!r}")
+        if not isinstance(self.ttl, (int, float)) or isinstance(self.ttl, bool) or not 0 <= self.ttl <= 4000000:
+            raise ValueError(f"ttl of command {self.name!r} must be 0 (none) to 4000000 seconds, not {self.ttl!r}")
+        if not isinstance(self.dead_letter_expired, bool):
+            raise ValueError(f"dead_letter_expired of command {self.name!r} must be true or false, "
+                             f"not {self.dead_letter_expired!r}")
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -182,8 +196,8 @@ class CommandSchema:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CommandSchema:
         """Read a schema file: JSON ``{"commands": [{"name", "description", "pattern", "routing",
-        "max_messages", "max_bytes", "lease", "max_deliveries", "max_crashes"}, ...]}`` (all but
-        the name optional)."""
+        "max_messages", "max_bytes", "lease", "max_deliveries", "max_crashes", "priority", "ttl",
+        "dead_letter_expired"}, ...]}`` (all but the name optional)."""
         with open(path, encoding="utf-8") as f:
             try:
                 doc = json.load(f)

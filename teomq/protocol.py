@@ -56,6 +56,8 @@ class Flag(enum.IntFlag):
     CONFIRM = 0x10  # SEND: confirm it (a CONFIRM frame) once stored by the broker's fsync policy
     DEADLINE = 0x20  # SEND ("deadline"): payload begins with u32 ms the producer waits at most
     FAIL_FAST = 0x40  # SEND ("deadline"): refused NO_CONSUMER when nobody consumes its queue
+    DELAY = 0x80  # SEND ("delay"): payload begins (after a deadline's u32) with u32 ms it waits before delivery
+    PRIORITY = 0x0F00  # SEND ("priority"): bits 8-11 hold its priority + 1 (0: its command's default)
     RETRY = 0x20  # ANSWER ("lease"): nack, payload msgpack {"delay": s or nil, "error": text or nil}
     REJECT = 0x40  # ANSWER ("lease"): dead-letter it, payload msgpack {"reason": text}
 
@@ -63,7 +65,11 @@ class Flag(enum.IntFlag):
 #: FLOW flag: hold SENDs back until a FLOW without it comes (answers, pings keep flowing).
 FLOW_HOLD = 0x1
 #: Capabilities a client may announce in HELLO ("caps"); the broker names those it speaks in WELCOME.
-CAPABILITIES = ("flow", "confirm", "lease", "deadline", "cancel")
+CAPABILITIES = ("flow", "confirm", "lease", "deadline", "cancel", "priority", "delay")
+#: Priority levels of a queue: 0 (the lowest, the default) to PRIORITY_MAX.
+PRIORITY_MAX = 7
+#: The longest delay a SEND flagged DELAY carries (u32 ms: about 49.7 days).
+DELAY_MAX = 0xFFFFFFFF / 1000
 
 
 class ErrorCode(enum.IntEnum):

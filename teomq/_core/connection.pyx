@@ -23,7 +23,7 @@ from teomq._core.dispatch cimport accept, park_full
 from teomq._core.endpoint cimport S_CLOSED, S_NEW, S_READY, mark_dirty
 from teomq._core.frame_codec cimport (
     E_HANDSHAKE, E_NOT_ALLOWED, EXT_MAX, INPLACE_MIN, F_REDELIVERED, HEADER_SIZE, T_ANSWER, T_DELIVER, T_ERROR,
-    T_CANCEL, T_CONFIRM, T_HELLO, T_PING, T_PONG, T_REPLY, T_SEND, T_TOUCH, F_DEADLINE, F_DEADLINE_ABS, Received,
+    T_CANCEL, T_CONFIRM, T_HELLO, T_PING, T_PONG, T_REPLY, T_SEND, T_TOUCH, F_DEADLINE, F_DEADLINE_ABS, F_DELAY, Received,
     teomq_ld32, teomq_st16, teomq_st32, check_partial, grow_buffer, parse_header,
     protocol_error, verify_crc, note_received,
 )
@@ -183,6 +183,7 @@ cdef class CoreConnection(Endpoint):
         cdef const char *frame = payload - HEADER_SIZE
         cdef size_t total = HEADER_SIZE + <size_t>h.length
         cdef char *kept
+        cdef char *at
         cdef uint64_t due
         if h.ftype == T_SEND and park_full(disp, self, total):
             return disp.refuse(self, h.fid, True)  # a PING or CANCEL is never refused: it waits at the end
@@ -194,11 +195,19 @@ cdef class CoreConnection(Endpoint):
         grow_buffer(&self.parked, &self.parked_cap, self.parked_len + total)
         memcpy(self.parked + self.parked_len, frame, total)
         kept = self.parked + self.parked_len
-        if h.ftype == T_SEND and h.flags & F_DEADLINE and h.length >= 4 and not h.flags & F_DEADLINE_ABS:
-            # its deadline counts from receipt, not from when it is let go: the kept copy carries
-            # the absolute time (its CRC is not checked again; its payload's is computed afresh)
-            due = <uint64_t>clock_cs(disp) + teomq_ld32(kept + HEADER_SIZE) // 10 + 1
-            teomq_st32(kept + HEADER_SIZE, <uint32_t>due if due < 0xFFFFFFFFu else 0xFFFFFFFFu)
+        if h.ftype == T_SEND and h.flags & (F_DEADLINE | F_DELAY) and not h.flags & F_DEADLINE_ABS and \
+                h.length >= 4 * ((h.flags & F_DEADLINE != 0) + (h.flags & F_DELAY != 0)):
+            # its deadline and delay count from receipt, not from when it is let go: the kept copy
+            # carries the absolute times, the broker's clock in 10 ms steps (its CRC is not checked
+            # again; its payload's is computed afresh)
+            at = kept + HEADER_SIZE
+            if h.flags & F_DEADLINE:
+                due = <uint64_t>clock_cs(disp) + teomq_ld32(at) // 10 + 1
+                teomq_st32(at, <uint32_t>due if due < 0xFFFFFFFFu else 0xFFFFFFFFu)
+                at += 4
+            if h.flags & F_DELAY:
+                due = <uint64_t>clock_cs(disp) + (teomq_ld32(at) + 9) // 10 + 1
+                teomq_st32(at, <uint32_t>due if due < 0xFFFFFFFFu else 0xFFFFFFFFu)
             teomq_st16(kept + 4, h.flags | F_DEADLINE_ABS)
         self.parked_len += total
         disp.parked_bytes += total

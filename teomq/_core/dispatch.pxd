@@ -2,7 +2,10 @@ from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 
 from teomq._core.command_parser cimport CommandTable
 from teomq._core.endpoint cimport Endpoint
-from teomq._core.frame_codec cimport F_API, F_DEADLINE, F_FAIL_FAST, F_NO_REPLY, HEADER_SIZE, FrameHeader
+from teomq._core.frame_codec cimport (
+    F_API, F_DEADLINE, F_DELAY, F_FAIL_FAST, F_NO_REPLY, F_PRIO, HEADER_SIZE, FrameHeader,
+)
+from teomq._core.ring_queue cimport Msg
 from teomq._core.routes cimport Route
 from teomq._core.scheduler cimport Scheduler
 
@@ -37,6 +40,8 @@ cdef class Dispatcher(Scheduler):
     cdef uint32_t in_strip
     cdef uint32_t in_deadline
     cdef bint in_fail_fast
+    cdef double in_due                 # F_DELAY: not delivered before this time (the clock; 0: now)
+    cdef int in_prio                   # F_PRIO: its priority + 1 (0: its command's default)
     cdef bint releasing                # release_sends() re-accepts parked frames (F_DEADLINE_ABS is ours)
     cdef readonly uint64_t n_no_consumer
     cdef double dead_retry_at          # on_dead failed: tried again from then (tick)
@@ -45,6 +50,7 @@ cdef class Dispatcher(Scheduler):
                      uint16_t flags, int32_t route) except -1
     cdef int accept_command(self, Endpoint conn, FrameHeader *h, const char *payload, size_t n) except -1
     cdef int accept_flagged(self, Endpoint conn, FrameHeader *h, const char *payload) except -1
+    cdef int record_times(self, Route r, Msg *m) except -1
     cdef size_t queued(self) noexcept
     cdef size_t held(self) noexcept
     cdef int refuse(self, Endpoint conn, uint64_t fid, bint parked) except -1
@@ -62,7 +68,7 @@ cdef class Dispatcher(Scheduler):
 cdef inline int accept(Dispatcher d, Endpoint conn, FrameHeader *h, const char *payload) except -1:
     # A SEND of conn's, verified: into the basic queue, or through the command lookup
     # (command mode, or an API SEND). Inline: every SEND of every read comes here.
-    if h.flags & (F_DEADLINE | F_FAIL_FAST):
+    if h.flags & (F_DEADLINE | F_FAIL_FAST | F_DELAY | F_PRIO):
         return d.accept_flagged(conn, h, payload)
     if d.table is not None or h.flags & F_API:
         return d.accept_command(conn, h, payload, h.length)

@@ -105,8 +105,11 @@ class Dispatcher(Scheduler):
                      retry_base: float = -1.0, retry_max: float = -1.0, realtime: bool = False) -> None:
         """The broker's delivery guarantees (docs/semantics.md); one left out keeps its value."""
     def set_route_delivery(self, idx: int, *, lease: float = 0.0, max_deliveries: int = 0,
-                           max_crashes: int = 0) -> None:
-        """Route ``idx``'s own lease, max_deliveries, max_crashes (0: the broker's)."""
+                           max_crashes: int = 0, priority: int = 0, ttl: float = 0.0,
+                           dead_letter_expired: bool = False) -> None:
+        """Route ``idx``'s own lease, max_deliveries, max_crashes (0: the broker's); the priority
+        (0-7) and time to live (seconds, 0: none) of its messages that name none; whether an
+        expired one is dead-lettered."""
     def route_lease_of(self, idx: int) -> float:
         """The lease route ``idx``'s deliveries get (0: none)."""
     def min_lease(self) -> float:

@@ -21,15 +21,17 @@ from libc.string cimport memcmp
 from teomq._core.command_parser cimport name_length
 from teomq._core.endpoint cimport Outbox, S_CLOSED, confirm_now
 from teomq._core.frame_codec cimport (
-    E_EXPIRED, E_NO_CONSUMER, E_NOT_ALLOWED, E_QUEUE_FULL, E_STORAGE, F_API, F_CONFIRM, F_DEADLINE, F_DEADLINE_ABS,
+    E_EXPIRED, E_NO_CONSUMER, E_NOT_ALLOWED, E_QUEUE_FULL, E_STORAGE, F_API, F_CONFIRM, F_DEADLINE, F_DEADLINE_ABS, F_DELAY, F_PRIO,
     F_FAIL_FAST, F_NO_REPLY, F_REDELIVERED, HEADER_SIZE, note_received, note_received_strip, teomq_ld32,
 )
 from teomq._core.scheduler cimport clock_cs, monotonic_now
-from teomq._core.ring_queue cimport Idx, IdxBlock, Msg, idxq_push, msg_cost, msg_fields
+from teomq._core.ring_queue cimport NPRIO, Idx, IdxBlock, Msg, MsgRing, msg_cost, msg_fields, prio_of
 from teomq._core.seglog cimport SegmentLog
-from teomq._core.routes cimport R_FANOUT, R_HELLO, R_MSG, R_QUEUE, Route
+from teomq._core.routes cimport R_FANOUT, R_HELLO, R_MSG, R_QUEUE, Route, lane, lane_push, lane_spill
 from teomq._core.slots cimport list_item, slots_used
-from teomq._core.store cimport store_append
+from teomq._core.store cimport TIME_EXPIRES, TIME_NOT_BEFORE, store_append
+
+import time
 
 import msgpack
 
@@ -55,6 +57,8 @@ cdef bytes ERR_NO_CONSUMER = msgpack.packb(
 cdef bytes ERR_EXPIRED_PARKED = msgpack.packb(
     {"code": E_EXPIRED, "reason": "expired: the request's deadline passed while the broker held its producer back; "
      "not accepted, never delivered"})
+cdef bytes ERR_SHORT_DELAY = msgpack.packb(
+    {"code": E_NOT_ALLOWED, "reason": "a SEND flagged DELAY needs its u32 delay (ms) before the payload"})
 cdef bytes ERR_SHORT_DEADLINE = msgpack.packb(
     {"code": E_NOT_ALLOWED, "reason": "a SEND flagged DEADLINE needs its 4-byte deadline before the payload"})
 cdef bytes ERR_HELD_BACK = msgpack.packb(
@@ -108,7 +112,7 @@ cdef class Dispatcher(Scheduler):
 
     cdef bint over_limit(self, Route r, size_t n) noexcept:
         # a SEND of n bytes into r would pass r's limits or the broker's bytes bound
-        return ((r.max_messages and r.waiting.count + r.spill.count + r.suspects.count >= r.max_messages) or
+        return ((r.max_messages and r.n_waiting + r.n_spilled + r.suspects.count >= r.max_messages) or
                 (r.max_bytes and r.q_bytes + n > r.max_bytes) or
                 (self.queue_max_bytes and self.q_bytes + n > self.queue_max_bytes))
 
@@ -120,13 +124,13 @@ cdef class Dispatcher(Scheduler):
         self.n_limit_refused += 1
         r.n_refused += 1                # (not conn.n_refused: those are -queue-max's, logged as such)
         name = r.name.decode("utf-8", "replace") if r.name else "the queue"
-        if (r.max_messages and r.waiting.count + r.spill.count + r.suspects.count >= r.max_messages) or \
+        if (r.max_messages and r.n_waiting + r.n_spilled + r.suspects.count >= r.max_messages) or \
                 (r.max_bytes and r.q_bytes + n > r.max_bytes):
             what = f"'{name}' is at its limit"
         else:
             what = f"the broker's -queue-max-bytes {self.queue_max_bytes} is reached"
         conn._add_error(E_QUEUE_FULL, fid, msgpack.packb({
-            "code": E_QUEUE_FULL, "reason": f"queue is full: {what} ({r.waiting.count + r.spill.count + r.suspects.count} messages, "
+            "code": E_QUEUE_FULL, "reason": f"queue is full: {what} ({r.n_waiting + r.n_spilled + r.suspects.count} messages, "
             f"{r.q_bytes} bytes waiting); message not accepted, send it again later"}))
         return 0
 
@@ -145,6 +149,8 @@ cdef class Dispatcher(Scheduler):
         # route ``route``. Refused at the bound: QUEUE_FULL.
         cdef Msg m
         cdef PyObject *r
+        cdef uint32_t deadline
+        cdef uint64_t due
         if conn.hold_sends or conn.parked_len:
             # held back (role both, held messages at the high mark): the whole frame waits
             return conn._park(h, p + n - h.length)
@@ -162,7 +168,12 @@ cdef class Dispatcher(Scheduler):
             self.n_refused += 1
             self.n_no_consumer += 1
             return conn._add_error(E_NO_CONSUMER, h.fid, ERR_NO_CONSUMER)
-        msg_fields(&m, flags, conn.session, h.fid, 0, route, self.in_deadline)
+        deadline = self.in_deadline
+        if deadline == 0 and (<Route>r).ttl_ms:
+            due = <uint64_t>clock_cs(self) + (<Route>r).ttl_ms // 10 + 1   # its command's time to live
+            deadline = <uint32_t>due if due < 0xFFFFFFFFu else 0xFFFFFFFFu
+        flags |= <uint16_t>((self.in_prio - 1 if self.in_prio else (<Route>r).default_priority) << 8)
+        msg_fields(&m, flags, conn.session, h.fid, 0, route, deadline)
         if store_append(self.store, &m, p, n):   # after the fields: a durable store records them
             return self.refuse_storage(conn, h.fid)  # it cannot now (a disk error): m untouched
         if n == h.length and conn.framed:
@@ -172,10 +183,19 @@ cdef class Dispatcher(Scheduler):
         else:
             m.rx.shift = 0          # a stripped or unframed payload: its CRC is computed afresh
         (<Route>r).n_in += 1
-        if (<Route>r).kind == R_QUEUE:
+        if self.in_due > self.now:
+            # delayed: the heap of delayed messages (tick) until due; a fanout message is
+            # recorded as one waiting for a subscriber (it is not copied before it is due)
+            if (<Route>r).kind != R_QUEUE and self.store.hooked:
+                self.store.keep(&m)
+            self.delay_push(&m, self.in_due)
+            self.n_delayed_in += 1
+        elif (<Route>r).kind == R_QUEUE:
             self.route_queue(<Route>r, &m)
         else:
             self.route_fanout(<Route>r, &m, False)
+        if (deadline or self.in_due) and self.store.hooked:
+            self.record_times(<Route>r, &m)   # after its message record (a fanout's: if kept)
         self.n_in += 1
         if h.flags & F_CONFIRM and conn.confirms:
             self.confirm(conn, h.fid)
@@ -189,16 +209,29 @@ cdef class Dispatcher(Scheduler):
             self.on_message(conn, h.fid, PyBytes_FromStringAndSize(p, n))
         return 0
 
+    cdef int record_times(self, Route r, Msg *m) except -1:
+        # the durable store records m's delay and deadline: a restart keeps them (wall-clock)
+        if r.kind != R_QUEUE and r.nmembers and self.in_due <= self.now:
+            return 0                 # fanout copies, delivered at once: not recorded
+        if self.in_due > self.now:
+            self.store.timed(m, TIME_NOT_BEFORE, self.in_due - self.now)
+        if m.deadline:
+            self.store.timed(m, TIME_EXPIRES, (<double>m.deadline - (self.now - self.epoch) * 100.0) / 100.0)
+        return 0
+
     cdef int accept_flagged(self, Endpoint conn, FrameHeader *h, const char *payload) except -1:
         # A SEND flagged DEADLINE (its payload begins with u32 ms, relative: the absolute time
-        # is the broker's, so clocks need not agree) or FAIL_FAST: noted for enqueue, stripped
+        # is the broker's, so clocks need not agree), DELAY (then u32 ms it waits before it is
+        # delivered, relative as well), FAIL_FAST or a priority: noted for enqueue, stripped
         cdef const char *p = payload
         cdef size_t n = h.length
         cdef uint64_t due
+        cdef uint32_t ms
+        cdef bint parked = self.releasing and h.flags & F_DEADLINE_ABS
         if h.flags & F_DEADLINE:
             if n < 4:
                 return conn._add_error(E_NOT_ALLOWED, h.fid, ERR_SHORT_DEADLINE)
-            if self.releasing and h.flags & F_DEADLINE_ABS:
+            if parked:
                 self.in_deadline = teomq_ld32(p)   # parked: set on receipt; the payload's CRC afresh
             else:
                 due = <uint64_t>clock_cs(self) + teomq_ld32(p) // 10 + 1
@@ -206,6 +239,23 @@ cdef class Dispatcher(Scheduler):
                 self.in_strip = 4
             p += 4
             n -= 4
+        if h.flags & F_DELAY:
+            if n < 4:
+                return conn._add_error(E_NOT_ALLOWED, h.fid, ERR_SHORT_DELAY)
+            ms = teomq_ld32(p)
+            if parked:                          # the broker's clock in 10 ms steps, rounded up
+                self.in_due = self.epoch + <double>ms / 100.0
+            elif ms:
+                self.in_due = self.now + <double>ms / 1000.0
+                self.in_strip += 4
+            else:
+                self.in_strip += 4
+            p += 4
+            n -= 4
+        if h.flags & F_PRIO:
+            self.in_prio = (h.flags & F_PRIO) >> 8
+            if self.in_prio > NPRIO:
+                self.in_prio = NPRIO            # past the highest level: the highest
         self.in_fail_fast = (h.flags & F_FAIL_FAST) != 0
         try:
             if self.table is not None or h.flags & F_API:
@@ -215,6 +265,8 @@ cdef class Dispatcher(Scheduler):
             self.in_strip = 0
             self.in_deadline = 0
             self.in_fail_fast = False
+            self.in_due = 0.0
+            self.in_prio = 0
 
     cdef int accept_command(self, Endpoint conn, FrameHeader *h, const char *payload, size_t n) except -1:
         # A SEND in command mode, or an API SEND: find what its name leads to (in C, no
@@ -287,6 +339,8 @@ cdef class Dispatcher(Scheduler):
 
     cdef int pump(self) except -1:
         """Deliver what waits and can be delivered now; end back-pressure when it may end."""
+        if self.n_delayed and self.delayed[0].due <= self.now:
+            self.delay_due()          # due since the clock was read (every read): not only at a tick
         if self.pending_routes:
             self.drain_routes()
         if self.dead_msgs.count and self.now >= self.dead_retry_at:
@@ -340,11 +394,11 @@ cdef class Dispatcher(Scheduler):
                 if r.suspects.count:
                     self.mark_pending(r)
         for r in self.routes:
-            if r.waiting.count or r.suspects.count:
+            if r.n_waiting or r.suspects.count:
                 self.sweep_head(r)
         if self.n_paged_out != self.n_paged_in:
             for r in self.routes:     # a read back that failed is tried again
-                if r.spill.count and r.waiting.count == 0:
+                if r.n_spilled:
                     self.mark_pending(r)
         if self.mem_queued > self.trim_mark:
             self.trim_mark = self.mem_queued
@@ -403,10 +457,14 @@ cdef class Dispatcher(Scheduler):
         cdef size_t restored = 0
         cdef size_t kept = 0
         cdef bint load = True
+        cdef uint64_t times[2]
+        cdef double wall_ms = time.time() * 1000.0
+        cdef double left
+        cdef uint32_t deadline
         while True:
             # past the memory budget the rest stay paged out: only their index entries
             load = load and not (self.mem_max and self.mem_queued >= self.mem_max)
-            if not log.next_restored(&m, &name, &name_len, &e, load):
+            if not log.next_restored(&m, &name, &name_len, &e, load, times):
                 break
             if last_name == NULL or name_len != last_len or memcmp(name, last_name, name_len) != 0:
                 last_name = name
@@ -423,14 +481,30 @@ cdef class Dispatcher(Scheduler):
                 kept += 1
                 continue
             r = <Route>list_item(<PyObject *>self.routes, idx)
+            m.route = idx
+            if m.attempt:
+                m.flags |= F_REDELIVERED
+            if times[1]:
+                # its deadline, on this process's clock (past: 1, removed at its turn, counted)
+                left = (<double>times[1] - wall_ms) / 10.0
+                deadline = <uint32_t>(clock_cs(self) + left + 1.0) if left > 0.0 else 1
+                m.deadline = deadline if deadline else 1
+                e.deadline = m.deadline
+            if times[0] and <double>times[0] > wall_ms:
+                # not due yet: delayed again, for what is left of its delay
+                if m.data != NULL:
+                    self.mem_queued += msg_cost(&m)
+                    self.delay_insert(&m, NULL, self.now + (<double>times[0] - wall_ms) / 1000.0)
+                else:
+                    self.n_delayed_out += 1
+                    self.delay_insert(&m, &e, self.now + (<double>times[0] - wall_ms) / 1000.0)
+                restored += 1
+                continue
             if load:
-                if m.attempt:
-                    m.flags |= F_REDELIVERED
-                m.route = idx
-                r.waiting.push_back_always(&m)
+                lane_push(r, &m, False)
                 self.mem_queued += msg_cost(&m)
             else:
-                idxq_push(&r.spill, &e)
+                lane_spill(r, &e, prio_of(&m))
                 self.n_paged_out += 1
             self.n_route_queued += 1
             r.q_bytes += m.length
@@ -454,6 +528,9 @@ cdef class Dispatcher(Scheduler):
         cdef Route r
         cdef Msg *m
         cdef IdxBlock *b
+        cdef MsgRing q
+        cdef int lv
+        cdef uint64_t seq
         cdef uint32_t j
         cdef int32_t i
         cdef size_t k
@@ -472,11 +549,20 @@ cdef class Dispatcher(Scheduler):
                     m = &self.flights[i].msg
                     if not m.copy and log.durable(m) and log.compacting(m.seq):
                         log.move_msg(m)
+                        if m.deadline:
+                            log.timed(m, TIME_EXPIRES, (<double>m.deadline - (self.now - self.epoch) * 100.0) / 100.0)
                         copied += 1
-            for k in range(self.n_delayed):     # waiting for their retry
+            for k in range(self.n_delayed):     # delayed, or waiting for their retry
                 m = &self.delayed[k].msg
                 if log.durable(m) and log.compacting(m.seq):
-                    log.move_msg(m)
+                    if m.data != NULL:
+                        log.move_msg(m)
+                    else:
+                        log.move_idx(&self.delayed[k].idx)
+                    # the copy's times, as its first ones would be gone with their segment
+                    log.timed(m, TIME_NOT_BEFORE, self.delayed[k].due - self.now)
+                    if m.deadline:
+                        log.timed(m, TIME_EXPIRES, (<double>m.deadline - (self.now - self.epoch) * 100.0) / 100.0)
                     copied += 1
             for k in range(self.dead_msgs.count):   # on their way to the dead-letter queue
                 m = &self.dead_msgs.items[(self.dead_msgs.head + k) & (self.dead_msgs.cap - 1)]
@@ -490,19 +576,28 @@ cdef class Dispatcher(Scheduler):
                     m = &r.suspects.items[(r.suspects.head + k) & (r.suspects.cap - 1)]
                     if log.compacting(m.seq):
                         log.move_msg(m)
+                        if m.deadline:
+                            log.timed(m, TIME_EXPIRES, (<double>m.deadline - (self.now - self.epoch) * 100.0) / 100.0)
                         copied += 1
-                for k in range(r.waiting.count):
-                    m = &r.waiting.items[(r.waiting.head + k) & (r.waiting.cap - 1)]
-                    if log.compacting(m.seq):
-                        log.move_msg(m)
-                        copied += 1
-                b = r.spill.first
-                while b != NULL:
-                    for j in range(b.head, b.tail):
-                        if b.items[j].seg == no:
-                            log.move_idx(&b.items[j])
+                for lv in range(NPRIO):
+                    q = lane(r, lv)
+                    for k in range(q.count):
+                        m = &q.items[(q.head + k) & (q.cap - 1)]
+                        if log.compacting(m.seq):
+                            log.move_msg(m)
+                            if m.deadline:
+                                log.timed(m, TIME_EXPIRES, (<double>m.deadline - (self.now - self.epoch) * 100.0) / 100.0)
                             copied += 1
-                    b = b.next
+                    b = r.spills[lv].first
+                    while b != NULL:
+                        for j in range(b.head, b.tail):
+                            if b.items[j].seg == no:
+                                seq = log.move_idx(&b.items[j])
+                                if b.items[j].deadline:
+                                    log.timed_seq(seq, TIME_EXPIRES, (<double>b.items[j].deadline -
+                                                                      (self.now - self.epoch) * 100.0) / 100.0)
+                                copied += 1
+                        b = b.next
         except BaseException:
             log.compact_abort()       # tried again later: a transient error must not stop it
             raise
@@ -557,14 +652,25 @@ cdef class Dispatcher(Scheduler):
             self.epoch = self.now
 
     def set_route_delivery(self, int32_t idx, *, double lease=0.0, int32_t max_deliveries=0,
-                           int32_t max_crashes=0):
-        """Route ``idx``'s own lease, max_deliveries and max_crashes (0: the broker's)."""
+                           int32_t max_crashes=0, int priority=0, double ttl=0.0, bint dead_letter_expired=False):
+        """Route ``idx``'s own lease, max_deliveries and max_crashes (0: the broker's); the
+        priority of its messages that name none (0-7), their time to live in seconds (0: none)
+        and whether an expired message goes to the dead-letter queue."""
         cdef Route r = <Route>self.routes[idx]
-        if lease < 0.0 or max_deliveries < 0 or max_crashes < 0:
-            raise ValueError("lease, max_deliveries and max_crashes are 0 (the broker's) or more")
+        if lease < 0.0 or max_deliveries < 0 or max_crashes < 0 or ttl < 0.0:
+            raise ValueError("lease, max_deliveries, max_crashes and ttl are 0 (the broker's) or more")
+        if not 0 <= priority < NPRIO:
+            raise ValueError(f"priority is 0 to {NPRIO - 1}")
+        if ttl > 4000000.0:
+            raise ValueError("ttl is at most 4,000,000 seconds")
         r.lease = lease
         r.max_deliveries = max_deliveries
         r.max_crashes = max_crashes
+        r.default_priority = priority
+        r.ttl_ms = <uint32_t>(ttl * 1000.0 + 0.5) if ttl > 0.0 else 0
+        if ttl > 0.0 and r.ttl_ms == 0:
+            r.ttl_ms = 1
+        r.dead_letter_expired = dead_letter_expired
 
     def route_lease_of(self, int32_t idx) -> float:
         """The lease route ``idx``'s deliveries get (seconds; 0: none)."""
@@ -664,9 +770,9 @@ cdef class Dispatcher(Scheduler):
         cdef Route r
         if self.basic:
             return []
-        return [{"name": r.name, "routing": r.routing, "queued": r.waiting.count + r.spill.count + r.suspects.count,
+        return [{"name": r.name, "routing": r.routing, "queued": r.n_waiting + r.n_spilled + r.suspects.count,
                  "subscribers": r.nmembers, "in": r.n_in, "out": r.n_out, "bytes": r.q_bytes,
-                 "refused": r.n_refused}
+                 "refused": r.n_refused, "levels": r.level_counts()}
                 for r in self.routes if r.kind == R_FANOUT or r.kind == R_QUEUE]
 
     def stats(self) -> dict:
@@ -703,5 +809,7 @@ cdef class Dispatcher(Scheduler):
             "touched": self.n_touched,
             "late_answers": self.n_late_answers,
             "delayed": self.n_delayed,
+            "delayed_paged_out": self.n_delayed_out,
+            "delayed_in": self.n_delayed_in,
             "no_consumer": self.n_no_consumer,
         }

@@ -37,7 +37,9 @@ cdef enum FrameFlag:
     F_CONFIRM = 0x10     # SEND: confirm it once stored (T_CONFIRM)
     F_DEADLINE = 0x20    # SEND ("deadline"): the payload begins with u32 milliseconds the sender waits at most
     F_FAIL_FAST = 0x40   # SEND ("deadline"): refused NO_CONSUMER when nobody consumes its queue
-    F_DEADLINE_ABS = 0x8000  # a parked SEND's kept copy: its deadline is the broker's absolute time (never on the wire)
+    F_DELAY = 0x80       # SEND ("delay"): the payload begins (after a deadline's u32) with u32 ms: not delivered before
+    F_PRIO = 0x0F00      # SEND ("priority"): bits 8-11 hold its priority + 1 (0: its command's default)
+    F_DEADLINE_ABS = 0x8000  # a parked SEND's kept copy: its deadline and delay are the broker's absolute times (never on the wire)
     F_RETRY = 0x20       # ANSWER ("lease"): a nack, msgpack {"delay": seconds or nil, "error": text or nil}
     F_REJECT = 0x40      # ANSWER ("lease"): dead-letter it, msgpack {"reason": text}
 

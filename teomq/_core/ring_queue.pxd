@@ -42,7 +42,7 @@ cdef struct Msg:
     uint16_t nacks       # failures its consumers reported (ANSWER flagged RETRY)
     int32_t route        # its route: 0 the basic scheme's queue, else the command's index
     Received rx          # checksum facts of the SEND it came in (payload forwarded, not re-read)
-    uint16_t flags       # SEND flags as received (NO_REPLY); REDELIVERED added on requeue
+    uint16_t flags       # SEND flags as received (NO_REPLY); REDELIVERED added on requeue; bits 8-10 its priority
     uint8_t copy         # a fanout copy: meant for one subscriber, never handed to another
     uint8_t crashes      # deliveries that ended on the consumer's side (it went away, its lease ran out)
     uint32_t deadline    # 0: none; else the broker clock (Scheduler.clock_cs) past which it is not delivered
@@ -63,17 +63,23 @@ cdef inline void msg_fields(Msg *m, uint16_t flags, uint64_t session, uint64_t m
     m.deadline = deadline
 
 
-# What a queued message paged out to the durable log keeps in memory: where its record is.
-# 16 bytes, in blocks of IDX_BLOCK entries (64 KiB), a FIFO per queue route (IdxQueue): a block
-# is freed as soon as its last entry is taken, so a drained queue holds at most one block.
+# What a queued message paged out to the durable log keeps in memory: where its record is, and
+# its deadline. 20 bytes, in blocks of IDX_BLOCK entries (64 KiB), a FIFO per priority level of a
+# queue route (IdxQueue): a block is freed as soon as its last entry is taken, so a drained queue
+# holds at most one block.
 cdef struct Idx:
     uint32_t seg         # the segment's number (low 32 bits)
     uint32_t off         # the message record's offset in the segment file
     uint32_t attempt     # deliveries recorded before a restart (REDELIVERED when paged in)
     uint32_t len         # the record's length: MSG_REC + name + payload
+    uint32_t deadline    # Msg.deadline
 
 cdef enum:
-    IDX_BLOCK = 4095
+    IDX_BLOCK = 3275
+    NPRIO = 8            # priority levels of a queue: 0 (the lowest, the default) to 7 (Msg.flags bits 8-10)
+
+cdef inline int prio_of(const Msg *m) noexcept nogil:
+    return (m.flags >> 8) & 7
 
 cdef struct IdxBlock:
     IdxBlock *next

@@ -1,6 +1,7 @@
+from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 
-from teomq._core.ring_queue cimport IdxQueue, MsgRing
+from teomq._core.ring_queue cimport NPRIO, Idx, IdxQueue, Msg, MsgRing, idxq_push, prio_of
 from teomq._core.slots cimport Slots
 
 
@@ -46,8 +47,16 @@ cdef class Route:
     cdef readonly int32_t index
     cdef readonly bytes name
     cdef readonly int kind
-    cdef readonly MsgRing waiting     # messages no subscriber could take yet (FIFO), in memory
-    cdef IdxQueue spill               # and behind them those paged out (the durable log), FIFO
+    # messages no subscriber could take yet: a FIFO per priority level (the highest level's head
+    # is served first), in memory (lanes) and behind them those paged out (spills: the durable log)
+    cdef readonly tuple lanes         # NPRIO MsgRings, by level
+    cdef IdxQueue spills[NPRIO]
+    cdef readonly size_t n_waiting    # in memory, every level
+    cdef readonly size_t n_spilled    # paged out, every level
+    cdef uint32_t levels              # bit l: level l has messages waiting (in memory or paged out)
+    cdef public int default_priority  # of its messages that name none (the schema's)
+    cdef public uint32_t ttl_ms       # their time to live, unless they name a deadline (0: none)
+    cdef public bint dead_letter_expired  # an expired message goes to the dead-letter queue
     cdef int32_t *members             # sub ids of its subscribers
     cdef readonly int32_t nmembers
     cdef int32_t mcap
@@ -77,3 +86,43 @@ cdef class SubTable:
     cdef Slots t
     cdef int32_t alloc(self, uint64_t conn, int32_t route) except -1
     cdef void release(self, int32_t sid) noexcept
+
+
+cdef extern from *:
+    int __builtin_clz(unsigned int x) nogil
+
+
+cdef inline MsgRing lane(Route r, int level):
+    return <MsgRing><PyObject *>r.lanes[level]
+
+
+cdef inline int top_level(Route r) noexcept:
+    # the highest level with messages waiting (r.levels != 0)
+    return 31 - __builtin_clz(r.levels)
+
+
+cdef inline int lane_push(Route r, Msg *m, bint front) except -1:
+    # m joins its level's messages in memory: at the tail, or at the head (front)
+    cdef int lv = prio_of(m)
+    if front:
+        lane(r, lv).push_front(m)
+    else:
+        lane(r, lv).push_back_always(m)
+    r.n_waiting += 1
+    r.levels |= 1u << lv
+    return 0
+
+
+cdef inline int lane_spill(Route r, const Idx *e, int lv) except -1:
+    # a paged-out message joins the tail of level lv
+    idxq_push(&r.spills[lv], e)
+    r.n_spilled += 1
+    r.levels |= 1u << lv
+    return 0
+
+
+cdef inline void lane_took(Route r, int lv) noexcept:
+    # one message of level lv's memory was taken
+    r.n_waiting -= 1
+    if (<MsgRing><PyObject *>r.lanes[lv]).count == 0 and r.spills[lv].count == 0:
+        r.levels &= ~(1u << lv)

@@ -19,8 +19,21 @@ class Route:
     @property
     def kind(self) -> int: ...
     @property
-    def waiting(self) -> MsgRing:
-        """Messages no subscriber could take yet (FIFO)."""
+    def lanes(self) -> tuple[MsgRing, ...]:
+        """Messages no subscriber could take yet, in memory: a FIFO per priority level (0-7)."""
+    @property
+    def n_waiting(self) -> int:
+        """Waiting in memory, every level."""
+    @property
+    def n_spilled(self) -> int:
+        """Waiting paged out, every level."""
+    def level_counts(self) -> list[int]:
+        """Waiting at each level (in memory and paged out), the lowest first."""
+    #: of its messages that name none: their priority, time to live (ms, 0: none); whether an
+    #: expired one is dead-lettered
+    default_priority: int
+    ttl_ms: int
+    dead_letter_expired: bool
     @property
     def nmembers(self) -> int: ...
     @property

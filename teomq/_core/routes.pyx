@@ -19,7 +19,7 @@ cimport cython
 from libc.stdint cimport int32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 
-from teomq._core.ring_queue cimport MsgRing, idxq_free
+from teomq._core.ring_queue cimport NPRIO, MsgRing, idxq_free
 from teomq._core.slots cimport slots_free, slots_init, slots_put, slots_take_into
 
 # Command queues are bounded by the dispatcher's total (queue_max), not one by one.
@@ -73,7 +73,7 @@ cdef class Route:
         self.index = index
         self.name = name
         self.kind = kind
-        self.waiting = MsgRing(16, ROUTE_QUEUE_MAX)
+        self.lanes = tuple([MsgRing(16, ROUTE_QUEUE_MAX) for _ in range(NPRIO)])
         self.suspects = MsgRing(16, ROUTE_QUEUE_MAX)
         self.mcap = 4
         self.members = <int32_t *>malloc(self.mcap * sizeof(int32_t))
@@ -84,7 +84,9 @@ cdef class Route:
     def __dealloc__(self):
         free(self.members)
         u64ring_free(&self.ready)
-        idxq_free(&self.spill)
+        cdef int i
+        for i in range(NPRIO):
+            idxq_free(&self.spills[i])
 
     cdef int add_member(self, int32_t sid, Sub *subs) except -1:
         cdef int32_t *n
@@ -109,12 +111,17 @@ cdef class Route:
 
     @property
     def queued(self) -> int:
-        return self.waiting.count + self.spill.count + self.suspects.count
+        return self.n_waiting + self.n_spilled + self.suspects.count
 
     @property
     def paged_out(self) -> int:
         """Waiting messages paged out to the durable log (only their index entries in memory)."""
-        return self.spill.count
+        return self.n_spilled
+
+    def level_counts(self):
+        """Messages waiting at each priority level (in memory and paged out), lowest level first."""
+        cdef int i
+        return [(<MsgRing>self.lanes[i]).count + self.spills[i].count for i in range(NPRIO)]
 
     @property
     def routing(self) -> str:

@@ -5,7 +5,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from teomq._core.endpoint cimport Endpoint, Outbox
 from teomq._core.frame_codec cimport Received
-from teomq._core.ring_queue cimport Msg, MsgRing
+from teomq._core.ring_queue cimport Idx, Msg, MsgRing
 from teomq._core.routes cimport Route, SubTable
 from teomq._core.slots cimport Slots
 from teomq._core.store cimport Store
@@ -19,9 +19,11 @@ cdef inline double monotonic_now() noexcept nogil:
 
 
 cdef struct Delayed:
-    # a message put back for later (a nack with a delay, or its backoff): due on the clock
+    # a message for later (a delay, a nack's delay or backoff): due on the clock. Past the memory
+    # budget a message with a record in the durable log keeps only where it is (idx; msg.data NULL)
     double due
     Msg msg
+    Idx idx
 
 
 cdef struct Flight:
@@ -88,6 +90,8 @@ cdef class Scheduler:
     cdef Delayed *delayed                 # binary heap by due time
     cdef size_t n_delayed_cap
     cdef readonly size_t n_delayed
+    cdef readonly size_t n_delayed_out     # of them, paged out (only their index entries in memory)
+    cdef readonly uint64_t n_delayed_in    # messages accepted with a delay
     cdef MsgRing dead_msgs                # dead letters waiting for on_dead (pump), in order
     cdef list dead_meta                   # and what on_dead is told of each
     cdef dict history                     # seq -> [consumer names, error texts] of messages that failed
@@ -152,7 +156,7 @@ cdef class Scheduler:
     @cython.final
     cdef int sweep_head(self, Route r) except -1
     @cython.final
-    cdef int delay_take(self, size_t at, Msg *out) except -1
+    cdef int delay_take(self, size_t at, Msg *out, Idx *e) except -1
     @cython.final
     cdef int touch(self, Endpoint c, const char *p, size_t n) except -1
     @cython.final
@@ -163,6 +167,8 @@ cdef class Scheduler:
     cdef int dead_letter(self, Msg *m, int reason, object detail) except -1
     @cython.final
     cdef int delay_push(self, Msg *m, double due) except -1
+    @cython.final
+    cdef int delay_insert(self, Msg *m, const Idx *e, double due) except -1
     @cython.final
     cdef int delay_due(self) except -1
     @cython.final

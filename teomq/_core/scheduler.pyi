@@ -89,7 +89,13 @@ class Scheduler:
     def retry_max(self) -> float: ...
     @property
     def n_delayed(self) -> int:
-        """Messages waiting for their retry."""
+        """Messages waiting for their time: a delay, a retry's."""
+    @property
+    def n_delayed_out(self) -> int:
+        """Of them, paged out (only their index entries in memory)."""
+    @property
+    def n_delayed_in(self) -> int:
+        """Messages accepted with a delay."""
     #: the pass's dead letters, stored before their messages leave: ``on_dead(list of dicts)``;
     #: raising keeps them (tried again a second later)
     on_dead: Callable[[list[dict[str, Any]]], object] | None

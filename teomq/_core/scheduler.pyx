@@ -26,13 +26,15 @@ from teomq._core.frame_codec cimport (
     E_DEAD_LETTERED, E_EXPIRED, E_LEASE_EXPIRED, E_REJECTED, E_UNKNOWN_ID, F_NO_ANSWER, F_NO_REPLY,
     F_REDELIVERED, F_REJECT, F_RETRY, teomq_ld64,
 )
-from teomq._core.ring_queue cimport Idx, MsgRing, idxq_push, msg_cost, payload_release
-from teomq._core.routes cimport R_QUEUE, Sub, u64ring_pop, u64ring_push
+from teomq._core.ring_queue cimport NPRIO, Idx, MsgRing, msg_cost, payload_release, prio_of
+from teomq._core.routes cimport (
+    R_QUEUE, Sub, lane, lane_push, lane_spill, lane_took, top_level, u64ring_pop, u64ring_push,
+)
 from teomq._core.slots cimport (
     list_item, slots_find, slots_free, slots_handle, slots_init, slots_put, slots_take, slots_take_into,
     slots_used,
 )
-from teomq._core.store cimport store_delivered, store_done
+from teomq._core.store cimport TIME_NOT_BEFORE, store_delivered, store_done
 
 import msgpack
 
@@ -58,7 +60,9 @@ cdef enum:
     DEAD_REJECTED = 1
     DEAD_DELIVERIES = 2
     DEAD_CRASHES = 3
-DEAD_REASONS = {DEAD_REJECTED: "rejected", DEAD_DELIVERIES: "max_deliveries", DEAD_CRASHES: "max_crashes"}
+    DEAD_EXPIRED = 4
+DEAD_REASONS = {DEAD_REJECTED: "rejected", DEAD_DELIVERIES: "max_deliveries", DEAD_CRASHES: "max_crashes",
+                DEAD_EXPIRED: "expired"}
 # at most this many consumer names and error texts in a failed message's history
 cdef Py_ssize_t HISTORY_NAMES = 16
 cdef Py_ssize_t HISTORY_ERRORS = 8
@@ -77,16 +81,18 @@ cdef int _fit(list records, int32_t cap) except -1:
 
 
 cdef inline int wait_push(Scheduler s, Route r, Msg *m) except -1:
-    # m joins the tail of r's waiting messages: in memory, or paged out (only its 16-byte
+    # m joins the tail of its level's waiting messages in r: in memory, or paged out (only its
     # index entry kept, its payload released) when the durable store has its record and the
-    # memory budget is spent, or r already has messages paged out (FIFO: they come first)
+    # memory budget is spent, or that level already has messages paged out (FIFO: they come first)
     cdef Idx e
-    if s.store.hooked and (r.spill.count or (s.mem_max and s.mem_queued >= s.mem_max)) and s.store.locate(m, &e):
-        idxq_push(&r.spill, &e)
+    cdef int lv = prio_of(m)
+    if s.store.hooked and (r.spills[lv].count or (s.mem_max and s.mem_queued >= s.mem_max)) and \
+            s.store.locate(m, &e):
+        lane_spill(r, &e, lv)
         payload_release(m.data)
         s.n_paged_out += 1
     else:
-        r.waiting.push_back_always(m)
+        lane_push(r, m, False)
         s.mem_queued += msg_cost(m)
     s.n_route_queued += 1
     r.q_bytes += m.length
@@ -103,20 +109,30 @@ cdef inline void unqueued(Scheduler s, Route r, Msg *m) noexcept:
 
 
 cdef inline bint wait_pop(Scheduler s, Route r, Msg *m) except -1:
-    # the head of r's waiting messages, read back from the log first if it is paged out;
-    # False when none (or the read failed: logged by the store, tried again at the next tick).
-    # A request whose deadline passed is removed on the way (its producer told: EXPIRED).
-    while True:
-        if r.waiting.count < PAGE_AHEAD and r.spill.count:
+    # the head of r's highest level with messages waiting, read back from the log first if it is
+    # paged out; False when none (or the read failed: logged by the store, tried again at the
+    # next tick). A message whose deadline passed is removed on the way (expire_msg).
+    cdef int lv
+    cdef MsgRing q
+    cdef int k
+    while r.levels:
+        lv = top_level(r)
+        q = lane(r, lv)
+        if q.count < PAGE_AHEAD and r.spills[lv].count:
             # read ahead before the head runs dry: consumers never wait for a read of their own
-            s.n_paged_in += s.store.page_in(&r.spill, r.waiting, r.index, &s.mem_queued, s.mem_max)
-        if r.waiting.count == 0:
+            k = s.store.page_in(&r.spills[lv], q, r.index, &s.mem_queued, s.mem_max)
+            s.n_paged_in += k
+            r.n_waiting += k
+            r.n_spilled -= k
+        if q.count == 0:
             return False
-        r.waiting.pop_front(m)
+        q.pop_front(m)
+        lane_took(r, lv)
         unqueued(s, r, m)
         if m.deadline == 0 or m.deadline > clock_cs(s):
             return True
         s.expire_msg(m)
+    return False
 
 
 cdef int credit_back(Scheduler s, Endpoint c, int32_t n, uint64_t fid) except -1:
@@ -204,7 +220,7 @@ cdef inline int list_sub(Scheduler s, Route r, int32_t sid) except -1:
     # put subscription sid (of route r) at the tail of r's ready ring
     s.subtab.items[sid].listed = True
     u64ring_push(&r.ready, slots_handle(&s.subtab.t, sid))
-    if r.waiting.count or r.spill.count or r.suspects.count:
+    if r.levels or r.suspects.count:
         s.mark_pending(r)
     return 0
 
@@ -591,6 +607,8 @@ cdef class Scheduler:
             self.rng = x
             delay = base / 2.0 + base / 2.0 * (<double>(x >> 11) / 9007199254740992.0)
         if delay > 0.0:
+            if self.store.hooked:
+                self.store.timed(m, TIME_NOT_BEFORE, delay)   # a restart keeps the wait
             return self.delay_push(m, self.now + delay)
         return self.requeue_msg(r, m, False)
 
@@ -634,9 +652,11 @@ cdef class Scheduler:
             self.dead_msgs.pop_front(&m_out)
             reason = meta[i][0]
             self.n_dead += 1
-            self.notify(&m_out, E_REJECTED if reason == DEAD_REJECTED else E_DEAD_LETTERED, msgpack.packb({
-                "code": E_REJECTED if reason == DEAD_REJECTED else E_DEAD_LETTERED,
+            code = E_REJECTED if reason == DEAD_REJECTED else E_EXPIRED if reason == DEAD_EXPIRED else E_DEAD_LETTERED
+            self.notify(&m_out, code, msgpack.packb({
+                "code": code,
                 "reason": (f"rejected by its consumer: {docs[i]['detail']}" if reason == DEAD_REJECTED else
+                           f"expired and dead-lettered: {docs[i]['detail']}" if reason == DEAD_EXPIRED else
                            f"dead-lettered ({docs[i]['reason']}: {m_out.attempt} deliveries, {m_out.nacks} "
                            f"failed, {m_out.crashes} crashed): {docs[i]['detail']}")}))
             store_done(self.store, &m_out)
@@ -653,8 +673,11 @@ cdef class Scheduler:
         return 0
 
     cdef int expire_msg(self, Msg *m) except -1:
-        # m's deadline passed before any consumer answered it: removed, its producer told
+        # m's deadline passed before any consumer answered it: removed, its producer told (or
+        # to the dead-letter queue, where its command says so; its producer told EXPIRED then)
         self.n_deadline_expired += 1
+        if (<Route>self.routes[m.route]).dead_letter_expired and not m.copy:
+            return self.dead_letter(m, DEAD_EXPIRED, "its time to live ran out before it was delivered")
         if m.nacks or m.crashes:
             self.history.pop(m.seq, None)
         if m.attempt == 0:
@@ -677,6 +700,8 @@ cdef class Scheduler:
         # producers told), not when a consumer comes; those behind a live one wait for their turn
         cdef Msg *h
         cdef Msg m
+        cdef int lv
+        cdef MsgRing q
         cdef uint32_t now = clock_cs(self)
         while r.suspects.count:
             h = &r.suspects.items[r.suspects.head]
@@ -686,28 +711,41 @@ cdef class Scheduler:
             self.n_suspects -= 1
             unqueued(self, r, &m)
             self.expire_msg(&m)
-        while r.waiting.count:
-            h = &r.waiting.items[r.waiting.head]
-            if h.deadline == 0 or h.deadline > now:
-                break
-            r.waiting.pop_front(&m)
-            unqueued(self, r, &m)
-            self.expire_msg(&m)
+        for lv in range(NPRIO):
+            q = lane(r, lv)
+            while q.count:
+                h = &q.items[q.head]
+                if h.deadline == 0 or h.deadline > now:
+                    break
+                q.pop_front(&m)
+                lane_took(r, lv)
+                unqueued(self, r, &m)
+                self.expire_msg(&m)
         return 0
 
     cdef int delay_push(self, Msg *m, double due) except -1:
-        # m waits until due (the binary heap of delayed messages), then joins its queue's tail
+        # m waits until due (the binary heap of delayed messages), then joins its queue's tail.
+        # Past the memory budget a queue's message whose record the durable store just wrote
+        # keeps only its index entry (its payload is read back when its queue needs it).
+        cdef Idx e
+        if self.store.hooked and self.mem_max and self.mem_queued >= self.mem_max and \
+                (<Route>self.routes[m.route]).kind == R_QUEUE and self.store.locate(m, &e):
+            payload_release(m.data)
+            m.data = NULL
+            self.n_delayed_out += 1
+            return self.delay_insert(m, &e, due)
+        self.mem_queued += msg_cost(m)
+        return self.delay_insert(m, NULL, due)
+
+    cdef int delay_insert(self, Msg *m, const Idx *e, double due) except -1:
         cdef size_t i, parent
         cdef Delayed *nd
-        cdef Delayed item
         if self.n_delayed == self.n_delayed_cap:
             nd = <Delayed *>realloc(self.delayed, (2 * self.n_delayed_cap + 16) * sizeof(Delayed))
             if nd == NULL:
                 raise MemoryError()
             self.delayed = nd
             self.n_delayed_cap = 2 * self.n_delayed_cap + 16
-        item.due = due
-        item.msg = m[0]
         i = self.n_delayed
         self.n_delayed += 1
         while i > 0:
@@ -716,15 +754,24 @@ cdef class Scheduler:
                 break
             self.delayed[i] = self.delayed[parent]
             i = parent
-        self.delayed[i] = item
+        self.delayed[i].due = due
+        self.delayed[i].msg = m[0]
+        if e != NULL:
+            self.delayed[i].idx = e[0]
         return 0
 
-    cdef int delay_take(self, size_t at, Msg *out) except -1:
-        # remove heap entry ``at`` into out, the heap kept in order
+    cdef int delay_take(self, size_t at, Msg *out, Idx *e) except -1:
+        # remove heap entry ``at`` into out (and e: where its record is, when out.data is NULL),
+        # the heap kept in order
         cdef size_t i = at
         cdef size_t child
         cdef Delayed last
         out[0] = self.delayed[at].msg
+        e[0] = self.delayed[at].idx
+        if out.data != NULL:
+            self.mem_queued -= msg_cost(out)
+        else:
+            self.n_delayed_out -= 1
         self.n_delayed -= 1
         if at == self.n_delayed:
             return 0
@@ -747,14 +794,25 @@ cdef class Scheduler:
         return 0
 
     cdef int delay_due(self) except -1:
-        # the delayed messages due by now join the tails of their queues
+        # the delayed messages due by now join the tails of their queues (those paged out as
+        # index entries: read back in their turn, their deadline checked then)
         cdef Msg m
+        cdef Idx e
+        cdef Route r
         while self.n_delayed and self.delayed[0].due <= self.now:
-            self.delay_take(0, &m)
-            if m.deadline and m.deadline <= clock_cs(self):
+            self.delay_take(0, &m, &e)
+            r = <Route>self.routes[m.route]
+            if m.data == NULL:
+                lane_spill(r, &e, prio_of(&m))
+                self.n_paged_out += 1
+                self.n_route_queued += 1
+                r.q_bytes += m.length
+                self.q_bytes += m.length
+                self.mark_pending(r)
+            elif m.deadline and m.deadline <= clock_cs(self):
                 self.expire_msg(&m)
             else:
-                self.requeue_msg(<Route>self.routes[m.route], &m, False)
+                self.requeue_msg(r, &m, False)
         return 0
 
     cdef bint isolating(self, Route r) noexcept:
@@ -844,7 +902,7 @@ cdef class Scheduler:
             self.q_bytes += m.length
             return self.mark_pending(r)
         if front:
-            r.waiting.push_front(m)
+            lane_push(r, m, True)
             self.mem_queued += msg_cost(m)
             self.n_route_queued += 1
             r.q_bytes += m.length
@@ -888,7 +946,10 @@ cdef class Scheduler:
         # c's producer gave up on its message msg_id: withdrawn from its queue (or the delayed
         # ones); one in flight gets no answer relayed and its consumer is told (CANCEL)
         cdef Msg m
+        cdef Idx e
         cdef Route r
+        cdef MsgRing q
+        cdef int lv
         cdef size_t k
         cdef int32_t i
         if c.session == 0:
@@ -901,15 +962,18 @@ cdef class Scheduler:
                 self.history.pop(m.seq, None)
                 store_done(self.store, &m)
                 return 0
-            if r.waiting.count and r.waiting.take_match(c.session, msg_id, &m):
-                unqueued(self, r, &m)
-                self.n_cancelled += 1
-                self.history.pop(m.seq, None)
-                store_done(self.store, &m)
-                return 0
+            for lv in range(NPRIO):
+                q = lane(r, lv)
+                if q.count and q.take_match(c.session, msg_id, &m):
+                    lane_took(r, lv)
+                    unqueued(self, r, &m)
+                    self.n_cancelled += 1
+                    self.history.pop(m.seq, None)
+                    store_done(self.store, &m)
+                    return 0
         for k in range(self.n_delayed):
             if self.delayed[k].msg.session == c.session and self.delayed[k].msg.msg_id == msg_id:
-                self.delay_take(k, &m)
+                self.delay_take(k, &m, &e)
                 self.n_cancelled += 1
                 self.history.pop(m.seq, None)
                 store_done(self.store, &m)
@@ -930,7 +994,7 @@ cdef class Scheduler:
         # while it holds anything, newcomers wait behind it).
         cdef int32_t sid
         cdef PyObject *c
-        if r.waiting.count == 0 and r.spill.count == 0:
+        if r.levels == 0:
             c = take_ready(self, r, &sid)
             if c != NULL:
                 return deliver_to_sub(self, r, sid, c, m)
@@ -1004,7 +1068,7 @@ cdef class Scheduler:
                 list_sub(self, r, sid)
             else:
                 c.unlisted = True
-        elif r.waiting.count or r.spill.count:
+        elif r.levels:
             self.mark_pending(r)
         return 0
 
@@ -1067,7 +1131,7 @@ cdef class Scheduler:
             r.pending = False
             if r.suspects.count:
                 self.serve_suspects(r)
-            while r.waiting.count or r.spill.count:
+            while r.levels:
                 if r.kind == R_QUEUE:
                     c = take_ready(self, r, &sid)
                     if c == NULL or not wait_pop(self, r, &m):

@@ -16,6 +16,9 @@ cdef enum:
     REC_DONE = 3            # [type][reason][0 u16][0 u32][seq]: nothing more to deliver (16 bytes)
     REC_MOVED = 4           # a live message copied forward out of an old segment (compaction):
                             # a message record's layout; its seq is older than the batch's
+    REC_TIMES = 5           # [type][kind][ms >> 32 u16][ms u32][seq]: the message is not delivered
+                            # before (kind 1) or expires at (kind 2) that wall-clock time, ms since
+                            # 1970 (16 bytes; the latest record of a kind holds)
     MSG_REC = 32
     STATE_REC = 16
     PREALLOC_STEP = 1 << 20 # a segment file is preallocated this much at a time, ahead of its writes
@@ -55,6 +58,8 @@ cdef struct Entry:
     uint64_t off            # the record's offset in the segment file
     uint32_t attempts       # deliveries recorded
     uint8_t done
+    uint64_t not_before     # REC_TIMES: wall-clock ms (0: none)
+    uint64_t expires
 
 
 cdef class SegmentLog(Store):
@@ -147,7 +152,8 @@ cdef class SegmentLog(Store):
     cdef int read_batch(self, size_t si, size_t off, uint32_t length) except -1
     cdef Entry *find_entry(self, uint64_t seq) noexcept
     cdef int forget(self, Msg *m) except -1
-    cdef int next_restored(self, Msg *m, const char **name, size_t *name_len, Idx *e, bint load) except -1
+    cdef int next_restored(self, Msg *m, const char **name, size_t *name_len, Idx *e, bint load,
+                           uint64_t *times) except -1
     cdef Segment *seg_by_no(self, uint32_t no) noexcept
     cdef int moved_set(self, uint64_t seq, uint64_t no) except -1
     cdef Moved *moved_find(self, uint64_t seq) noexcept
@@ -155,7 +161,8 @@ cdef class SegmentLog(Store):
     cdef int merge_rmoved(self) except -1
     cdef bint compacting(self, uint64_t seq) noexcept
     cdef int move_msg(self, Msg *m) except -1
-    cdef int move_idx(self, Idx *e) except -1
+    cdef uint64_t move_idx(self, Idx *e) except? 0
+    cdef int timed_seq(self, uint64_t seq, int kind, double after) except -1
     cdef char *move_room(self, size_t n, uint32_t attempt) except? NULL
     cdef int moved_here(self, uint64_t seq, size_t n, uint32_t attempt, char *r) except -1
     cdef const char *record_at(self, const Idx *e) except? NULL

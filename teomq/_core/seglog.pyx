@@ -51,7 +51,7 @@ from teomq._core.frame_codec cimport (
 )
 from teomq._core.ring_queue cimport idxq_front, idxq_pop, msg_cost, msg_fields, payload_new, payload_release
 from teomq._core.routes cimport R_FANOUT, R_QUEUE, Route
-from teomq._core.store cimport mem_append
+from teomq._core.store cimport TIME_EXPIRES, TIME_NOT_BEFORE, mem_append
 
 import msgpack
 
@@ -414,6 +414,7 @@ cdef class SegmentLog(Store):
         e.off = self.loc_off
         e.attempt = 0
         e.len = self.loc_len
+        e.deadline = m.deadline
         return True
 
     cdef Segment *seg_by_no(self, uint32_t no) noexcept:
@@ -496,11 +497,12 @@ cdef class SegmentLog(Store):
             m.length = n
             m.seq = teomq_ld64(r + 8)
             if e.attempt & RESTORED:              # its producer's session went with the restart
-                msg_fields(&m, teomq_ld16(r + 2), 0, teomq_ld64(r + 16), e.attempt & ~RESTORED, route, 0)
+                msg_fields(&m, teomq_ld16(r + 2), 0, teomq_ld64(r + 16), e.attempt & ~RESTORED, route, e.deadline)
                 if m.attempt:
                     m.flags |= F_REDELIVERED
             else:
-                msg_fields(&m, teomq_ld16(r + 2), teomq_ld64(r + 24), teomq_ld64(r + 16), e.attempt, route, 0)
+                msg_fields(&m, teomq_ld16(r + 2), teomq_ld64(r + 24), teomq_ld64(r + 16), e.attempt, route,
+                           e.deadline)
             m.rx.shift = 0
             into.push_back_always(&m)
             mem[0] += msg_cost(&m)
@@ -554,6 +556,25 @@ cdef class SegmentLog(Store):
         teomq_st16(r + 2, 0)
         teomq_st32(r + 4, m.attempt)
         teomq_st64(r + 8, m.seq)
+        return 0
+
+    cdef int timed(self, Msg *m, int kind, double after) except -1:
+        if not self.durable(m):
+            return 0
+        return self.timed_seq(m.seq, kind, after)
+
+    cdef int timed_seq(self, uint64_t seq, int kind, double after) except -1:
+        cdef char *r
+        cdef uint64_t ms
+        # rounded up: a delay is never shortened by a restart (a deadline is lengthened by < 1 ms)
+        ms = (now_ns() + 999999) // 1000000 + (<uint64_t>(after * 1000.0) + 1 if after > 0.0 else 0)
+        self.make_room(STATE_REC, False)
+        r = self.reserve(STATE_REC)
+        r[0] = REC_TIMES
+        r[1] = <char>kind
+        teomq_st16(r + 2, <uint16_t>(ms >> 32))
+        teomq_st32(r + 4, <uint32_t>ms)
+        teomq_st64(r + 8, seq)
         return 0
 
     cdef void done(self, Msg *m) noexcept:
@@ -713,13 +734,15 @@ cdef class SegmentLog(Store):
             memcpy(r + MSG_REC + k, m.data, m.length)
         return self.moved_here(m.seq, n, m.attempt, r)
 
-    cdef int move_idx(self, Idx *e) except -1:
-        # copy forward a paged-out message: its record read back, written again, e moved to it
+    cdef uint64_t move_idx(self, Idx *e) except? 0:
+        # copy forward a paged-out message: its record read back, written again, e moved to it;
+        # its seq
         cdef const char *rec = self.record_at(e)     # (in the read window: not the batch's buffer)
         cdef char *r
         cdef Segment *s
         cdef uint32_t attempt = e.attempt & ~RESTORED
         cdef uint64_t off
+        cdef uint64_t seq
         if rec == NULL:
             raise OSError(5, self.read_error_text)
         r = self.move_room(e.len, attempt)
@@ -729,10 +752,11 @@ cdef class SegmentLog(Store):
             teomq_st64(r + 24, 0)       # its producer's session went with a restart
         s = &self.segs[self.nsegs - 1]
         off = s.end + <uint64_t>(r - self.buf)
-        self.moved_here(teomq_ld64(r + 8), e.len, attempt, r)
+        seq = teomq_ld64(r + 8)
+        self.moved_here(seq, e.len, attempt, r)
         e.seg = <uint32_t>s.no
         e.off = <uint32_t>off
-        return 0
+        return seq
 
     def drop_done(self):
         """Delete the oldest segments that hold nothing live (as every pass's write does): for
@@ -1257,6 +1281,8 @@ cdef class SegmentLog(Store):
                 en.off = <uint64_t>(p - base)
                 en.attempts = 0
                 en.done = 0
+                en.not_before = 0
+                en.expires = 0
                 if seq > self.last_seq:
                     self.last_seq = seq
                 p += MSG_REC + <uint8_t>p[1] + teomq_ld32(p + 4)
@@ -1281,6 +1307,17 @@ cdef class SegmentLog(Store):
                         en.done = 1
                     elif teomq_ld32(p + 4) > en.attempts:
                         en.attempts = teomq_ld32(p + 4)
+                p += STATE_REC
+            elif t == REC_TIMES:
+                if e - p < STATE_REC:
+                    raise LogFormatError(f"{segment_name(self.segs[si].no)}: a time record at offset "
+                                         f"{p - base} runs past its batch")
+                en = self.find_entry(teomq_ld64(p + 8))
+                if en != NULL:
+                    if <uint8_t>p[1] == TIME_NOT_BEFORE:
+                        en.not_before = (<uint64_t>teomq_ld16(p + 2) << 32) | teomq_ld32(p + 4)
+                    elif <uint8_t>p[1] == TIME_EXPIRES:
+                        en.expires = (<uint64_t>teomq_ld16(p + 2) << 32) | teomq_ld32(p + 4)
                 p += STATE_REC
             else:
                 raise LogFormatError(f"{segment_name(self.segs[si].no)}: unknown record type {t} at "
@@ -1310,6 +1347,8 @@ cdef class SegmentLog(Store):
         g.seq = seq
         g.attempts = 0
         g.done = 0
+        g.not_before = 0
+        g.expires = 0
         return g
 
     cdef int merge_rmoved(self) except -1:
@@ -1341,10 +1380,13 @@ cdef class SegmentLog(Store):
         self.nrmoved = self.rmoved_cap = 0
         return 0
 
-    cdef int next_restored(self, Msg *m, const char **name, size_t *name_len, Idx *e, bint load) except -1:
+    cdef int next_restored(self, Msg *m, const char **name, size_t *name_len, Idx *e, bint load,
+                           uint64_t *times) except -1:
         # The next live recovered message as a Msg (load: payload copied out of the mapped file
         # into a block; session 0: its producer's session is gone), or (not load) as the index
-        # entry of a paged-out message in *e; and its route's name. 0 at the end.
+        # entry of a paged-out message in *e (m's fields set, its data NULL); its route's name;
+        # times[0], times[1]: its REC_TIMES (not before, expires: wall-clock ms, 0: none).
+        # 0 at the end.
         cdef Entry *en
         cdef const char *r
         cdef uint32_t n
@@ -1357,6 +1399,10 @@ cdef class SegmentLog(Store):
             n = teomq_ld32(r + 4)
             name_len[0] = <uint8_t>r[1]
             name[0] = r + MSG_REC
+            times[0] = en.not_before
+            times[1] = en.expires
+            msg_fields(m, teomq_ld16(r + 2), 0, teomq_ld64(r + 16), en.attempts, 0, 0)
+            m.rx.shift = 0
             m.length = n
             m.seq = en.seq
             if not load:
@@ -1365,14 +1411,13 @@ cdef class SegmentLog(Store):
                 e.off = <uint32_t>en.off
                 e.attempt = en.attempts | RESTORED
                 e.len = <uint32_t>(MSG_REC + name_len[0] + n)
+                e.deadline = 0
                 return 1
             m.data = payload_new(n)
             if m.data == NULL:
                 raise MemoryError()
             if n:
                 memcpy(m.data, r + MSG_REC + name_len[0], n)
-            msg_fields(m, teomq_ld16(r + 2), 0, teomq_ld64(r + 16), en.attempts, 0, 0)
-            m.rx.shift = 0
             return 1
         return 0
 

@@ -26,6 +26,13 @@ cdef class Store:
     cdef int keep(self, Msg *m) except -1
     cdef int handed(self, Msg *m) except -1
     cdef int page_in(self, IdxQueue *q, MsgRing into, int32_t route, size_t *mem, size_t mem_max) except -1
+    cdef int timed(self, Msg *m, int kind, double after) except -1
+
+
+# Store.timed: what a time record says of a message
+cdef enum:
+    TIME_NOT_BEFORE = 1     # it is not delivered before then (a delay, a retry's backoff)
+    TIME_EXPIRES = 2        # it is removed if not delivered by then (its deadline, its time to live)
 
 
 cdef inline int mem_append(Store s, Msg *m, const char *p, size_t n) except -1:

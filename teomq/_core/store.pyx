@@ -52,3 +52,8 @@ cdef class Store:
     cdef int page_in(self, IdxQueue *q, MsgRing into, int32_t route, size_t *mem, size_t mem_max) except -1:
         # read paged-out messages back from the front of q into ``into``: how many
         return 0
+
+    cdef int timed(self, Msg *m, int kind, double after) except -1:
+        # m is not delivered before, or expires at (kind: TIME_*), ``after`` seconds from now:
+        # the durable store records it (as wall-clock time: a restart's clock is another)
+        return 0

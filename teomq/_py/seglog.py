@@ -18,7 +18,9 @@ BATCH_MAGIC = b"TQLB"
 VERSION = 1
 SEG_HEADER = 64
 BATCH_HEADER = 40
-REC_PAD, REC_MSG, REC_DELIVERED, REC_DONE, REC_MOVED = 0, 1, 2, 3, 4
+REC_PAD, REC_MSG, REC_DELIVERED, REC_DONE, REC_MOVED, REC_TIMES = 0, 1, 2, 3, 4, 5
+#: REC_TIMES kinds: not delivered before / removed if not delivered by (wall-clock ms)
+TIME_NOT_BEFORE, TIME_EXPIRES = 1, 2
 MSG_REC = 32
 STATE_REC = 16
 
@@ -39,7 +41,8 @@ class Record:
     name: bytes = b""
     payload: bytes = b""
     attempt: int = 0              # delivered records
-    reason: int = 0               # done records
+    reason: int = 0               # done records; a time record's kind
+    time_ms: int = 0              # time records: wall-clock ms since 1970
 
 
 @dataclass
@@ -74,6 +77,10 @@ class Batch:
             elif t in (REC_DELIVERED, REC_DONE):
                 _, reason, _, attempt, seq = _STATE.unpack_from(body, p)
                 out.append(Record(t, seq, base + p, attempt=attempt, reason=reason))
+                p += STATE_REC
+            elif t == REC_TIMES:
+                _, kind, hi, lo, seq = _STATE.unpack_from(body, p)
+                out.append(Record(t, seq, base + p, reason=kind, time_ms=(hi << 32) | lo))
                 p += STATE_REC
             else:
                 raise ValueError(f"unknown record type {t} at offset {base + p}")
