@@ -548,7 +548,7 @@ class Broker:
             with QUEUE_FULL. Per command, the schema's
             ``max_messages`` and ``max_bytes`` bound what waits in its queue the same way.
         memory_max: disk storage: bytes of memory queued messages may hold; past it new ones
-            are paged out (only a 16-byte index entry each stays in memory, the rest is read
+            are paged out (only a 20-byte index entry each stays in memory, the rest is read
             back from the log as consumers take them). Memory storage keeps every message in
             memory (bounded by ``queue_max``).
     """

@@ -266,7 +266,7 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
           "max_bytes do the same for its queue (default: 0, no bound but the disk's)")
     flag(parser, "memory-max", type=_bytes_value(MIN_MEMORY_MAX), default=DEFAULT_MEMORY_MAX, metavar="BYTES",
           help="disk storage: memory queued messages may hold (a number of bytes, or with KiB, MiB or GiB); past "
-          "it new messages are paged out to the log, 16 bytes of memory each, and read back as consumers take "
+          "it new messages are paged out to the log, 20 bytes of memory each, and read back as consumers take "
           "them (default: %(default)s, 64 MiB)")
     flag(parser, "shutdown-timeout", type=float_value(positive=False), default=10.0, metavar="SECONDS",
           help="on SIGTERM or SIGINT: seconds to wait for the answers to the messages consumers hold, with new "

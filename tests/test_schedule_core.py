@@ -106,6 +106,20 @@ def test_the_heap_releases_random_delays_in_their_order_and_never_early() -> Non
     assert sorted(out) == sorted(due)
 
 
+def test_messages_delayed_alike_in_one_read_keep_their_order() -> None:
+    disp, _ = make(lease=0.0)
+    prod = Peer(disp, 1, "producer")
+    frames = b""
+    for mid in range(1, 301):      # one read: one clock reading, the same due time for all
+        frames += encode_frame(T.SEND, Flag.NO_REPLY | Flag.DELAY | ((mid % 2 + 1) << 8), mid,
+                               (2000).to_bytes(4, "little") + mid.to_bytes(4, "little"))
+    prod.feed(frames)
+    disp.tick(2.0)
+    c = Peer(disp, 2, "consumer", prefetch=1000)
+    got = [int.from_bytes(p, "little") for _, p in delivered(c)]
+    assert got == [m for m in range(1, 301) if m % 2] + [m for m in range(1, 301) if not m % 2]
+
+
 def test_cancelling_delayed_messages_takes_them_out_of_the_middle_of_the_heap() -> None:
     rng = random.Random(7)
     disp, _ = make()

@@ -688,7 +688,8 @@ cdef class Dispatcher(Scheduler):
 
     def replay(self, int32_t idx, payload) -> bool:
         """Accept ``payload`` into route ``idx`` as a new message of no producer (a dead letter
-        put back: ``teomq dlq replay``). False when the bound or the store refuses it now."""
+        put back: ``teomq dlq replay``), with its command's priority (not its ttl: it is not
+        delivered late by choice). False when the bound or the store refuses it now."""
         cdef Msg m
         cdef Route r = <Route>self.routes[idx]
         cdef bytes data = bytes(payload)
@@ -697,7 +698,7 @@ cdef class Dispatcher(Scheduler):
         if self.held() >= self.queue_max or \
                 ((r.max_messages or r.max_bytes or self.queue_max_bytes) and self.over_limit(r, len(data))):
             return False
-        msg_fields(&m, F_NO_REPLY, 0, 0, 0, idx, 0)
+        msg_fields(&m, F_NO_REPLY | <uint16_t>(r.default_priority << 8), 0, 0, 0, idx, 0)
         m.rx.shift = 0
         if store_append(self.store, &m, data, len(data)):
             return False

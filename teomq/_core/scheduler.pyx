@@ -73,6 +73,12 @@ cdef inline double route_lease(Scheduler s, int32_t route) noexcept:
     return lease if lease > 0.0 else s.lease
 
 
+cdef inline bint before(double due, uint64_t seq, const Delayed *d) noexcept:
+    # the heap's order: by due time, then by sequence number (those due at once come out in the
+    # order they were accepted: a level's FIFO holds for messages delayed alike)
+    return due < d.due or (due == d.due and seq < d.msg.seq)
+
+
 cdef int _fit(list records, int32_t cap) except -1:
     # a slot table's Python records (endpoints, sessions) grown to its cap, with None
     while len(records) < cap:
@@ -750,7 +756,7 @@ cdef class Scheduler:
         self.n_delayed += 1
         while i > 0:
             parent = (i - 1) >> 1
-            if self.delayed[parent].due <= due:
+            if not before(due, m.seq, &self.delayed[parent]):
                 break
             self.delayed[i] = self.delayed[parent]
             i = parent
@@ -777,16 +783,17 @@ cdef class Scheduler:
             return 0
         last = self.delayed[self.n_delayed]
         # sift up (the last may be earlier than at's parent), then down
-        while i > 0 and self.delayed[(i - 1) >> 1].due > last.due:
+        while i > 0 and before(last.due, last.msg.seq, &self.delayed[(i - 1) >> 1]):
             self.delayed[i] = self.delayed[(i - 1) >> 1]
             i = (i - 1) >> 1
         while True:
             child = 2 * i + 1
             if child >= self.n_delayed:
                 break
-            if child + 1 < self.n_delayed and self.delayed[child + 1].due < self.delayed[child].due:
+            if child + 1 < self.n_delayed and \
+                    before(self.delayed[child + 1].due, self.delayed[child + 1].msg.seq, &self.delayed[child]):
                 child += 1
-            if self.delayed[child].due >= last.due:
+            if not before(self.delayed[child].due, self.delayed[child].msg.seq, &last):
                 break
             self.delayed[i] = self.delayed[child]
             i = child

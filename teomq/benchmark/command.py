@@ -84,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                "modules are found from the current directory and its bench/ folder (default: %(default)s)")
     parser.add_argument("-o", "-option", "--option", dest="options", type=_option, action="append", default=[],
                         metavar="KEY=VALUE", help="driver option, repeatable (teomq: prefetch, timeout, mode, "
-                                                  "queue_max)")
+                                                  "queue_max, log, storage, fsync, confirm, confirm_window, "
+                                                  "delayed)")
     flag(parser, "json", default="", metavar="FILE", help="also write every figure as JSON to FILE")
     parser.add_argument("-no-progress", "--no-progress", dest="progress", action="store_false", default=True,
                         help="no progress bar (there is none anyway when stderr is not a terminal)")

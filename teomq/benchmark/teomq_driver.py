@@ -21,7 +21,9 @@ the work directory; default 0: ``-nomsg -log-level WARNING``), ``storage`` (the 
 ``-storage``: default memory, as the peers' drivers keep theirs; disk: the queues in the work
 directory), ``fsync`` (its ``-fsync``, default always), ``confirm`` (1: publish/drain wait for the
 broker's confirmations, ``Client.confirmed``: writable() until at most ``confirm_window``
-(default 0) are unconfirmed, drain() until none; default 0: accepted is enough).
+(default 0) are unconfirmed, drain() until none; default 0: accepted is enough), ``delayed``
+(N: before the run, N 100-byte messages published into the benchmark's queue with a delay of an
+hour and confirmed: a broker with that many delayed messages pending; default 0).
 """
 
 from __future__ import annotations
@@ -55,6 +57,35 @@ STOP_TIMEOUT = 10.0
 BARRIER_TIMEOUT = 60.0
 #: the directory teomq is imported from: the broker runs the same code
 _PACKAGE_ROOT = str(Path(teomq.__file__).resolve().parent.parent)
+
+
+def _in_thread(coro: Any) -> None:
+    """Run ``coro`` to its end on an event loop of its own (start_server may be called from one)."""
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(coro)
+        except BaseException as e:  # re-raised in the caller
+            error.append(e)
+
+    t = threading.Thread(target=run, name="teomq-preload")
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+
+
+async def _publish_delayed(url: str, count: int) -> None:
+    """``count`` messages delayed by an hour, confirmed: pending in the broker for the whole run."""
+    from teomq.client import Producer
+
+    async with Producer(url, name="bench-delayed", timeout=60.0) as p:
+        for i in range(count):
+            p.publish(b"d" * 100, delay=3600.0)
+            if i % 1024 == 1023:
+                await p.confirmed(4096)
+        await p.confirmed(0)
 
 
 class TeomqDriver(Driver):
@@ -118,6 +149,13 @@ class TeomqDriver(Driver):
             tail = Path(log_path).read_bytes()[-2000:].decode("utf-8", "replace")
             raise RuntimeError(f"teomq broker did not report 'listening on' within {START_TIMEOUT:g} s; "
                                f"stdout: {lines!r}; stderr: {tail}")
+        delayed = int(self._opt("delayed", "0"))
+        if delayed:
+            try:
+                _in_thread(_publish_delayed(endpoint[0], delayed))
+            except BaseException:
+                stop()
+                raise
         return Server(url=endpoint[0], pid=proc.pid, stop=stop, version=teomq.__version__, log=log_path)
 
     async def producer(self, url: str, index: int, workload: str, queue: str) -> ProducerSide:

@@ -1,0 +1,152 @@
+"""Delays, priorities and time to live on the durable log (docs/semantics.md, docs/storage.md):
+delayed messages past the memory budget stay on disk (only their heap entries in memory) and
+come back after a SIGKILL with what is left of their delay; compaction copies a delayed or
+expiring message forward with its times. Real CLI brokers; memory from /proc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_storage_compaction import Sampler, publish_answered
+from test_storage_memory import memory
+
+from procs import ProcGroup
+from teomq._py.seglog import REC_TIMES, TIME_EXPIRES, TIME_NOT_BEFORE, read_segment
+from teomq.client import Consumer, Producer
+
+pytestmark = pytest.mark.integration
+
+HANG = 120.0
+MiB = 1 << 20
+EARLY = 0.005   # a delay's wall-clock rounding (ms) across a restart
+
+
+def stats(web_port: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/stats", timeout=30) as r:
+        return json.loads(r.read())["broker"]
+
+
+async def take(spec: str, count: int, command: str | None = None, *, settle: float = 0.5,
+               limit: float = HANG) -> list[tuple[bytes, float]]:
+    """(payload, wall-clock time received) of ``count`` deliveries; then ``settle`` s more."""
+    got: list[tuple[bytes, float]] = []
+
+    def handler(data: bytes) -> None:
+        got.append((bytes(data), time.time()))
+
+    async with Consumer(spec, handler, prefetch=256, timeout=HANG) as c:
+        if command:
+            await c.subscribe(command)
+        deadline = time.monotonic() + limit
+        while len(got) < count:
+            assert time.monotonic() < deadline, f"{len(got)} of {count} delivered"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(settle)
+    return got
+
+
+def test_delayed_messages_past_the_memory_budget_stay_on_disk_and_survive_a_sigkill(
+        procs: ProcGroup, tmp_path: Path) -> None:
+    """50,000 delayed 1 KiB messages with -memory-max 1MiB: at most the budget is held in
+    payloads (the rest on disk, 96 bytes of heap entry each in memory); SIGKILL before they are
+    due; restarted, the broker delivers every one, none before its time, each level in order."""
+    d = tmp_path / "data"
+    args = ("-nomsg", "-memory-max", "1MiB")
+    broker = procs.broker(*args, data_dir=d)
+    start = memory(broker.proc.pid)["VmRSS"]
+    n = 50_000
+    delay = 8.0
+
+    async def publish() -> float:
+        async with Producer(broker.endpoint, timeout=HANG) as p:
+            sent = time.time()
+            for i in range(n):
+                p.publish(b"%06d" % i + b"x" * 1018, delay=delay, priority=3 if i % 10 == 0 else 0)
+                if i % 1024 == 1023:
+                    await p.confirmed(4096)
+            await p.confirmed(0)
+            return sent
+
+    sent = asyncio.run(publish())
+    peak = memory(broker.proc.pid)["VmHWM"]
+    print(f"RSS at start {start / MiB:.1f} MiB, peak with {n} delayed 1 KiB messages {peak / MiB:.1f} MiB")
+    # in memory they would take 52 MB of payload; paged out, 4.8 MB of heap entries
+    assert peak < start + 1 * MiB + 5 * MiB + 24 * MiB, (start, peak)
+    assert broker.proc.kill9() == -signal.SIGKILL
+    assert time.time() < sent + delay, "too slow to kill the broker before the delay ran out"
+    again = procs.broker(*args, data_dir=d)
+    again.proc.wait_for_line(rf"storage: .* {n} messages restored", stderr=True)
+    got = asyncio.run(take(again.endpoint, n))
+    assert len(got) == n
+    early = [p for p, at in got if at < sent + delay - EARLY]
+    assert early == [], f"{len(early)} delivered before their time"
+    numbers = [int(p[:6]) for p, _ in got]
+    assert sorted(numbers) == list(range(n)), "not every message once"
+    # each level in order (a level's messages, delayed alike, are due in the order they came)
+    high = [i for i in numbers if i % 10 == 0]
+    low = [i for i in numbers if i % 10]
+    assert high == sorted(high) and low == sorted(low), "a level out of order"
+    assert again.proc.terminate() == 0
+
+
+def test_compaction_copies_a_delayed_and_an_expiring_message_forward_with_their_times(
+        procs: ProcGroup, tmp_path: Path) -> None:
+    """Command `a` (no consumer) gets 10 messages delayed by 40 s and 10 with a 30 s ttl; 200,000
+    of command `b` are answered behind them with 1 MiB segments, so compaction copies `a`'s
+    forward and deletes the segments that had their first records (and their first time
+    records). After a SIGKILL and a restart, the copies still have their times: the delayed
+    ones come no earlier than their time, the expiring ones never (counted as expired)."""
+    d = tmp_path / "data"
+    args = ("-nomsg", "-segment-size", str(MiB), "-memory-max", "1MiB", "-command", "a:queue",
+            "-command", "b:queue")
+    broker = procs.broker(*args, data_dir=d)
+    total = 200_000
+    answered = 0
+    delay, ttl = 40.0, 30.0
+
+    async def main() -> float:
+        nonlocal answered
+
+        def answer(data: bytes) -> None:
+            nonlocal answered
+            answered += 1
+
+        async with Producer(broker.endpoint, timeout=HANG) as p:
+            sent = time.time()
+            for i in range(10):
+                p.publish(b"a/delayed-%d" % i, delay=delay)
+                p.publish(b"a/expiring-%d" % i, ttl=ttl)
+            await p.confirmed(0)
+            first = sorted((d / "queues").glob("*.seg"))[0]
+            async with Consumer(broker.endpoint, answer, prefetch=512, timeout=HANG) as c:
+                await c.subscribe("b")
+                await publish_answered(p, b"b/", range(total), lambda: answered, total, d / "queues")
+            assert not first.exists(), "compaction did not empty the first segment"
+            return sent
+
+    with Sampler(d / "queues"):
+        sent = asyncio.run(main())
+    # the time records of the copies are there (the first ones went with their segment)
+    times = [r for seg in sorted((d / "queues").glob("*.seg")) for b in read_segment(seg).batches if b.ok
+             for r in b.records() if r.type == REC_TIMES]
+    assert sum(1 for r in times if r.reason == TIME_NOT_BEFORE) >= 10
+    assert sum(1 for r in times if r.reason == TIME_EXPIRES) >= 10
+    assert broker.proc.kill9() == -signal.SIGKILL
+    assert time.time() < sent + ttl, "too slow: the ttl ran out before the restart"
+    again = procs.broker(*args, data_dir=d)
+    again.proc.wait_for_line(r"storage: .* 20 messages restored", stderr=True)
+    wait = sent + ttl + 0.5 - time.time()
+    if wait > 0:
+        time.sleep(wait)          # the expiring ones' time is over
+    got = asyncio.run(take(again.endpoint, 10, "a", settle=1.0, limit=delay + HANG))
+    assert sorted(p for p, _ in got) == sorted(b"a/delayed-%d" % i for i in range(10))
+    assert all(at >= sent + delay - EARLY for _, at in got), "a delayed copy came early"
+    assert stats(again.web_port)["deadline_expired"] == 10
+    assert again.proc.terminate() == 0
