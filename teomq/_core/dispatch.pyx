@@ -485,9 +485,10 @@ cdef class Dispatcher(Scheduler):
             if m.attempt:
                 m.flags |= F_REDELIVERED
             if times[1]:
-                # its deadline, on this process's clock (past: 1, removed at its turn, counted)
+                # its deadline, on this process's clock, rounded down: never later (past: 1,
+                # removed at its turn, counted)
                 left = (<double>times[1] - wall_ms) / 10.0
-                deadline = <uint32_t>(clock_cs(self) + left + 1.0) if left > 0.0 else 1
+                deadline = <uint32_t>(clock_cs(self) + left) if left > 0.0 else 1
                 m.deadline = deadline if deadline else 1
                 e.deadline = m.deadline
             if times[0] and <double>times[0] > wall_ms:

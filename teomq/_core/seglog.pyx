@@ -566,8 +566,11 @@ cdef class SegmentLog(Store):
     cdef int timed_seq(self, uint64_t seq, int kind, double after) except -1:
         cdef char *r
         cdef uint64_t ms
-        # rounded up: a delay is never shortened by a restart (a deadline is lengthened by < 1 ms)
-        ms = (now_ns() + 999999) // 1000000 + (<uint64_t>(after * 1000.0) + 1 if after > 0.0 else 0)
+        # a delay rounded up, a deadline down: a restart never delivers a message early, nor late
+        if kind == TIME_NOT_BEFORE:
+            ms = (now_ns() + 999999) // 1000000 + (<uint64_t>(after * 1000.0) + 1 if after > 0.0 else 0)
+        else:
+            ms = now_ns() // 1000000 + (<uint64_t>(after * 1000.0) if after > 0.0 else 0)
         self.make_room(STATE_REC, False)
         r = self.reserve(STATE_REC)
         r[0] = REC_TIMES
