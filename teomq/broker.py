@@ -827,7 +827,7 @@ class Broker:
 
     def _report_paging(self, disp: Dispatcher) -> None:
         # the edges: messages begin to be paged out / every one is read back
-        out = disp.n_paged_out - disp.n_paged_in
+        out = disp.n_paged_out - disp.n_paged_in + disp.n_delayed_out   # (delayed ones kept on disk too)
         if out and not self._paging:
             self._paging = True
             log.info("queues: the memory budget is spent (-memory-max %d bytes, %d in use): new messages are paged "

@@ -161,7 +161,7 @@ class DiskStorage:
         dispatcher.set_store(lg)
         self._dispatcher = dispatcher
         self.restored, self.kept = dispatcher.restore()
-        self.paged_out = dispatcher.n_paged_out
+        self.paged_out = dispatcher.n_paged_out + dispatcher.n_delayed_out
         lg.finish_recovery()
         self.recovery_seconds = time.perf_counter() - self._started
         self._report_recovery()

@@ -64,17 +64,19 @@ def test_delayed_messages_past_the_memory_budget_stay_on_disk_and_survive_a_sigk
     n = 50_000
     delay = 8.0
 
-    async def publish() -> float:
+    sent_at: list[float] = []   # each message's wall-clock time of publish: none due before + delay
+
+    async def publish() -> None:
         async with Producer(broker.endpoint, timeout=HANG) as p:
-            sent = time.time()
             for i in range(n):
+                sent_at.append(time.time())
                 p.publish(b"%06d" % i + b"x" * 1018, delay=delay, priority=3 if i % 10 == 0 else 0)
                 if i % 1024 == 1023:
                     await p.confirmed(4096)
             await p.confirmed(0)
-            return sent
 
-    sent = asyncio.run(publish())
+    asyncio.run(publish())
+    sent = sent_at[0]
     peak = memory(broker.proc.pid)["VmHWM"]
     print(f"RSS at start {start / MiB:.1f} MiB, peak with {n} delayed 1 KiB messages {peak / MiB:.1f} MiB")
     # in memory they would take 52 MB of payload; paged out, 4.8 MB of heap entries
@@ -85,7 +87,7 @@ def test_delayed_messages_past_the_memory_budget_stay_on_disk_and_survive_a_sigk
     again.proc.wait_for_line(rf"storage: .* {n} messages restored", stderr=True)
     got = asyncio.run(take(again.endpoint, n))
     assert len(got) == n
-    early = [p for p, at in got if at < sent + delay - EARLY]
+    early = [p for p, at in got if at < sent_at[int(p[:6])] + delay - EARLY]
     assert early == [], f"{len(early)} delivered before their time"
     numbers = [int(p[:6]) for p, _ in got]
     assert sorted(numbers) == list(range(n)), "not every message once"
@@ -94,6 +96,38 @@ def test_delayed_messages_past_the_memory_budget_stay_on_disk_and_survive_a_sigk
     low = [i for i in numbers if i % 10]
     assert high == sorted(high) and low == sorted(low), "a level out of order"
     assert again.proc.terminate() == 0
+
+
+def test_delayed_messages_due_behind_paged_out_ones_of_their_level_keep_their_turn(
+        procs: ProcGroup, tmp_path: Path) -> None:
+    """With -memory-max 1MiB, 2,000 1 KiB messages delayed 6 s (the first ~1,000 held in
+    memory, the rest on disk), then 2,000 delayed 3 s (on disk): when the first batch falls due
+    the second's are waiting paged out, ahead of it. The consumer, connected after both, gets
+    the 3 s ones first and then the 6 s ones, each in the order sent (a level is FIFO by the
+    time its messages joined it, in memory or not)."""
+    d = tmp_path / "data"
+    broker = procs.broker("-nomsg", "-memory-max", "1MiB", data_dir=d)
+    n = 2000
+
+    async def publish() -> float:
+        async with Producer(broker.endpoint, timeout=HANG) as p:
+            sent = time.time()
+            for i in range(n):
+                p.publish(b"late-%05d" % i + b"x" * 1014, delay=6.0)
+            for i in range(n):
+                p.publish(b"soon-%05d" % i + b"x" * 1014, delay=3.0)
+            await p.confirmed(0)
+            return sent
+
+    sent = asyncio.run(publish())
+    assert stats(broker.web_port)["delayed_paged_out"] > 0, "nothing was paged out: no test"
+    wait = sent + 6.5 - time.time()
+    if wait > 0:
+        time.sleep(wait)           # both batches are due: they wait for a consumer
+    got = asyncio.run(take(broker.endpoint, 2 * n))
+    names = [p[:10] for p, _ in got]
+    assert names == [b"soon-%05d" % i for i in range(n)] + [b"late-%05d" % i for i in range(n)]
+    assert broker.proc.terminate() == 0
 
 
 def test_compaction_copies_a_delayed_and_an_expiring_message_forward_with_their_times(

@@ -27,7 +27,7 @@ from teomq._core.frame_codec cimport (
 from teomq._core.scheduler cimport clock_cs, monotonic_now
 from teomq._core.ring_queue cimport NPRIO, Idx, IdxBlock, Msg, MsgRing, msg_cost, msg_fields, prio_of
 from teomq._core.seglog cimport SegmentLog
-from teomq._core.routes cimport R_FANOUT, R_HELLO, R_MSG, R_QUEUE, Route, lane, lane_push, lane_spill
+from teomq._core.routes cimport R_FANOUT, R_HELLO, R_MSG, R_QUEUE, Route, lane, lane_push, lane_spill, route_waiting
 from teomq._core.slots cimport list_item, slots_used
 from teomq._core.store cimport TIME_EXPIRES, TIME_NOT_BEFORE, store_append
 
@@ -111,10 +111,11 @@ cdef class Dispatcher(Scheduler):
         return 0
 
     cdef bint over_limit(self, Route r, size_t n) noexcept:
-        # a SEND of n bytes into r would pass r's limits or the broker's bytes bound
-        return ((r.max_messages and r.n_waiting + r.n_spilled + r.suspects.count >= r.max_messages) or
-                (r.max_bytes and r.q_bytes + n > r.max_bytes) or
-                (self.queue_max_bytes and self.q_bytes + n > self.queue_max_bytes))
+        # a SEND of n bytes into r would pass r's limits or the broker's bytes bound (what
+        # waits: queued, paged out, suspects and delayed)
+        return ((r.max_messages and route_waiting(r) >= r.max_messages) or
+                (r.max_bytes and r.q_bytes + r.d_bytes + n > r.max_bytes) or
+                (self.queue_max_bytes and self.q_bytes + self.d_bytes + n > self.queue_max_bytes))
 
     cdef int refuse_limit(self, Endpoint conn, uint64_t fid, Route r, size_t n) except -1:
         # QUEUE_FULL at a queue's limit (the command's) or at -queue-max-bytes; the control
@@ -124,14 +125,14 @@ cdef class Dispatcher(Scheduler):
         self.n_limit_refused += 1
         r.n_refused += 1                # (not conn.n_refused: those are -queue-max's, logged as such)
         name = r.name.decode("utf-8", "replace") if r.name else "the queue"
-        if (r.max_messages and r.n_waiting + r.n_spilled + r.suspects.count >= r.max_messages) or \
-                (r.max_bytes and r.q_bytes + n > r.max_bytes):
+        if (r.max_messages and route_waiting(r) >= r.max_messages) or \
+                (r.max_bytes and r.q_bytes + r.d_bytes + n > r.max_bytes):
             what = f"'{name}' is at its limit"
         else:
             what = f"the broker's -queue-max-bytes {self.queue_max_bytes} is reached"
         conn._add_error(E_QUEUE_FULL, fid, msgpack.packb({
-            "code": E_QUEUE_FULL, "reason": f"queue is full: {what} ({r.n_waiting + r.n_spilled + r.suspects.count} messages, "
-            f"{r.q_bytes} bytes waiting); message not accepted, send it again later"}))
+            "code": E_QUEUE_FULL, "reason": f"queue is full: {what} ({route_waiting(r)} messages, "
+            f"{r.q_bytes + r.d_bytes} bytes waiting); message not accepted, send it again later"}))
         return 0
 
     cdef int refuse_storage(self, Endpoint conn, uint64_t fid) except -1:
@@ -461,6 +462,8 @@ cdef class Dispatcher(Scheduler):
         cdef double wall_ms = time.time() * 1000.0
         cdef double left
         cdef uint32_t deadline
+        if self.realtime:
+            self.now = monotonic_now()   # (recovery took a while): wall_ms and now read together
         while True:
             # past the memory budget the rest stay paged out: only their index entries
             load = load and not (self.mem_max and self.mem_queued >= self.mem_max)
@@ -495,10 +498,9 @@ cdef class Dispatcher(Scheduler):
                 # not due yet: delayed again, for what is left of its delay
                 if m.data != NULL:
                     self.mem_queued += msg_cost(&m)
-                    self.delay_insert(&m, NULL, self.now + (<double>times[0] - wall_ms) / 1000.0)
                 else:
                     self.n_delayed_out += 1
-                    self.delay_insert(&m, &e, self.now + (<double>times[0] - wall_ms) / 1000.0)
+                self.delay_insert(&m, &e, self.now + (<double>times[0] - wall_ms) / 1000.0)
                 restored += 1
                 continue
             if load:
@@ -557,7 +559,8 @@ cdef class Dispatcher(Scheduler):
                 m = &self.delayed[k].msg
                 if log.durable(m) and log.compacting(m.seq):
                     if m.data != NULL:
-                        log.move_msg(m)
+                        # (its index entry too, if it keeps one: it may be paged out when due)
+                        log.move_msg(m, &self.delayed[k].idx if self.delayed[k].idx.len else NULL)
                     else:
                         log.move_idx(&self.delayed[k].idx)
                     # the copy's times, as its first ones would be gone with their segment
@@ -768,13 +771,14 @@ cdef class Dispatcher(Scheduler):
                 for i in range(conn.nsubs)]
 
     def route_stats(self) -> list:
-        """Per command: name, routing, queued, subscribers, in, out."""
+        """Per command: name, routing, queued, subscribers, in, out, bytes (waiting), refused,
+        levels (queued by priority level), delayed (not due yet)."""
         cdef Route r
         if self.basic:
             return []
         return [{"name": r.name, "routing": r.routing, "queued": r.n_waiting + r.n_spilled + r.suspects.count,
                  "subscribers": r.nmembers, "in": r.n_in, "out": r.n_out, "bytes": r.q_bytes,
-                 "refused": r.n_refused, "levels": r.level_counts()}
+                 "refused": r.n_refused, "levels": r.level_counts(), "delayed": r.n_delayed}
                 for r in self.routes if r.kind == R_FANOUT or r.kind == R_QUEUE]
 
     def stats(self) -> dict:

@@ -68,6 +68,8 @@ cdef class Route:
     cdef public uint64_t max_messages # limits on what waits here (0: none): past them QUEUE_FULL
     cdef public uint64_t max_bytes
     cdef readonly uint64_t q_bytes    # payload bytes waiting here (in memory and paged out)
+    cdef readonly size_t n_delayed    # messages for here in the heap of delayed ones (not yet due)
+    cdef readonly uint64_t d_bytes    # their payload bytes (max_messages and max_bytes count them)
     cdef readonly uint64_t n_refused  # SENDs refused at those limits
     # delivery guarantees of this route's messages (Dispatcher.set_delivery; 0: the broker's)
     cdef public double lease          # seconds a delivery may stay unanswered
@@ -119,6 +121,11 @@ cdef inline int lane_spill(Route r, const Idx *e, int lv) except -1:
     r.n_spilled += 1
     r.levels |= 1u << lv
     return 0
+
+
+cdef inline size_t route_waiting(Route r) noexcept:
+    # the messages waiting in r: in memory, paged out, suspects and delayed (its max_messages)
+    return r.n_waiting + r.n_spilled + r.suspects.count + r.n_delayed
 
 
 cdef inline void lane_took(Route r, int lv) noexcept:

@@ -62,6 +62,12 @@ class Route:
     def q_bytes(self) -> int:
         """Payload bytes waiting here."""
     @property
+    def n_delayed(self) -> int:
+        """Messages for here in the heap of delayed ones (not due yet)."""
+    @property
+    def d_bytes(self) -> int:
+        """Their payload bytes (its limits count them)."""
+    @property
     def n_refused(self) -> int:
         """SENDs refused at its limits."""
     @property

@@ -65,6 +65,7 @@ cdef class Scheduler:
     cdef readonly size_t mem_queued       # memory waiting messages hold (ring_queue.pxd: msg_cost)
     cdef size_t trim_mark                 # mem_queued when memory was last given back (tick)
     cdef readonly uint64_t q_bytes        # payload bytes waiting in all routes
+    cdef readonly uint64_t d_bytes        # payload bytes of the delayed messages (not yet due)
     cdef readonly uint64_t n_paged_out
     cdef readonly uint64_t n_paged_in
     cdef readonly size_t n_backlog        # fanout copies in consumers' backlogs

@@ -42,6 +42,9 @@ class Scheduler:
     def q_bytes(self) -> int:
         """Payload bytes waiting in all routes."""
     @property
+    def d_bytes(self) -> int:
+        """Payload bytes of the delayed messages (not due yet)."""
+    @property
     def n_paged_out(self) -> int: ...
     @property
     def n_paged_in(self) -> int: ...

@@ -731,21 +731,28 @@ cdef class Scheduler:
 
     cdef int delay_push(self, Msg *m, double due) except -1:
         # m waits until due (the binary heap of delayed messages), then joins its queue's tail.
-        # Past the memory budget a queue's message whose record the durable store just wrote
-        # keeps only its index entry (its payload is read back when its queue needs it).
+        # A queue's message whose record the durable store just wrote keeps where it is (its
+        # index entry): past the memory budget its payload is released now (read back when its
+        # queue needs it), else when it falls due behind messages of its level paged out (FIFO).
+        # Not one delivered before (a retry): its record's attempts would be stale.
         cdef Idx e
-        if self.store.hooked and self.mem_max and self.mem_queued >= self.mem_max and \
-                (<Route>self.routes[m.route]).kind == R_QUEUE and self.store.locate(m, &e):
-            payload_release(m.data)
-            m.data = NULL
-            self.n_delayed_out += 1
+        if self.store.hooked and m.attempt == 0 and (<Route>self.routes[m.route]).kind == R_QUEUE and \
+                self.store.locate(m, &e):
+            if self.mem_max and self.mem_queued >= self.mem_max:
+                payload_release(m.data)
+                m.data = NULL
+                self.n_delayed_out += 1
+            else:
+                self.mem_queued += msg_cost(m)
             return self.delay_insert(m, &e, due)
         self.mem_queued += msg_cost(m)
         return self.delay_insert(m, NULL, due)
 
     cdef int delay_insert(self, Msg *m, const Idx *e, double due) except -1:
+        # m into the heap (e: where its record is, or NULL; m.data NULL: paged out, e given)
         cdef size_t i, parent
         cdef Delayed *nd
+        cdef Route r = <Route>list_item(<PyObject *>self.routes, m.route)
         if self.n_delayed == self.n_delayed_cap:
             nd = <Delayed *>realloc(self.delayed, (2 * self.n_delayed_cap + 16) * sizeof(Delayed))
             if nd == NULL:
@@ -764,6 +771,11 @@ cdef class Scheduler:
         self.delayed[i].msg = m[0]
         if e != NULL:
             self.delayed[i].idx = e[0]
+        else:
+            self.delayed[i].idx.len = 0         # none: it stays in memory when due
+        r.n_delayed += 1                        # (a queue's limits count them: over_limit)
+        r.d_bytes += m.length
+        self.d_bytes += m.length
         return 0
 
     cdef int delay_take(self, size_t at, Msg *out, Idx *e) except -1:
@@ -772,12 +784,17 @@ cdef class Scheduler:
         cdef size_t i = at
         cdef size_t child
         cdef Delayed last
+        cdef Route r
         out[0] = self.delayed[at].msg
         e[0] = self.delayed[at].idx
         if out.data != NULL:
             self.mem_queued -= msg_cost(out)
         else:
             self.n_delayed_out -= 1
+        r = <Route>list_item(<PyObject *>self.routes, out.route)
+        r.n_delayed -= 1
+        r.d_bytes -= out.length
+        self.d_bytes -= out.length
         self.n_delayed -= 1
         if at == self.n_delayed:
             return 0
@@ -806,11 +823,18 @@ cdef class Scheduler:
         cdef Msg m
         cdef Idx e
         cdef Route r
+        cdef int lv
         while self.n_delayed and self.delayed[0].due <= self.now:
             self.delay_take(0, &m, &e)
             r = <Route>self.routes[m.route]
+            lv = prio_of(&m)
+            if m.data != NULL and e.len and (r.spills[lv].count or (self.mem_max and self.mem_queued >= self.mem_max)):
+                # its level has messages paged out (they came first: behind them, FIFO), or
+                # the memory budget is spent: it joins them as its index entry
+                payload_release(m.data)
+                m.data = NULL
             if m.data == NULL:
-                lane_spill(r, &e, prio_of(&m))
+                lane_spill(r, &e, lv)
                 self.n_paged_out += 1
                 self.n_route_queued += 1
                 r.q_bytes += m.length

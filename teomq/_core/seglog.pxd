@@ -160,7 +160,7 @@ cdef class SegmentLog(Store):
     cdef Entry *rmoved_entry(self, uint64_t seq) except NULL
     cdef int merge_rmoved(self) except -1
     cdef bint compacting(self, uint64_t seq) noexcept
-    cdef int move_msg(self, Msg *m) except -1
+    cdef int move_msg(self, Msg *m, Idx *e=*) except -1
     cdef uint64_t move_idx(self, Idx *e) except? 0
     cdef int timed_seq(self, uint64_t seq, int kind, double after) except -1
     cdef char *move_room(self, size_t n, uint32_t attempt) except? NULL

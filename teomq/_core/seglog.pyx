@@ -718,12 +718,14 @@ cdef class SegmentLog(Store):
         self.n_moved += 1
         return 0
 
-    cdef int move_msg(self, Msg *m) except -1:
-        # copy forward a message the dispatcher holds in memory (queued or in flight)
+    cdef int move_msg(self, Msg *m, Idx *e=NULL) except -1:
+        # copy forward a message the dispatcher holds in memory (queued, delayed or in flight);
+        # e (if given) then points at the copy
         cdef bytes name = (<Route>PyList_GET_ITEM(<PyObject *>self.routes, m.route)).name
         cdef size_t k = <size_t>PyBytes_GET_SIZE(name)
         cdef size_t n = MSG_REC + k + m.length
         cdef char *r = self.move_room(n, m.attempt)
+        cdef Segment *s
         r[0] = REC_MOVED
         r[1] = <char>k
         teomq_st16(r + 2, m.flags)
@@ -735,6 +737,10 @@ cdef class SegmentLog(Store):
             memcpy(r + MSG_REC, PyBytes_AS_STRING(name), k)
         if m.length:
             memcpy(r + MSG_REC + k, m.data, m.length)
+        if e != NULL:
+            s = &self.segs[self.nsegs - 1]
+            e.seg = <uint32_t>s.no
+            e.off = <uint32_t>(s.end + <uint64_t>(r - self.buf))
         return self.moved_here(m.seq, n, m.attempt, r)
 
     cdef uint64_t move_idx(self, Idx *e) except? 0:
@@ -1386,8 +1392,8 @@ cdef class SegmentLog(Store):
     cdef int next_restored(self, Msg *m, const char **name, size_t *name_len, Idx *e, bint load,
                            uint64_t *times) except -1:
         # The next live recovered message as a Msg (load: payload copied out of the mapped file
-        # into a block; session 0: its producer's session is gone), or (not load) as the index
-        # entry of a paged-out message in *e (m's fields set, its data NULL); its route's name;
+        # into a block; session 0: its producer's session is gone), or (not load) paged out (m's
+        # fields set, its data NULL); *e its index entry, either way; its route's name;
         # times[0], times[1]: its REC_TIMES (not before, expires: wall-clock ms, 0: none).
         # 0 at the end.
         cdef Entry *en
@@ -1408,13 +1414,13 @@ cdef class SegmentLog(Store):
             m.rx.shift = 0
             m.length = n
             m.seq = en.seq
+            e.seg = <uint32_t>self.segs[en.seg].no     # where it is (loaded too: a delayed one
+            e.off = <uint32_t>en.off                   # may be paged out when it falls due)
+            e.attempt = en.attempts | RESTORED
+            e.len = <uint32_t>(MSG_REC + name_len[0] + n)
+            e.deadline = 0
             if not load:
                 m.data = NULL
-                e.seg = <uint32_t>self.segs[en.seg].no
-                e.off = <uint32_t>en.off
-                e.attempt = en.attempts | RESTORED
-                e.len = <uint32_t>(MSG_REC + name_len[0] + n)
-                e.deadline = 0
                 return 1
             m.data = payload_new(n)
             if m.data == NULL:
