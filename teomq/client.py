@@ -389,6 +389,7 @@ class Client:
         if prefix and len(prefix) + len(payload) > conn.max_send:
             raise ValueError(f"payload of {len(payload)} bytes and its delay are over the limit of {conn.max_send}")
         if conn.paused:
+            held = conn._loop.time()
             try:
                 await asyncio.wait_for(conn.drain(), timeout)
             except asyncio.TimeoutError:
@@ -396,6 +397,9 @@ class Client:
                                      "or its bound is reached); message not sent") from None
             if conn._closing:
                 raise conn._lost()
+            if wait > 0:   # its delay counts from the call: the time held back is taken off (whole ms)
+                left = math.ceil(wait * 1000) - int((conn._loop.time() - held) * 1000)
+                prefix = max(0, left).to_bytes(4, "little")
         fut = conn._loop.create_future()
         if timeout == self._timeout and type(payload) is bytes and not fail_fast and not flags:
             mid = conn.submit(payload, fut, True)

@@ -51,6 +51,7 @@ import asyncio
 import heapq
 import inspect
 import logging
+import math
 import os
 import socket
 from collections import deque
@@ -103,6 +104,7 @@ _CONFIRM = int(FrameType.CONFIRM)
 _TOUCH = int(FrameType.TOUCH)
 _CANCEL = int(FrameType.CANCEL)
 _DEADLINE = int(Flag.DEADLINE)
+_DELAY = int(Flag.DELAY)
 _RETRY = int(Flag.RETRY)
 _REJECT = int(Flag.REJECT)
 _NO_REPLY = int(Flag.NO_REPLY)
@@ -330,6 +332,7 @@ class Connection(asyncio.Protocol):
         self._held = False  # the broker sent FLOW with HOLD
         self._deferred: list[tuple[int, int, int, bytes]] = []  # SENDs, PINGs, CANCELs made while held
         self._deferred_due: dict[int, float] = {}  # a deferred SEND's deadline (loop time), by id
+        self._deferred_at: dict[int, float] = {}  # when a deferred SEND with a deadline or delay was made
         self._resume: asyncio.Future[None] | None = None
         self._refusals_unlogged = 0
         self._refusal_timer: asyncio.TimerHandle | None = None
@@ -520,6 +523,7 @@ class Connection(asyncio.Protocol):
                         self._endpoint)
         self._deferred.clear()
         self._deferred_due.clear()
+        self._deferred_at.clear()
         pending = self._core.take_all() + list(self._custom.items())
         self._custom.clear()
         self._buckets.clear()
@@ -543,6 +547,8 @@ class Connection(asyncio.Protocol):
             # held back by the broker: SENDs wait here (answers do not), and a PING after them
             # stays after them, so its PONG still means "everything before it was handled"
             self._deferred.append((ftype, flags, fid, payload if type(payload) is bytes else bytes(payload)))
+            if ftype == _SEND and flags & (_DEADLINE | _DELAY):
+                self._deferred_at[fid] = self._loop.time()   # they count from now (_rebased)
             return
         self._wbuf.add(ftype, flags, fid, payload)
         if not self._core.flush_scheduled:
@@ -562,14 +568,34 @@ class Connection(asyncio.Protocol):
         add = self._wbuf.add
         now = self._loop.time()
         for ftype, flags, fid, payload in deferred:
-            if flags & _DEADLINE and ftype == _SEND:
-                due = self._deferred_due.pop(fid, None)
-                if due is not None:  # the deadline counts from the request, not from now
-                    payload = _deadline_prefix(due - now) + payload[4:]
+            if flags & (_DEADLINE | _DELAY) and ftype == _SEND:
+                payload = self._rebased(flags, fid, payload, now)
             add(ftype, flags, fid, payload)
         if not self._core.flush_scheduled:
             self._core.flush_scheduled = True
             self._loop.call_soon(self._flush)
+
+    def _rebased(self, flags: int, fid: int, payload: bytes, now: float) -> bytes:
+        """A held-back SEND's deadline and delay prefix (docs/protocol.md) as they are now:
+        both count from when it was made, not from when the broker let it go. The delay is
+        shortened by whole ms gone (never early), the deadline by every started ms (never
+        longer); a request's deadline is its timeout's (_deferred_due)."""
+        gone = max(0.0, now - self._deferred_at.pop(fid, now)) * 1000.0
+        due = self._deferred_due.pop(fid, None)
+        head = b""
+        off = 0
+        if flags & _DEADLINE:
+            if due is not None:
+                head = _deadline_prefix(due - now)
+            else:
+                left = int.from_bytes(payload[:4], "little") - math.ceil(gone)
+                head = max(0, left).to_bytes(4, "little")
+            off = 4
+        if flags & _DELAY:
+            left = int.from_bytes(payload[off:off + 4], "little") - int(gone)
+            head += max(0, left).to_bytes(4, "little")
+            off += 4
+        return head + payload[off:]
 
     def _fail(self, reason: str, cause: BaseException | None, error_code: int = 0) -> None:
         """Close the connection for a fatal reason; pending requests get ConnectionLost."""
@@ -828,6 +854,7 @@ class Connection(asyncio.Protocol):
             if entry is None:
                 return None
         self._deferred_due.pop(mid, None)
+        self._deferred_at.pop(mid, None)
         for i, frame in enumerate(self._deferred):
             if frame[0] == _SEND and frame[2] == mid:
                 del self._deferred[i]  # held back by the broker, never sent: nothing to withdraw

@@ -12,6 +12,8 @@ import array
 import asyncio
 import logging
 import socket
+import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +26,7 @@ from teomq._core.frame_codec import FrameDecoder, encode_frame
 from teomq.client import Client, Consumer, Producer, _to_payload
 from teomq.errors import AddressError, BrokerError, ConnectionLost, RequestTimeout
 from teomq.identity import BrokerIdentity
-from teomq.protocol import DEFAULT_MAX_PAYLOAD, ErrorCode, Flag, FrameType as T
+from teomq.protocol import DEFAULT_MAX_PAYLOAD, DELAY_MAX, PRIORITY_MAX, ErrorCode, Flag, FrameType as T
 from waiting import until
 
 def echo(conn: PeerConn, flags: int, fid: int, payload: bytes) -> None:
@@ -436,6 +438,86 @@ def test_a_cancel_keeps_its_place_behind_sends_held_back_by_flow(arun):
             assert [f for f in peer.order if f[0] != T.HELLO] == [(T.SEND, sent), (T.SEND, behind),
                                                                    (T.CANCEL, sent)]
             assert behind not in outcomes
+
+    arun(main())
+
+
+def test_a_publish_held_back_by_flow_keeps_its_delay_and_ttl_from_when_it_was_made(arun):
+    """A publish(delay=, ttl=) and a request(delay=) the broker holds back (FLOW) go out with
+    their delay (and a publish's ttl) counted from the call, not from the release: the time held
+    is taken off (a delay by whole ms gone, never early; a ttl by every ms begun, never longer)."""
+    caps = ["flow", "confirm", "lease", "deadline", "cancel", "priority", "delay"]
+
+    def on_hello(conn: PeerConn, hello: dict[str, Any]) -> None:
+        peer = conn.peer
+        welcome = {"v": 1, "address": peer.identity.address, "pubkey": peer.identity.public_key,
+                   "sig": peer.identity.sign_welcome(hello["nonce"]), "max_payload": peer.max_payload,
+                   "server": "scripted-peer", "caps": caps}
+        conn.send(T.WELCOME, 0, 0, msgpack.packb(welcome))
+
+    async def main():
+        async with Peer(on_send=hold, on_hello=on_hello) as peer, Producer(peer.spec, timeout=30) as p:
+            p.publish(b"first")
+            await until(lambda: peer.sends, "the first SEND")
+            peer.conns[0].send(T.FLOW, 1, 0)  # HOLD
+            await until(lambda: p._conn._held, "the hold")
+            made = time.monotonic()
+            p.publish(b"later", delay=2.0, ttl=5.0)
+            task = asyncio.ensure_future(p.request(b"asked", delay=3.0, timeout=20.0))
+            await asyncio.sleep(0.5)
+            assert len(peer.sends) == 1
+            peer.conns[0].send(T.FLOW, 0, 0)  # go on
+            await until(lambda: len(peer.sends) == 3, "the held SENDs")
+            held_ms = (time.monotonic() - made) * 1000
+            by_payload = {payload[-5:]: (flags, payload) for flags, _, payload in peer.sends}
+            flags, payload = by_payload[b"later"]
+            assert flags & Flag.DEADLINE and flags & Flag.DELAY
+            ttl_ms, delay_ms = struct.unpack_from("<II", payload)
+            assert 5000 - held_ms - 50 <= ttl_ms <= 5000 - 500 and 2000 - held_ms - 50 <= delay_ms <= 2000 - 500 + 1
+            flags, payload = by_payload[b"asked"]   # (a request waits for the release to be sent:
+            deadline_ms, delay_ms = struct.unpack_from("<II", payload)   # its timeout counts from then)
+            assert deadline_ms == 20000 and 3000 - held_ms - 50 <= delay_ms <= 3000 - 500 + 1
+            task.cancel()
+
+    arun(main())
+
+
+@pytest.mark.parametrize("caps", [["deadline", "priority", "delay"], []])
+def test_priority_delay_and_ttl_arguments_are_checked_before_anything_is_sent(arun, caps):
+    """Bad values raise ValueError; a broker that does not speak "priority", "delay" or
+    "deadline" makes the argument raise RuntimeError; nothing reaches the broker either way."""
+
+    def on_hello(conn: PeerConn, hello: dict[str, Any]) -> None:
+        peer = conn.peer
+        welcome = {"v": 1, "address": peer.identity.address, "pubkey": peer.identity.public_key,
+                   "sig": peer.identity.sign_welcome(hello["nonce"]), "max_payload": peer.max_payload,
+                   "server": "scripted-peer", "caps": caps}
+        conn.send(T.WELCOME, 0, 0, msgpack.packb(welcome))
+
+    async def main():
+        async with Peer(on_send=hold, on_hello=on_hello) as peer, Producer(peer.spec, timeout=30) as p:
+            bad = [dict(priority=-1), dict(priority=8), dict(priority=True), dict(priority=1.0),
+                   dict(delay=-0.5), dict(delay=float("nan")), dict(delay="1"), dict(delay=1, not_before=time.time()),
+                   dict(delay=DELAY_MAX + 1), dict(ttl=0), dict(ttl=-1), dict(ttl=DELAY_MAX + 1)]
+            for kw in bad:
+                with pytest.raises(ValueError):
+                    p.publish(b"x", **kw)
+            for kw in bad[:-3]:
+                with pytest.raises(ValueError):
+                    await p.request(b"x", **kw)
+            with pytest.raises(ValueError if caps else RuntimeError, match="shorter than its timeout|speak"):
+                await p.request(b"x", delay=5, timeout=5)
+            good = [dict(priority=0), dict(priority=PRIORITY_MAX), dict(delay=0.25), dict(ttl=1.5),
+                    dict(not_before=time.time() + 60)]
+            for kw in good:
+                if caps:
+                    p.publish(b"x", **kw)
+                else:
+                    with pytest.raises(RuntimeError, match="does not (speak|take)"):
+                        p.publish(b"x", **kw)
+            p.publish(b"end")     # after any frame sent before it
+            await until(lambda: peer.sends and peer.sends[-1][2] == b"end", "the last publish")
+            assert len(peer.sends) == (len(good) if caps else 0) + 1
 
     arun(main())
 
