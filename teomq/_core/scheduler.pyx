@@ -28,7 +28,7 @@ from teomq._core.frame_codec cimport (
 )
 from teomq._core.ring_queue cimport NPRIO, Idx, MsgRing, msg_cost, payload_release, prio_of
 from teomq._core.routes cimport (
-    R_QUEUE, Sub, lane, lane_push, lane_spill, lane_took, top_level, u64ring_pop, u64ring_push,
+    R_FANOUT, R_QUEUE, Sub, lane, lane_push, lane_spill, lane_took, top_level, u64ring_pop, u64ring_push,
 )
 from teomq._core.slots cimport (
     list_item, slots_find, slots_free, slots_handle, slots_init, slots_put, slots_take, slots_take_into,
@@ -92,8 +92,10 @@ cdef inline int wait_push(Scheduler s, Route r, Msg *m) except -1:
     # memory budget is spent, or that level already has messages paged out (FIFO: they come first)
     cdef Idx e
     cdef int lv = prio_of(m)
-    if s.store.hooked and (r.spills[lv].count or (s.mem_max and s.mem_queued >= s.mem_max)) and \
-            s.store.locate(m, &e):
+    # (not one delivered before, a retry: its record's attempts, nacks and crashes are stale, and
+    # read back it would start them again and escape max_deliveries)
+    if s.store.hooked and m.attempt == 0 and (r.spills[lv].count or (s.mem_max and s.mem_queued >= s.mem_max)) \
+            and s.store.locate(m, &e):
         lane_spill(r, &e, lv)
         payload_release(m.data)
         s.n_paged_out += 1
@@ -731,12 +733,14 @@ cdef class Scheduler:
 
     cdef int delay_push(self, Msg *m, double due) except -1:
         # m waits until due (the binary heap of delayed messages), then joins its queue's tail.
-        # A queue's message whose record the durable store just wrote keeps where it is (its
-        # index entry): past the memory budget its payload is released now (read back when its
-        # queue needs it), else when it falls due behind messages of its level paged out (FIFO).
-        # Not one delivered before (a retry): its record's attempts would be stale.
+        # A message whose record the durable store just wrote (a queue's, or a fanout's kept for
+        # later) keeps where it is (its index entry): past the memory budget its payload is
+        # released now (read back when its queue needs it), else when it falls due behind
+        # messages of its level paged out (FIFO). Not one delivered before (a retry): its
+        # record's attempts would be stale.
         cdef Idx e
-        if self.store.hooked and m.attempt == 0 and (<Route>self.routes[m.route]).kind == R_QUEUE and \
+        cdef int kind = (<Route>self.routes[m.route]).kind
+        if self.store.hooked and m.attempt == 0 and not m.copy and (kind == R_QUEUE or kind == R_FANOUT) and \
                 self.store.locate(m, &e):
             if self.mem_max and self.mem_queued >= self.mem_max:
                 payload_release(m.data)
