@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import math
 import os
+import random
 import secrets
 import socket
 import time
@@ -22,12 +23,16 @@ from typing import Any, Union
 from teomq.addressbook import resolve_broker
 from teomq.client_connection import (
     _API, _NO_REPLY, _PING, _SEND, DEFAULT_MAX_HANDLER_TIME, Collector, Confirmation, Connection, DeliveryContext,
-    _deadline_prefix,
+    _deadline_prefix, _shift_prefix,
     consumer_log, log, to_payload as _to_payload,
 )
 from teomq.commands import Command, CommandCall, CommandSchema
-from teomq.errors import BrokerError, Cancelled, ConnectionLost, RequestTimeout, UnknownCommand
-from teomq.protocol import DELAY_MAX, MAX_PAYLOAD_LIMIT, PRIORITY_MAX, ApiCommand, ErrorCode, Flag
+from teomq.errors import (
+    AddressError, BrokerError, Cancelled, ConnectionLost, QueueFull, Reconnecting, RequestTimeout, UnknownCommand,
+)
+from teomq.protocol import (
+    DELAY_MAX, MAX_PAYLOAD_LIMIT, PRIORITY_MAX, RECONNECT_DELAY, RECONNECT_MAX_DELAY, ApiCommand, ErrorCode, Flag,
+)
 
 __all__ = ["Client", "Confirmation", "Consumer", "DeliveryContext", "Producer"]
 
@@ -47,6 +52,8 @@ _ROLES = ("producer", "consumer", "both")
 _FAIL_FAST = 0x40  # SEND: refused NO_CONSUMER when nobody consumes its queue (protocol.Flag.FAIL_FAST)
 _DELAY = int(Flag.DELAY)
 _DEADLINE = int(Flag.DEADLINE)
+#: publish()es kept while the client is reconnecting, sent once it is back; past it QueueFull
+PUBLISH_BUFFER = 10_000
 
 
 def _number(name: str, value: object) -> float:
@@ -85,6 +92,12 @@ def _schedule(conn: Connection, priority: int | None, delay: float | None,
         flags |= _DELAY
         prefix = math.ceil(wait * 1000).to_bytes(4, "little")   # rounded up: never early
     return flags, prefix, wait
+
+
+def _retrieved(fut: asyncio.Future[None]) -> None:
+    # a reconnect that failed with nobody waiting for it is not an unretrieved exception
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _takes_context(fn: object) -> bool:
@@ -151,13 +164,28 @@ class Client:
             nobody else hears of (a publish(); a request's caller gets the error itself),
             e.g. a :class:`BrokerError` QUEUE_FULL. Refusals are counted in
             ``stats["refused"]`` and logged (the first at once, then one line per second).
+        reconnect: once connected, a lost connection is made again by the client itself
+            (default True): HELLO with the same session, subscriptions made again, then
+            what waited goes out (docs/semantics.md, "Reconnecting"). False: a lost
+            connection ends the client (:class:`ConnectionLost`), as :meth:`close` does.
+        reconnect_delay, reconnect_max_delay: the first try after about ``reconnect_delay``
+            seconds (0.1), each next one after twice as long up to ``reconnect_max_delay``
+            (2.0), each wait jittered (half to all of it).
+        reconnect_tries: tries before the client gives up (0, the default: never).
+        publish_buffer: publish()es kept while reconnecting (10,000), sent in order once
+            connected again; past it publish() raises :class:`QueueFull`.
+        on_connection: ``on_connection(connected, reason)``: called when the connection is
+            lost (False, why) and when it is made again (True, "").
     """
 
     def __init__(self, broker: BrokerSpec, *, name: str | None = None, role: str = "both",
                  prefetch: int = 64, handler: Handler | None = None, timeout: float = 5.0,
                  max_payload: int | None = None,
                  on_refused: Callable[[int, BrokerError], None] | None = None,
-                 max_handler_time: float = DEFAULT_MAX_HANDLER_TIME) -> None:
+                 max_handler_time: float = DEFAULT_MAX_HANDLER_TIME, reconnect: bool = True,
+                 reconnect_delay: float = RECONNECT_DELAY, reconnect_max_delay: float = RECONNECT_MAX_DELAY,
+                 reconnect_tries: int = 0, publish_buffer: int = PUBLISH_BUFFER,
+                 on_connection: Callable[[bool, str], None] | None = None) -> None:
         if role not in _ROLES:
             raise ValueError(f"role must be one of {', '.join(_ROLES)}, not {role!r}")
         consumes = role != "producer"
@@ -193,6 +221,31 @@ class Client:
         if on_refused is not None and not callable(on_refused):
             raise TypeError("on_refused must be callable")
         self._on_refused = on_refused
+        if not isinstance(reconnect, bool):
+            raise TypeError(f"reconnect must be True or False, not {reconnect!r}")
+        if not (isinstance(reconnect_delay, (int, float)) and 0 < reconnect_delay <= reconnect_max_delay < math.inf):
+            raise ValueError("reconnect_delay must be a positive number of seconds, at most reconnect_max_delay "
+                             f"(not {reconnect_delay!r} and {reconnect_max_delay!r})")
+        if not isinstance(reconnect_tries, int) or isinstance(reconnect_tries, bool) or reconnect_tries < 0:
+            raise ValueError(f"reconnect_tries must be 0 (never give up) or more, not {reconnect_tries!r}")
+        if not isinstance(publish_buffer, int) or isinstance(publish_buffer, bool) or publish_buffer < 0:
+            raise ValueError(f"publish_buffer must be 0 or more messages, not {publish_buffer!r}")
+        if on_connection is not None and not callable(on_connection):
+            raise TypeError("on_connection must be callable")
+        self._reconnect = reconnect
+        self._reconnect_delay = float(reconnect_delay)
+        self._reconnect_max_delay = float(reconnect_max_delay)
+        self._reconnect_tries = reconnect_tries
+        self._publish_buffer = publish_buffer
+        self._on_connection = on_connection
+        #: while reconnecting: done once connected again (or failed: the client gave up)
+        self._down: asyncio.Future[None] | None = None
+        self._reconnector: asyncio.Task[None] | None = None
+        #: publish()es made while reconnecting: (flags, payload, loop time made, Confirmation)
+        self._buffered: list[tuple[int, bytes, float, Confirmation]] = []
+        self._closed_by_user = False
+        self._gave_up: BaseException | None = None
+        self._ended: asyncio.Future[None] | None = None   # wait_closed() of a reconnecting client
         #: this client's producer session, sent in HELLO: answers are routed to it (an
         #: unguessable id for the client object's life; a session lives as long as its connection)
         self.session: str = secrets.token_urlsafe(16)
@@ -217,13 +270,27 @@ class Client:
         """Connect, say HELLO and verify the broker's WELCOME.
 
         Raises:
-            ConnectionLost: the broker cannot be reached or closed the connection.
+            ConnectionLost: the broker cannot be reached or closed the connection (the first
+                connect is not retried: a lost connection is, with ``reconnect``).
             AddressError: bad broker spec, or the broker failed identity verification.
             BrokerError: the broker refused the HELLO.
             RuntimeError: already connected.
         """
-        if self._conn is not None and not self._conn.closed.done():
+        if self._conn is not None and (not self._conn.closed.done() or self._down is not None):
             raise RuntimeError("already connected")
+        self._closed_by_user = False
+        self._gave_up = None
+        self._ended = None
+        await self._open()
+        if self._subscriptions:
+            try:
+                await self.subscribe(*self._subscriptions)
+            except BaseException:
+                await self.close()
+                raise
+
+    async def _open(self) -> None:
+        """One connection: TCP, HELLO (this client's session), the broker's WELCOME verified."""
         if isinstance(self._broker, tuple):
             host, port, expected = self._broker[0], self._broker[1], None
         else:
@@ -251,33 +318,180 @@ class Client:
         self._conn = conn
         self._address = conn.address
         log.debug("connected to broker %s at %s as %r (%s)", conn.address, endpoint, self.name, self._role)
-        if self._subscriptions:
+
+    # -- reconnecting ----------------------------------------------------------------------
+
+    def _lost_connection(self, conn: Connection) -> None:
+        """From Connection.connection_lost, before its pending requests fail: a client that
+        reconnects begins to (not one closed by its user, nor a connection never welcomed)."""
+        if conn is not self._conn or conn._by_user or self._closed_by_user or not self._reconnect \
+                or self._down is not None or conn.address is None:
+            return
+        self._down = conn._loop.create_future()
+        self._down.add_done_callback(_retrieved)
+        self._reconnector = conn._loop.create_task(self._reconnect_loop(conn._reason))
+
+    async def _reconnect_loop(self, reason: str) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        log.warning("%s: %s (%s); reconnecting", self.name, reason, self._broker)
+        self._notify(False, reason)
+        delay = self._reconnect_delay
+        tries = 0
+        while True:
+            await asyncio.sleep(random.uniform(delay / 2, delay))   # jittered: not all at once
+            tries += 1
             try:
-                await self.subscribe(*self._subscriptions)
-            except BaseException:
-                await self.close()
-                raise
+                await self._open()
+                for name in list(self._subscriptions):    # (this task's calls do not wait for it)
+                    await self._call(b"subscribe/" + name.encode("utf-8"))
+                break
+            except (AddressError, BrokerError) as exc:
+                if not (isinstance(exc, BrokerError) and exc.code == ErrorCode.HANDSHAKE):
+                    # another broker answers there, or this one refuses a subscription: never
+                    # better for trying again (a session still held by a connection it has not
+                    # seen end is: HANDSHAKE)
+                    await self._give_up(exc, tries)
+                    return
+                why: BaseException = exc
+            except (OSError, ConnectionLost, RequestTimeout) as exc:
+                why = exc
+            except Exception as exc:     # not foreseen: what waits is told, nothing hangs
+                await self._give_up(exc, tries)
+                return
+            if self._reconnect_tries and tries >= self._reconnect_tries:
+                await self._give_up(ConnectionLost(f"gave up reconnecting to broker {self._broker} after {tries} "
+                                                   f"tries: {why}"), tries)
+                return
+            log.debug("%s: reconnecting, try %d: %s", self.name, tries, why)
+            delay = min(delay * 2.0, self._reconnect_max_delay)
+        log.warning("%s: connected to broker %s again after %d tr%s in %.1f s", self.name, self._address, tries,
+                    "y" if tries == 1 else "ies", loop.time() - started)
+        self._send_buffered()
+        down, self._down = self._down, None
+        self._reconnector = None
+        if down is not None and not down.done():
+            down.set_result(None)
+        self._notify(True, "")
+
+    async def _give_up(self, exc: BaseException, tries: int) -> None:
+        log.error("%s: not reconnecting to broker %s (%d tr%s): %s", self.name, self._broker, tries,
+                  "y" if tries == 1 else "ies", exc)
+        self._gave_up = exc
+        self._reconnector = None
+        self._fail_waiting(exc)
+        if self._conn is not None and not self._conn.closed.done():
+            await self._conn.shutdown(self._timeout)
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_exception(exc)
+        self._notify(False, str(exc))
+
+    def _fail_waiting(self, exc: BaseException) -> None:
+        # what waited for the reconnect: buffered publishes and the calls waiting (_down)
+        buffered, self._buffered = self._buffered, []
+        for _flags, _payload, _made, c in buffered:
+            c._state = exc
+            if c._fut is not None and not c._fut.done():
+                c._fut.set_exception(exc)
+        down, self._down = self._down, None
+        if down is not None and not down.done():
+            down.set_exception(exc)
+
+    def _notify(self, connected: bool, reason: str) -> None:
+        if self._on_connection is not None:
+            try:
+                self._on_connection(connected, reason)
+            except Exception:
+                log.exception("%s: on_connection raised", self.name)
+
+    def _send_buffered(self) -> None:
+        # the publish()es made while reconnecting go out on the new connection, in order, their
+        # delay and ttl counted from when they were made
+        conn = self._conn
+        assert conn is not None
+        now = conn._loop.time()
+        buffered, self._buffered = self._buffered, []
+        for flags, payload, made, c in buffered:
+            if flags & (_DEADLINE | _DELAY):
+                payload = _shift_prefix(flags, payload, (now - made) * 1000.0, None)
+            if len(payload) > conn.max_send:
+                c._state = ValueError(f"payload of {len(payload)} bytes is over the broker's limit of {conn.max_send}")
+                if c._fut is not None and not c._fut.done():
+                    c._fut.set_exception(c._state)
+                continue
+            if conn.confirms:
+                c._conn = conn
+                c.id = conn._core.take_id()
+                conn._unconfirmed.append(c)
+                conn._write(_SEND, flags | _CONFIRM_FLAG, c.id, payload)
+            else:
+                conn._write(_SEND, flags, conn.next_id(), payload)
+                c._state = True
+                if c._fut is not None and not c._fut.done():
+                    c._fut.set_result(None)
+            self._counts["sent"] += 1
+
+    async def _wait_up(self, limit: float | None) -> float:
+        """While reconnecting: wait until connected again (up to ``limit`` s); the seconds
+        waited. Raises RequestTimeout past the limit, ConnectionLost when the client gave up
+        or was closed. Calls of the reconnect itself (its subscriptions) do not wait."""
+        down = self._down
+        if down is None or asyncio.current_task() is self._reconnector:
+            return 0.0
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            await asyncio.wait_for(asyncio.shield(down), limit)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"not connected to broker {self._broker} again within {limit:g} s "
+                                 "(the client is reconnecting): not sent") from None
+        return loop.time() - start
+
+    @property
+    def reconnecting(self) -> bool:
+        """The connection was lost and the client is making it again."""
+        return self._down is not None
 
     async def close(self) -> None:
         """Close the connection; idempotent.
 
         Running async handlers get up to ``timeout`` seconds to finish and answer;
         deliveries not answered by then are redelivered by the broker. Requests still
-        awaiting an answer fail with :class:`ConnectionLost` (await them first).
+        awaiting an answer fail with :class:`ConnectionLost` (await them first); so do
+        publishes buffered while reconnecting, and the reconnecting stops.
         """
+        self._closed_by_user = True
+        task, self._reconnector = self._reconnector, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._fail_waiting(ConnectionLost("the client was closed while reconnecting"))
         if self._conn is not None:
             await self._conn.shutdown(self._timeout)
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
 
     async def wait_closed(self) -> None:
-        """Wait until the connection is closed.
+        """Wait until the client is closed (:meth:`close`), or gave up reconnecting.
 
         Raises:
-            ConnectionLost: the connection ended other than by :meth:`close`.
+            ConnectionLost: the connection ended other than by :meth:`close` (with
+                ``reconnect``: the client gave up, ``reconnect_tries`` or another broker).
         """
         conn = self._require()
-        await asyncio.shield(conn.closed)
-        if not conn._by_user:
-            raise conn._lost()
+        if not self._reconnect:
+            await asyncio.shield(conn.closed)
+            if not conn._by_user:
+                raise conn._lost()
+            return
+        if self._gave_up is not None:
+            raise self._gave_up
+        if self._closed_by_user and self._down is None:
+            await asyncio.shield(conn.closed)
+            return
+        if self._ended is None:
+            self._ended = conn._loop.create_future()
+        await asyncio.shield(self._ended)
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -333,8 +547,8 @@ class Client:
         conn = self._require()
         if not self._produces:
             raise RuntimeError("this client cannot produce (a consumer created with producer=False)")
-        if conn._closing:
-            raise conn._lost()
+        if conn._closing and self._down is None:
+            raise self._gave_up if self._gave_up is not None else conn._lost()
         payload = _to_payload(data)
         if len(payload) > conn.max_send:
             raise ValueError(f"payload of {len(payload)} bytes is over the limit of {conn.max_send}")
@@ -381,6 +595,11 @@ class Client:
         Cancelling the awaiting task withdraws the request: the broker takes it out of its
         queue, or tells the consumer that holds it (its DeliveryContext shows it cancelled).
         """
+        if self._down is not None:   # reconnecting: it waits (its timeout runs), then goes out
+            given = self._timeout if timeout is None else timeout
+            timeout = given - await self._wait_up(given)
+            if timeout <= 0:
+                raise RequestTimeout(f"not sent within its timeout of {given:g} s: the client was reconnecting")
         conn, payload, timeout = self._prepare(data, timeout)
         flags, prefix, wait = (0, b"", 0.0) if priority is None and delay is None and not_before is None \
             else _schedule(conn, priority, delay, not_before)
@@ -431,6 +650,9 @@ class Client:
                 return mid
         if not callable(callback):
             raise TypeError("callback must be callable")
+        if self._down is not None:
+            raise Reconnecting(f"not connected to broker {self._broker} now (the client is reconnecting): not sent; "
+                               "await drain() first, or use request()")
         conn, payload, timeout = self._prepare(data, timeout)
         if timeout == self._timeout and type(payload) is bytes:
             return conn.submit(payload, callback, False)
@@ -477,6 +699,8 @@ class Client:
                 raise ValueError(f"payload of {len(payload)} bytes and its prefix are over the limit of {conn.max_send}")
             flags |= more
             payload = prefix + bytes(payload)
+        if self._down is not None:
+            return self._buffer(conn, flags, payload)
         if conn.confirms:
             c = conn.publish_confirmation()
             conn._write(_SEND, flags | _CONFIRM_FLAG, c.id, payload)
@@ -487,10 +711,25 @@ class Client:
         self._counts["sent"] += 1
         return Confirmation(None, mid)
 
+    def _buffer(self, conn: Connection, flags: int, payload: Any) -> Confirmation:
+        # publish() while reconnecting: kept (bounded) until connected again (_send_buffered)
+        if len(self._buffered) >= self._publish_buffer:
+            raise QueueFull(f"not connected to broker {self._broker} (the client is reconnecting) and "
+                            f"{len(self._buffered)} publishes wait already (publish_buffer): not sent")
+        c = Confirmation(conn, 0)
+        c._state = None
+        self._buffered.append((flags, payload if type(payload) is bytes else bytes(payload), conn._loop.time(), c))
+        return c
+
+    @property
+    def buffered(self) -> int:
+        """publish()es made while reconnecting, waiting to be sent."""
+        return len(self._buffered)
+
     @property
     def unconfirmed(self) -> int:
-        """Messages publish()ed on this connection the broker has not confirmed yet."""
-        return self._conn.unconfirmed if self._conn is not None else 0
+        """Messages publish()ed the broker has not confirmed yet (buffered ones too)."""
+        return (self._conn.unconfirmed if self._conn is not None else 0) + len(self._buffered)
 
     async def confirmed(self, at_most: int = 0) -> None:
         """Wait until at most ``at_most`` publish()ed messages wait for their confirmation:
@@ -499,7 +738,14 @@ class Client:
         Raises:
             ConnectionLost: the connection closed first.
         """
-        await self._require().wait_unconfirmed_at_most(at_most)
+        while True:
+            await self._wait_up(None)
+            try:
+                await self._require().wait_unconfirmed_at_most(at_most)
+                return
+            except ConnectionLost:
+                if self._down is None:
+                    raise             # (lost, and reconnecting: wait for the next connection)
 
     async def ping(self, timeout: float | None = None) -> float:
         """Round trip to the broker; returns the seconds it took.
@@ -512,6 +758,8 @@ class Client:
             RequestTimeout: no PONG within ``timeout`` (default: the client's timeout).
             ConnectionLost: the connection closed first.
         """
+        limit = self._timeout if timeout is None else timeout
+        limit -= await self._wait_up(limit)
         conn = self._require()
         if conn._closing:
             raise conn._lost()
@@ -522,7 +770,6 @@ class Client:
         conn._pings[pid] = fut
         start = loop.time()
         conn._write(_PING, 0, pid, b"")
-        limit = self._timeout if timeout is None else timeout
         try:
             await asyncio.wait_for(fut, limit)
         except asyncio.TimeoutError:
@@ -541,6 +788,7 @@ class Client:
         Raises:
             ConnectionLost: the connection is closed.
         """
+        await self._wait_up(None)
         await self._require().drain()
 
     # -- command scheme ------------------------------------------------------------------
@@ -576,6 +824,9 @@ class Client:
         """
         if expect is not None and expect < 1:
             raise ValueError(f"expect must be at least 1, not {expect!r}")
+        if self._down is not None:
+            given = self._timeout if timeout is None else timeout
+            timeout = max(given - await self._wait_up(given), 1e-3)
         conn, payload, timeout = self._prepare(data, timeout)
         fut: asyncio.Future[list[bytes]] = conn._loop.create_future()
         mid = conn.submit_custom(payload, Collector(fut, on_answer, expect), timeout)
@@ -587,13 +838,15 @@ class Client:
 
     async def _call(self, payload: bytes, flags: int = 0, timeout: float | None = None) -> bytes:
         """A request the broker answers itself: allowed for every role."""
+        limit = self._timeout if timeout is None else timeout
+        limit -= await self._wait_up(limit)
         conn = self._require()
         if conn._closing:
             raise conn._lost()
         if len(payload) > conn.max_send:
             raise ValueError(f"payload of {len(payload)} bytes is over the limit of {conn.max_send}")
         fut: asyncio.Future[bytes] = conn._loop.create_future()
-        mid = conn.submit_custom(payload, fut, self._timeout if timeout is None else timeout, flags)
+        mid = conn.submit_custom(payload, fut, max(limit, 1e-3), flags)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -671,9 +924,14 @@ class Producer(Client):
 
     def __init__(self, broker: BrokerSpec, *, name: str | None = None, timeout: float = 5.0,
                  max_payload: int | None = None,
-                 on_refused: Callable[[int, BrokerError], None] | None = None) -> None:
+                 on_refused: Callable[[int, BrokerError], None] | None = None, reconnect: bool = True,
+                 reconnect_delay: float = RECONNECT_DELAY, reconnect_max_delay: float = RECONNECT_MAX_DELAY,
+                 reconnect_tries: int = 0, publish_buffer: int = PUBLISH_BUFFER,
+                 on_connection: Callable[[bool, str], None] | None = None) -> None:
         super().__init__(broker, name=name, role="producer", timeout=timeout, max_payload=max_payload,
-                         on_refused=on_refused)
+                         on_refused=on_refused, reconnect=reconnect, reconnect_delay=reconnect_delay,
+                         reconnect_max_delay=reconnect_max_delay, reconnect_tries=reconnect_tries,
+                         publish_buffer=publish_buffer, on_connection=on_connection)
 
 
 class Consumer(Client):
@@ -725,7 +983,10 @@ class Consumer(Client):
                  prefetch: int = 64, producer: bool = False, timeout: float = 5.0,
                  max_payload: int | None = None,
                  on_refused: Callable[[int, BrokerError], None] | None = None,
-                 max_handler_time: float = DEFAULT_MAX_HANDLER_TIME) -> None:
+                 max_handler_time: float = DEFAULT_MAX_HANDLER_TIME, reconnect: bool = True,
+                 reconnect_delay: float = RECONNECT_DELAY, reconnect_max_delay: float = RECONNECT_MAX_DELAY,
+                 reconnect_tries: int = 0, publish_buffer: int = PUBLISH_BUFFER,
+                 on_connection: Callable[[bool, str], None] | None = None) -> None:
         self._fallback = handler
         self._schema = CommandSchema(reserve_broker_names=False)
         self._command_handlers: list[Callable[..., Any]] = []
@@ -733,7 +994,9 @@ class Consumer(Client):
         super().__init__(broker, name=name, role="both" if producer else "consumer",
                          prefetch=prefetch, handler=handler if handler is not None else self._dispatch,
                          timeout=timeout, max_payload=max_payload, on_refused=on_refused,
-                         max_handler_time=max_handler_time)
+                         max_handler_time=max_handler_time, reconnect=reconnect, reconnect_delay=reconnect_delay,
+                         reconnect_max_delay=reconnect_max_delay, reconnect_tries=reconnect_tries,
+                         publish_buffer=publish_buffer, on_connection=on_connection)
 
     def command(self, name: str, description: str = "", pattern: str = "", *,
                 subscribe: bool = True) -> Callable[[Callable[[CommandCall], Any]], Callable[[CommandCall], Any]]:

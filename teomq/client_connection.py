@@ -162,6 +162,25 @@ def _deadline_prefix(seconds: float) -> bytes:
     return _deadline_ms(seconds).to_bytes(4, "little")
 
 
+def _shift_prefix(flags: int, payload: bytes, gone_ms: float, deadline_left: float | None) -> bytes:
+    """A SEND's deadline and delay prefix (docs/protocol.md) ``gone_ms`` after it was made (it
+    waited in the client: held back by FLOW, or buffered while reconnecting): the delay less the
+    whole ms gone (never early), the deadline less every ms begun (never longer), or
+    ``deadline_left`` seconds when given (a request's: its timeout's)."""
+    head = b""
+    off = 0
+    if flags & _DEADLINE:
+        if deadline_left is not None:
+            head = _deadline_prefix(deadline_left)
+        else:
+            head = max(0, int.from_bytes(payload[:4], "little") - math.ceil(gone_ms)).to_bytes(4, "little")
+        off = 4
+    if flags & _DELAY:
+        head += max(0, int.from_bytes(payload[off:off + 4], "little") - int(gone_ms)).to_bytes(4, "little")
+        off += 4
+    return head + payload[off:]
+
+
 class DeliveryContext:
     """What a consumer's handler gets as its second parameter, if it declares one.
 
@@ -487,7 +506,8 @@ class Connection(asyncio.Protocol):
         if exc is not None and self._cause is None:
             self._reason = f"connection to broker lost: {exc}"
             self._cause = exc
-        if self.address is not None and not self._by_user:
+        self._client._lost_connection(self)   # it reconnects (before what was pending fails; it logs)
+        if self.address is not None and not self._by_user and not self._client.reconnecting:
             log.warning("%s (%s)", self._reason, self._endpoint)
         if not self.welcome.done():  # connect() raises it
             if isinstance(self._cause, (AddressError, BrokerError)):
@@ -576,26 +596,12 @@ class Connection(asyncio.Protocol):
             self._loop.call_soon(self._flush)
 
     def _rebased(self, flags: int, fid: int, payload: bytes, now: float) -> bytes:
-        """A held-back SEND's deadline and delay prefix (docs/protocol.md) as they are now:
-        both count from when it was made, not from when the broker let it go. The delay is
-        shortened by whole ms gone (never early), the deadline by every started ms (never
-        longer); a request's deadline is its timeout's (_deferred_due)."""
+        """A held-back SEND's deadline and delay prefix as they are now: both count from when
+        it was made, not from when the broker let it go; a request's deadline is its
+        timeout's (_deferred_due)."""
         gone = max(0.0, now - self._deferred_at.pop(fid, now)) * 1000.0
         due = self._deferred_due.pop(fid, None)
-        head = b""
-        off = 0
-        if flags & _DEADLINE:
-            if due is not None:
-                head = _deadline_prefix(due - now)
-            else:
-                left = int.from_bytes(payload[:4], "little") - math.ceil(gone)
-                head = max(0, left).to_bytes(4, "little")
-            off = 4
-        if flags & _DELAY:
-            left = int.from_bytes(payload[off:off + 4], "little") - int(gone)
-            head += max(0, left).to_bytes(4, "little")
-            off += 4
-        return head + payload[off:]
+        return _shift_prefix(flags, payload, gone, None if due is None else due - now)
 
     def _fail(self, reason: str, cause: BaseException | None, error_code: int = 0) -> None:
         """Close the connection for a fatal reason; pending requests get ConnectionLost."""

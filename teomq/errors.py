@@ -115,6 +115,11 @@ class ConnectionLost(TeomqError, ConnectionError):
     """The connection to the broker closed while requests were pending."""
 
 
+class Reconnecting(ConnectionLost):
+    """The client is reconnecting to the broker: this call could not be made now (retryable;
+    request(), publish() and drain() wait or buffer instead of raising it)."""
+
+
 class AddressError(TeomqError, ValueError):
     """A broker address could not be resolved or did not verify."""
 

@@ -66,6 +66,10 @@ class Flag(enum.IntFlag):
 FLOW_HOLD = 0x1
 #: Capabilities a client may announce in HELLO ("caps"); the broker names those it speaks in WELCOME.
 CAPABILITIES = ("flow", "confirm", "lease", "deadline", "cancel", "priority", "delay")
+#: Clients reconnect after a lost connection: the first try after about RECONNECT_DELAY seconds
+#: (jittered: half to all of it), each next wait twice as long up to RECONNECT_MAX_DELAY.
+RECONNECT_DELAY = 0.1
+RECONNECT_MAX_DELAY = 2.0
 #: Priority levels of a queue: 0 (the lowest, the default) to PRIORITY_MAX.
 PRIORITY_MAX = 7
 #: The longest delay a SEND flagged DELAY carries (u32 ms: about 49.7 days).

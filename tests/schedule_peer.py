@@ -35,7 +35,7 @@ def say(text: str) -> None:
 
 async def produce(endpoint: str, count: int, seed: int, out: str) -> None:
     rng = random.Random(seed)
-    async with Producer(endpoint, timeout=60.0) as p:
+    async with Producer(endpoint, timeout=60.0, reconnect=False) as p:
         with open(out, "w", encoding="ascii") as f:
             for start in range(0, count, BATCH):
                 rows = []
@@ -68,7 +68,7 @@ async def consume(endpoint: str, out: str, work: float) -> None:
         return None
 
     try:
-        async with Consumer(endpoint, handler, prefetch=1, timeout=60.0) as c:
+        async with Consumer(endpoint, handler, prefetch=1, timeout=60.0, reconnect=False) as c:
             say("ready")
             await c.wait_closed()
     finally:

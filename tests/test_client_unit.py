@@ -308,7 +308,7 @@ def test_connection_lost_fails_every_pending_request(arun):
 
     async def main():
         async with Peer(on_send=script) as peer:
-            p = Producer(peer.spec)
+            p = Producer(peer.spec, reconnect=False)  # (fails fast: as before reconnecting)
             await p.connect()
             got: list[Any] = []
             p.send(b"cb", lambda *a: got.append(a))
@@ -346,7 +346,7 @@ def test_fatal_error_frame_closes_connection(arun):
 def test_unexpected_frame_from_broker_is_fatal(arun):
     async def main():
         async with Peer(after_welcome=[(T.SEND, 0, 9, b"?")]) as peer:
-            p = Producer(peer.spec)
+            p = Producer(peer.spec, reconnect=False)  # (with reconnect it tries again, and again)
             with pytest.raises(ConnectionLost, match="unexpected SEND"):
                 await p.connect()
                 await p.wait_closed()

@@ -33,7 +33,7 @@ async def wait_for(pred, what: str) -> None:  # type: ignore[no-untyped-def]
 
 async def publish_confirmed(spec: str, prefix: str, count: int) -> list[bytes]:
     sent = []
-    async with Producer(spec, timeout=HANG) as p:
+    async with Producer(spec, timeout=HANG, reconnect=False) as p:
         for i in range(count):
             m = f"{prefix}-{i}".encode()
             p.publish(m)
@@ -51,7 +51,7 @@ async def drain_all(spec: str, expect: int) -> list[bytes]:
         got.append(bytes(data))
         return b"ok"
 
-    async with Consumer(spec, handler, timeout=HANG):
+    async with Consumer(spec, handler, timeout=HANG, reconnect=False):
         await wait_for(lambda: len(got) >= expect, f"{expect} messages")
         await asyncio.sleep(0.5)        # nothing more comes
     return got
@@ -76,7 +76,7 @@ def test_sigterm_with_messages_queued_and_in_flight_loses_none(procs: ProcGroup,
             await never.wait()
             return b"never"
 
-        async with Consumer(broker.endpoint, handler, prefetch=16, timeout=0.1):
+        async with Consumer(broker.endpoint, handler, prefetch=16, timeout=0.1, reconnect=False):
             await wait_for(lambda: len(held) == 16, "16 messages in flight")
             broker.proc.popen.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(broker.proc.wait) == 0, broker.proc.describe()
@@ -110,8 +110,8 @@ def test_sigterm_waits_for_answers_in_flight_and_relays_them(procs: ProcGroup, t
             await asyncio.sleep(1.0)
             return b"re:" + data
 
-        async with Producer(broker.endpoint, timeout=HANG) as p, \
-                Consumer(broker.endpoint, handler, prefetch=8, timeout=HANG):
+        async with Producer(broker.endpoint, timeout=HANG, reconnect=False) as p, \
+                Consumer(broker.endpoint, handler, prefetch=8, timeout=HANG, reconnect=False):
 
             async def ask(i: int) -> None:
                 try:
@@ -150,7 +150,7 @@ def test_sigint_on_a_consumer_gives_back_its_unanswered_messages(procs: ProcGrou
     answers: list[bytes] = []
 
     async def main() -> None:
-        async with Producer(broker.endpoint, timeout=HANG) as p:
+        async with Producer(broker.endpoint, timeout=HANG, reconnect=False) as p:
             futs = [asyncio.ensure_future(p.request(f"r{i}".encode())) for i in range(30)]
             await asyncio.to_thread(slow.wait_for_count, r"slow got message: r\d+", 10)
             slow.popen.send_signal(signal.SIGINT)
@@ -159,7 +159,7 @@ def test_sigint_on_a_consumer_gives_back_its_unanswered_messages(procs: ProcGrou
             def handler(data: bytes) -> bytes:
                 return b"Answer to " + data
 
-            async with Consumer(broker.endpoint, handler, timeout=HANG):
+            async with Consumer(broker.endpoint, handler, timeout=HANG, reconnect=False):
                 answers.extend(await asyncio.gather(*futs))
 
     asyncio.run(main())

@@ -35,7 +35,7 @@ async def publish_confirmed_by_ping(spec: str, prefix: str, count: int, burst: i
                                     accepted: list[bytes]) -> None:
     """Publish ``count`` messages in bursts; after each burst a PING: once its PONG is back the
     broker has handled (and written to the OS) every message before it, so they go to ``accepted``."""
-    async with Producer(spec, timeout=HANG) as p:
+    async with Producer(spec, timeout=HANG, reconnect=False) as p:
         sent: list[bytes] = []
         for i in range(count):
             m = f"{prefix}-{i}".encode()
@@ -59,7 +59,7 @@ async def drain(spec: str, expect: int, *, settle: float = 1.0) -> list[bytes]:
         seen.set()
         return b"ok"
 
-    async with Consumer(spec, handler, timeout=HANG):
+    async with Consumer(spec, handler, timeout=HANG, reconnect=False):
         deadline = asyncio.get_running_loop().time() + HANG
         while len(got) < expect and asyncio.get_running_loop().time() < deadline:
             seen.clear()
@@ -146,10 +146,10 @@ def test_requests_received_and_not_answered_are_delivered_again_after_sigkill(pr
             answered.add(m)
             return b"answer " + m
 
-        consumers = [Consumer(broker.endpoint, handler, prefetch=16, timeout=HANG) for _ in range(2)]
+        consumers = [Consumer(broker.endpoint, handler, prefetch=16, timeout=HANG, reconnect=False) for _ in range(2)]
         for c in consumers:
             await c.connect()
-        p = Producer(broker.endpoint, timeout=HANG)
+        p = Producer(broker.endpoint, timeout=HANG, reconnect=False)
         await p.connect()
         futures = [asyncio.ensure_future(p.request(f"q-{i}".encode())) for i in range(300)]
         while len(received) < 32:
@@ -257,7 +257,7 @@ async def publish_confirmed(spec: str, prefix: str, count: int, window: int, con
     they come ``progress[prefix]`` counts them, if given."""
     sent: list[tuple[bytes, Any]] = []
     try:
-        async with Producer(spec, timeout=HANG) as p:
+        async with Producer(spec, timeout=HANG, reconnect=False) as p:
             for i in range(count):
                 m = f"{prefix}-{i}".encode()
                 sent.append((m, p.publish(m)))
@@ -395,7 +395,7 @@ def test_waiting_messages_of_queue_and_fanout_commands_survive_a_restart(procs: 
     broker = procs.broker("-nomsg", "-noweb", *cmds, data_dir=d)
 
     async def publish_both() -> None:
-        async with Producer(broker.endpoint, timeout=HANG) as p:
+        async with Producer(broker.endpoint, timeout=HANG, reconnect=False) as p:
             for i in range(100):
                 await p.publish(f"jobs/{i}".encode())
                 p.publish(f"news/{i}".encode())
@@ -434,7 +434,7 @@ def test_a_damaged_segment_header_is_not_believed(procs: ProcGroup, tmp_path: Pa
     broker = procs.broker("-nomsg", "-noweb", "-segment-size", "4096", data_dir=d)
 
     async def publish_each(names: list[bytes]) -> None:
-        async with Producer(broker.endpoint, timeout=HANG) as p:
+        async with Producer(broker.endpoint, timeout=HANG, reconnect=False) as p:
             for m in names:
                 await p.publish(m + b"." * 3000)    # about one message per 4 KiB segment
 
@@ -461,7 +461,7 @@ def test_a_damaged_segment_header_is_not_believed(procs: ProcGroup, tmp_path: Pa
                 await release.wait()                   # m1 stays unanswered
             return None
 
-        async with Consumer(again.endpoint, handler, timeout=1.0):   # (closing waits 1 s for m1's handler)
+        async with Consumer(again.endpoint, handler, timeout=1.0, reconnect=False):   # (closing waits 1 s for m1's handler)
             while not held:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(1.0)                   # m2, m3 answered; their segments may go
@@ -488,7 +488,7 @@ def test_resync_after_a_damaged_batch_does_not_read_a_batch_inside_a_payload(pro
     broker = procs.broker("-nomsg", "-noweb", data_dir=d)
 
     async def publish_two() -> None:
-        async with Producer(broker.endpoint, timeout=HANG) as p:
+        async with Producer(broker.endpoint, timeout=HANG, reconnect=False) as p:
             await p.publish(b"first")
             await p.publish(forged)
             await p.publish(b"third")
@@ -521,7 +521,7 @@ def test_rounds_over_more_than_64_segments_sync_them_all(procs: ProcGroup, tmp_p
     sent: list[bytes] = []
 
     async def publish() -> None:
-        async with Producer(broker.endpoint, timeout=HANG) as p:
+        async with Producer(broker.endpoint, timeout=HANG, reconnect=False) as p:
             for i in range(150):
                 m = f"s{i}-".encode() + b"." * 2000
                 p.publish(m)
@@ -549,7 +549,7 @@ def test_restarts_go_on_in_the_newest_segment(procs: ProcGroup, tmp_path: Path) 
         broker = procs.broker("-nomsg", "-noweb", data_dir=d)
 
         async def publish() -> None:
-            async with Producer(broker.endpoint, timeout=HANG) as p:
+            async with Producer(broker.endpoint, timeout=HANG, reconnect=False) as p:
                 for i in range(10):
                     m = f"r{k}-{i}".encode()
                     await p.publish(m)
@@ -574,7 +574,7 @@ def test_a_broker_with_little_queued_holds_little_disk(procs: ProcGroup, tmp_pat
     broker = procs.broker("-nomsg", "-noweb", data_dir=d)
 
     async def publish() -> None:
-        async with Producer(broker.endpoint, timeout=HANG) as p:
+        async with Producer(broker.endpoint, timeout=HANG, reconnect=False) as p:
             for i in range(100):
                 p.publish(b"small %d" % i)
             await p.confirmed(0)
@@ -595,7 +595,7 @@ def test_fanout_messages_with_no_subscriber_wait_durably(procs: ProcGroup, tmp_p
     broker = procs.broker(*args, data_dir=d)
 
     async def publish(spec: str, prefix: str, n: int) -> None:
-        async with Producer(spec, timeout=HANG) as p:
+        async with Producer(spec, timeout=HANG, reconnect=False) as p:
             for i in range(n):
                 p.publish(f"news/{prefix}{i}".encode())
             await p.confirmed(0)
@@ -610,7 +610,7 @@ def test_fanout_messages_with_no_subscriber_wait_durably(procs: ProcGroup, tmp_p
         def handler(data: bytes) -> None:
             got.append(bytes(data))
 
-        async with Consumer(spec, handler, timeout=HANG) as c:
+        async with Consumer(spec, handler, timeout=HANG, reconnect=False) as c:
             await c.subscribe("news")
             while len(got) < n:
                 await asyncio.sleep(0.02)
