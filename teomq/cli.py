@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import importlib.util
 import ipaddress
@@ -59,8 +60,8 @@ from teomq.commands import (
     CommandSchema,
     parse_command_spec,
 )
-from teomq.errors import BrokerError, ConnectionLost, TeomqError
-from teomq.protocol import DEFAULT_MAX_PAYLOAD, MAX_PAYLOAD_LIMIT
+from teomq.errors import AddressError, BrokerError, ConnectionLost, TeomqError
+from teomq.protocol import DEFAULT_MAX_PAYLOAD, MAX_PAYLOAD_LIMIT, RECONNECT_DELAY, RECONNECT_MAX_DELAY
 from teomq.argtypes import flag, float_value, int_at_least
 from teomq.loops import run as run_on_loop
 from teomq.stats_printer import command_lines, print_stats, web_line
@@ -85,7 +86,20 @@ DEFAULT_MESSAGE = "Hello wold #{n}!"  # the Go example's typo, kept on purpose
 BROKER_STAT_FIELDS = ("in", "out", "answered", "queue", "inflight", "consumers")
 CONSUMER_STAT_FIELDS = ("received", "answered")
 PRODUCER_STAT_FIELDS = ("sent", "answered", "errors", "inflight")
-RECONNECT_DELAY = 1.0
+class Backoff:
+    """Reconnect waits: about 0.1 s first, doubling up to 2 s, each jittered (half to all of
+    it), as teomq.Client's (RECONNECT_DELAY, RECONNECT_MAX_DELAY)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._delay = RECONNECT_DELAY
+
+    def next(self) -> float:
+        delay = self._delay
+        self._delay = min(delay * 2.0, RECONNECT_MAX_DELAY)
+        return random.uniform(delay / 2.0, delay)
 
 _GO_TRUE = frozenset({"1", "t", "true"})
 _GO_FALSE = frozenset({"0", "f", "false"})
@@ -334,8 +348,9 @@ def _add_consumer_args(parser: argparse.ArgumentParser) -> None:
           help="most unanswered messages the broker hands this consumer at once (default: %(default)s)")
     flag(parser, "work-ms", type=float_value(positive=False), default=0.0, metavar="MS",
           help="simulated processing time per message in milliseconds, an async sleep (default: %(default)s)")
-    _bool_flag(parser, "reconnect",
-               "if the broker connection fails or is lost, retry every second instead of exiting 1 (default: off)")
+    flag(parser, "reconnect", nargs="?", const=True, default=True, type=_go_bool, metavar="true|false",
+          help="if the broker connection fails or is lost, connect again (after about 0.1 s, doubling up to 2 s, "
+          "jittered) instead of exiting 1; -reconnect=false exits (default: on)")
     flag(parser, "subscribe", type=_command_names, action="append", default=[], metavar="NAME[,NAME...]",
           help="command scheme: subscribe to these commands of the broker's schema (repeatable)")
     _bool_flag(parser, "api", "subscribe through the broker's API command 130 (msg subscribe/NAME) and say "
@@ -356,6 +371,9 @@ def _add_producer_args(parser: argparse.ArgumentParser) -> None:
           help="most requests waiting for an answer at once (default: %(default)s)")
     flag(parser, "timeout", type=float_value(positive=True), default=5.0, metavar="SECONDS",
           help="how long to wait for each answer (default: %(default)s)")
+    flag(parser, "reconnect", nargs="?", const=True, default=True, type=_go_bool, metavar="true|false",
+          help="if the broker connection is lost, connect again (after about 0.1 s, doubling up to 2 s, jittered) "
+          "and send again the requests it was waiting for; -reconnect=false exits 1 (default: on)")
     flag(parser, "message", type=_message_format, default=None, metavar="FORMAT",
           help="message text; {n} becomes the message number 1, 2, ..., {rand} a random 1..100 "
           f"(default: {DEFAULT_MESSAGE!r}, or NAME/{{rand}} with -command)")
@@ -723,55 +741,71 @@ async def _consumer(args: argparse.Namespace) -> int:
     lines = await stdin_reader() if args.control else None
     with _Stopper() as stopper:
         stats = _start_stats(args, lambda: counters, CONSUMER_STAT_FIELDS, "received")
-        last_error = ""  # with -reconnect, a failure that repeats is reported once
+        last_error = ""  # with -reconnect, a failure to connect that repeats is reported once
+        backoff = Backoff()
+        again: set[asyncio.Task[None]] = set()
+
+        def resubscribed(task: asyncio.Task[None]) -> None:
+            again.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                _fail(f"teomq consumer {name}: subscribing again failed: {task.exception()}")
+
+        def connection(connected: bool, _reason: str) -> None:
+            # (the client logs the loss and the reconnect, one line each; it subscribes again
+            # itself: -api's subscriptions go through the API, made again here)
+            if connected and args.api:
+                task = asyncio.create_task(subscribe(consumer))
+                again.add(task)
+                task.add_done_callback(resubscribed)
+
+        consumer = Consumer(args.broker, handler, name=name, prefetch=args.prefetch, reconnect=args.reconnect,
+                            on_connection=connection)
         try:
-            while not stopper.stop.is_set():
-                consumer = Consumer(args.broker, handler, name=name, prefetch=args.prefetch)
+            while True:    # the first connection (the client makes the next ones itself)
+                if stopper.stop.is_set():
+                    return 0
                 try:
                     await consumer.start()
+                    break
                 except (OSError, TeomqError) as e:
                     await asyncio.gather(consumer.close(), return_exceptions=True)
                     error = f"teomq consumer {name}: cannot connect to broker {args.broker}: {e}"
                     if error != last_error:
                         _fail(error)
                     last_error = error
-                    if not args.reconnect:
+                    if not args.reconnect or isinstance(e, (AddressError, BrokerError)):
                         return 1
-                    await stopper.sleep(RECONNECT_DELAY)
-                    continue
-                last_error = ""
-                log.info("%s connected to broker %s", name, consumer.address)
-                try:
-                    await subscribe(consumer)
-                except (TeomqError, ValueError) as e:
-                    await consumer.close()
-                    _fail(f"teomq consumer {name}: {e}")
-                    if isinstance(e, BrokerError) or not args.reconnect:
-                        return 1
-                    await stopper.sleep(RECONNECT_DELAY)
-                    continue
-                controller = asyncio.ensure_future(control(consumer, lines)) if lines is not None else None
-                done = await _first(consumer.wait_closed(), stopper.stop.wait())
-                await _stop_task(controller)
-                await consumer.close()
-                if stopper.stop.is_set():
-                    break
-                why = next((t.exception() for t in done if t.exception() is not None), None)
-                _fail(f"teomq consumer {name}: {why or 'connection to broker lost'}")
-                if not args.reconnect:
-                    return 1
-                await stopper.sleep(RECONNECT_DELAY)
+                    await stopper.sleep(backoff.next())
+            log.info("%s connected to broker %s", name, consumer.address)
+            try:
+                await subscribe(consumer)
+            except (TeomqError, ValueError) as e:
+                _fail(f"teomq consumer {name}: {e}")
+                return 1
+            controller = asyncio.ensure_future(control(consumer, lines)) if lines is not None else None
+            done = await _first(consumer.wait_closed(), stopper.stop.wait())
+            await _stop_task(controller)
+            if stopper.stop.is_set():
+                return 0
+            why = next((t.exception() for t in done if t.exception() is not None), None)
+            _fail(f"teomq consumer {name}: {why or 'connection to broker lost'}")
+            return 1
         finally:
+            for task in list(again):
+                await _stop_task(task)
+            await asyncio.gather(consumer.close(), return_exceptions=True)
             await _stop_task(stats)
-    return 0
 
 
 async def _producer(args: argparse.Namespace) -> int:
     from teomq.client import Producer
+    from teomq.errors import Reconnecting
 
     name = args.name or f"producer-{os.getpid()}"
-    counters = {"sent": 0, "answered": 0, "errors": 0, "inflight": 0}
-    pending: set[int] = set()  # numbers of messages sent and not yet answered or failed
+    counters = {"sent": 0, "answered": 0, "errors": 0, "inflight": 0, "resent": 0}
+    pending: dict[int, bytes] = {}  # messages sent and not yet answered or failed, by number
+    again: collections.deque[int] = collections.deque()  # in flight when the connection broke: sent again
+    wake = asyncio.Event()   # a message to send again
     window = asyncio.Semaphore(args.window)
     idle = asyncio.Event()
     idle.set()
@@ -789,7 +823,7 @@ async def _producer(args: argparse.Namespace) -> int:
     def finish(n: int, answer: bytes | None, err: BaseException | None, counted: bool = False) -> None:
         if n not in pending:
             return  # already counted (gave up waiting for it)
-        pending.discard(n)
+        del pending[n]
         counters["inflight"] -= 1
         window.release()
         if err is None:
@@ -803,8 +837,16 @@ async def _producer(args: argparse.Namespace) -> int:
         if not pending:
             idle.set()
 
+    def result(n: int, answer: bytes | None, err: BaseException | None) -> None:
+        if isinstance(err, ConnectionLost) and producer.reconnecting and not closing and n in pending:
+            again.append(n)   # in flight when the connection broke: sent again once it is back
+            wake.set()
+            return
+        finish(n, answer, err)
+
     def callback_for(n: int) -> Callable[[int, bytes | None, BaseException | None], None]:
-        return lambda _id, answer, err: finish(n, answer, err)
+        return lambda _id, answer, err: result(n, answer, err)
+
 
     def collected(n: int, task: asyncio.Future[list[bytes]]) -> None:
         err = ConnectionLost("producer stopped") if task.cancelled() else task.exception()
@@ -824,29 +866,41 @@ async def _producer(args: argparse.Namespace) -> int:
     async def send_all() -> None:
         delay = args.delay / 1e6
         n = 0
-        while (args.count == 0 or n < args.count) and not lost.is_set():
-            if n and delay:
-                await asyncio.sleep(delay)
-            await window.acquire()
-            with contextlib.suppress(ConnectionLost):
-                await producer.drain()  # returns at once unless the broker reads slower than we write
-            if lost.is_set():
-                window.release()
+        while not lost.is_set():
+            if again:
+                k = again.popleft()
+                counters["resent"] += 1
+            elif args.count == 0 or n < args.count:
+                if n and delay:
+                    await asyncio.sleep(delay)
+                await window.acquire()
+                n += 1
+                k = n
+                counters["sent"] += 1
+                counters["inflight"] += 1
+                pending[k] = message.format(n=k, rand=random.randint(1, 100)).encode()
+                idle.clear()
+            elif pending:    # all sent: until answered, or one comes back to be sent again
+                wake.clear()
+                await _first(wake.wait(), idle.wait())
+                continue
+            else:
                 break
-            n += 1
-            counters["sent"] += 1
-            counters["inflight"] += 1
-            pending.add(n)
-            idle.clear()
+            with contextlib.suppress(ConnectionLost):
+                await producer.drain()  # at once unless the broker reads slower, or we reconnect
+            if lost.is_set():
+                break
             try:
-                send_one(n, message.format(n=n, rand=random.randint(1, 100)).encode())
+                send_one(k, pending[k])
+            except Reconnecting:
+                again.appendleft(k)   # lost between drain() and now: after the reconnect
             except (OSError, TeomqError, ValueError) as e:
-                finish(n, None, e)
+                finish(k, None, e)
                 if not lost.is_set():
                     _fail(f"teomq producer {name}: send failed: {e}")
                 break
 
-    producer = Producer(args.broker, name=name, timeout=args.timeout)
+    producer = Producer(args.broker, name=name, timeout=args.timeout, reconnect=args.reconnect)
     try:
         await producer.connect()
     except (OSError, TeomqError) as e:
@@ -870,5 +924,6 @@ async def _producer(args: argparse.Namespace) -> int:
             await asyncio.gather(producer.close(), return_exceptions=True)
     if lost.is_set():
         _fail(f"teomq producer {name}: connection to broker {args.broker} lost")
-    _emit(f"{name} done: sent {counters['sent']}, answered {counters['answered']}, errors {counters['errors']}")
+    resent = f", sent again after a reconnect {counters['resent']}" if counters["resent"] else ""
+    _emit(f"{name} done: sent {counters['sent']}, answered {counters['answered']}, errors {counters['errors']}{resent}")
     return 0 if counters["errors"] == 0 else 1

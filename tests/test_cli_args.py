@@ -57,7 +57,10 @@ VALUED = [
     ("broker", "queue-max-bytes", "1GiB", "queue_max_bytes", 1 << 30),
 ]
 SWITCHES = [("broker", "nomsg"), ("broker", "stat"), ("broker", "noweb"), ("consumer", "nomsg"), ("consumer", "stat"),
-            ("consumer", "reconnect"), ("consumer", "api"), ("consumer", "control"), ("producer", "nomsg"), ("producer", "stat")]
+            ("consumer", "reconnect"), ("consumer", "api"), ("consumer", "control"), ("producer", "nomsg"), ("producer", "stat"),
+            ("producer", "reconnect")]
+#: switches that are on unless turned off (-name=false)
+ON_BY_DEFAULT = {("consumer", "reconnect"), ("producer", "reconnect")}
 FLAGS = {
     "broker": ["listen", "data-dir", "nomsg", "stat", "stat-interval", "max-payload", "queue-max", "loop",
                "log-level", "log-file", "command", "schema", "dispatch-run", "backlog-max", "web", "web-origin", "noweb",
@@ -66,7 +69,7 @@ FLAGS = {
     "consumer": ["broker", "name", "nomsg", "stat", "stat-interval", "prefetch", "work-ms", "reconnect", "loop",
                  "log-level", "log-file", "subscribe", "api", "control"],
     "producer": ["broker", "name", "delay", "count", "window", "timeout", "nomsg", "stat", "stat-interval",
-                 "message", "command", "expect", "loop", "log-level", "log-file"],
+                 "message", "command", "expect", "loop", "log-level", "log-file", "reconnect"],
 }
 
 
@@ -98,7 +101,7 @@ def test_broker_flag_in_all_four_forms():
 @pytest.mark.parametrize("command,name", SWITCHES)
 def test_switch_forms(command, name):
     attr = name.replace("-", "_")
-    assert getattr(parse(*base(command)), attr) is False
+    assert getattr(parse(*base(command)), attr) is ((command, name) in ON_BY_DEFAULT)
     for form in (f"-{name}", f"--{name}", f"-{name}=true", f"--{name}=1", f"-{name}=T"):
         assert getattr(parse(*base(command), form), attr) is True, form
     for form in (f"-{name}=false", f"--{name}=0", f"-{name}=F"):
@@ -136,7 +139,7 @@ def test_data_dir_default_follows_teomq_home(monkeypatch, tmp_path):
 
 def test_consumer_defaults():
     args = parse("consumer", "-broker", BROKER)
-    assert (args.name, args.prefetch, args.work_ms, args.reconnect) == (None, 64, 0.0, False)
+    assert (args.name, args.prefetch, args.work_ms, args.reconnect) == (None, 64, 0.0, True)
     assert (args.nomsg, args.stat) == (False, False)
 
 
