@@ -241,6 +241,7 @@ class Client:
         #: while reconnecting: done once connected again (or failed: the client gave up)
         self._down: asyncio.Future[None] | None = None
         self._reconnector: asyncio.Task[None] | None = None
+        self._resolved: tuple[str, int, str | None] | None = None   # the spec, as last resolved
         #: publish()es made while reconnecting: (flags, payload, loop time made, Confirmation)
         self._buffered: list[tuple[int, bytes, float, Confirmation]] = []
         self._closed_by_user = False
@@ -289,12 +290,20 @@ class Client:
                 await self.close()
                 raise
 
-    async def _open(self) -> None:
-        """One connection: TCP, HELLO (this client's session), the broker's WELCOME verified."""
+    async def _open(self, again: bool = False) -> None:
+        """One connection: TCP, HELLO (this client's session), the broker's WELCOME verified.
+        ``again`` (reconnecting): an address the local address book no longer has (its broker
+        removes its entry when it stops) is where it was last found."""
         if isinstance(self._broker, tuple):
             host, port, expected = self._broker[0], self._broker[1], None
         else:
-            host, port, expected = resolve_broker(self._broker)
+            try:
+                host, port, expected = resolve_broker(self._broker)
+            except AddressError:
+                if not again or self._resolved is None:
+                    raise
+                host, port, expected = self._resolved
+            self._resolved = (host, port, expected)
         endpoint = f"{host}:{port}"
         conn = Connection(self, expected, endpoint)
         loop = asyncio.get_running_loop()
@@ -342,7 +351,7 @@ class Client:
             await asyncio.sleep(random.uniform(delay / 2, delay))   # jittered: not all at once
             tries += 1
             try:
-                await self._open()
+                await self._open(again=True)
                 for name in list(self._subscriptions):    # (this task's calls do not wait for it)
                     await self._call(b"subscribe/" + name.encode("utf-8"))
                 break
