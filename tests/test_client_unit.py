@@ -403,10 +403,8 @@ def test_broker_held_to_its_own_payload_limit(arun):
     arun(main())
 
 
-def test_a_cancel_keeps_its_place_behind_sends_held_back_by_flow(arun):
-    """Client.cancel of a send() still held back (FLOW) drops it unsent; of one already sent,
-    sends CANCEL after the SENDs held back before it, not past them (found in review)."""
-    caps = ["flow", "confirm", "lease", "deadline", "cancel"]
+def welcome_with(caps: list[str]) -> Callable[[PeerConn, dict[str, Any]], None]:
+    """A Peer's on_hello that answers a WELCOME announcing ``caps``."""
 
     def on_hello(conn: PeerConn, hello: dict[str, Any]) -> None:
         peer = conn.peer
@@ -414,6 +412,15 @@ def test_a_cancel_keeps_its_place_behind_sends_held_back_by_flow(arun):
                    "sig": peer.identity.sign_welcome(hello["nonce"]), "max_payload": peer.max_payload,
                    "server": "scripted-peer", "caps": caps}
         conn.send(T.WELCOME, 0, 0, msgpack.packb(welcome))
+    return on_hello
+
+
+def test_a_cancel_keeps_its_place_behind_sends_held_back_by_flow(arun):
+    """Client.cancel of a send() still held back (FLOW) drops it unsent; of one already sent,
+    sends CANCEL after the SENDs held back before it, not past them (found in review)."""
+    caps = ["flow", "confirm", "lease", "deadline", "cancel"]
+
+    on_hello = welcome_with(caps)
 
     async def main():
         from teomq import Cancelled
@@ -448,12 +455,7 @@ def test_a_publish_held_back_by_flow_keeps_its_delay_and_ttl_from_when_it_was_ma
     is taken off (a delay by whole ms gone, never early; a ttl by every ms begun, never longer)."""
     caps = ["flow", "confirm", "lease", "deadline", "cancel", "priority", "delay"]
 
-    def on_hello(conn: PeerConn, hello: dict[str, Any]) -> None:
-        peer = conn.peer
-        welcome = {"v": 1, "address": peer.identity.address, "pubkey": peer.identity.public_key,
-                   "sig": peer.identity.sign_welcome(hello["nonce"]), "max_payload": peer.max_payload,
-                   "server": "scripted-peer", "caps": caps}
-        conn.send(T.WELCOME, 0, 0, msgpack.packb(welcome))
+    on_hello = welcome_with(caps)
 
     async def main():
         async with Peer(on_send=hold, on_hello=on_hello) as peer, Producer(peer.spec, timeout=30) as p:
@@ -487,12 +489,7 @@ def test_priority_delay_and_ttl_arguments_are_checked_before_anything_is_sent(ar
     """Bad values raise ValueError; a broker that does not speak "priority", "delay" or
     "deadline" makes the argument raise RuntimeError; nothing reaches the broker either way."""
 
-    def on_hello(conn: PeerConn, hello: dict[str, Any]) -> None:
-        peer = conn.peer
-        welcome = {"v": 1, "address": peer.identity.address, "pubkey": peer.identity.public_key,
-                   "sig": peer.identity.sign_welcome(hello["nonce"]), "max_payload": peer.max_payload,
-                   "server": "scripted-peer", "caps": caps}
-        conn.send(T.WELCOME, 0, 0, msgpack.packb(welcome))
+    on_hello = welcome_with(caps)
 
     async def main():
         async with Peer(on_send=hold, on_hello=on_hello) as peer, Producer(peer.spec, timeout=30) as p:
